@@ -1,0 +1,179 @@
+"""Configuration of the SentenceVAE (sentence encoder + sentence decoder)."""
+
+from __future__ import annotations
+
+from transformers import GenerationConfig, PreTrainedConfig
+
+FUSIONS = ("learnable", "sum", "mean")
+POSITION_EMBEDDINGS = ("learned", "sinusoidal")
+ACTIVATIONS = ("relu", "gelu", "gelu_new", "silu")
+CONFIG_VERSION = 1
+
+# Keys that `transformers` itself may hand to a config's constructor (read from a saved
+# config.json or set by `from_pretrained`); anything else unknown is a typo and is refused.
+_LIBRARY_KEYS = frozenset(
+    {
+        "model_type",
+        "auto_map",
+        "name_or_path",
+        "_name_or_path",
+        "torch_dtype",
+        "attn_implementation",
+        "experts_implementation",
+        "output_attentions",
+        "_commit_hash",
+        "num_labels",
+        "use_cache",
+        "_attn_implementation_autoset",
+        "_attn_implementation_internal",
+        "_experts_implementation_internal",
+    }
+) | frozenset(GenerationConfig._get_default_generation_params())
+
+
+def check_choice(name: str, value, allowed) -> None:
+    """Raise a ``ValueError`` naming config field ``name`` unless ``value`` is in ``allowed``."""
+    if value not in allowed:
+        raise ValueError(f"`{name}` must be one of {list(allowed)}, got {value!r}.")
+
+
+def check_positive(config: PreTrainedConfig, *names: str, minimum: int = 1) -> None:
+    """Raise a ``ValueError`` unless each integer field in ``names`` is at least ``minimum``."""
+    for name in names:
+        value = getattr(config, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
+
+
+def check_probability(config: PreTrainedConfig, *names: str) -> None:
+    """Raise a ``ValueError`` unless each field in ``names`` lies in [0, 1)."""
+    for name in names:
+        value = getattr(config, name)
+        if not 0 <= value < 1:
+            raise ValueError(f"`{name}` must lie in [0, 1), got {value!r}.")
+
+
+def reject_unknown_keys(config_class: type, kwargs: dict) -> None:
+    """Refuse keyword arguments that are neither fields of ``config_class`` nor library keys."""
+    unknown = sorted(set(kwargs) - _LIBRARY_KEYS)
+    if unknown:
+        fields = sorted(k for k in config_class.__annotations__ if not k.startswith("_"))
+        raise ValueError(
+            f"Unknown {config_class.__name__} key(s) {unknown}. Check the spelling; valid keys are: "
+            + ", ".join(fields)
+        )
+
+
+class SentenceVAEConfig(PreTrainedConfig):
+    r"""Configuration of a [`SentenceVAEModel`]: a Sentence Encoder that turns a sentence into one
+    vector and a Sentence Decoder that writes the sentence back from that vector.
+
+    Args:
+        vocab_size (`int`, defaults to 50272):
+            Size of the token vocabulary (OPT's by default).
+        hidden_size (`int`, defaults to 768):
+            Width of the token embeddings, the layers and the sentence vector. In a SentenceOPT it
+            must equal the backbone's `hidden_size`.
+        num_encoder_layers (`int`, defaults to 1):
+            Transformer layers of the Sentence Encoder (SVAE-H1/H2/H4 use 1, 2, 4).
+        num_decoder_layers (`int`, defaults to 1):
+            Transformer layers of the Sentence Decoder.
+        num_attention_heads (`int`, defaults to 12):
+            Attention heads per layer; must divide `hidden_size`.
+        ffn_dim (`int`, defaults to 3072):
+            Width of each layer's feed-forward block.
+        activation_function (`str`, defaults to `"relu"`):
+            Feed-forward activation: one of `"relu"`, `"gelu"`, `"gelu_new"`, `"silu"`.
+        dropout (`float`, defaults to 0.1):
+            Dropout on embeddings and residual branches, in [0, 1).
+        attention_dropout (`float`, defaults to 0.0):
+            Dropout on attention weights, in [0, 1).
+        max_sentence_len (`int`, defaults to 64):
+            Most tokens in one sentence (at least 2). Segmentation cuts longer runs into pieces of
+            this length, and the decoder writes at most this many tokens before it must stop.
+        fusion (`str`, defaults to `"learnable"`):
+            How the encoder's token states become one vector: `"learnable"` (a `Linear(H, 1)`
+            weights each token, softmax over the sentence, weighted sum; the paper's choice),
+            `"sum"` or `"mean"` over the sentence's tokens. A LayerNorm follows in every case.
+        position_embedding (`str`, defaults to `"learned"`):
+            Token positions within a sentence: `"learned"` table or fixed `"sinusoidal"`.
+        share_embeddings (`bool`, defaults to `True`):
+            Whether encoder and decoder use one token embedding.
+        tie_word_embeddings (`bool`, defaults to `True`):
+            Whether the decoder's output layer shares its weight with the decoder's embedding.
+        focal_gamma (`float`, defaults to 0.0):
+            Focal-loss exponent of the reconstruction loss; 0 is plain cross-entropy, the paper
+            trains with 2.
+        layer_norm_eps (`float`, defaults to 1e-5):
+            Epsilon of every LayerNorm.
+        init_std (`float`, defaults to 0.02):
+            Standard deviation of the normal weight initialisation.
+        pad_token_id (`int`, defaults to 1):
+            Padding id of packed sentences.
+        bos_token_id (`int`, defaults to 2):
+            First input of the decoder (OPT's `</s>`).
+        eos_token_id (`int`, defaults to 2):
+            End-of-sentence token the decoder writes after a sentence; never part of the text.
+        config_version (`int`, defaults to 1):
+            Version of this configuration's format; checkpoints from other versions are refused.
+
+    Example:
+
+    ```python
+    >>> from sentence_lm import SentenceVAEConfig, SentenceVAEModel
+    >>> config = SentenceVAEConfig(vocab_size=1000, hidden_size=64, num_attention_heads=4, ffn_dim=128)
+    >>> model = SentenceVAEModel(config)
+    ```
+    """
+
+    model_type = "sentence_vae"
+
+    vocab_size: int = 50272
+    hidden_size: int = 768
+    num_encoder_layers: int = 1
+    num_decoder_layers: int = 1
+    num_attention_heads: int = 12
+    ffn_dim: int = 3072
+    activation_function: str = "relu"
+    dropout: float = 0.1
+    attention_dropout: float = 0.0
+    max_sentence_len: int = 64
+    fusion: str = "learnable"
+    position_embedding: str = "learned"
+    share_embeddings: bool = True
+    tie_word_embeddings: bool = True
+    focal_gamma: float = 0.0
+    layer_norm_eps: float = 1e-5
+    init_std: float = 0.02
+    pad_token_id: int = 1
+    bos_token_id: int = 2
+    eos_token_id: int = 2
+    config_version: int = CONFIG_VERSION
+
+    def __post_init__(self, **kwargs):
+        reject_unknown_keys(type(self), kwargs)
+        if self.config_version != CONFIG_VERSION:
+            raise ValueError(
+                f"This checkpoint's config has config_version={self.config_version!r}, but this sentence_lm "
+                f"reads version {CONFIG_VERSION}. Upgrade sentence_lm or re-save the checkpoint with a "
+                "matching version."
+            )
+        check_positive(self, "vocab_size", "hidden_size", "num_attention_heads", "ffn_dim")
+        check_positive(self, "num_encoder_layers", "num_decoder_layers")
+        check_positive(self, "max_sentence_len", minimum=2)
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"`num_attention_heads` ({self.num_attention_heads}) must divide `hidden_size` "
+                f"({self.hidden_size})."
+            )
+        check_probability(self, "dropout", "attention_dropout")
+        check_choice("fusion", self.fusion, FUSIONS)
+        check_choice("position_embedding", self.position_embedding, POSITION_EMBEDDINGS)
+        check_choice("activation_function", self.activation_function, ACTIVATIONS)
+        if self.focal_gamma < 0:
+            raise ValueError(f"`focal_gamma` must be >= 0, got {self.focal_gamma!r}.")
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or not 0 <= value < self.vocab_size:
+                raise ValueError(f"`{name}` must be a token id in [0, vocab_size={self.vocab_size}), got {value!r}.")
+        super().__post_init__(**kwargs)

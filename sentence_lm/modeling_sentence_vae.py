@@ -1,0 +1,540 @@
+"""SentenceVAE: a Sentence Encoder (sentence -> one vector) and a Sentence Decoder (vector ->
+sentence), over packed sentences (all sentences of a batch in one ``(n, max_len)`` tensor)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import DynamicCache, LogitsProcessorList, PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.utils import ModelOutput
+
+from .configuration_sentence_vae import SentenceVAEConfig
+from .segmentation import build_boundary_table, segment_sentences
+
+
+def check_token_ids(input_ids: torch.Tensor, vocab_size: int, name: str = "input_ids") -> None:
+    """Raise a clear error unless ``input_ids`` is a 2-D integer tensor of ids below ``vocab_size``."""
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"`{name}` must be a torch.LongTensor, got {type(input_ids).__name__}.")
+    if input_ids.is_floating_point() or input_ids.dtype == torch.bool:
+        raise TypeError(f"`{name}` must hold integer token ids, got dtype {input_ids.dtype}.")
+    if input_ids.dim() != 2:
+        raise ValueError(
+            f"`{name}` must be 2-D (batch, seq_len), got shape {tuple(input_ids.shape)}; "
+            "add a batch dimension with `.unsqueeze(0)`."
+        )
+    if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab_size):
+        raise ValueError(
+            f"`{name}` holds ids outside the vocabulary [0, {vocab_size}) (min {int(input_ids.min())}, "
+            f"max {int(input_ids.max())}); encode text with the model's own tokenizer."
+        )
+
+
+def check_attention_mask(attention_mask: torch.Tensor | None, input_ids: torch.Tensor) -> torch.Tensor:
+    """Return ``attention_mask`` as a bool tensor (all ones when ``None``), checking its shape."""
+    if attention_mask is None:
+        return torch.ones_like(input_ids, dtype=torch.bool)
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has shape "
+            f"{tuple(input_ids.shape)}; they must match."
+        )
+    return attention_mask.to(device=input_ids.device, dtype=torch.bool)
+
+
+def sinusoidal_positions(position_ids: torch.Tensor, dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """Fixed sine/cosine embeddings of ``position_ids``, shape ``position_ids.shape + (dim,)``."""
+    half = dim // 2
+    freq = torch.exp(-math.log(10000.0) * torch.arange(half, device=position_ids.device) / half)
+    angles = position_ids.unsqueeze(-1).float() * freq
+    emb = torch.cat([angles.sin(), angles.cos()], dim=-1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb.to(dtype)
+
+
+class SentencePositions(nn.Module):
+    """Position embeddings of tokens within a sentence (learned table or sinusoidal)."""
+
+    def __init__(self, config: SentenceVAEConfig):
+        super().__init__()
+        self.dim = config.hidden_size
+        self.table = (
+            nn.Embedding(config.max_sentence_len + 1, config.hidden_size)
+            if config.position_embedding == "learned"
+            else None
+        )
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if self.table is None:
+            return sinusoidal_positions(position_ids, self.dim, dtype)
+        return self.table(position_ids).to(dtype)
+
+
+class SentenceAttention(nn.Module):
+    """Multi-head attention (self or cross) on ``torch``'s fused scaled-dot-product kernel."""
+
+    def __init__(self, config: SentenceVAEConfig, layer_idx: int | None = None):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.dropout = config.attention_dropout
+        self.layer_idx = layer_idx
+        self.q_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.k_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.v_proj = nn.Linear(config.hidden_size, config.hidden_size)
+        self.out_proj = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.view(x.shape[0], x.shape[1], self.num_heads, self.head_dim).transpose(1, 2)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        key_value_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cache: DynamicCache | None = None,
+    ) -> torch.Tensor:
+        source = hidden_states if key_value_states is None else key_value_states
+        query = self._heads(self.q_proj(hidden_states))
+        key = self._heads(self.k_proj(source))
+        value = self._heads(self.v_proj(source))
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx)
+        out = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=attention_mask, dropout_p=self.dropout if self.training else 0.0
+        )
+        out = out.transpose(1, 2).reshape(hidden_states.shape)
+        return self.out_proj(out)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: SentenceVAEConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.ffn_dim)
+        self.fc2 = nn.Linear(config.ffn_dim, config.hidden_size)
+        self.act = ACT2FN[config.activation_function]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class SentenceEncoderLayer(nn.Module):
+    """Pre-LayerNorm Transformer encoder layer: bidirectional self-attention, feed-forward."""
+
+    def __init__(self, config: SentenceVAEConfig):
+        super().__init__()
+        self.self_attn = SentenceAttention(config)
+        self.self_attn_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.ffn = FeedForward(config)
+        self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden_states = hidden_states + self.dropout(
+            self.self_attn(self.self_attn_layer_norm(hidden_states), attention_mask=attention_mask)
+        )
+        return hidden_states + self.dropout(self.ffn(self.final_layer_norm(hidden_states)))
+
+
+class SentenceDecoderLayer(nn.Module):
+    """Pre-LayerNorm Transformer decoder layer: causal self-attention (cacheable),
+    cross-attention to the sentence vector, feed-forward."""
+
+    def __init__(self, config: SentenceVAEConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = SentenceAttention(config, layer_idx=layer_idx)
+        self.self_attn_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.cross_attn = SentenceAttention(config)
+        self.cross_attn_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.ffn = FeedForward(config)
+        self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        memory: torch.Tensor,
+        attention_mask: torch.Tensor,
+        cache: DynamicCache | None = None,
+    ) -> torch.Tensor:
+        hidden_states = hidden_states + self.dropout(
+            self.self_attn(self.self_attn_layer_norm(hidden_states), attention_mask=attention_mask, cache=cache)
+        )
+        hidden_states = hidden_states + self.dropout(
+            self.cross_attn(self.cross_attn_layer_norm(hidden_states), key_value_states=memory)
+        )
+        return hidden_states + self.dropout(self.ffn(self.final_layer_norm(hidden_states)))
+
+
+class SentenceEncoder(nn.Module):
+    """Token embeddings + positions -> encoder layers -> fusion into one vector -> LayerNorm."""
+
+    def __init__(self, config: SentenceVAEConfig):
+        super().__init__()
+        self.fusion = config.fusion
+        self.embed_positions = SentencePositions(config)
+        self.layers = nn.ModuleList(SentenceEncoderLayer(config) for _ in range(config.num_encoder_layers))
+        self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.fusion_weight = nn.Linear(config.hidden_size, 1) if config.fusion == "learnable" else None
+        self.output_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device)
+        hidden = self.dropout(inputs_embeds + self.embed_positions(positions, inputs_embeds.dtype))
+        key_mask = attention_mask[:, None, None, :]
+        for layer in self.layers:
+            hidden = layer(hidden, key_mask)
+        hidden = self.layer_norm(hidden)
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        if self.fusion == "learnable":
+            scores = self.fusion_weight(hidden).masked_fill(~attention_mask.unsqueeze(-1), float("-inf"))
+            fused = (scores.softmax(dim=1) * hidden).sum(dim=1)
+        elif self.fusion == "sum":
+            fused = (hidden * mask).sum(dim=1)
+        else:
+            fused = (hidden * mask).sum(dim=1) / mask.sum(dim=1)
+        return self.output_layer_norm(fused)
+
+
+class SentenceDecoder(nn.Module):
+    """Token embeddings + positions -> decoder layers attending to one sentence vector -> LayerNorm."""
+
+    def __init__(self, config: SentenceVAEConfig):
+        super().__init__()
+        self.embed_positions = SentencePositions(config)
+        self.layers = nn.ModuleList(SentenceDecoderLayer(config, i) for i in range(config.num_decoder_layers))
+        self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        memory: torch.Tensor,
+        position_ids: torch.Tensor,
+        key_mask: torch.Tensor,
+        cache: DynamicCache | None = None,
+    ) -> torch.Tensor:
+        """
+        Args:
+            inputs_embeds: ``(n, q, H)`` embeddings of the new decoder inputs.
+            memory: ``(n, H)`` sentence vectors.
+            position_ids: ``(n, q)`` positions of the new inputs within their sentence.
+            key_mask: ``(n, k)`` validity of every key, cached ones first (``k = past + q``).
+            cache: self-attention cache, updated in place.
+        """
+        hidden = self.dropout(inputs_embeds + self.embed_positions(position_ids, inputs_embeds.dtype))
+        query_len, key_len = inputs_embeds.shape[1], key_mask.shape[1]
+        query_index = torch.arange(key_len - query_len, key_len, device=key_mask.device)[:, None]
+        key_index = torch.arange(key_len, device=key_mask.device)[None, :]
+        # Every query may see itself, so that padding rows never attend to nothing (NaN).
+        mask = (key_mask[:, None, None, :] & (key_index <= query_index)) | (key_index == query_index)
+        memory = memory.unsqueeze(1)
+        for layer in self.layers:
+            hidden = layer(hidden, memory, mask, cache)
+        return self.layer_norm(hidden)
+
+
+@dataclass
+class SentenceVAEOutput(ModelOutput):
+    """Output of [`SentenceVAEModel.forward`].
+
+    Attributes:
+        loss: reconstruction loss (cross-entropy, or focal loss when ``focal_gamma > 0``) over
+            every sentence token and the end-of-sentence token.
+        logits: ``(n, max_len + 1, vocab)`` decoder logits; step ``j`` predicts token ``j`` of
+            the sentence and step ``len`` the end-of-sentence token.
+        sentence_vectors: ``(n, hidden)`` encodings of the sentences.
+    """
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    sentence_vectors: torch.Tensor | None = None
+
+
+@dataclass
+class SentenceDecodeOutput(ModelOutput):
+    """Output of [`SentenceVAEModel.decode`].
+
+    Attributes:
+        sequences: ``(n, max_written)`` tokens written after the prefix, right-padded with
+            ``pad_token_id``; the end-of-sentence token is not included.
+        lengths: ``(n,)`` number of tokens written per row.
+        ended: ``(n,)`` whether the row ended with the end-of-sentence token (``False``: cut by
+            the length budget).
+    """
+
+    sequences: torch.Tensor | None = None
+    lengths: torch.Tensor | None = None
+    ended: torch.Tensor | None = None
+
+
+def reconstruction_loss(logits: torch.Tensor, targets: torch.Tensor, gamma: float = 0.0) -> torch.Tensor:
+    """Mean cross-entropy over targets that are not ``-100``; focal loss when ``gamma > 0``."""
+    valid = targets != -100
+    log_probs = logits[valid].float().log_softmax(dim=-1)
+    nll = -log_probs.gather(1, targets[valid].unsqueeze(1)).squeeze(1)
+    if gamma > 0:
+        nll = (1 - torch.exp(-nll)).pow(gamma) * nll
+    return nll.mean()
+
+
+class SentenceVAEPreTrainedModel(PreTrainedModel):
+    """Weight initialisation and loading for SentenceVAE models."""
+
+    config_class = SentenceVAEConfig
+    config: SentenceVAEConfig
+    base_model_prefix = "sentence_vae"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = False
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, SentenceVAEModel):
+            module.boundary_table.zero_()
+
+
+class SentenceVAEModel(SentenceVAEPreTrainedModel):
+    """The SentenceVAE: encodes packed sentences into one vector each and writes sentences back
+    from vectors.
+
+    Inputs are *packed sentences*: ``input_ids`` of shape ``(n, max_len)``, one sentence per
+    row, right-padded, without BOS/EOS; ``max_len <= config.max_sentence_len``. Use
+    [`SentenceTokenizer`] and [`pack_sentences`] to get them from text.
+
+    The model also holds the sentence-boundary table of its tokenizer (a ``uint8`` buffer saved
+    with the weights), so that :meth:`segment` cuts token ids into sentences without the
+    tokenizer. Set it once with :meth:`set_boundary_table`.
+    """
+
+    def __init__(self, config: SentenceVAEConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.decoder_embed_tokens = (
+            None
+            if config.share_embeddings
+            else nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        )
+        self.encoder = SentenceEncoder(config)
+        self.decoder = SentenceDecoder(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.register_buffer("boundary_table", torch.zeros(config.vocab_size, dtype=torch.uint8))
+        source = "embed_tokens.weight" if config.share_embeddings else "decoder_embed_tokens.weight"
+        self._tied_weights_keys = {"lm_head.weight": source}
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    def _decoder_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens if self.decoder_embed_tokens is None else self.decoder_embed_tokens
+
+    # ----------------------------------------------------------------------------- segmentation
+    def set_boundary_table(self, tokenizer_or_table) -> None:
+        """Store the sentence-boundary table of a tokenizer (or a table from
+        :func:`build_boundary_table`) so that :meth:`segment` needs no tokenizer."""
+        table = (
+            tokenizer_or_table
+            if isinstance(tokenizer_or_table, torch.Tensor)
+            else build_boundary_table(tokenizer_or_table)
+        )
+        if table.shape[0] > self.config.vocab_size:
+            raise ValueError(
+                f"The tokenizer has {table.shape[0]} tokens but the model's vocab_size is "
+                f"{self.config.vocab_size}; build the model with vocab_size >= len(tokenizer)."
+            )
+        self.boundary_table.zero_()
+        self.boundary_table[: table.shape[0]] = table.to(self.boundary_table.device, torch.uint8)
+
+    def segment(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Sentence index of every token (``-1`` where ``attention_mask`` is 0); see
+        :func:`segment_sentences`."""
+        if not bool(self.boundary_table.any()):
+            raise ValueError(
+                "This model has no sentence-boundary table yet; call "
+                "`model.set_boundary_table(tokenizer)` with the tokenizer it was trained with."
+            )
+        return segment_sentences(input_ids, self.boundary_table, self.config.max_sentence_len, attention_mask)
+
+    # ----------------------------------------------------------------------------- encoder
+    def _check_sentences(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        check_token_ids(input_ids, self.config.vocab_size)
+        mask = check_attention_mask(attention_mask, input_ids)
+        if input_ids.shape[0] == 0:
+            raise ValueError("Got an empty batch of sentences (input_ids.shape[0] == 0); pass at least one.")
+        lengths = mask.sum(dim=1)
+        if bool((lengths == 0).any()):
+            raise ValueError(
+                f"Sentence(s) {torch.nonzero(lengths == 0).flatten().tolist()} are empty (no unmasked token); "
+                "every sentence needs at least one token."
+            )
+        if int(lengths.max()) > self.config.max_sentence_len:
+            raise ValueError(
+                f"A sentence has {int(lengths.max())} tokens but max_sentence_len is "
+                f"{self.config.max_sentence_len}; cut sentences with `segment_sentences` first."
+            )
+        return mask
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Encode packed sentences ``(n, max_len)`` into sentence vectors ``(n, hidden)``."""
+        mask = self._check_sentences(input_ids, attention_mask)
+        input_ids = input_ids[:, : int(mask.sum(dim=1).max())]
+        mask = mask[:, : input_ids.shape[1]]
+        return self.encoder(self.embed_tokens(input_ids), mask)
+
+    # ----------------------------------------------------------------------------- decoder
+    def decoder_logits(
+        self,
+        input_ids: torch.Tensor,
+        sentence_vectors: torch.Tensor,
+        position_ids: torch.Tensor,
+        key_mask: torch.Tensor,
+        cache: DynamicCache | None = None,
+    ) -> torch.Tensor:
+        """Logits of the Sentence Decoder for decoder inputs ``input_ids`` (``(n, q)``, the
+        first one being BOS); see :meth:`SentenceDecoder.forward` for the other arguments."""
+        embeds = self._decoder_embeddings()(input_ids)
+        hidden = self.decoder(embeds, sentence_vectors.to(embeds.dtype), position_ids, key_mask, cache)
+        return self.lm_head(hidden)
+
+    def teacher_forced_logits(
+        self, input_ids: torch.Tensor, mask: torch.Tensor, sentence_vectors: torch.Tensor
+    ) -> torch.Tensor:
+        """Decoder logits ``(n, max_len + 1, vocab)`` when it is fed ``BOS + sentence``."""
+        bos = torch.full_like(input_ids[:, :1], self.config.bos_token_id)
+        decoder_ids = torch.cat([bos, input_ids], dim=1)
+        key_mask = torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1)
+        positions = torch.arange(decoder_ids.shape[1], device=input_ids.device).expand_as(decoder_ids)
+        return self.decoder_logits(decoder_ids, sentence_vectors, positions, key_mask)
+
+    def reconstruction_targets(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Targets ``(n, max_len + 1)``: the sentence, then EOS, then ``-100``."""
+        lengths = mask.sum(dim=1)
+        targets = torch.cat([torch.where(mask, input_ids, -100), torch.full_like(input_ids[:, :1], -100)], dim=1)
+        targets[torch.arange(len(lengths), device=targets.device), lengths] = self.config.eos_token_id
+        return targets
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> SentenceVAEOutput | tuple:
+        """Encode packed sentences and reconstruct them with teacher forcing.
+
+        Args:
+            input_ids: ``(n, max_len)`` packed sentences, right-padded.
+            attention_mask: ``(n, max_len)``, 1 on real tokens.
+
+        Returns:
+            [`SentenceVAEOutput`] with the reconstruction loss, the logits and the vectors.
+        """
+        mask = self._check_sentences(input_ids, attention_mask)
+        width = int(mask.sum(dim=1).max())
+        input_ids, mask = input_ids[:, :width], mask[:, :width]
+        vectors = self.encoder(self.embed_tokens(input_ids), mask)
+        logits = self.teacher_forced_logits(input_ids, mask, vectors)
+        loss = reconstruction_loss(logits, self.reconstruction_targets(input_ids, mask), self.config.focal_gamma)
+        output = SentenceVAEOutput(loss=loss, logits=logits, sentence_vectors=vectors)
+        return output if return_dict is not False else output.to_tuple()
+
+    @torch.no_grad()
+    def decode(
+        self,
+        sentence_vectors: torch.Tensor,
+        prefix_ids: torch.Tensor | None = None,
+        prefix_mask: torch.Tensor | None = None,
+        max_new_tokens: int | torch.Tensor | None = None,
+        do_sample: bool = False,
+        logits_processor: LogitsProcessorList | None = None,
+        use_cache: bool = True,
+    ) -> SentenceDecodeOutput:
+        """Write one sentence per vector, all rows at once.
+
+        Args:
+            sentence_vectors: ``(n, hidden)`` vectors (from :meth:`encode` or a SentenceOPT).
+            prefix_ids: optional ``(n, p)`` tokens each sentence must start with, *left*-padded;
+                the decoder continues them. They are not repeated in the output.
+            prefix_mask: ``(n, p)`` mask of ``prefix_ids`` (1 on real tokens).
+            max_new_tokens: budget per row (an int or an ``(n,)`` tensor); the decoder also stops
+                once a sentence holds ``max_sentence_len`` tokens, prefix included.
+            do_sample: sample from the processed distribution instead of taking the argmax.
+            logits_processor: library logits processors/warpers (temperature, top-k, top-p,
+                repetition penalty...) applied to each step's scores; they see the decoder's
+                inputs so far (BOS, prefix, written tokens) as ``input_ids``.
+            use_cache: keep a key/value cache of the decoder's self-attention (same tokens,
+                less work); ``False`` recomputes the whole prefix at every step.
+
+        Returns:
+            [`SentenceDecodeOutput`].
+        """
+        if sentence_vectors.dim() != 2 or sentence_vectors.shape[1] != self.config.hidden_size:
+            raise ValueError(
+                f"sentence_vectors must have shape (n, {self.config.hidden_size}), got "
+                f"{tuple(sentence_vectors.shape)}."
+            )
+        n, device = sentence_vectors.shape[0], sentence_vectors.device
+        if prefix_ids is None:
+            prefix_ids = torch.empty(n, 0, dtype=torch.long, device=device)
+        check_token_ids(prefix_ids, self.config.vocab_size, "prefix_ids")
+        if prefix_ids.shape[0] != n:
+            raise ValueError(f"prefix_ids has {prefix_ids.shape[0]} rows but there are {n} sentence vectors.")
+        prefix_mask = check_attention_mask(prefix_mask, prefix_ids)
+        prefix_len = prefix_mask.sum(dim=1)
+        budget = torch.as_tensor(
+            self.config.max_sentence_len if max_new_tokens is None else max_new_tokens, device=device
+        ).expand(n)
+        budget = torch.minimum(budget, self.config.max_sentence_len - prefix_len).clamp(min=0)
+        pad, eos = self.config.pad_token_id, self.config.eos_token_id
+
+        # BOS goes first; left padding of the prefix after it is masked, and positions count
+        # only real tokens, so the order [BOS, pad.., prefix] is equivalent to [pad.., BOS, prefix].
+        tokens = torch.cat([torch.full((n, 1), self.config.bos_token_id, device=device), prefix_ids], dim=1)
+        key_mask = torch.cat([torch.ones(n, 1, dtype=torch.bool, device=device), prefix_mask], dim=1)
+        positions = key_mask.long().cumsum(dim=1) - 1
+        cache = DynamicCache() if use_cache else None
+        written = torch.full((n, int(budget.max()) if n else 0), pad, dtype=torch.long, device=device)
+        lengths = torch.zeros(n, dtype=torch.long, device=device)
+        done = budget == 0
+        ended = torch.zeros(n, dtype=torch.bool, device=device)
+        fed = 0
+        for step in range(written.shape[1]):
+            if bool(done.all()):
+                break
+            new = slice(fed if use_cache else 0, None)
+            logits = self.decoder_logits(
+                tokens[:, new], sentence_vectors, positions[:, new], key_mask, cache
+            )[:, -1].float()
+            fed = tokens.shape[1]
+            if logits_processor is not None:
+                logits = logits_processor(tokens, logits)
+            next_tokens = (
+                torch.multinomial(logits.softmax(dim=-1), 1).squeeze(1) if do_sample else logits.argmax(dim=-1)
+            )
+            is_eos = (next_tokens == eos) & ~done
+            keep = ~done & ~is_eos
+            written[:, step] = torch.where(keep, next_tokens, pad)
+            lengths += keep.long()
+            ended |= is_eos
+            done |= is_eos | (lengths >= budget)
+            tokens = torch.cat([tokens, next_tokens.unsqueeze(1)], dim=1)
+            key_mask = torch.cat([key_mask, torch.ones_like(key_mask[:, :1])], dim=1)
+            positions = torch.cat([positions, (positions[:, -1:] + 1).clamp(max=self.config.max_sentence_len)], dim=1)
+        width = int(lengths.max()) if n else 0
+        return SentenceDecodeOutput(sequences=written[:, :width], lengths=lengths, ended=ended)

@@ -1,0 +1,212 @@
+"""Sentence segmentation on token ids.
+
+A text is cut into sentences *after* its token ids, never by re-tokenising strings, so that
+concatenating the sentences of a text gives back exactly its ids. A table over the vocabulary,
+built once per tokenizer by :func:`build_boundary_table`, holds flags for every token:
+
+* ``ENDS``: the token ends a sentence (its text, trailing whitespace removed, ends with one of
+  :data:`SENTENCE_END_CHARS`, or it holds a newline);
+* ``TRAILS``: the token may still belong to a sentence that has just ended: it is made of
+  punctuation, closing quotes and brackets, and whitespace only, and does not start with a
+  space before a non-space character (a space before a quote opens the next sentence);
+* ``BLANK``: the token is whitespace only; ``SPACE_END``: its text ends with whitespace.
+
+A sentence ends after the last token of a run "ending token, then trailing tokens" (a quote
+or bracket right after whitespace opens the next sentence instead), and after
+``max_sentence_len`` tokens. Everything is vectorised over the batch with ``torch``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+SENTENCE_END_CHARS = frozenset(",.!?;:，。！？；：…\n")
+"""Characters after which a sentence ends (ASCII and CJK forms, the ellipsis, the newline)."""
+
+CLOSING_CHARS = frozenset("\"'”’»›)]}」』】〕）〉》")
+"""Closing quotes and brackets that stay with the sentence they close."""
+
+
+ENDS, TRAILS, BLANK, SPACE_END = 1, 2, 4, 8
+"""Bit flags of the boundary table (see the module docstring)."""
+
+
+def build_boundary_table(tokenizer) -> torch.Tensor:
+    """Build the boundary table over ``tokenizer``'s vocabulary.
+
+    Args:
+        tokenizer: any ``transformers`` tokenizer; each id is decoded on its own. With a small
+            byte-level vocabulary a multi-byte punctuation mark (``。``) may be split over
+            several tokens; such a split mark is not recognised as a boundary.
+
+    Returns:
+        A ``torch.uint8`` tensor of shape ``(len(tokenizer),)`` of :data:`ENDS`,
+        :data:`TRAILS`, :data:`BLANK` and :data:`SPACE_END` flags. Special tokens have none.
+    """
+    size = len(tokenizer)
+    texts = tokenizer.batch_decode([[i] for i in range(size)], clean_up_tokenization_spaces=False)
+    table = torch.zeros(size, dtype=torch.uint8)
+    special = set(tokenizer.all_special_ids)
+    trail_chars = SENTENCE_END_CHARS | CLOSING_CHARS
+    for i, text in enumerate(texts):
+        if i in special or not text:
+            continue
+        stripped = text.rstrip()
+        ends = "\n" in text or (bool(stripped) and stripped[-1] in SENTENCE_END_CHARS)
+        only_trailing = all(c in trail_chars or c.isspace() for c in text)
+        opens_next = text[0].isspace() and bool(stripped)
+        table[i] = (
+            ENDS * ends
+            + TRAILS * (only_trailing and not opens_next)
+            + BLANK * (not stripped)
+            + SPACE_END * text[-1].isspace()
+        )
+    return table
+
+
+def segment_sentences(
+    input_ids: torch.Tensor,
+    boundary_table: torch.Tensor,
+    max_sentence_len: int,
+    attention_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Give every token the index of its sentence within its text.
+
+    Args:
+        input_ids: ``(batch, seq_len)`` or ``(seq_len,)`` integer token ids.
+        boundary_table: the table from :func:`build_boundary_table`.
+        max_sentence_len: a sentence is cut after this many tokens.
+        attention_mask: ``1`` for tokens of the text, ``0`` for padding (either side). Masked
+            tokens are skipped and get sentence index ``-1``.
+
+    Returns:
+        A ``torch.long`` tensor shaped like ``input_ids``: ``0, 0, 0, 1, 1, 2, ...`` for each
+        text, ``-1`` for masked tokens.
+    """
+    if max_sentence_len < 1:
+        raise ValueError(f"max_sentence_len must be at least 1, got {max_sentence_len}.")
+    if input_ids.dtype in (torch.bool,) or input_ids.is_floating_point():
+        raise TypeError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}.")
+    squeeze = input_ids.dim() == 1
+    ids = input_ids.unsqueeze(0) if squeeze else input_ids
+    if ids.dim() != 2:
+        raise ValueError(f"input_ids must be 1-D or 2-D (batch, seq_len), got shape {tuple(input_ids.shape)}.")
+    if attention_mask is None:
+        mask = torch.ones_like(ids, dtype=torch.bool)
+    else:
+        mask = attention_mask.reshape(ids.shape) if attention_mask.numel() == ids.numel() else None
+        if mask is None:
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has shape "
+                f"{tuple(input_ids.shape)}; pass one mask value per token."
+            )
+        mask = mask.bool()
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= boundary_table.numel()):
+        raise ValueError(
+            f"input_ids holds ids outside the vocabulary [0, {boundary_table.numel()}): "
+            f"min {int(ids.min())}, max {int(ids.max())}. Use ids from the model's tokenizer."
+        )
+    batch, length = ids.shape
+    sentence_ids = torch.full_like(ids, -1, dtype=torch.long)
+    if length == 0:
+        return sentence_ids.squeeze(0) if squeeze else sentence_ids
+
+    # Work on the unmasked tokens of each row, packed to the left, so that padding on either
+    # side (or in between) never splits or joins a sentence.
+    order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices
+    packed = ids.gather(1, order)
+    valid = mask.gather(1, order)
+    pos = torch.arange(length, device=ids.device).expand(batch, length)
+
+    flags = boundary_table.to(ids.device)[packed]
+    is_end = (flags & ENDS).bool() & valid
+    after_space = torch.zeros_like(valid)
+    after_space[:, 1:] = (flags[:, :-1] & SPACE_END).bool()
+    is_trail = (flags & TRAILS).bool() & valid & ((flags & BLANK).bool() | ~after_space)
+    last_end = torch.where(is_end, pos, -1).cummax(dim=1).values
+    last_non_trail = torch.where(is_trail, -1, pos).cummax(dim=1).values
+    pending = (last_end >= 0) & (last_end >= last_non_trail)
+    next_trails = torch.zeros_like(is_trail)
+    next_trails[:, :-1] = is_trail[:, 1:]
+    boundary_after = pending & ~next_trails
+    starts = torch.zeros_like(valid)
+    starts[:, 0] = True
+    starts[:, 1:] = boundary_after[:, :-1]
+
+    # Cut sentences longer than max_sentence_len into pieces of that length.
+    start_pos = torch.where(starts, pos, 0).cummax(dim=1).values
+    offset = pos - start_pos
+    starts = starts | ((offset % max_sentence_len) == 0)
+    packed_sentence_ids = starts.long().cumsum(dim=1) - 1
+    packed_sentence_ids = torch.where(valid, packed_sentence_ids, -1)
+    sentence_ids.scatter_(1, order, packed_sentence_ids)
+    return sentence_ids.squeeze(0) if squeeze else sentence_ids
+
+
+@dataclass
+class PackedSentences:
+    """All sentences of a batch of texts in one right-padded tensor.
+
+    Attributes:
+        input_ids: ``(num_sentences, max_len)`` token ids of each sentence, right-padded.
+        lengths: ``(num_sentences,)`` number of tokens of each sentence.
+        batch_index: ``(num_sentences,)`` which text each sentence comes from.
+        sentence_index: ``(num_sentences,)`` position of each sentence within its text.
+        num_sentences: ``(batch,)`` sentences per text.
+        token_sentence: ``(batch, seq_len)`` global sentence index of every token, ``-1`` for
+            skipped tokens.
+        token_position: ``(batch, seq_len)`` position of every token within its sentence.
+    """
+
+    input_ids: torch.Tensor
+    lengths: torch.Tensor
+    batch_index: torch.Tensor
+    sentence_index: torch.Tensor
+    num_sentences: torch.Tensor
+    token_sentence: torch.Tensor
+    token_position: torch.Tensor
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        """``(num_sentences, max_len)`` mask of the real tokens of each sentence."""
+        width = self.input_ids.shape[1]
+        return torch.arange(width, device=self.lengths.device) < self.lengths[:, None]
+
+
+def pack_sentences(input_ids: torch.Tensor, sentence_ids: torch.Tensor, pad_token_id: int) -> PackedSentences:
+    """Gather the sentences given by ``sentence_ids`` (from :func:`segment_sentences`) into
+    one ``(num_sentences, max_len)`` tensor, with no Python loop over texts or sentences."""
+    batch, length = input_ids.shape
+    device = input_ids.device
+    valid = sentence_ids >= 0
+    num_sentences = torch.where(valid, sentence_ids + 1, 0).amax(dim=1) if length else torch.zeros(
+        batch, dtype=torch.long, device=device
+    )
+    offsets = num_sentences.cumsum(0) - num_sentences
+    total = int(num_sentences.sum())
+    token_sentence = torch.where(valid, sentence_ids + offsets[:, None], -1)
+    flat_sentence = token_sentence[valid]
+    lengths = torch.bincount(flat_sentence, minlength=total)
+    # Position of each token within its sentence: rank among the valid tokens of the sentence.
+    starts = torch.zeros(total, dtype=torch.long, device=device)
+    flat_rank = torch.arange(flat_sentence.numel(), device=device)
+    starts.scatter_reduce_(0, flat_sentence, flat_rank, reduce="amin", include_self=False)
+    flat_position = flat_rank - starts[flat_sentence]
+    token_position = torch.zeros_like(sentence_ids)
+    token_position[valid] = flat_position
+    width = int(lengths.max()) if total else 0
+    packed = torch.full((total, width), pad_token_id, dtype=input_ids.dtype, device=device)
+    packed[flat_sentence, flat_position] = input_ids[valid]
+    batch_index = torch.repeat_interleave(torch.arange(batch, device=device), num_sentences)
+    sentence_index = torch.arange(total, device=device) - offsets[batch_index]
+    return PackedSentences(
+        input_ids=packed,
+        lengths=lengths,
+        batch_index=batch_index,
+        sentence_index=sentence_index,
+        num_sentences=num_sentences,
+        token_sentence=token_sentence,
+        token_position=token_position,
+    )
