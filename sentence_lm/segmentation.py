@@ -71,7 +71,8 @@ def segment_sentences(
     boundary_table: torch.Tensor,
     max_sentence_len: int,
     attention_mask: torch.Tensor | None = None,
-) -> torch.Tensor:
+    return_closed: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Give every token the index of its sentence within its text.
 
     Args:
@@ -80,10 +81,13 @@ def segment_sentences(
         max_sentence_len: a sentence is cut after this many tokens.
         attention_mask: ``1`` for tokens of the text, ``0`` for padding (either side). Masked
             tokens are skipped and get sentence index ``-1``.
+        return_closed: also return, per text, whether its last sentence is closed (it ends
+            with a boundary or holds ``max_sentence_len`` tokens) rather than open, i.e. still
+            waiting for more tokens. A text with no tokens counts as closed.
 
     Returns:
         A ``torch.long`` tensor shaped like ``input_ids``: ``0, 0, 0, 1, 1, 2, ...`` for each
-        text, ``-1`` for masked tokens.
+        text, ``-1`` for masked tokens; with ``return_closed``, also a ``(batch,)`` bool tensor.
     """
     if max_sentence_len < 1:
         raise ValueError(f"max_sentence_len must be at least 1, got {max_sentence_len}.")
@@ -111,7 +115,8 @@ def segment_sentences(
     batch, length = ids.shape
     sentence_ids = torch.full_like(ids, -1, dtype=torch.long)
     if length == 0:
-        return sentence_ids.squeeze(0) if squeeze else sentence_ids
+        closed = torch.ones(batch, dtype=torch.bool, device=ids.device)
+        return _finish(sentence_ids, closed, squeeze, return_closed)
 
     # Work on the unmasked tokens of each row, packed to the left, so that padding on either
     # side (or in between) never splits or joins a sentence.
@@ -142,7 +147,17 @@ def segment_sentences(
     packed_sentence_ids = starts.long().cumsum(dim=1) - 1
     packed_sentence_ids = torch.where(valid, packed_sentence_ids, -1)
     sentence_ids.scatter_(1, order, packed_sentence_ids)
-    return sentence_ids.squeeze(0) if squeeze else sentence_ids
+    last = (valid.sum(dim=1, keepdim=True) - 1).clamp(min=0)
+    closed = (
+        pending.gather(1, last) | ((offset.gather(1, last) % max_sentence_len) == max_sentence_len - 1)
+    ).squeeze(1) | ~valid.any(dim=1)
+    return _finish(sentence_ids, closed, squeeze, return_closed)
+
+
+def _finish(sentence_ids: torch.Tensor, closed: torch.Tensor, squeeze: bool, return_closed: bool):
+    if squeeze:
+        sentence_ids, closed = sentence_ids.squeeze(0), closed.squeeze(0)
+    return (sentence_ids, closed) if return_closed else sentence_ids
 
 
 @dataclass
