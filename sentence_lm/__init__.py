@@ -1,22 +1,40 @@
 """sentence_lm: next-sentence prediction for Hugging Face `transformers`.
 
-Importing the package registers its configs and models with the `transformers` Auto classes.
+Importing the package registers its configs and models with the `transformers` Auto classes, so
+checkpoints load through `AutoConfig`, `AutoModel` and `AutoModelForCausalLM` without remote code.
 """
 
-from transformers import AutoConfig, AutoModel
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
+from .configuration_sentence_opt import SentenceOPTConfig
 from .configuration_sentence_vae import SentenceVAEConfig
+from .modeling_sentence_opt import (
+    SentenceOPTCausalLMOutput,
+    SentenceOPTForCausalLM,
+    SentenceOPTModel,
+    SentenceOPTModelOutput,
+)
 from .modeling_sentence_vae import SentenceDecodeOutput, SentenceVAEModel, SentenceVAEOutput
 from .segmentation import PackedSentences, build_boundary_table, pack_sentences, segment_sentences
 
-AutoConfig.register(SentenceVAEConfig.model_type, SentenceVAEConfig, exist_ok=True)
-AutoModel.register(SentenceVAEConfig, SentenceVAEModel, exist_ok=True)
-SentenceVAEConfig.register_for_auto_class()
-SentenceVAEModel.register_for_auto_class("AutoModel")
+for _config, _models in (
+    (SentenceVAEConfig, {AutoModel: SentenceVAEModel}),
+    (SentenceOPTConfig, {AutoModel: SentenceOPTModel, AutoModelForCausalLM: SentenceOPTForCausalLM}),
+):
+    AutoConfig.register(_config.model_type, _config, exist_ok=True)
+    _config.register_for_auto_class()
+    for _auto, _model in _models.items():
+        _auto.register(_config, _model, exist_ok=True)
+        _model.register_for_auto_class(_auto.__name__)
 
 __all__ = [
     "PackedSentences",
     "SentenceDecodeOutput",
+    "SentenceOPTCausalLMOutput",
+    "SentenceOPTConfig",
+    "SentenceOPTForCausalLM",
+    "SentenceOPTModel",
+    "SentenceOPTModelOutput",
     "SentenceVAEConfig",
     "SentenceVAEModel",
     "SentenceVAEOutput",
