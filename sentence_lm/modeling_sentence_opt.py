@@ -462,6 +462,7 @@ class SentenceOPTForCausalLM(SentenceOPTPreTrainedModel, GenerationMixin):
         if unused:
             raise ValueError(f"generate() got unknown arguments {sorted(unused)}.")
         generation_config.validate()
+        _check_sampling_settings(generation_config)
         use_cache = self.config.use_cache if use_cache is None else use_cache
         device = self.device
         if input_ids is None:
@@ -596,6 +597,16 @@ class SentenceOPTForCausalLM(SentenceOPTPreTrainedModel, GenerationMixin):
                 all_inputs = torch.cat([all_inputs, step], dim=1)
                 state = backbone.backbone(all_inputs, slot_mask)[:, -1]
         return written[:, : int(count.max()) if batch else 0]
+
+
+def _check_sampling_settings(config: GenerationConfig) -> None:
+    """Refuse sampling settings that `GenerationConfig.validate` lets through silently."""
+    if config.top_p is not None and not 0 < config.top_p <= 1:
+        raise ValueError(f"top_p must lie in (0, 1], got {config.top_p}.")
+    if config.temperature is not None and config.temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {config.temperature}; use do_sample=False for greedy decoding.")
+    if config.top_k is not None and config.top_k < 0:
+        raise ValueError(f"top_k must be >= 0, got {config.top_k}.")
 
 
 def _left_align(input_ids: torch.Tensor, keep: torch.Tensor, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
