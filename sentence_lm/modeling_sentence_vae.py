@@ -13,6 +13,7 @@ from transformers import DynamicCache, LogitsProcessorList, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.utils import ModelOutput
 
+from .checkpointing import SafeCheckpointMixin
 from .configuration_sentence_vae import SentenceVAEConfig
 from .segmentation import build_boundary_table, segment_sentences
 
@@ -285,7 +286,7 @@ def reconstruction_loss(logits: torch.Tensor, targets: torch.Tensor, gamma: floa
     return nll.mean()
 
 
-class SentenceVAEPreTrainedModel(PreTrainedModel):
+class SentenceVAEPreTrainedModel(SafeCheckpointMixin, PreTrainedModel):
     """Weight initialisation and loading for SentenceVAE models."""
 
     config_class = SentenceVAEConfig
@@ -382,6 +383,11 @@ class SentenceVAEModel(SentenceVAEPreTrainedModel):
             raise ValueError(
                 f"Sentence(s) {torch.nonzero(lengths == 0).flatten().tolist()} are empty (no unmasked token); "
                 "every sentence needs at least one token."
+            )
+        if bool((mask[:, 1:] & ~mask[:, :-1]).any()):
+            raise ValueError(
+                "Packed sentences must be right-padded: each attention_mask row must be 1s then 0s "
+                "(left or inner padding would shift positions and misplace the EOS target); use `pack_sentences`."
             )
         if int(lengths.max()) > self.config.max_sentence_len:
             raise ValueError(

@@ -1,0 +1,26 @@
+"""Packaging of sentence_lm: a Hugging Face `transformers` plugin for SentenceVAE and
+sentence-level language models (next-sentence prediction)."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="sentence_lm",
+    version="0.1.0",
+    description="SentenceVAE and sentence-level LLMs (next-sentence prediction) for Hugging Face transformers",
+    packages=find_packages(include=["sentence_lm", "sentence_lm.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.4",
+        "transformers>=5.0,<6",
+        "safetensors",
+        "huggingface-hub",
+        "accelerate",
+        "tokenizers",
+        "datasets",
+        "tqdm",
+    ],
+    extras_require={
+        "test": ["pytest", "hypothesis"],
+        "plots": ["matplotlib"],
+    },
+)

@@ -1,0 +1,111 @@
+"""Reusable helpers for checkpoint tests: run code in a fresh Python where ``sentence_lm`` cannot
+be imported, and lay a checkpoint out as a Hugging Face hub cache entry."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+BLOCKER_SOURCE = 'raise ImportError("sentence_lm is blocked in this test process")\n'
+
+PRELUDE = textwrap.dedent(
+    """\
+    try:
+        import sentence_lm  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        raise SystemExit("sentence_lm could be imported; the test process must not see it")
+    """
+)
+
+
+def isolated_env(root: str | os.PathLike, env: dict | None = None) -> dict:
+    """A copy of ``os.environ`` with Hugging Face caches under ``root`` (so that remote code and
+    downloads never touch the user's cache), quiet logging, then ``env`` on top."""
+    root = Path(root)
+    full = dict(os.environ)
+    full.update(
+        {
+            "HF_HOME": str(root / "hf_home"),
+            "HF_MODULES_CACHE": str(root / "hf_home" / "modules"),
+            "TRANSFORMERS_VERBOSITY": "error",
+            "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+            "HF_HUB_DISABLE_TELEMETRY": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+        }
+    )
+    full.update(env or {})
+    return full
+
+
+def run_without_package(
+    code: str, cwd: str | os.PathLike, env: dict | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh ``python -c`` whose ``import sentence_lm`` fails.
+
+    A directory holding a ``sentence_lm/__init__.py`` that raises ``ImportError`` is put first
+    on ``PYTHONPATH``, so neither the source tree nor an (editable) install can be imported; the
+    code is preceded by an assertion that the import indeed fails. ``cwd`` should be a temporary
+    directory (not the repository root). Hugging Face caches go under ``cwd`` unless ``env``
+    says otherwise. Returns the completed process (stdout/stderr as text); check ``returncode``.
+    """
+    cwd = Path(cwd)
+    blocker = cwd / "_blocked_packages"
+    (blocker / "sentence_lm").mkdir(parents=True, exist_ok=True)
+    (blocker / "sentence_lm" / "__init__.py").write_text(BLOCKER_SOURCE)
+    full_env = isolated_env(cwd, env)
+    full_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(blocker), full_env.get("PYTHONPATH", "")) if p)
+    return subprocess.run(
+        [sys.executable, "-c", PRELUDE + textwrap.dedent(code)],
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def check_run(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    """Assert that a subprocess succeeded, showing its output if not."""
+    assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    return result
+
+
+def make_hub_cache(
+    checkpoint_dir: str | os.PathLike,
+    cache_root: str | os.PathLike,
+    repo_id: str,
+    commit: str | None = None,
+) -> dict:
+    """Lay ``checkpoint_dir`` out in ``cache_root`` as the hub cache does for model ``repo_id``:
+    ``models--org--name/blobs/<sha256>``, ``snapshots/<commit>/<file>`` symlinks to the blobs,
+    ``refs/main`` holding the commit. Returns the environment to load it by repo id offline:
+    ``{"HF_HUB_CACHE": ..., "HF_HUB_OFFLINE": "1"}``.
+    """
+    commit = commit or hashlib.sha1(repo_id.encode()).hexdigest()
+    assert len(commit) == 40
+    repo_dir = Path(cache_root) / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo_dir / "snapshots" / commit
+    blobs = repo_dir / "blobs"
+    blobs.mkdir(parents=True, exist_ok=True)
+    for src in sorted(Path(checkpoint_dir).rglob("*")):
+        if not src.is_file():
+            continue
+        digest = hashlib.sha256(src.read_bytes()).hexdigest()
+        blob = blobs / digest
+        if not blob.exists():
+            shutil.copyfile(src, blob)
+        link = snapshot / src.relative_to(checkpoint_dir)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if link.exists() or link.is_symlink():
+            link.unlink()
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    (repo_dir / "refs").mkdir(exist_ok=True)
+    (repo_dir / "refs" / "main").write_text(commit)
+    return {"HF_HUB_CACHE": str(cache_root), "HF_HUB_OFFLINE": "1"}
