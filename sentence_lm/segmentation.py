@@ -4,8 +4,8 @@ A text is cut into sentences *after* its token ids, never by re-tokenising strin
 concatenating the sentences of a text gives back exactly its ids. A table over the vocabulary,
 built once per tokenizer by :func:`build_boundary_table`, holds flags for every token:
 
-* ``ENDS``: the token ends a sentence (its text, trailing whitespace removed, ends with one of
-  :data:`SENTENCE_END_CHARS`, or it holds a newline);
+* ``ENDS``: the token ends a sentence (its text, trailing whitespace and closing quotes and
+  brackets removed, ends with one of :data:`SENTENCE_END_CHARS`, or it holds a newline);
 * ``TRAILS``: the token may still belong to a sentence that has just ended: it is made of
   punctuation, closing quotes and brackets, and whitespace only, and does not start with a
   space before a non-space character (a space before a quote opens the next sentence);
@@ -54,7 +54,12 @@ def build_boundary_table(tokenizer) -> torch.Tensor:
         if i in special or not text:
             continue
         stripped = text.rstrip()
-        ends = "\n" in text or (bool(stripped) and stripped[-1] in SENTENCE_END_CHARS)
+        # Closing quotes/brackets merged into the token after the mark (`."`, `?)`, `.”`) do not
+        # hide it: such a token ends a sentence like the split pair `.` + `"` does.
+        core = stripped
+        while core and (core[-1] in CLOSING_CHARS or core[-1].isspace()):
+            core = core[:-1]
+        ends = "\n" in text or (bool(core) and core[-1] in SENTENCE_END_CHARS)
         only_trailing = all(c in trail_chars or c.isspace() for c in text)
         opens_next = text[0].isspace() and bool(stripped)
         table[i] = (
