@@ -8,6 +8,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from .configuration_sentence_opt import SentenceOPTConfig
 from .configuration_sentence_vae import SentenceVAEConfig
+from .corpus import default_corpus, group_paragraphs, read_text_lines, split_train_validation
 from .modeling_sentence_opt import (
     SentenceOPTCausalLMOutput,
     SentenceOPTForCausalLM,
@@ -16,6 +17,7 @@ from .modeling_sentence_opt import (
 )
 from .modeling_sentence_vae import SentenceDecodeOutput, SentenceVAEModel, SentenceVAEOutput
 from .segmentation import PackedSentences, build_boundary_table, pack_sentences, segment_sentences
+from .tokenization_sentence_lm import SentenceTokenizer, train_sentence_tokenizer
 
 for _config, _models in (
     (SentenceVAEConfig, {AutoModel: SentenceVAEModel}),
@@ -35,10 +37,16 @@ __all__ = [
     "SentenceOPTForCausalLM",
     "SentenceOPTModel",
     "SentenceOPTModelOutput",
+    "SentenceTokenizer",
     "SentenceVAEConfig",
     "SentenceVAEModel",
     "SentenceVAEOutput",
     "build_boundary_table",
+    "default_corpus",
+    "group_paragraphs",
     "pack_sentences",
+    "read_text_lines",
     "segment_sentences",
+    "split_train_validation",
+    "train_sentence_tokenizer",
 ]

@@ -1,0 +1,18 @@
+"""Shared fixtures of the test suite."""
+
+from __future__ import annotations
+
+import pytest
+
+from sentence_lm.corpus import default_corpus
+from sentence_lm.tokenization_sentence_lm import train_sentence_tokenizer
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """A small byte-level BPE :class:`SentenceTokenizer` trained on the built-in corpus (well
+    under a second): OPT's special-token layout (``<s>`` 0, ``<pad>`` 1, ``</s>`` 2 = BOS = EOS,
+    ``<unk>`` 3), a ``</s>`` prepended to every text, ``max_sentence_len=16``.
+
+    Shared by the whole session: do not modify it in a test (copy it with ``copy.deepcopy``)."""
+    return train_sentence_tokenizer(default_corpus(), vocab_size=1024, max_sentence_len=16)
