@@ -362,15 +362,20 @@ class SentenceVAEModel(SentenceVAEPreTrainedModel):
         self.boundary_table.zero_()
         self.boundary_table[: table.shape[0]] = table.to(self.boundary_table.device, torch.uint8)
 
-    def segment(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Sentence index of every token (``-1`` where ``attention_mask`` is 0); see
+    def segment(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, return_closed: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Sentence index of every token (``-1`` where ``attention_mask`` is 0), and with
+        ``return_closed`` whether each text's last sentence is closed; see
         :func:`segment_sentences`."""
         if not bool(self.boundary_table.any()):
             raise ValueError(
                 "This model has no sentence-boundary table yet; call "
                 "`model.set_boundary_table(tokenizer)` with the tokenizer it was trained with."
             )
-        return segment_sentences(input_ids, self.boundary_table, self.config.max_sentence_len, attention_mask)
+        return segment_sentences(
+            input_ids, self.boundary_table, self.config.max_sentence_len, attention_mask, return_closed
+        )
 
     # ----------------------------------------------------------------------------- encoder
     def _check_sentences(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -479,7 +484,8 @@ class SentenceVAEModel(SentenceVAEPreTrainedModel):
                 the decoder continues them. They are not repeated in the output.
             prefix_mask: ``(n, p)`` mask of ``prefix_ids`` (1 on real tokens).
             max_new_tokens: budget per row (an int or an ``(n,)`` tensor); the decoder also stops
-                once a sentence holds ``max_sentence_len`` tokens, prefix included.
+                once a sentence holds ``max_sentence_len`` tokens, prefix included. A sentence
+                without prefix gets at least one token before its end-of-sentence token.
             do_sample: sample from the processed distribution instead of taking the argmax.
             logits_processor: library logits processors/warpers (temperature, top-k, top-p,
                 repetition penalty...) applied to each step's scores; they see the decoder's
@@ -503,17 +509,21 @@ class SentenceVAEModel(SentenceVAEPreTrainedModel):
             raise ValueError(f"prefix_ids has {prefix_ids.shape[0]} rows but there are {n} sentence vectors.")
         prefix_mask = check_attention_mask(prefix_mask, prefix_ids)
         prefix_len = prefix_mask.sum(dim=1)
+        pad, eos = self.config.pad_token_id, self.config.eos_token_id
+        if bool((prefix_mask[:, 1:].int() < prefix_mask[:, :-1].int()).any()):
+            raise ValueError("prefix_ids must be left-padded: in every row, padding first and real tokens last.")
         budget = torch.as_tensor(
             self.config.max_sentence_len if max_new_tokens is None else max_new_tokens, device=device
         ).expand(n)
         budget = torch.minimum(budget, self.config.max_sentence_len - prefix_len).clamp(min=0)
-        pad, eos = self.config.pad_token_id, self.config.eos_token_id
 
-        # BOS goes first; left padding of the prefix after it is masked, and positions count
-        # only real tokens, so the order [BOS, pad.., prefix] is equivalent to [pad.., BOS, prefix].
-        tokens = torch.cat([torch.full((n, 1), self.config.bos_token_id, device=device), prefix_ids], dim=1)
-        key_mask = torch.cat([torch.ones(n, 1, dtype=torch.bool, device=device), prefix_mask], dim=1)
-        positions = key_mask.long().cumsum(dim=1) - 1
+        # Left-padded decoder inputs [pad.., BOS, prefix..], so that every row's last column is real.
+        rows = torch.arange(n, device=device)
+        tokens = torch.cat([torch.full((n, 1), pad, device=device), prefix_ids], dim=1)
+        key_mask = torch.cat([torch.zeros(n, 1, dtype=torch.bool, device=device), prefix_mask], dim=1)
+        tokens[rows, prefix_ids.shape[1] - prefix_len] = self.config.bos_token_id
+        key_mask[rows, prefix_ids.shape[1] - prefix_len] = True
+        positions = (key_mask.long().cumsum(dim=1) - 1).clamp(min=0)
         cache = DynamicCache() if use_cache else None
         written = torch.full((n, int(budget.max()) if n else 0), pad, dtype=torch.long, device=device)
         lengths = torch.zeros(n, dtype=torch.long, device=device)
@@ -528,6 +538,8 @@ class SentenceVAEModel(SentenceVAEPreTrainedModel):
                 tokens[:, new], sentence_vectors, positions[:, new], key_mask, cache
             )[:, -1].float()
             fed = tokens.shape[1]
+            # A sentence holds at least one token: no end-of-sentence before it.
+            logits[:, eos] = torch.where((lengths + prefix_len) == 0, float("-inf"), logits[:, eos])
             if logits_processor is not None:
                 logits = logits_processor(tokens, logits)
             next_tokens = (
