@@ -3,7 +3,8 @@
 :class:`SafeCheckpointMixin` goes first in the bases of a ``PreTrainedModel`` (or tokenizer)
 class and changes two things:
 
-* ``save_pretrained`` is **atomic**: everything is written into a fresh hidden sibling
+* ``save_pretrained`` is **atomic**, and includes what the class's ``_save_extras(directory)``
+  writes, when it has one (a tokenizer, a model card): everything is written into a fresh hidden sibling
   directory, which then replaces the target directory (old one renamed to a backup, new one
   renamed into place, backup deleted). An exception, a full disk or a kill in the middle of
   writing leaves the previous checkpoint in that directory as it was. Files of the old
@@ -320,7 +321,10 @@ class SafeCheckpointMixin:
 
         def write(tmp_dir: str):
             arguments[first] = tmp_dir
-            return save(*bound.args, **bound.kwargs)
+            result = save(*bound.args, **bound.kwargs)
+            if hasattr(self, "_save_extras"):
+                self._save_extras(tmp_dir)
+            return result
 
         return atomic_save(write, save_directory)
 

@@ -56,6 +56,8 @@ class SentenceOPTConfig(PreTrainedConfig):
             Biases in the backbone's linear layers.
         layer_norm_elementwise_affine (`bool`, defaults to `True`):
             Learnable backbone LayerNorm parameters.
+        base_model (`str`, *optional*):
+            The OPT checkpoint the backbone was initialised from (Hub metadata of the model card).
         stop_loss_weight (`float`, defaults to 1.0):
             Weight of the stop head's loss in the training loss (reported NLLs always use 1).
         use_cache (`bool`, defaults to `True`):
@@ -84,6 +86,7 @@ class SentenceOPTConfig(PreTrainedConfig):
     init_std: float = 0.02
     enable_bias: bool = True
     layer_norm_elementwise_affine: bool = True
+    base_model: str | None = None
     stop_loss_weight: float = 1.0
     use_cache: bool = True
     tie_word_embeddings: bool = False

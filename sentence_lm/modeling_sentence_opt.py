@@ -16,6 +16,7 @@ from transformers.masking_utils import create_causal_mask
 from transformers.models.opt.modeling_opt import OPTDecoderLayer, OPTLearnedPositionalEmbedding
 from transformers.utils import ModelOutput, logging
 
+from .checkpointing import SafeCheckpointMixin
 from .configuration_sentence_opt import SentenceOPTConfig
 from .configuration_sentence_vae import SentenceVAEConfig
 from .modeling_sentence_vae import (
@@ -83,7 +84,7 @@ class SentenceOPTCausalLMOutput(ModelOutput):
     num_tokens: torch.Tensor | None = None
 
 
-class SentenceOPTPreTrainedModel(PreTrainedModel):
+class SentenceOPTPreTrainedModel(SafeCheckpointMixin, PreTrainedModel):
     """Weight initialisation and loading for SentenceOPT models."""
 
     config_class = SentenceOPTConfig
@@ -243,6 +244,19 @@ class SentenceOPTForCausalLM(SentenceOPTPreTrainedModel, GenerationMixin):
         self.generation_config.update(
             bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
         )
+        self.tokenizer = None
+        self.model_card_kwargs: dict = {}
+
+    def _save_extras(self, save_directory: str) -> None:
+        """Save what belongs beside the weights: the tokenizer attached as ``model.tokenizer``
+        (by `from_opt`, the training script or the user) and the model card ``README.md``,
+        rendered from MODEL_CARD.md with ``model.model_card_kwargs`` (``results``,
+        ``datasets``, ``repo_id``, ``license``; see `render_model_card`)."""
+        from .model_card import save_model_card
+
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(save_directory)
+        save_model_card(self, save_directory, **self.model_card_kwargs)
 
     @property
     def sentence_vae(self) -> SentenceVAEModel:
@@ -267,6 +281,7 @@ class SentenceOPTForCausalLM(SentenceOPTPreTrainedModel, GenerationMixin):
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         return_dict: bool | None = None,
+        sentence_ids: torch.Tensor | None = None,
         **kwargs,
     ) -> SentenceOPTCausalLMOutput | tuple:
         """Score texts: the training loss (whole-text NLL per token) and token-aligned logits.
@@ -277,6 +292,8 @@ class SentenceOPTForCausalLM(SentenceOPTPreTrainedModel, GenerationMixin):
             attention_mask: ``(batch, seq_len)``, 1 on real tokens.
             labels: optional ``(batch, seq_len)`` ids (``-100`` to ignore) for ``lm_loss``, the
                 causal-LM cross-entropy of the aligned ``logits`` (as `OPTForCausalLM` computes).
+            sentence_ids: accepted so that ``model(**tokenizer(...))`` works, and ignored: the
+                model segments ``input_ids`` itself with the same rule.
 
         Returns:
             [`SentenceOPTCausalLMOutput`].
@@ -361,8 +378,9 @@ class SentenceOPTForCausalLM(SentenceOPTPreTrainedModel, GenerationMixin):
             sentence_vae: a trained `SentenceVAEModel` (or its path); when ``None`` a new one is
                 made from ``sentence_vae_config`` (defaults: one layer each, the OPT's width,
                 heads, vocabulary and special tokens) and OPT's token embeddings are copied into it.
-            tokenizer: the tokenizer whose sentence-boundary table the model should use; needed
-                when the SentenceVAE has no table yet.
+            tokenizer: the tokenizer whose sentence-boundary table the model should use (needed
+                when the SentenceVAE has no table yet); it is attached as ``model.tokenizer`` and
+                saved with the model.
             config_overrides: other `SentenceOPTConfig` fields (e.g. ``stop_loss_weight``).
         """
         from transformers import AutoModelForCausalLM, OPTConfig
@@ -370,6 +388,7 @@ class SentenceOPTForCausalLM(SentenceOPTPreTrainedModel, GenerationMixin):
         opt = opt_model_or_path
         if isinstance(opt, (str, os.PathLike)):
             opt = AutoModelForCausalLM.from_pretrained(opt)
+        base_model = opt.name_or_path or None
         opt_config = getattr(opt, "config", None)
         if not isinstance(opt_config, OPTConfig):
             raise ValueError(
@@ -408,7 +427,7 @@ class SentenceOPTForCausalLM(SentenceOPTPreTrainedModel, GenerationMixin):
         ).split()
         fields = {name: getattr(opt_config, name) for name in backbone_fields}
         fields.update(config_overrides)
-        config = SentenceOPTConfig(sentence_vae=sentence_vae.config, **fields)
+        config = SentenceOPTConfig(sentence_vae=sentence_vae.config, base_model=base_model, **fields)
         model = cls(config)
         model.model.sentence_vae = sentence_vae
         copied = ("layers.", "embed_positions.", "final_layer_norm.")
@@ -421,6 +440,7 @@ class SentenceOPTForCausalLM(SentenceOPTPreTrainedModel, GenerationMixin):
                 sentence_vae.get_input_embeddings().weight.copy_(decoder.embed_tokens.weight)
         if tokenizer is not None:
             sentence_vae.set_boundary_table(tokenizer)
+            model.tokenizer = tokenizer
         return model
 
     # ------------------------------------------------------------------------------ generation
@@ -458,7 +478,7 @@ class SentenceOPTForCausalLM(SentenceOPTPreTrainedModel, GenerationMixin):
         ``max_position_embeddings`` sentence slots are full.
         """
         generation_config, model_kwargs = self._prepare_generation_config(generation_config, **kwargs)
-        unused = set(model_kwargs) - {"output_attentions", "output_hidden_states"}
+        unused = set(model_kwargs) - {"output_attentions", "output_hidden_states", "sentence_ids"}
         if unused:
             raise ValueError(f"generate() got unknown arguments {sorted(unused)}.")
         generation_config.validate()
