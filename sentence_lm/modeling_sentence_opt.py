@@ -307,12 +307,15 @@ class SentenceOPTForCausalLM(SentenceOPTPreTrainedModel, GenerationMixin):
 
         # Sentence i of a text is written from the state of the slot before it.
         memory = hidden[packed.batch_index, first_slot[packed.batch_index] + packed.sentence_index]
+        # The output layer runs only on the decoder steps that have a target (no padding).
         mask = packed.attention_mask
-        decoder_logits = self.sentence_vae.teacher_forced_logits(packed.input_ids, mask, memory)
+        states = self.sentence_vae.teacher_forced_states(packed.input_ids, mask, memory)
         targets = self.sentence_vae.reconstruction_targets(packed.input_ids, mask)
-        token_nll = F.cross_entropy(
-            decoder_logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100, reduction="none"
-        ).view(targets.shape)
+        has_target = targets != -100
+        step_logits = self.sentence_vae.lm_head(states[has_target])
+        step_index = has_target.long().flatten().cumsum(0).view(has_target.shape) - 1
+        token_nll = torch.zeros(targets.shape, dtype=torch.float32, device=states.device)
+        token_nll[has_target] = F.cross_entropy(step_logits.float(), targets[has_target], reduction="none")
 
         # Stop decisions: continue at every slot but the last, stop at the last.
         stop_logits = self.stop_head(hidden).float()
@@ -329,7 +332,7 @@ class SentenceOPTForCausalLM(SentenceOPTPreTrainedModel, GenerationMixin):
         )
         total_tokens = num_tokens.sum()
         loss = (sentence_nll.sum() + self.config.stop_loss_weight * stop_nll.sum()) / total_tokens
-        logits = self.aligned_logits(decoder_logits, packed)
+        logits = self.aligned_logits(step_logits, step_index, packed)
         lm_loss = None
         if labels is not None:
             lm_loss = F.cross_entropy(
@@ -339,7 +342,7 @@ class SentenceOPTForCausalLM(SentenceOPTPreTrainedModel, GenerationMixin):
             loss=loss,
             logits=logits,
             lm_loss=lm_loss,
-            sentence_loss=sentence_nll.sum() / (targets != -100).sum(),
+            sentence_loss=sentence_nll.sum() / has_target.sum(),
             stop_loss=stop_nll.sum() / slot_mask.sum(),
             nll=nll,
             num_tokens=num_tokens,
@@ -347,9 +350,14 @@ class SentenceOPTForCausalLM(SentenceOPTPreTrainedModel, GenerationMixin):
         return output if return_dict is not False else output.to_tuple()
 
     @staticmethod
-    def aligned_logits(decoder_logits: torch.Tensor, packed: PackedSentences) -> torch.Tensor:
-        """Rearrange teacher-forced decoder logits ``(n, len + 1, vocab)`` into token-aligned
-        logits ``(batch, seq_len, vocab)`` where position ``t`` predicts token ``t + 1``."""
+    def aligned_logits(step_logits: torch.Tensor, step_index: torch.Tensor, packed: PackedSentences) -> torch.Tensor:
+        """Rearrange teacher-forced decoder logits into token-aligned logits
+        ``(batch, seq_len, vocab)`` where position ``t`` predicts token ``t + 1``.
+
+        ``step_logits`` holds the logits of the decoder steps that have a target (a sentence's
+        tokens and its end-of-sentence token), and ``step_index[s, j]`` the row of sentence
+        ``s``'s step ``j`` in it.
+        """
         sentence, position = packed.token_sentence, packed.token_position
         offsets = packed.num_sentences.cumsum(0) - packed.num_sentences
         in_text = sentence >= 0
@@ -358,7 +366,7 @@ class SentenceOPTForCausalLM(SentenceOPTPreTrainedModel, GenerationMixin):
         has_next = (sentence + 1 < (offsets + packed.num_sentences)[:, None]) & is_last
         target_sentence = torch.where(has_next, sentence + 1, sentence)
         target_step = torch.where(has_next | ~in_text, 0, position + 1)
-        return decoder_logits[target_sentence, target_step]
+        return step_logits[step_index[target_sentence, target_step]]
 
     # ------------------------------------------------------------------------------ building
     @classmethod

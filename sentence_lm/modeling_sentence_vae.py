@@ -423,15 +423,23 @@ class SentenceVAEModel(SentenceVAEPreTrainedModel):
         hidden = self.decoder(embeds, sentence_vectors.to(embeds.dtype), position_ids, key_mask, cache)
         return self.lm_head(hidden)
 
-    def teacher_forced_logits(
+    def teacher_forced_states(
         self, input_ids: torch.Tensor, mask: torch.Tensor, sentence_vectors: torch.Tensor
     ) -> torch.Tensor:
-        """Decoder logits ``(n, max_len + 1, vocab)`` when it is fed ``BOS + sentence``."""
+        """Decoder output states ``(n, max_len + 1, hidden)`` when it is fed ``BOS + sentence``
+        (``lm_head`` turns them into logits)."""
         bos = torch.full_like(input_ids[:, :1], self.config.bos_token_id)
         decoder_ids = torch.cat([bos, input_ids], dim=1)
         key_mask = torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1)
         positions = torch.arange(decoder_ids.shape[1], device=input_ids.device).expand_as(decoder_ids)
-        return self.decoder_logits(decoder_ids, sentence_vectors, positions, key_mask)
+        embeds = self._decoder_embeddings()(decoder_ids)
+        return self.decoder(embeds, sentence_vectors.to(embeds.dtype), positions, key_mask)
+
+    def teacher_forced_logits(
+        self, input_ids: torch.Tensor, mask: torch.Tensor, sentence_vectors: torch.Tensor
+    ) -> torch.Tensor:
+        """Decoder logits ``(n, max_len + 1, vocab)`` when it is fed ``BOS + sentence``."""
+        return self.lm_head(self.teacher_forced_states(input_ids, mask, sentence_vectors))
 
     def reconstruction_targets(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Targets ``(n, max_len + 1)``: the sentence, then EOS, then ``-100``."""

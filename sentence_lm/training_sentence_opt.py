@@ -1,0 +1,289 @@
+"""Stage 2: train a SentenceOPT (the sentence-level LLM) with the `transformers` Trainer.
+
+The data pipeline is stage 1's (:func:`~sentence_lm.training.load_texts`,
+:func:`~sentence_lm.training.tokenize_texts`): one example is one text of at most
+``block_size`` tokens, and the model's loss is the whole-text negative log-likelihood per token
+(sentence tokens, end-of-sentence tokens, stop decisions). The backbone comes from an OPT
+checkpoint (``--opt_name_or_path``) or is built from scratch; the SentenceVAE (and its
+tokenizer) from stage 1 (``--sentence_vae_name_or_path``), frozen or fine-tuned, or is built
+new and trained jointly. Runs unchanged under ``accelerate launch`` on several processes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+from transformers import HfArgumentParser, TrainingArguments
+
+from .configuration_sentence_opt import SentenceOPTConfig
+from .training import (
+    TINY_SENTENCE_VAE_CONFIG,
+    DataArguments,
+    SentenceVAETrainer,
+    TimeBudgetCallback,
+    _loss_curve,
+    _pad,
+    _parse_overrides,
+    load_texts,
+    tokenize_texts,
+)
+
+logger = logging.getLogger(__name__)
+
+TINY_BACKBONE_CONFIG = {
+    "hidden_size": TINY_SENTENCE_VAE_CONFIG["hidden_size"],
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "ffn_dim": 512,
+    "max_position_embeddings": 258,
+    "dropout": 0.0,
+}
+"""Backbone built when neither --model_name_or_path nor --opt_name_or_path names one."""
+
+STAGE2_TRAINING_DEFAULTS = {
+    "output_dir": os.path.join("outputs", "sentence_opt"),
+    "do_train": True,
+    "do_eval": True,
+    "max_steps": 300,
+    "per_device_train_batch_size": 16,
+    "per_device_eval_batch_size": 16,
+    "learning_rate": 1e-3,
+    "weight_decay": 0.01,
+    "warmup_steps": 0.05,
+    "lr_scheduler_type": "cosine",
+    "logging_steps": 25,
+    "save_total_limit": 2,
+    "remove_unused_columns": False,
+    "prediction_loss_only": True,
+    "dataloader_pin_memory": torch.cuda.is_available(),
+}
+"""TrainingArguments defaults of stage 2 (any of them can be given on the command line)."""
+
+
+@dataclass
+class SentenceOPTArguments:
+    """Model and tokenizer of stage 2."""
+
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "A SentenceOPT checkpoint to continue training (with its tokenizer)."}
+    )
+    sentence_vae_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "The stage-1 SentenceVAE checkpoint (saved with its tokenizer). When not given, a new "
+            "SentenceVAE and tokenizer are built and trained jointly with the backbone."
+        },
+    )
+    opt_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "An OPT checkpoint whose layers and positions initialise the backbone (e.g. "
+            "facebook/opt-125m); its hidden size must equal the SentenceVAE's. Without it the backbone "
+            "is built from scratch (see --backbone_config)."
+        },
+    )
+    backbone_config: str | None = field(
+        default=None,
+        metadata={
+            "help": "Overrides `key=value,...` of the from-scratch backbone (e.g. "
+            "`num_hidden_layers=4,ffn_dim=1024`) on top of the tiny default."
+        },
+    )
+    freeze_sentence_vae: bool = field(
+        default=False, metadata={"help": "Keep the SentenceVAE's weights fixed and train the backbone only."}
+    )
+    stop_loss_weight: float | None = field(default=None, metadata={"help": "Weight of the stop head's loss."})
+    vocab_size: int = field(default=2048, metadata={"help": "Vocabulary of a new tokenizer (no stage-1 model)."})
+    max_sentence_len: int = field(default=32, metadata={"help": "Sentence cap of a new SentenceVAE."})
+    max_train_minutes: float | None = field(
+        default=None, metadata={"help": "Stop training (and save) after this many minutes of training."}
+    )
+
+
+def parse_sentence_opt_args(args: Sequence[str] | None = None):
+    """Parse stage-2 arguments: ``(SentenceOPTArguments, DataArguments, TrainingArguments)``."""
+    parser = HfArgumentParser((SentenceOPTArguments, DataArguments, TrainingArguments))
+    parser.set_defaults(**STAGE2_TRAINING_DEFAULTS)
+    return parser.parse_args_into_dataclasses(args=list(sys.argv[1:] if args is None else args))
+
+
+@dataclass
+class TextCollator:
+    """Right-pads text examples (rows of :func:`~sentence_lm.training.tokenize_texts`) into
+    ``input_ids`` + ``attention_mask``; other keys are ignored."""
+
+    pad_token_id: int
+
+    def __call__(self, features: Sequence[dict]) -> dict[str, torch.Tensor]:
+        input_ids, mask = _pad([f["input_ids"] for f in features], self.pad_token_id)
+        return {"input_ids": input_ids, "attention_mask": mask.long()}
+
+
+@torch.no_grad()
+def text_nll(model, dataset, batch_size: int = 16, show_progress: bool = True) -> dict[str, float]:
+    """Whole-text negative log-likelihood of a SentenceOPT on text examples: sentence tokens,
+    end-of-sentence tokens and stop decisions, summed, divided by the texts' original tokens.
+
+    Returns ``{"nll_per_token", "perplexity", "num_tokens", "num_texts"}``.
+    """
+    was_training = model.training
+    model.eval()
+    collate = TextCollator(model.config.pad_token_id)
+    device = next(model.parameters()).device
+    total, tokens = 0.0, 0
+    batches = range(0, len(dataset), batch_size)
+    for start in tqdm(batches, desc="Text NLL", disable=not show_progress):
+        batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+        out = model(batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+        total += float(out.nll.sum())
+        tokens += int(out.num_tokens.sum())
+    model.train(was_training)
+    nll = total / max(tokens, 1)
+    return {"nll_per_token": nll, "perplexity": math.exp(nll), "num_tokens": tokens, "num_texts": len(dataset)}
+
+
+def build_sentence_opt(model_args: SentenceOPTArguments, train_texts: Sequence[str]):
+    """The model and tokenizer to train: ``(SentenceOPTForCausalLM, SentenceTokenizer)``."""
+    from .configuration_sentence_vae import SentenceVAEConfig
+    from .modeling_sentence_opt import SentenceOPTForCausalLM
+    from .modeling_sentence_vae import SentenceVAEModel
+    from .tokenization_sentence_lm import SentenceTokenizer, train_sentence_tokenizer
+
+    if model_args.model_name_or_path is not None:
+        model = SentenceOPTForCausalLM.from_pretrained(model_args.model_name_or_path)
+        tokenizer = SentenceTokenizer.from_pretrained(model_args.model_name_or_path)
+    else:
+        if model_args.sentence_vae_name_or_path is not None:
+            vae = SentenceVAEModel.from_pretrained(model_args.sentence_vae_name_or_path)
+            tokenizer = SentenceTokenizer.from_pretrained(model_args.sentence_vae_name_or_path)
+        else:
+            tokenizer = train_sentence_tokenizer(
+                list(train_texts), vocab_size=model_args.vocab_size, max_sentence_len=model_args.max_sentence_len
+            )
+            vae_fields = dict(TINY_SENTENCE_VAE_CONFIG, max_sentence_len=model_args.max_sentence_len)
+            vae = SentenceVAEModel(
+                SentenceVAEConfig(
+                    **vae_fields,
+                    vocab_size=len(tokenizer),
+                    pad_token_id=tokenizer.pad_token_id,
+                    bos_token_id=tokenizer.bos_token_id,
+                    eos_token_id=tokenizer.eos_token_id,
+                )
+            )
+        overrides = {} if model_args.stop_loss_weight is None else {"stop_loss_weight": model_args.stop_loss_weight}
+        if model_args.opt_name_or_path is not None:
+            model = SentenceOPTForCausalLM.from_opt(
+                model_args.opt_name_or_path, sentence_vae=vae, tokenizer=tokenizer, **overrides
+            )
+        else:
+            fields = dict(TINY_BACKBONE_CONFIG, hidden_size=vae.config.hidden_size)
+            fields.update(_parse_overrides(model_args.backbone_config or ""))
+            fields.update(overrides)
+            model = SentenceOPTForCausalLM(SentenceOPTConfig(sentence_vae=vae.config, **fields))
+            model.model.sentence_vae = vae
+    model.sentence_vae.set_boundary_table(tokenizer)
+    model.tokenizer = tokenizer
+    if model_args.freeze_sentence_vae:
+        model.sentence_vae.requires_grad_(False)
+    return model, tokenizer
+
+
+def train_sentence_opt(args: Sequence[str] | None = None, callbacks: Sequence | None = None) -> dict:
+    """Stage 2: train a SentenceOPT with the Trainer, save it (with tokenizer and model card) to
+    ``output_dir``, and report the held-out whole-text NLL per token.
+
+    Args:
+        args: command-line arguments (``sys.argv[1:]`` when ``None``); ``--help`` lists them.
+        callbacks: extra ``TrainerCallback`` objects.
+
+    Returns:
+        A dict with ``train`` and ``eval`` metrics, ``loss_curve``, ``output_dir`` and ``model``.
+    """
+    import transformers
+    from transformers import set_seed
+    from transformers.trainer_utils import get_last_checkpoint
+
+    model_args, data_args, training_args = parse_sentence_opt_args(args)
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", handlers=[logging.StreamHandler(sys.stdout)]
+    )
+    log_level = training_args.get_process_log_level()
+    logger.setLevel(log_level)
+    transformers.utils.logging.set_verbosity(log_level)
+    set_seed(training_args.seed)
+
+    resume = training_args.resume_from_checkpoint
+    if resume is not None and resume.lower() in ("true", "latest", "last"):
+        resume = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
+        if resume is None:
+            raise ValueError(f"--resume_from_checkpoint: no checkpoint found in {training_args.output_dir}.")
+
+    raw = load_texts(data_args)
+    model, tokenizer = build_sentence_opt(model_args, raw["train"]["text"])
+    max_sentence_len = model.config.sentence_vae.max_sentence_len
+    if data_args.block_size > model.config.max_position_embeddings - 1:
+        logger.warning(
+            "block_size %d may hold more sentences than the backbone's %d sentence slots; texts with too many "
+            "sentences will be refused.",
+            data_args.block_size,
+            model.config.max_position_embeddings - 1,
+        )
+    with training_args.main_process_first(desc="dataset preprocessing"):
+        texts = {
+            split: tokenize_texts(raw[split], tokenizer, data_args.block_size, max_sentence_len, desc=f"Tokenizing {split}")
+            for split in raw
+        }
+    for split, limit in (("train", data_args.max_train_samples), ("validation", data_args.max_eval_samples)):
+        if limit is not None:
+            texts[split] = texts[split].select(range(min(limit, len(texts[split]))))
+    n_params = model.num_parameters()
+    trainable = model.num_parameters(only_trainable=True)
+    logger.info("SentenceOPT with %.2fM parameters (%.2fM trainable)", n_params / 1e6, trainable / 1e6)
+
+    trainer = SentenceVAETrainer(
+        model=model,
+        args=training_args,
+        train_dataset=texts["train"] if training_args.do_train else None,
+        eval_dataset=texts["validation"] if training_args.do_eval else None,
+        data_collator=TextCollator(tokenizer.pad_token_id),
+        processing_class=tokenizer,
+        callbacks=list(callbacks or []),
+    )
+    if model_args.max_train_minutes is not None:
+        trainer.add_callback(TimeBudgetCallback(60 * model_args.max_train_minutes))
+
+    results: dict = {"output_dir": training_args.output_dir, "num_parameters": n_params}
+    if training_args.do_train:
+        train_result = trainer.train(resume_from_checkpoint=resume)
+        results["train"] = dict(train_result.metrics)
+        results["global_step"] = trainer.state.global_step
+        results["loss_curve"] = _loss_curve(trainer.state.log_history)
+        trainer.log_metrics("train", results["train"])
+        trainer.save_metrics("train", results["train"])
+        trainer.save_state()
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if training_args.do_eval:
+        metrics = text_nll(model, texts["validation"], training_args.per_device_eval_batch_size)
+        results["eval"] = metrics
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+        model.model_card_kwargs = {
+            "results": {
+                "held-out NLL per token (nats)": round(metrics["nll_per_token"], 4),
+                "held-out perplexity per token": round(metrics["perplexity"], 2),
+                "held-out tokens": metrics["num_tokens"],
+                "training steps": trainer.state.global_step,
+            },
+            "datasets": [data_args.dataset_name or data_args.train_file or "pydoc_data.topics (Python standard library)"],
+        }
+    if training_args.do_train:
+        trainer.save_model()
+    results["model"] = model
+    return results
