@@ -9,6 +9,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 from .configuration_sentence_opt import SentenceOPTConfig
 from .configuration_sentence_vae import SentenceVAEConfig
 from .corpus import default_corpus, group_paragraphs, read_text_lines, split_train_validation
+from .metrics import reconstruction_metrics
 from .modeling_sentence_opt import (
     SentenceOPTCausalLMOutput,
     SentenceOPTForCausalLM,
@@ -46,6 +47,7 @@ __all__ = [
     "group_paragraphs",
     "pack_sentences",
     "read_text_lines",
+    "reconstruction_metrics",
     "segment_sentences",
     "split_train_validation",
     "train_sentence_tokenizer",
