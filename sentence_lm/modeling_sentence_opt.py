@@ -84,6 +84,25 @@ class SentenceOPTCausalLMOutput(ModelOutput):
     num_tokens: torch.Tensor | None = None
 
 
+@dataclass
+class SentenceGenerateOutput(GenerateDecoderOnlyOutput):
+    """Output of [`SentenceOPTForCausalLM.generate`] with ``return_dict_in_generate=True``: a
+    `GenerateDecoderOnlyOutput` (``sequences``; ``cache``: the backbone's key/value cache over
+    sentence slots at the end of generation, as `OPTForCausalLM` returns its cache over tokens)
+    plus:
+
+    Attributes:
+        num_sentences: ``(batch,)`` sentences written per row (a continued unfinished prompt
+            sentence counts as one; a sentence cut by ``max_new_tokens`` counts too).
+        decoder_cache: the Sentence Decoder's key/value cache of the last sentence written (a
+            [`SentenceDecoderCache`]; ``decoder_cache.nbytes`` is the memory it held), when
+            ``use_cache``.
+    """
+
+    num_sentences: torch.Tensor | None = None
+    decoder_cache: object | None = None
+
+
 class SentenceOPTPreTrainedModel(SafeCheckpointMixin, PreTrainedModel):
     """Weight initialisation and loading for SentenceOPT models."""
 
@@ -462,7 +481,7 @@ class SentenceOPTForCausalLM(SentenceOPTPreTrainedModel, GenerationMixin):
         attention_mask: torch.Tensor | None = None,
         use_cache: bool | None = None,
         **kwargs,
-    ) -> torch.Tensor | GenerateDecoderOnlyOutput:
+    ) -> torch.Tensor | SentenceGenerateOutput:
         """Generate text one sentence at a time.
 
         Follows the `transformers` contract: ``input_ids``/``attention_mask`` (left padding),
@@ -470,8 +489,9 @@ class SentenceOPTForCausalLM(SentenceOPTPreTrainedModel, GenerationMixin):
         ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``repetition_penalty``,
         ``num_return_sequences``, ``pad_token_id``, ``return_dict_in_generate``), a
         ``streamer``; returns the prompts followed by the new tokens as one ``LongTensor``
-        (right-padded with ``pad_token_id``), or a `GenerateDecoderOnlyOutput` with
-        ``sequences`` when ``return_dict_in_generate=True``.
+        (right-padded with ``pad_token_id``), or a [`SentenceGenerateOutput`] (a
+        `GenerateDecoderOnlyOutput` with ``sequences``, the backbone's ``cache`` and
+        ``num_sentences``) when ``return_dict_in_generate=True``.
 
         Each step, for all unfinished rows at once: the stop head reads the backbone state and
         decides whether the text ends (greedy, or sampled when ``do_sample``; never before
@@ -529,7 +549,7 @@ class SentenceOPTForCausalLM(SentenceOPTPreTrainedModel, GenerationMixin):
             logits_processor=logits_processor,
             device=device,
         )
-        new_tokens = self._generate_sentences(
+        new_tokens, cache, num_sentences, decoder_cache = self._generate_sentences(
             input_ids, mask, max_new, min_new, generation_config.do_sample, processors, use_cache, streamer
         )
         if streamer is not None:
@@ -538,7 +558,9 @@ class SentenceOPTForCausalLM(SentenceOPTPreTrainedModel, GenerationMixin):
         new_tokens = torch.where(new_tokens < 0, pad, new_tokens)
         sequences = torch.cat([input_ids, new_tokens], dim=1)
         if generation_config.return_dict_in_generate:
-            return GenerateDecoderOnlyOutput(sequences=sequences)
+            return SentenceGenerateOutput(
+                sequences=sequences, cache=cache, num_sentences=num_sentences, decoder_cache=decoder_cache
+            )
         return sequences
 
     def _generate_sentences(
@@ -551,8 +573,9 @@ class SentenceOPTForCausalLM(SentenceOPTPreTrainedModel, GenerationMixin):
         processors: LogitsProcessorList,
         use_cache: bool,
         streamer,
-    ) -> torch.Tensor:
-        """The next-sentence loop; returns ``(batch, written)`` new tokens, ``-1`` where none."""
+    ) -> tuple[torch.Tensor, DynamicCache | None, torch.Tensor, object | None]:
+        """The next-sentence loop; returns ``(batch, written)`` new tokens (``-1`` where none),
+        the backbone's cache, the number of sentences written per row and the last decoder cache."""
         batch, device = input_ids.shape[0], input_ids.device
         vae, backbone = self.sentence_vae, self.model
         content = backbone.content_mask(input_ids, mask)
@@ -575,10 +598,13 @@ class SentenceOPTForCausalLM(SentenceOPTPreTrainedModel, GenerationMixin):
         all_inputs = inputs
         state = backbone.backbone(inputs, slot_mask, cache)[:, -1]
 
-        written = torch.full((batch, max_new), -1, dtype=torch.long, device=device)
+        # New tokens go to `written`; a last column takes the padding of each decoded block.
+        written = torch.full((batch, max_new + 1), -1, dtype=torch.long, device=device)
         count = torch.zeros(batch, dtype=torch.long, device=device)
+        sentences_written = torch.zeros(batch, dtype=torch.long, device=device)
         done = count >= max_new
         slots_used = slot_mask.sum(dim=1)
+        decoder_cache = None
         while not bool(done.all()):
             # The stop head may end a text only between sentences and after min_new_tokens.
             stop_logits = self.stop_head(state).float()
@@ -589,24 +615,33 @@ class SentenceOPTForCausalLM(SentenceOPTPreTrainedModel, GenerationMixin):
             if bool(done.all()):
                 break
             rows = torch.nonzero(~done).squeeze(1)
+            has_prefix = prefix_ids.shape[1] > 0
             out = vae.decode(
                 state[rows],
-                prefix_ids=prefix_ids[rows],
-                prefix_mask=prefix_mask[rows],
+                prefix_ids=prefix_ids[rows] if has_prefix else None,
+                prefix_mask=prefix_mask[rows] if has_prefix else None,
                 max_new_tokens=max_new - count[rows],
                 do_sample=do_sample,
                 logits_processor=processors,
                 use_cache=use_cache,
             )
-            columns = count[rows, None] + torch.arange(out.sequences.shape[1], device=device)
-            keep = torch.arange(out.sequences.shape[1], device=device) < out.lengths[:, None]
-            written[rows[:, None].expand_as(columns)[keep], columns[keep]] = out.sequences[keep]
+            decoder_cache = out.cache
+            width = out.sequences.shape[1]
+            steps = torch.arange(width, device=device)
+            keep = steps < out.lengths[:, None]
+            columns = torch.where(keep, count[rows, None] + steps, max_new)
+            written.index_put_((rows[:, None].expand_as(columns), columns), out.sequences)
             if streamer is not None and out.sequences.numel():
                 streamer.put(out.sequences[0, : int(out.lengths[0])].cpu())
             count[rows] += out.lengths
             # The whole sentence (prefix included) is encoded and appended to the backbone.
-            sentence, sentence_mask = _join_right(prefix_ids[rows], prefix_mask[rows], out.sequences, keep)
-            empty = sentence_mask.sum(dim=1) == 0
+            if has_prefix:
+                sentence, sentence_mask = _join_right(prefix_ids[rows], prefix_mask[rows], out.sequences, keep)
+            else:
+                sentence, sentence_mask = out.sequences, keep
+            sentence_len = sentence_mask.sum(dim=1)
+            empty = sentence_len == 0
+            sentences_written[rows] += (~empty).long()
             done[rows[empty]] = True
             slots_used[rows] += 1
             done |= (count >= max_new) | (slots_used >= self.config.max_position_embeddings)
@@ -615,16 +650,34 @@ class SentenceOPTForCausalLM(SentenceOPTPreTrainedModel, GenerationMixin):
             if bool(done.all()):
                 break
             step = torch.zeros(batch, 1, self.config.hidden_size, dtype=inputs.dtype, device=device)
-            filled = rows[~empty]
+            filled = rows
+            if bool(empty.any()):
+                filled, sentence_len = rows[~empty], sentence_len[~empty]
+                sentence, sentence_mask = sentence[~empty], sentence_mask[~empty]
             if filled.numel():
-                step[filled, 0] = vae.encode(sentence[~empty], sentence_mask[~empty]).to(inputs.dtype)
+                sentence_width = int(sentence_len.max())
+                step[filled, 0] = vae.encoder(
+                    vae.embed_tokens(sentence[:, :sentence_width]), sentence_mask[:, :sentence_width]
+                ).to(inputs.dtype)
             slot_mask = torch.cat([slot_mask, torch.ones_like(slot_mask[:, :1])], dim=1)
             if use_cache:
                 state = backbone.backbone(step, slot_mask, cache)[:, -1]
             else:
                 all_inputs = torch.cat([all_inputs, step], dim=1)
                 state = backbone.backbone(all_inputs, slot_mask)[:, -1]
-        return written[:, : int(count.max()) if batch else 0]
+        new_tokens = written[:, : int(count.max()) if batch else 0]
+        return new_tokens, cache, sentences_written, decoder_cache
+
+
+_INTEGER_SETTINGS = {
+    "max_new_tokens": 1,
+    "min_new_tokens": 0,
+    "max_length": 0,
+    "min_length": 0,
+    "num_return_sequences": 1,
+    "top_k": 0,
+}
+"""Integer generation settings and their smallest valid value."""
 
 
 def _check_sampling_settings(config: GenerationConfig) -> None:

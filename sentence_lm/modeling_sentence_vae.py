@@ -160,17 +160,30 @@ class SentenceDecoderLayer(nn.Module):
     def forward(
         self,
         hidden_states: torch.Tensor,
-        memory: torch.Tensor,
-        attention_mask: torch.Tensor,
+        memory: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
         cache: DynamicCache | None = None,
+        cross_states: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """``cross_states``: this layer's cross-attention output from :meth:`cross_attention_state`
+        (``(n, 1, H)``), used instead of recomputing it from ``memory``."""
         hidden_states = hidden_states + self.dropout(
             self.self_attn(self.self_attn_layer_norm(hidden_states), attention_mask=attention_mask, cache=cache)
         )
-        hidden_states = hidden_states + self.dropout(
-            self.cross_attn(self.cross_attn_layer_norm(hidden_states), key_value_states=memory)
-        )
+        if cross_states is None:
+            cross_states = self.cross_attn(self.cross_attn_layer_norm(hidden_states), key_value_states=memory)
+        hidden_states = hidden_states + self.dropout(cross_states)
         return hidden_states + self.dropout(self.ffn(self.final_layer_norm(hidden_states)))
+
+    def cross_attention_state(self, memory: torch.Tensor) -> torch.Tensor:
+        """The cross-attention output for sentence vectors ``memory`` ``(n, H)``, as ``(n, 1, H)``.
+
+        Cross-attention attends to a single key (the sentence vector), whose softmax weight is
+        exactly 1 whatever the query: the output is ``out_proj(v_proj(memory))`` at every decoder
+        position. Inference computes it once per sentence instead of once per token (without
+        attention dropout, so only in eval mode)."""
+        attn = self.cross_attn
+        return attn.out_proj(attn.v_proj(memory)).unsqueeze(1)
 
 
 class SentenceEncoder(nn.Module):
@@ -217,29 +230,89 @@ class SentenceDecoder(nn.Module):
     def forward(
         self,
         inputs_embeds: torch.Tensor,
-        memory: torch.Tensor,
+        memory: torch.Tensor | None,
         position_ids: torch.Tensor,
-        key_mask: torch.Tensor,
+        key_mask: torch.Tensor | None,
         cache: DynamicCache | None = None,
+        cross_states: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """
         Args:
             inputs_embeds: ``(n, q, H)`` embeddings of the new decoder inputs.
-            memory: ``(n, H)`` sentence vectors.
+            memory: ``(n, H)`` sentence vectors (unused when ``cross_states`` is given).
             position_ids: ``(n, q)`` positions of the new inputs within their sentence.
-            key_mask: ``(n, k)`` validity of every key, cached ones first (``k = past + q``).
+            key_mask: ``(n, k)`` validity of every key, cached ones first (``k = past + q``);
+                ``None`` when every key is valid (no padding).
             cache: self-attention cache, updated in place.
+            cross_states: per-layer cross-attention outputs from :meth:`cross_attention_states`
+                (inference), instead of attending to ``memory`` at every position.
         """
         hidden = self.dropout(inputs_embeds + self.embed_positions(position_ids, inputs_embeds.dtype))
-        query_len, key_len = inputs_embeds.shape[1], key_mask.shape[1]
-        query_index = torch.arange(key_len - query_len, key_len, device=key_mask.device)[:, None]
-        key_index = torch.arange(key_len, device=key_mask.device)[None, :]
-        # Every query may see itself, so that padding rows never attend to nothing (NaN).
-        mask = (key_mask[:, None, None, :] & (key_index <= query_index)) | (key_index == query_index)
-        memory = memory.unsqueeze(1)
-        for layer in self.layers:
-            hidden = layer(hidden, memory, mask, cache)
+        query_len = inputs_embeds.shape[1]
+        if key_mask is None and query_len == 1:
+            mask = None  # one query, every key valid: nothing to mask
+        else:
+            if key_mask is None:
+                past = cache.get_seq_length() if cache is not None else 0
+                key_mask = torch.ones(
+                    inputs_embeds.shape[0], past + query_len, dtype=torch.bool, device=inputs_embeds.device
+                )
+            key_len = key_mask.shape[1]
+            query_index = torch.arange(key_len - query_len, key_len, device=key_mask.device)[:, None]
+            key_index = torch.arange(key_len, device=key_mask.device)[None, :]
+            # Every query may see itself, so that padding rows never attend to nothing (NaN).
+            mask = (key_mask[:, None, None, :] & (key_index <= query_index)) | (key_index == query_index)
+        if cross_states is None:
+            memory = memory.unsqueeze(1)
+            for layer in self.layers:
+                hidden = layer(hidden, memory, mask, cache)
+        else:
+            for layer, cross in zip(self.layers, cross_states):
+                hidden = layer(hidden, None, mask, cache, cross_states=cross)
         return self.layer_norm(hidden)
+
+    def cross_attention_states(self, memory: torch.Tensor) -> list[torch.Tensor]:
+        """Per-layer cross-attention outputs ``(n, 1, H)`` for sentence vectors ``(n, H)``; see
+        :meth:`SentenceDecoderLayer.cross_attention_state`."""
+        return [layer.cross_attention_state(memory) for layer in self.layers]
+
+
+class SentenceDecoderCache:
+    """Preallocated key/value cache of the Sentence Decoder's self-attention.
+
+    One ``(n, heads, width, head_dim)`` key and value buffer per layer, written in place (no
+    growth by concatenation), with the same ``update`` contract as `DynamicCache`; rows whose
+    sentence is finished are dropped with :meth:`select`.
+
+    Attributes:
+        nbytes: bytes of the buffers when allocated (the most this cache holds).
+    """
+
+    def __init__(self, num_layers: int, n: int, num_heads: int, width: int, head_dim: int, dtype, device):
+        shape = (n, num_heads, width, head_dim)
+        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.lengths = [0] * num_layers
+        self.nbytes = sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.lengths[layer_idx]
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        start = self.lengths[layer_idx]
+        end = start + key.shape[2]
+        self.keys[layer_idx][:, :, start:end] = key
+        self.values[layer_idx][:, :, start:end] = value
+        self.lengths[layer_idx] = end
+        return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep only ``rows`` (an index tensor), in that order."""
+        for buffers in (self.keys, self.values):
+            for i, (old, filled) in enumerate(zip(buffers, self.lengths)):
+                new = old.new_empty((rows.shape[0],) + old.shape[1:])
+                new[:, :, :filled] = old[:, :, :filled].index_select(0, rows)
+                buffers[i] = new
 
 
 @dataclass
@@ -269,11 +342,14 @@ class SentenceDecodeOutput(ModelOutput):
         lengths: ``(n,)`` number of tokens written per row.
         ended: ``(n,)`` whether the row ended with the end-of-sentence token (``False``: cut by
             the length budget).
+        cache: the decoder's self-attention cache (a [`SentenceDecoderCache`], when
+            ``use_cache``); its ``nbytes`` is the memory it held.
     """
 
     sequences: torch.Tensor | None = None
     lengths: torch.Tensor | None = None
     ended: torch.Tensor | None = None
+    cache: "SentenceDecoderCache | None" = None
 
 
 def reconstruction_loss(logits: torch.Tensor, targets: torch.Tensor, gamma: float = 0.0) -> torch.Tensor:
@@ -525,42 +601,88 @@ class SentenceVAEModel(SentenceVAEPreTrainedModel):
         ).expand(n)
         budget = torch.minimum(budget, self.config.max_sentence_len - prefix_len).clamp(min=0)
 
-        # Left-padded decoder inputs [pad.., BOS, prefix..], so that every row's last column is real.
+        # Left-padded decoder inputs [pad.., BOS, prefix.., written..] in preallocated buffers, so
+        # that every row's last column is real; column `first + j` holds the j-th written token.
         rows = torch.arange(n, device=device)
-        tokens = torch.cat([torch.full((n, 1), pad, device=device), prefix_ids], dim=1)
-        key_mask = torch.cat([torch.zeros(n, 1, dtype=torch.bool, device=device), prefix_mask], dim=1)
-        tokens[rows, prefix_ids.shape[1] - prefix_len] = self.config.bos_token_id
-        key_mask[rows, prefix_ids.shape[1] - prefix_len] = True
-        positions = (key_mask.long().cumsum(dim=1) - 1).clamp(min=0)
-        cache = DynamicCache() if use_cache else None
-        written = torch.full((n, int(budget.max()) if n else 0), pad, dtype=torch.long, device=device)
+        first = prefix_ids.shape[1] + 1
+        steps = int(budget.max()) if n else 0
+        total = first + steps
+        tokens = torch.full((n, total), pad, dtype=torch.long, device=device)
+        key_mask = torch.ones(n, total, dtype=torch.bool, device=device)
+        tokens[:, 1:first] = prefix_ids
+        key_mask[:, 0] = False
+        key_mask[:, 1:first] = prefix_mask
+        tokens[rows, first - 1 - prefix_len] = self.config.bos_token_id
+        key_mask[rows, first - 1 - prefix_len] = True
+        positions = (key_mask.long().cumsum(dim=1) - 1).clamp(min=0, max=self.config.max_sentence_len)
+        # Without padding (no prefix, or prefixes of one length) one-query steps need no mask.
+        padded = not bool(key_mask[:, :first].all())
+
+        embed_tokens = self._decoder_embeddings()
+        dtype = embed_tokens.weight.dtype
+        cross = self.decoder.cross_attention_states(sentence_vectors.to(dtype)) if not self.training else None
+        cache = None
+        if use_cache:
+            num_heads = self.config.num_attention_heads
+            cache = SentenceDecoderCache(
+                self.config.num_decoder_layers, n, num_heads, total, self.config.hidden_size // num_heads, dtype, device
+            )
+        written = torch.full((n, steps), pad, dtype=torch.long, device=device)
         lengths = torch.zeros(n, dtype=torch.long, device=device)
-        done = budget == 0
         ended = torch.zeros(n, dtype=torch.bool, device=device)
+
+        # The loop works on the rows still writing (`active`, their indices into the n rows) and
+        # drops a row as soon as its sentence is finished.
+        active = rows
+        active_lengths = lengths.clone()
+        active_budget, active_prefix_len = budget, prefix_len
+
+        def keep_rows(keep: torch.Tensor) -> None:
+            nonlocal active, active_lengths, active_budget, active_prefix_len, tokens, key_mask, positions, cross
+            active, active_lengths = active[keep], active_lengths[keep]
+            active_budget, active_prefix_len = active_budget[keep], active_prefix_len[keep]
+            tokens, key_mask, positions = tokens[keep], key_mask[keep], positions[keep]
+            if cross is not None:
+                cross = [c[keep] for c in cross]
+            if cache is not None:
+                cache.select(keep)
+
+        if steps and bool((budget == 0).any()):
+            keep_rows(torch.nonzero(budget > 0).squeeze(1))
         fed = 0
-        for step in range(written.shape[1]):
-            if bool(done.all()):
+        for step in range(steps):
+            if active.shape[0] == 0:
                 break
-            new = slice(fed if use_cache else 0, None)
-            logits = self.decoder_logits(
-                tokens[:, new], sentence_vectors, positions[:, new], key_mask, cache
-            )[:, -1].float()
-            fed = tokens.shape[1]
-            # A sentence holds at least one token: no end-of-sentence before it.
-            logits[:, eos] = torch.where((lengths + prefix_len) == 0, float("-inf"), logits[:, eos])
+            end = first + step
+            new = slice(fed if use_cache else 0, end)
+            mask = key_mask[:, :end] if padded or end - new.start > 1 else None
+            hidden = self.decoder(
+                embed_tokens(tokens[:, new]),
+                sentence_vectors[active].to(dtype) if cross is None else None,
+                positions[:, new],
+                mask,
+                cache,
+                cross_states=cross,
+            )
+            logits = self.lm_head(hidden[:, -1]).float()
+            fed = end
+            if step == 0:
+                # A sentence holds at least one token: no end-of-sentence before it.
+                logits[:, eos] = torch.where(active_prefix_len == 0, float("-inf"), logits[:, eos])
             if logits_processor is not None:
-                logits = logits_processor(tokens, logits)
+                logits = logits_processor(tokens[:, :end], logits)
             next_tokens = (
                 torch.multinomial(logits.softmax(dim=-1), 1).squeeze(1) if do_sample else logits.argmax(dim=-1)
             )
-            is_eos = (next_tokens == eos) & ~done
-            keep = ~done & ~is_eos
-            written[:, step] = torch.where(keep, next_tokens, pad)
-            lengths += keep.long()
-            ended |= is_eos
-            done |= is_eos | (lengths >= budget)
-            tokens = torch.cat([tokens, next_tokens.unsqueeze(1)], dim=1)
-            key_mask = torch.cat([key_mask, torch.ones_like(key_mask[:, :1])], dim=1)
-            positions = torch.cat([positions, (positions[:, -1:] + 1).clamp(max=self.config.max_sentence_len)], dim=1)
+            is_eos = next_tokens == eos
+            written[:, step].index_copy_(0, active, torch.where(is_eos, pad, next_tokens))
+            active_lengths += (~is_eos).long()
+            tokens[:, end] = next_tokens
+            finished = is_eos | (active_lengths >= active_budget)
+            if bool(finished.any()):
+                done_rows = active[finished]
+                lengths[done_rows] = active_lengths[finished]
+                ended[done_rows] = is_eos[finished]
+                keep_rows(torch.nonzero(~finished).squeeze(1))
         width = int(lengths.max()) if n else 0
-        return SentenceDecodeOutput(sequences=written[:, :width], lengths=lengths, ended=ended)
+        return SentenceDecodeOutput(sequences=written[:, :width], lengths=lengths, ended=ended, cache=cache)

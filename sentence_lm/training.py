@@ -29,7 +29,6 @@ import json
 import logging
 import math
 import os
-import re
 import sys
 import time
 from collections.abc import Iterable, Sequence
@@ -62,6 +61,7 @@ __all__ = [
     "special_ids_of",
     "special_token_affixes",
     "split_into_sentences",
+    "start_run",
     "tokenize_texts",
     "train_sentence_vae",
 ]
@@ -721,6 +721,31 @@ class TimeBudgetCallback(TrainerCallback):
 # --------------------------------------------------------------------------------------------
 # Stage 1 entry point
 # --------------------------------------------------------------------------------------------
+def start_run(training_args: TrainingArguments) -> str | None:
+    """Set up logging (per process, as the Trainer's examples do) and the seed; return the
+    checkpoint to resume from (``--resume_from_checkpoint latest`` finds the last one in
+    ``output_dir``), or ``None``."""
+    import transformers
+    from transformers import set_seed
+    from transformers.trainer_utils import get_last_checkpoint
+
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%m/%d/%Y %H:%M:%S",
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
+    log_level = training_args.get_process_log_level()
+    logging.getLogger("sentence_lm").setLevel(log_level)
+    transformers.utils.logging.set_verbosity(log_level)
+    set_seed(training_args.seed)
+    resume = training_args.resume_from_checkpoint
+    if resume is not None and resume.lower() in ("true", "latest", "last"):
+        resume = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
+        if resume is None:
+            raise ValueError(f"--resume_from_checkpoint: no checkpoint found in {training_args.output_dir}.")
+    return resume
+
+
 def _loss_curve(log_history: list[dict]) -> list[tuple[int, float]]:
     return [(int(e["step"]), float(e["loss"])) for e in log_history if "loss" in e and "step" in e]
 
@@ -742,29 +767,11 @@ def train_sentence_vae(args: Sequence[str] | None = None) -> dict:
         :func:`~sentence_lm.metrics.reconstruction_metrics`), ``loss_curve`` ([(step, loss)]),
         ``examples`` ([(original, reconstruction)] strings) and ``output_dir``.
     """
-    import transformers
-    from transformers import set_seed
-    from transformers.trainer_utils import get_last_checkpoint
-
     from .metrics import reconstruct_sentences, reconstruction_metrics
     from .modeling_sentence_vae import SentenceVAEModel
 
     model_args, data_args, training_args = parse_sentence_vae_args(args)
-    logging.basicConfig(
-        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
-        datefmt="%m/%d/%Y %H:%M:%S",
-        handlers=[logging.StreamHandler(sys.stdout)],
-    )
-    log_level = training_args.get_process_log_level()
-    logger.setLevel(log_level)
-    transformers.utils.logging.set_verbosity(log_level)
-    set_seed(training_args.seed)
-
-    resume = training_args.resume_from_checkpoint
-    if resume is not None and resume.lower() in ("true", "latest", "last"):
-        resume = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
-        if resume is None:
-            raise ValueError(f"--resume_from_checkpoint: no checkpoint found in {training_args.output_dir}.")
+    resume = start_run(training_args)
 
     raw = load_texts(data_args, cache_dir=None)
     config = build_sentence_vae_config(model_args)

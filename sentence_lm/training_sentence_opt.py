@@ -32,6 +32,7 @@ from .training import (
     _pad,
     _parse_overrides,
     load_texts,
+    start_run,
     tokenize_texts,
 )
 
@@ -206,24 +207,8 @@ def train_sentence_opt(args: Sequence[str] | None = None, callbacks: Sequence | 
     Returns:
         A dict with ``train`` and ``eval`` metrics, ``loss_curve``, ``output_dir`` and ``model``.
     """
-    import transformers
-    from transformers import set_seed
-    from transformers.trainer_utils import get_last_checkpoint
-
     model_args, data_args, training_args = parse_sentence_opt_args(args)
-    logging.basicConfig(
-        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", handlers=[logging.StreamHandler(sys.stdout)]
-    )
-    log_level = training_args.get_process_log_level()
-    logger.setLevel(log_level)
-    transformers.utils.logging.set_verbosity(log_level)
-    set_seed(training_args.seed)
-
-    resume = training_args.resume_from_checkpoint
-    if resume is not None and resume.lower() in ("true", "latest", "last"):
-        resume = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
-        if resume is None:
-            raise ValueError(f"--resume_from_checkpoint: no checkpoint found in {training_args.output_dir}.")
+    resume = start_run(training_args)
 
     raw = load_texts(data_args)
     model, tokenizer = build_sentence_opt(model_args, raw["train"]["text"])
