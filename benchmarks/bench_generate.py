@@ -1,0 +1,891 @@
+#!/usr/bin/env python
+"""Speed and memory benchmark: `SentenceOPTForCausalLM.generate` against `OPTForCausalLM.generate`.
+
+In one run, on the same prompts drawn from real text (``../shared/data/grimm/tales.txt`` when
+present, else the built-in :func:`sentence_lm.corpus.default_corpus`) and the same backbone shape,
+it measures for both models:
+
+* output tokens per second: greedy, the generation length fixed the same way for both
+  (``min_new_tokens == max_new_tokens``), median of ``--repeats`` timed runs after a warm-up
+  generation of the same lengths, for every dtype, batch size and generated length asked for;
+* KV-cache bytes per token held at the end of generation, measured on the caches `generate`
+  returns (``return_dict_in_generate=True``: the backbone's cache over sentences plus the
+  Sentence Decoder's cache, against OPT's cache over tokens), and the analytic figure
+  ``2 x layers x hidden x bytes / tokens per sentence``;
+* peak memory against context length (CUDA peak allocated on a GPU; on a CPU the peak resident
+  set size of a fresh process that loads the model and generates once, and its growth over the
+  loaded model);
+* the mean number of tokens per generated sentence, on which the speed-up depends;
+
+and prints every figure with the ratio SLLM / OPT, as tables. ``--out`` writes everything as
+JSON and ``--plots`` draws throughput against generated length and memory against context
+length (matplotlib).
+
+Models: ``--checkpoint`` a trained SentenceOPT directory (its tokenizer is saved with it) and
+``--opt_checkpoint`` a trained OPT of the same backbone shape. Without ``--checkpoint`` the SLLM
+has random weights of the ``--shape`` preset (clearly labelled in the output): a random Sentence
+Decoder would write every sentence up to ``max_sentence_len`` tokens, so the length of each
+generated sentence is then forced to follow the corpus's sentence-length distribution (a logits
+processor forces the end-of-sentence token; the SLLM pays for it). Without ``--opt_checkpoint``
+the OPT is an `OPTForCausalLM` of the SLLM backbone's shape (hidden size, layers, heads, FFN,
+vocabulary) with random weights; with a fixed generation length its speed does not depend on
+its weights.
+
+``--compile`` adds a second runtime: OPT with ``cache_implementation="static"`` and
+``torch.compile`` (what a user gets from `transformers` without changing the model) against the
+SLLM with ``torch.compile`` on its per-step modules.
+
+Examples::
+
+    python benchmarks/bench_generate.py                                   # OPT-125M shape, random weights
+    python benchmarks/bench_generate.py --checkpoint outputs/sentence_opt --opt_checkpoint outputs/opt
+    python benchmarks/bench_generate.py --device cuda --dtypes fp32,bf16 --batch_sizes 1,32 --compile
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import gc
+import json
+import os
+import platform
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+try:
+    import sentence_lm  # noqa: F401
+except ImportError:  # a source checkout that is not installed: use the package next to this folder
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+import transformers
+from transformers import LogitsProcessor, LogitsProcessorList, OPTConfig, OPTForCausalLM
+
+from sentence_lm import SentenceOPTConfig, SentenceOPTForCausalLM, SentenceTokenizer, train_sentence_tokenizer
+from sentence_lm.corpus import default_corpus, group_paragraphs, read_text_lines
+
+DEFAULT_CORPUS = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "grimm" / "tales.txt"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+SHAPES = {
+    # OPT-125M backbone, SentenceVAE-H1 (one encoder and one decoder layer): SLLM-125M-H1.
+    "opt-125m": dict(
+        hidden_size=768, num_hidden_layers=12, num_attention_heads=12, ffn_dim=3072, vocab_size=50272, vae_layers=1
+    ),
+    # The small OPT of DESIGN.md's CPU anchor (4 layers, 256 wide).
+    "small": dict(
+        hidden_size=256, num_hidden_layers=4, num_attention_heads=4, ffn_dim=1024, vocab_size=8192, vae_layers=1
+    ),
+    # For tests: runs in seconds.
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=128, vocab_size=512, vae_layers=1),
+}
+
+TARGETS = {"tokens_per_s_batch_1": 4.0, "tokens_per_s_batch_32": 3.0, "kv_bytes_per_token": 0.12}
+
+
+# ---------------------------------------------------------------------------------- arguments
+def _int_list(text: str) -> list[int]:
+    return [int(x) for x in str(text).split(",") if x.strip()]
+
+
+def _str_list(text: str) -> list[str]:
+    return [x.strip() for x in str(text).split(",") if x.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Tokens/s, KV-cache bytes per token and peak memory of SentenceOPT vs OPT generate().",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--checkpoint", default=None, help="Trained SentenceOPT directory (else random weights).")
+    parser.add_argument("--opt_checkpoint", default=None, help="Trained OPT of the same backbone shape.")
+    parser.add_argument("--shape", default="opt-125m", choices=sorted(SHAPES), help="Random-weight shape preset.")
+    parser.add_argument(
+        "--config", default="", help="Random-weight overrides, e.g. 'num_hidden_layers=6,vocab_size=50272'."
+    )
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available).")
+    parser.add_argument("--dtypes", default="fp32,bf16", help="Comma-separated: fp32, bf16, fp16.")
+    parser.add_argument("--batch_sizes", default="1,32", help="Comma-separated batch sizes.")
+    parser.add_argument("--new_tokens", default="32,64,128", help="Generated lengths (comma-separated).")
+    parser.add_argument("--prompt_tokens", type=int, default=128, help="Prompt length in tokens (BOS included).")
+    parser.add_argument("--repeats", type=int, default=3, help="Timed runs per figure (median reported).")
+    parser.add_argument("--compile", action="store_true", help="Also measure the compiled runtimes.")
+    parser.add_argument(
+        "--contexts", default="128,512,1024,2048", help="Context lengths (prompt + new) of the memory sweep."
+    )
+    parser.add_argument("--memory_new_tokens", type=int, default=32, help="Tokens generated in the memory sweep.")
+    parser.add_argument("--memory_batch_size", type=int, default=1, help="Batch size of the memory sweep.")
+    parser.add_argument(
+        "--memory_isolation",
+        default="auto",
+        choices=["auto", "subprocess", "inprocess"],
+        help="CPU peak memory is measured in a fresh process per point (auto: subprocess on CPU).",
+    )
+    parser.add_argument(
+        "--sentence_len",
+        default="corpus",
+        help="Random weights only: lengths of generated sentences, 'corpus' (drawn from the corpus's "
+        "distribution) or a fixed number of tokens (a diagnostic: no spread between the rows of a batch).",
+    )
+    parser.add_argument("--corpus", default=None, help="Text file for the prompts (default: Grimm, else built-in).")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU).")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None, help="Write the results as JSON here.")
+    parser.add_argument("--plots", default=None, help="Write PNG plots into this directory.")
+    parser.add_argument("--quiet", action="store_true", help="Print only the tables.")
+    parser.add_argument("--_memory_worker", default=None, help=argparse.SUPPRESS)
+    return parser
+
+
+# ---------------------------------------------------------------------------------- text
+def load_corpus(path: str | None) -> tuple[list[str], str]:
+    """Paragraphs of real text (hard-wrapped lines unwrapped) and where they came from."""
+    candidate = Path(path) if path else DEFAULT_CORPUS
+    if candidate.is_file():
+        paragraphs = [" ".join(line.strip() for line in p.split("\n")) for p in group_paragraphs(read_text_lines(candidate))]
+        paragraphs = [p for p in paragraphs if len(p.split()) >= 20]  # drop headings, title pages
+        return paragraphs, str(candidate.resolve())
+    if path:
+        raise FileNotFoundError(f"--corpus {path} does not exist.")
+    return default_corpus(), "sentence_lm.corpus.default_corpus() (pydoc_data.topics)"
+
+
+def corpus_ids(tokenizer, paragraphs: list[str], max_tokens: int = 400_000) -> list[int]:
+    """The paragraphs as one stream of token ids (no special tokens), joined by spaces."""
+    ids: list[int] = []
+    for paragraph in paragraphs:
+        ids.extend(tokenizer(" " + paragraph if ids else paragraph, add_special_tokens=False)["input_ids"])
+        if len(ids) >= max_tokens:
+            break
+    return ids
+
+
+def sentence_starts(model: SentenceOPTForCausalLM, ids: list[int]) -> list[int]:
+    """Indices in ``ids`` where a sentence starts (by the model's own segmentation)."""
+    tensor = torch.tensor([ids])
+    sentence_ids = model.sentence_vae.segment(tensor.to(model.sentence_vae.boundary_table.device))[0].cpu()
+    starts = (torch.nonzero(sentence_ids[1:] != sentence_ids[:-1]).flatten() + 1).tolist()
+    return [0] + starts
+
+
+def sentence_lengths(model: SentenceOPTForCausalLM, ids: list[int]) -> list[int]:
+    starts = sentence_starts(model, ids) + [len(ids)]
+    return [b - a for a, b in zip(starts[:-1], starts[1:])]
+
+
+def make_prompts(ids: list[int], starts: list[int], count: int, length: int, bos: int) -> torch.Tensor:
+    """``count`` prompts of ``length`` ids: BOS then ``length - 1`` tokens of running text, each
+    starting at a sentence start, spread evenly over the corpus."""
+    body = length - 1
+    usable = [s for s in starts if s + body <= len(ids)]
+    if not usable:
+        raise ValueError(f"The corpus has fewer than {body} tokens; use shorter --prompt_tokens or --contexts.")
+    stride = max(1, len(usable) // count)
+    picks = [usable[(i * stride) % len(usable)] for i in range(count)]
+    return torch.tensor([[bos] + ids[s : s + body] for s in picks], dtype=torch.long)
+
+
+class CorpusSentenceLengths(LogitsProcessor):
+    """For random-weight SLLMs: end generated sentences so that their lengths follow the corpus's
+    sentence-length distribution.
+
+    A random Sentence Decoder would never choose the end-of-sentence token. This processor sees
+    the decoder's inputs ``[pad.., BOS, prefix.., written..]``; a sentence that holds ``t``
+    tokens ends now with the corpus's hazard ``P(L = t | L >= t)`` (drawn from a seeded
+    generator, reset by :meth:`reset` before each generation), and the end-of-sentence token is
+    forbidden otherwise."""
+
+    def __init__(self, lengths: list[int], bos_token_id: int, eos_token_id: int, device, seed: int = 1234):
+        counts = torch.bincount(torch.tensor(lengths, dtype=torch.long)).double()
+        at_least = counts.flip(0).cumsum(0).flip(0)
+        hazard = torch.where(at_least > 0, counts / at_least.clamp(min=1), 1.0)
+        self.hazard = torch.cat([hazard, torch.ones(1, dtype=hazard.dtype)]).float().to(device)
+        self.bos, self.eos, self.seed = bos_token_id, eos_token_id, seed
+        self.generator = torch.Generator(device=device)
+        self.reset()
+
+    def reset(self) -> None:
+        self.generator.manual_seed(self.seed)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        bos_index = (input_ids == self.bos).int().argmax(dim=1)
+        length = (input_ids.shape[1] - 1 - bos_index).clamp(max=self.hazard.shape[0] - 1)
+        draw = torch.rand(length.shape, generator=self.generator, device=scores.device)
+        end = (draw < self.hazard[length]) & (length > 0)
+        scores[:, self.eos] = torch.where(end, torch.finfo(scores.dtype).max, float("-inf"))
+        return scores
+
+
+# ---------------------------------------------------------------------------------- models
+def _overrides(text: str) -> dict:
+    out = {}
+    for item in _str_list(text):
+        key, _, value = item.partition("=")
+        try:
+            out[key.strip()] = int(value)
+        except ValueError:
+            out[key.strip()] = float(value) if value.replace(".", "", 1).isdigit() else value
+    return out
+
+
+def build_models(args, paragraphs: list[str]) -> dict:
+    """The SLLM, the OPT, the tokenizer and labels saying where each came from."""
+    torch.manual_seed(args.seed)
+    if args.checkpoint:
+        sllm = SentenceOPTForCausalLM.from_pretrained(args.checkpoint)
+        tokenizer = SentenceTokenizer.from_pretrained(args.checkpoint)
+        sllm_label = f"trained checkpoint {args.checkpoint}"
+        trained = True
+    else:
+        shape = dict(SHAPES[args.shape])
+        shape.update(_overrides(args.config))
+        vae_layers = shape.pop("vae_layers")
+        vocab_size = shape.pop("vocab_size")
+        tokenizer = train_sentence_tokenizer(paragraphs, vocab_size=min(8192, vocab_size), max_sentence_len=64)
+        vae = dict(
+            vocab_size=vocab_size,
+            hidden_size=shape["hidden_size"],
+            num_attention_heads=shape["num_attention_heads"],
+            ffn_dim=shape["ffn_dim"],
+            num_encoder_layers=vae_layers,
+            num_decoder_layers=vae_layers,
+            max_sentence_len=64,
+            dropout=0.0,
+        )
+        config = SentenceOPTConfig(sentence_vae=vae, dropout=0.0, **shape)
+        sllm = SentenceOPTForCausalLM(config)
+        sllm.sentence_vae.set_boundary_table(tokenizer)
+        sllm.tokenizer = tokenizer
+        sllm_label = (
+            f"RANDOM WEIGHTS, shape '{args.shape}' {shape} vocab {vocab_size}, SentenceVAE-H{vae_layers}; "
+            + (
+                "sentence lengths forced to the corpus distribution"
+                if args.sentence_len == "corpus"
+                else f"every sentence forced to {args.sentence_len} tokens"
+            )
+        )
+        trained = False
+    c = sllm.config
+    if args.opt_checkpoint:
+        opt = OPTForCausalLM.from_pretrained(args.opt_checkpoint)
+        opt_label = f"trained checkpoint {args.opt_checkpoint}"
+        oc = opt.config
+        mismatch = [
+            name
+            for name, a, b in [
+                ("hidden_size", oc.hidden_size, c.hidden_size),
+                ("num_hidden_layers", oc.num_hidden_layers, c.num_hidden_layers),
+                ("num_attention_heads", oc.num_attention_heads, c.num_attention_heads),
+                ("ffn_dim", oc.ffn_dim, c.ffn_dim),
+            ]
+            if a != b
+        ]
+        if mismatch:
+            print(f"WARNING: the OPT checkpoint's backbone differs from the SLLM's in {mismatch}.", file=sys.stderr)
+    else:
+        opt_config = OPTConfig(
+            vocab_size=c.sentence_vae.vocab_size,
+            hidden_size=c.hidden_size,
+            num_hidden_layers=c.num_hidden_layers,
+            num_attention_heads=c.num_attention_heads,
+            ffn_dim=c.ffn_dim,
+            max_position_embeddings=2048,
+            word_embed_proj_dim=c.hidden_size,
+            do_layer_norm_before=c.do_layer_norm_before,
+            activation_function=c.activation_function,
+            enable_bias=c.enable_bias,
+            dropout=0.0,
+            pad_token_id=c.pad_token_id,
+            bos_token_id=c.bos_token_id,
+            eos_token_id=c.eos_token_id,
+        )
+        opt = OPTForCausalLM(opt_config)
+        opt_label = (
+            f"random weights, OPTForCausalLM of the SLLM backbone's shape (hidden {c.hidden_size}, layers "
+            f"{c.num_hidden_layers}, heads {c.num_attention_heads}, ffn {c.ffn_dim}, vocab {c.sentence_vae.vocab_size})"
+        )
+    sllm.eval()
+    opt.eval()
+    return dict(sllm=sllm, opt=opt, tokenizer=tokenizer, sllm_label=sllm_label, opt_label=opt_label, trained=trained)
+
+
+def count_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------- measuring
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def cache_nbytes(cache) -> int:
+    """Bytes of the key/value tensors of a `transformers` cache (or a SentenceDecoderCache)."""
+    if cache is None:
+        return 0
+    if hasattr(cache, "nbytes") and not hasattr(cache, "layers"):
+        return int(cache.nbytes)
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        for name in ("keys", "values"):
+            tensor = getattr(layer, name, None)
+            if isinstance(tensor, torch.Tensor):
+                total += tensor.numel() * tensor.element_size()
+    return total
+
+
+class Runner:
+    """Calls `generate` for one model in one runtime, with fixed lengths."""
+
+    def __init__(self, name: str, model, runtime: str, processors=None):
+        self.name, self.model, self.runtime = name, model, runtime
+        self.processors = processors
+        self.kwargs = {}
+        if name == "opt" and runtime == "compiled":
+            from transformers import CompileConfig
+
+            self.kwargs = dict(
+                cache_implementation="static",
+                compile_config=CompileConfig(fullgraph=False, dynamic=False, _compile_all_devices=True)
+                if model.device.type == "cpu"
+                else CompileConfig(),
+            )
+
+    def __call__(self, input_ids: torch.Tensor, new_tokens: int):
+        kwargs = dict(self.kwargs)
+        if self.processors is not None:
+            for processor in self.processors:
+                if hasattr(processor, "reset"):
+                    processor.reset()
+            kwargs["logits_processor"] = LogitsProcessorList(self.processors)
+        return self.model.generate(
+            input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            return_dict_in_generate=True,
+            pad_token_id=self.model.config.pad_token_id,
+            **kwargs,
+        )
+
+
+def kv_figures(name: str, out, model, batch: int, context: int) -> dict:
+    """KV-cache bytes at the end of generation, per token of context."""
+    tokens = batch * context
+    if name == "opt":
+        kv = cache_nbytes(out.cache)
+        return dict(kv_bytes=kv, kv_bytes_per_token=kv / tokens)
+    backbone = cache_nbytes(out.cache)
+    decoder = cache_nbytes(getattr(out, "decoder_cache", None))
+    return dict(
+        kv_bytes=backbone + decoder,
+        kv_bytes_per_token=(backbone + decoder) / tokens,
+        backbone_kv_bytes=backbone,
+        decoder_kv_bytes=decoder,
+    )
+
+
+def analytic_kv_per_token(model, dtype: torch.dtype, tokens_per_sentence: float | None = None) -> float:
+    c = model.config
+    per_slot = 2 * c.num_hidden_layers * c.hidden_size * torch.finfo(dtype).bits // 8
+    return per_slot / tokens_per_sentence if tokens_per_sentence else per_slot
+
+
+def time_generation(runners: dict, prompts: torch.Tensor, new_tokens: int, repeats: int, device) -> dict:
+    """Warm up each runner with the same lengths, then alternate timed runs; median tokens/s."""
+    times = {name: [] for name in runners}
+    outputs = {}
+    for name, runner in runners.items():
+        runner(prompts, new_tokens)  # warm-up with the same lengths (kernel choice, compilation)
+        synchronize(device)
+    for _ in range(repeats):
+        for name, runner in runners.items():
+            gc.collect()
+            synchronize(device)
+            start = time.perf_counter()
+            out = runner(prompts, new_tokens)
+            synchronize(device)
+            times[name].append(time.perf_counter() - start)
+            outputs[name] = out
+    result = {}
+    for name, out in outputs.items():
+        generated = out.sequences.shape[1] - prompts.shape[1]
+        if generated != new_tokens:
+            raise RuntimeError(f"{name} generated {generated} tokens instead of {new_tokens}.")
+        tokens = prompts.shape[0] * new_tokens
+        result[name] = dict(
+            tokens_per_s=tokens / statistics.median(times[name]),
+            runs_s=times[name],
+            output=out,
+        )
+    return result
+
+
+@contextlib.contextmanager
+def rss_sampler(interval: float = 0.002):
+    """Sample this process's resident set size in a thread; yields a dict with ``peak``."""
+    import psutil
+
+    process = psutil.Process()
+    state = {"peak": process.memory_info().rss, "stop": False}
+
+    def sample():
+        while not state["stop"]:
+            state["peak"] = max(state["peak"], process.memory_info().rss)
+            time.sleep(interval)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        yield state
+    finally:
+        state["stop"] = True
+        thread.join()
+        state["peak"] = max(state["peak"], process.memory_info().rss)
+
+
+def measure_memory_point(name: str, model, prompts: torch.Tensor, new_tokens: int, processors, device) -> dict:
+    """One generation; KV bytes from the returned caches and the peak memory it took."""
+    runner = Runner(name, model, "eager", processors)
+    if device.type == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        out = runner(prompts, new_tokens)
+        synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device)
+        kind = "cuda_max_memory_allocated"
+    else:
+        import psutil
+
+        gc.collect()
+        before = psutil.Process().memory_info().rss
+        with rss_sampler() as state:
+            out = runner(prompts, new_tokens)
+        peak = state["peak"]
+        kind = "cpu_peak_rss"
+    context = prompts.shape[1] + new_tokens
+    figures = kv_figures(name, out, model, prompts.shape[0], context)
+    figures.update(peak_bytes=peak, base_bytes=before, peak_growth_bytes=peak - before, peak_kind=kind)
+    if name == "sllm":
+        figures["tokens_per_sentence"] = float(
+            (prompts.shape[0] * new_tokens) / max(1, int(out.num_sentences.sum()))
+        )
+    return figures
+
+
+# ---------------------------------------------------------------------------------- the run
+def _machine(device: torch.device) -> dict:
+    cpu = platform.processor() or ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    info = dict(
+        platform=platform.platform(),
+        python=platform.python_version(),
+        cpu=cpu,
+        nproc=os.cpu_count(),
+        torch_threads=torch.get_num_threads(),
+        torch=torch.__version__,
+        transformers=transformers.__version__,
+        device=str(device),
+    )
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    with contextlib.suppress(Exception):
+        import psutil
+
+        info["memory_gb"] = round(psutil.virtual_memory().total / 2**30, 1)
+        load = os.getloadavg()
+        info["load_average_at_start"] = [round(x, 2) for x in load]
+    return info
+
+
+def run_benchmark(argv: list[str] | None = None) -> dict:
+    """Run the benchmark; returns the results (also written to ``--out``)."""
+    args = build_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
+    paragraphs, corpus_name = load_corpus(args.corpus)
+    built = build_models(args, paragraphs)
+    sllm, opt, tokenizer = built["sllm"], built["opt"], built["tokenizer"]
+    log(f"SLLM: {built['sllm_label']}\nOPT: {built['opt_label']}\nprompts from {corpus_name}")
+
+    ids = corpus_ids(tokenizer, paragraphs)
+    starts = sentence_starts(sllm, ids)
+    lengths = sentence_lengths(sllm, ids)
+    bos = sllm.config.bos_token_id
+    dtypes = _str_list(args.dtypes)
+    batch_sizes = _int_list(args.batch_sizes)
+    new_token_list = _int_list(args.new_tokens)
+    runtimes = ["eager"] + (["compiled"] if args.compile else [])
+
+    results = dict(
+        meta=dict(
+            command=" ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]) if argv is None else None,
+            argv=list(sys.argv[1:]) if argv is None else list(argv),
+            date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            machine=_machine(device),
+            sllm=dict(
+                source=built["sllm_label"],
+                trained=built["trained"],
+                parameters=count_parameters(sllm),
+                backbone=dict(
+                    hidden_size=sllm.config.hidden_size,
+                    num_hidden_layers=sllm.config.num_hidden_layers,
+                    num_attention_heads=sllm.config.num_attention_heads,
+                    ffn_dim=sllm.config.ffn_dim,
+                    vocab_size=sllm.config.sentence_vae.vocab_size,
+                ),
+                encoder_layers=sllm.config.sentence_vae.num_encoder_layers,
+                decoder_layers=sllm.config.sentence_vae.num_decoder_layers,
+                max_sentence_len=sllm.config.sentence_vae.max_sentence_len,
+            ),
+            opt=dict(source=built["opt_label"], parameters=count_parameters(opt)),
+            corpus=corpus_name,
+            corpus_tokens_per_sentence=statistics.mean(lengths),
+            prompt_tokens=args.prompt_tokens,
+            repeats=args.repeats,
+            decoding="greedy, min_new_tokens == max_new_tokens",
+        ),
+        throughput=[],
+        memory=[],
+    )
+    processors, sentence_length_table = None, None
+    if not built["trained"]:
+        sentence_length_table = [min(n, sllm.config.sentence_vae.max_sentence_len) for n in lengths]
+        if args.sentence_len != "corpus":
+            sentence_length_table = [int(args.sentence_len)]
+        processors = [CorpusSentenceLengths(sentence_length_table, bos, sllm.config.sentence_vae.eos_token_id, device)]
+
+    # ----- throughput (and KV bytes at the end of each timed generation)
+    for dtype_name in dtypes:
+        dtype = DTYPES[dtype_name]
+        sllm.to(device=device, dtype=dtype)
+        opt.to(device=device, dtype=dtype)
+        for runtime in runtimes:
+            runners = {
+                "sllm": make_sllm_runner(sllm, runtime, processors),
+                "opt": Runner("opt", opt, runtime),
+            }
+            for batch in batch_sizes:
+                prompts = make_prompts(ids, starts, batch, args.prompt_tokens, bos).to(device)
+                for new_tokens in new_token_list:
+                    log(f"[{dtype_name} {runtime} batch {batch} new {new_tokens}] timing ...")
+                    timed = time_generation(runners, prompts, new_tokens, args.repeats, device)
+                    context = args.prompt_tokens + new_tokens
+                    row = dict(
+                        device=device.type,
+                        dtype=dtype_name,
+                        runtime=runtime,
+                        batch=batch,
+                        prompt_tokens=args.prompt_tokens,
+                        new_tokens=new_tokens,
+                    )
+                    sentences = int(timed["sllm"]["output"].num_sentences.sum())
+                    row["tokens_per_sentence"] = batch * new_tokens / max(1, sentences)
+                    for name in ("sllm", "opt"):
+                        row[f"{name}_tokens_per_s"] = timed[name]["tokens_per_s"]
+                        row[f"{name}_runs_s"] = timed[name]["runs_s"]
+                        model = sllm if name == "sllm" else opt
+                        for key, value in kv_figures(name, timed[name]["output"], model, batch, context).items():
+                            row[f"{name}_{key}"] = value
+                    row["sllm_analytic_kv_bytes_per_token"] = analytic_kv_per_token(sllm, dtype, row["tokens_per_sentence"])
+                    row["opt_analytic_kv_bytes_per_token"] = analytic_kv_per_token(opt, dtype)
+                    row["tokens_per_s_ratio"] = row["sllm_tokens_per_s"] / row["opt_tokens_per_s"]
+                    row["kv_bytes_per_token_ratio"] = row["sllm_kv_bytes_per_token"] / row["opt_kv_bytes_per_token"]
+                    results["throughput"].append(row)
+                    log(
+                        f"   SLLM {row['sllm_tokens_per_s']:.1f} tok/s, OPT {row['opt_tokens_per_s']:.1f} tok/s, "
+                        f"ratio {row['tokens_per_s_ratio']:.2f}, {row['tokens_per_sentence']:.2f} tokens/sentence"
+                    )
+                    del timed
+    sllm.to(dtype=torch.float32)
+    opt.to(dtype=torch.float32)
+
+    # ----- memory against context length
+    contexts = _int_list(args.contexts)
+    isolation = args.memory_isolation
+    if isolation == "auto":
+        isolation = "subprocess" if device.type == "cpu" else "inprocess"
+    if contexts:
+        with tempfile.TemporaryDirectory() as tmp:
+            saved = None
+            if isolation == "subprocess":
+                saved = dict(sllm=os.path.join(tmp, "sllm"), opt=os.path.join(tmp, "opt"))
+                sllm.save_pretrained(saved["sllm"])
+                tokenizer.save_pretrained(saved["sllm"])
+                opt.save_pretrained(saved["opt"])
+            limit = min(opt.config.max_position_embeddings, len(ids))
+            for dtype_name in dtypes:
+                for context in contexts:
+                    if context > limit or context <= args.memory_new_tokens:
+                        log(f"[memory] context {context} skipped (OPT holds {opt.config.max_position_embeddings} positions)")
+                        continue
+                    prompt_len = context - args.memory_new_tokens
+                    row = dict(device=device.type, dtype=dtype_name, batch=args.memory_batch_size, context=context)
+                    for name in ("sllm", "opt"):
+                        log(f"[memory {dtype_name}] context {context}: {name}")
+                        spec = dict(
+                            name=name,
+                            dtype=dtype_name,
+                            device=str(device),
+                            prompt_len=prompt_len,
+                            batch=args.memory_batch_size,
+                            new_tokens=args.memory_new_tokens,
+                            seed=args.seed,
+                            threads=torch.get_num_threads(),
+                        )
+                        prompts = make_prompts(ids, starts, args.memory_batch_size, prompt_len, bos)
+                        model_processors = processors if name == "sllm" else None
+                        if isolation == "subprocess":
+                            spec.update(path=saved[name], prompts=prompts.tolist())
+                            if model_processors:
+                                spec["sentence_lengths"] = sentence_length_table
+                            figures = _run_memory_worker(spec)
+                        else:
+                            model = (sllm if name == "sllm" else opt).to(device=device, dtype=DTYPES[dtype_name])
+                            prompts = prompts.to(device)
+                            figures = measure_memory_point(
+                                name, model, prompts, args.memory_new_tokens, model_processors, device
+                            )
+                            model.to(dtype=torch.float32)
+                        for key, value in figures.items():
+                            row[f"{name}_{key}"] = value
+                    row["sllm_analytic_kv_bytes_per_token"] = analytic_kv_per_token(
+                        sllm, DTYPES[dtype_name], row.get("sllm_tokens_per_sentence")
+                    )
+                    row["opt_analytic_kv_bytes_per_token"] = analytic_kv_per_token(opt, DTYPES[dtype_name])
+                    row["kv_bytes_per_token_ratio"] = row["sllm_kv_bytes_per_token"] / row["opt_kv_bytes_per_token"]
+                    row["peak_ratio"] = row["sllm_peak_bytes"] / row["opt_peak_bytes"]
+                    row["peak_growth_ratio"] = row["sllm_peak_growth_bytes"] / max(1, row["opt_peak_growth_bytes"])
+                    results["memory"].append(row)
+    results["targets"] = check_targets(results)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(results, indent=1))
+    if args.plots:
+        make_plots(results, args.plots)
+    return results
+
+
+def make_sllm_runner(model, runtime: str, processors):
+    if runtime == "compiled":
+        compile_sllm(model)
+    return Runner("sllm", model, runtime, processors)
+
+
+def compile_sllm(model) -> None:
+    """The SLLM's compiled runtime: `torch.compile` on its per-step modules."""
+    raise NotImplementedError
+
+
+# ---------------------------------------------------------------------------------- memory worker
+def _run_memory_worker(spec: dict) -> dict:
+    """Measure one memory point in a fresh Python process (a clean resident set)."""
+    command = [sys.executable, os.path.abspath(__file__), "--_memory_worker", "-"]
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", TRANSFORMERS_VERBOSITY="error")
+    done = subprocess.run(command, input=json.dumps(spec), capture_output=True, text=True, env=env, timeout=3600)
+    if done.returncode != 0:
+        raise RuntimeError(f"memory worker failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def memory_worker(spec: dict) -> dict:
+    """The worker's side: load one model, generate once from the given prompts, report."""
+    import psutil
+
+    torch.set_num_threads(spec["threads"])
+    device = torch.device(spec["device"])
+    dtype = DTYPES[spec["dtype"]]
+    rss_start = psutil.Process().memory_info().rss
+    cls = SentenceOPTForCausalLM if spec["name"] == "sllm" else OPTForCausalLM
+    model = cls.from_pretrained(spec["path"], dtype=dtype).to(device).eval()
+    processors = None
+    if spec.get("sentence_lengths"):
+        c = model.config
+        processors = [CorpusSentenceLengths(spec["sentence_lengths"], c.bos_token_id, c.sentence_vae.eos_token_id, device)]
+    prompts = torch.tensor(spec["prompts"], dtype=torch.long, device=device)
+    gc.collect()
+    figures = measure_memory_point(spec["name"], model, prompts, spec["new_tokens"], processors, device)
+    figures["rss_at_start_bytes"] = rss_start
+    return figures
+
+
+# ---------------------------------------------------------------------------------- reporting
+def check_targets(results: dict) -> dict:
+    """Which of the issue's targets the measured figures meet."""
+    out = {}
+    for row in results["throughput"]:
+        key = f"{row['device']} {row['dtype']} {row['runtime']} batch {row['batch']} new {row['new_tokens']}"
+        goal = TARGETS["tokens_per_s_batch_1"] if row["batch"] == 1 else TARGETS["tokens_per_s_batch_32"]
+        out[f"tokens/s {key}"] = dict(ratio=row["tokens_per_s_ratio"], target=goal, met=row["tokens_per_s_ratio"] >= goal)
+        out[f"KV bytes/token {key}"] = dict(
+            ratio=row["kv_bytes_per_token_ratio"],
+            target=TARGETS["kv_bytes_per_token"],
+            met=row["kv_bytes_per_token_ratio"] <= TARGETS["kv_bytes_per_token"],
+        )
+    return out
+
+
+def _fmt_bytes(value: float) -> str:
+    for unit, scale in (("GB", 2**30), ("MB", 2**20), ("KB", 2**10)):
+        if abs(value) >= scale:
+            return f"{value / scale:.1f} {unit}"
+    return f"{value:.0f} B"
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    line = "| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths)) + " |"
+    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    body = ["| " + " | ".join(c.rjust(w) for c, w in zip(r, widths)) + " |" for r in rows]
+    return "\n".join([line, rule, *body])
+
+
+def format_tables(results: dict) -> str:
+    """Markdown tables: throughput with KV bytes per token, and memory against context length."""
+    parts = []
+    headers = [
+        "device", "dtype", "runtime", "batch", "new tok", "tok/sent",
+        "SLLM tok/s", "OPT tok/s", "tok/s SLLM/OPT",
+        "SLLM KV B/tok", "OPT KV B/tok", "KV SLLM/OPT", "SLLM KV B/tok (analytic)",
+    ]  # fmt: skip
+    rows = [
+        [
+            r["device"], r["dtype"], r["runtime"], str(r["batch"]), str(r["new_tokens"]), f"{r['tokens_per_sentence']:.2f}",
+            f"{r['sllm_tokens_per_s']:.1f}", f"{r['opt_tokens_per_s']:.1f}", f"{r['tokens_per_s_ratio']:.2f}x",
+            _fmt_bytes(r["sllm_kv_bytes_per_token"]), _fmt_bytes(r["opt_kv_bytes_per_token"]),
+            f"{100 * r['kv_bytes_per_token_ratio']:.1f}%", _fmt_bytes(r["sllm_analytic_kv_bytes_per_token"]),
+        ]
+        for r in results["throughput"]
+    ]  # fmt: skip
+    parts.append(_table(headers, rows))
+    if results["memory"]:
+        headers = [
+            "device", "dtype", "batch", "context", "tok/sent",
+            "SLLM KV B/tok", "OPT KV B/tok", "KV SLLM/OPT",
+            "SLLM peak", "OPT peak", "peak SLLM/OPT",
+            "SLLM growth", "OPT growth", "growth SLLM/OPT",
+        ]  # fmt: skip
+        rows = [
+            [
+                r["device"], r["dtype"], str(r["batch"]), str(r["context"]), f"{r.get('sllm_tokens_per_sentence', 0):.2f}",
+                _fmt_bytes(r["sllm_kv_bytes_per_token"]), _fmt_bytes(r["opt_kv_bytes_per_token"]),
+                f"{100 * r['kv_bytes_per_token_ratio']:.1f}%",
+                _fmt_bytes(r["sllm_peak_bytes"]), _fmt_bytes(r["opt_peak_bytes"]), f"{r['peak_ratio']:.2f}x",
+                _fmt_bytes(r["sllm_peak_growth_bytes"]), _fmt_bytes(r["opt_peak_growth_bytes"]),
+                f"{r['peak_growth_ratio']:.2f}x",
+            ]
+            for r in results["memory"]
+        ]  # fmt: skip
+        parts.append(_table(headers, rows))
+    return "\n\n".join(parts)
+
+
+def make_plots(results: dict, directory: str) -> list[str]:
+    """PNG plots: tokens/s against generated length, memory against context length."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(directory, exist_ok=True)
+    written = []
+    meta = results["meta"]
+    source = "trained" if meta["sllm"]["trained"] else "random weights"
+    b = meta["sllm"]["backbone"]
+    shape = f"{b['num_hidden_layers']}L-{b['hidden_size']}H backbone, {source}"
+    device = meta["machine"].get("gpu") or meta["machine"].get("cpu") or meta["machine"]["device"]
+
+    rows = results["throughput"]
+    groups = sorted({(r["batch"], r["runtime"]) for r in rows})
+    if groups:
+        fig, axes = plt.subplots(1, len(groups), figsize=(5.2 * len(groups), 4.2), squeeze=False)
+        for ax, (batch, runtime) in zip(axes[0], groups):
+            for dtype, style in zip(sorted({r["dtype"] for r in rows}), ("-", "--", ":")):
+                sel = sorted((r for r in rows if r["batch"] == batch and r["runtime"] == runtime and r["dtype"] == dtype), key=lambda r: r["new_tokens"])
+                if not sel:
+                    continue
+                x = [r["new_tokens"] for r in sel]
+                ax.plot(x, [r["sllm_tokens_per_s"] for r in sel], style, marker="o", color="tab:blue", label=f"SLLM {dtype}")
+                ax.plot(x, [r["opt_tokens_per_s"] for r in sel], style, marker="s", color="tab:orange", label=f"OPT {dtype}")
+                for r in sel:
+                    ax.annotate(f"{r['tokens_per_s_ratio']:.1f}x", (r["new_tokens"], r["sllm_tokens_per_s"]), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8, color="tab:blue")
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("generated tokens (min_new_tokens = max_new_tokens)")
+            ax.set_ylabel("output tokens / s (median)")
+            ax.set_title(f"batch {batch}, {runtime}")
+            ax.set_ylim(bottom=0)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+        fig.suptitle(f"Greedy generation throughput, SLLM vs OPT ({shape}; {device})", fontsize=10)
+        fig.tight_layout()
+        path = os.path.join(directory, "throughput.png")
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+
+    mem = results["memory"]
+    if mem:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+        for dtype, style in zip(sorted({r["dtype"] for r in mem}), ("-", "--", ":")):
+            sel = sorted((r for r in mem if r["dtype"] == dtype), key=lambda r: r["context"])
+            x = [r["context"] for r in sel]
+            axes[0].plot(x, [r["sllm_kv_bytes"] / 2**20 for r in sel], style, marker="o", color="tab:blue", label=f"SLLM {dtype}")
+            axes[0].plot(x, [r["opt_kv_bytes"] / 2**20 for r in sel], style, marker="s", color="tab:orange", label=f"OPT {dtype}")
+            axes[1].plot(x, [r["sllm_peak_bytes"] / 2**20 for r in sel], style, marker="o", color="tab:blue", label=f"SLLM {dtype}")
+            axes[1].plot(x, [r["opt_peak_bytes"] / 2**20 for r in sel], style, marker="s", color="tab:orange", label=f"OPT {dtype}")
+        kind = mem[0]["sllm_peak_kind"]
+        axes[0].set_title("KV cache held at the end of generation")
+        axes[0].set_ylabel("MB")
+        axes[1].set_title("peak memory (" + ("CUDA max allocated" if kind.startswith("cuda") else "resident set, fresh process") + ")")
+        axes[1].set_ylabel("MB")
+        for ax in axes:
+            ax.set_xlabel("context length in tokens (prompt + generated)")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=8)
+            ax.set_ylim(bottom=0)
+        fig.suptitle(f"Memory against context length, batch {mem[0]['batch']} ({shape}; {device})", fontsize=10)
+        fig.tight_layout()
+        path = os.path.join(directory, "memory.png")
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    if args._memory_worker:
+        print(json.dumps(memory_worker(json.loads(sys.stdin.read()))))
+        return
+    results = run_benchmark(argv)
+    meta = results["meta"]
+    print(f"SLLM: {meta['sllm']['source']} ({meta['sllm']['parameters'] / 1e6:.1f}M parameters)")
+    print(f"OPT:  {meta['opt']['source']} ({meta['opt']['parameters'] / 1e6:.1f}M parameters)")
+    print(f"prompts: {meta['corpus']}, {meta['prompt_tokens']} tokens; {meta['decoding']}")
+    m = meta["machine"]
+    print(f"machine: {m.get('gpu') or m['cpu']}, {m['nproc']} CPUs ({m['torch_threads']} torch threads), torch {m['torch']}, transformers {m['transformers']}")
+    print()
+    print(format_tables(results))
+    met = sum(v["met"] for v in results["targets"].values())
+    print(f"\ntargets met: {met} of {len(results['targets'])}")
+
+
+if __name__ == "__main__":
+    main()

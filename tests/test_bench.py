@@ -1,0 +1,90 @@
+"""benchmarks/bench_generate.py end to end on a tiny random model: the figures it reports exist,
+are consistent with each other, and show what next-sentence prediction is about."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_generate.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_generate", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def results(bench, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    argv = [
+        "--shape", "tiny", "--device", "cpu", "--dtypes", "fp32", "--batch_sizes", "1,2",
+        "--new_tokens", "6,24", "--prompt_tokens", "24", "--repeats", "1", "--contexts", "40,80",
+        "--memory_new_tokens", "8", "--memory_isolation", "inprocess", "--threads", "1", "--quiet",
+        "--out", str(out / "bench.json"), "--plots", str(out / "plots"),
+    ]  # fmt: skip
+    return bench.run_benchmark(argv), out
+
+
+def test_throughput_rows_have_both_models_and_their_ratios(results):
+    res, _ = results
+    rows = res["throughput"]
+    assert {(r["batch"], r["new_tokens"]) for r in rows} == {(1, 6), (1, 24), (2, 6), (2, 24)}
+    for r in rows:
+        for name in ("sllm", "opt"):
+            assert r[f"{name}_tokens_per_s"] > 0 and len(r[f"{name}_runs_s"]) == 1
+            assert r[f"{name}_kv_bytes_per_token"] > 0
+        assert r["tokens_per_s_ratio"] == pytest.approx(r["sllm_tokens_per_s"] / r["opt_tokens_per_s"])
+        assert r["kv_bytes_per_token_ratio"] == pytest.approx(r["sllm_kv_bytes_per_token"] / r["opt_kv_bytes_per_token"])
+        assert r["tokens_per_sentence"] > 0
+        # The SLLM's memory is its backbone cache over sentences plus the decoder's cache.
+        assert r["sllm_kv_bytes"] == r["sllm_backbone_kv_bytes"] + r["sllm_decoder_kv_bytes"]
+
+
+def test_opt_kv_cache_matches_its_analytic_size(results):
+    res, _ = results
+    for r in res["throughput"]:
+        context = r["prompt_tokens"] + r["new_tokens"]
+        # OPT caches every token but the last one generated.
+        expected = r["opt_analytic_kv_bytes_per_token"] * (context - 1) / context
+        assert r["opt_kv_bytes_per_token"] == pytest.approx(expected)
+
+
+def test_sentences_hold_less_cache_per_token_than_tokens(results):
+    res, _ = results
+    long_rows = [r for r in res["throughput"] if r["new_tokens"] == 24]
+    for r in long_rows:
+        assert r["tokens_per_sentence"] > 1
+        assert r["sllm_backbone_kv_bytes"] / (r["batch"] * (r["prompt_tokens"] + r["new_tokens"])) < r[
+            "opt_kv_bytes_per_token"
+        ]
+        assert r["sllm_analytic_kv_bytes_per_token"] < r["opt_analytic_kv_bytes_per_token"]
+
+
+def test_memory_sweep_grows_with_context_for_opt(results):
+    res, _ = results
+    rows = sorted(res["memory"], key=lambda r: r["context"])
+    assert [r["context"] for r in rows] == [40, 80]
+    assert rows[1]["opt_kv_bytes"] > rows[0]["opt_kv_bytes"]
+    for r in rows:
+        assert r["sllm_peak_bytes"] > 0 and r["opt_peak_bytes"] > 0
+        assert r["peak_ratio"] == pytest.approx(r["sllm_peak_bytes"] / r["opt_peak_bytes"])
+        assert r["sllm_kv_bytes"] < r["opt_kv_bytes"]
+
+
+def test_json_table_and_plots_are_written(bench, results):
+    res, out = results
+    saved = json.loads((out / "bench.json").read_text())
+    assert saved["meta"]["sllm"]["trained"] is False
+    assert "RANDOM WEIGHTS" in saved["meta"]["sllm"]["source"]
+    assert saved["meta"]["machine"]["torch"] and saved["meta"]["machine"]["transformers"]
+    assert set(saved["targets"]) and all("met" in v for v in saved["targets"].values())
+    table = bench.format_tables(res)
+    for column in ("SLLM tok/s", "OPT tok/s", "tok/s SLLM/OPT", "KV SLLM/OPT", "peak SLLM/OPT", "tok/sent"):
+        assert column in table
+    assert (out / "plots" / "throughput.png").stat().st_size > 0
+    assert (out / "plots" / "memory.png").stat().st_size > 0
