@@ -352,12 +352,9 @@ class Runner:
         if name == "opt" and runtime == "compiled":
             from transformers import CompileConfig
 
-            self.kwargs = dict(
-                cache_implementation="static",
-                compile_config=CompileConfig(fullgraph=False, dynamic=False, _compile_all_devices=True)
-                if model.device.type == "cpu"
-                else CompileConfig(),
-            )
+            config = CompileConfig() if model.device.type == "cuda" else CompileConfig(mode="default")
+            config._compile_all_devices = True  # transformers compiles on CUDA only unless told
+            self.kwargs = dict(cache_implementation="static", compile_config=config)
 
     def __call__(self, input_ids: torch.Tensor, new_tokens: int):
         kwargs = dict(self.kwargs)
@@ -585,6 +582,12 @@ def run_benchmark(argv: list[str] | None = None) -> dict:
             for batch in batch_sizes:
                 prompts = make_prompts(ids, starts, batch, args.prompt_tokens, bos).to(device)
                 for new_tokens in new_token_list:
+                    if args.prompt_tokens + new_tokens > opt.config.max_position_embeddings:
+                        log(
+                            f"[skipped] prompt {args.prompt_tokens} + {new_tokens} new tokens exceed the OPT's "
+                            f"{opt.config.max_position_embeddings} positions"
+                        )
+                        continue
                     log(f"[{dtype_name} {runtime} batch {batch} new {new_tokens}] timing ...")
                     timed = time_generation(runners, prompts, new_tokens, args.repeats, device)
                     context = args.prompt_tokens + new_tokens
@@ -690,8 +693,16 @@ def make_sllm_runner(model, runtime: str, processors):
 
 
 def compile_sllm(model) -> None:
-    """The SLLM's compiled runtime: `torch.compile` on its per-step modules."""
-    raise NotImplementedError
+    """The SLLM's compiled runtime: `torch.compile` (dynamic shapes) on the modules that run at
+    every step: the Sentence Decoder's and Encoder's layers, the backbone's layers, the output
+    layer. Idempotent."""
+    if getattr(model, "_bench_compiled", False):
+        return
+    vae = model.sentence_vae
+    modules = [*vae.decoder.layers, vae.decoder.layer_norm, vae.lm_head, *vae.encoder.layers]
+    for module in modules:
+        module.compile(dynamic=True)
+    model._bench_compiled = True
 
 
 # ---------------------------------------------------------------------------------- memory worker

@@ -511,7 +511,10 @@ class SentenceOPTForCausalLM(SentenceOPTPreTrainedModel, GenerationMixin):
             raise ValueError(f"generate() got unknown arguments {sorted(unused)}.")
         generation_config.validate()
         _check_sampling_settings(generation_config)
-        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache is None:
+            # As transformers' generate(): the generation config decides, not `config.use_cache`
+            # (which training sets to False, and which checkpoints saved by the Trainer keep).
+            use_cache = generation_config.use_cache if generation_config.use_cache is not None else True
         device = self.device
         if input_ids is None:
             input_ids = torch.full((1, 0), self.config.bos_token_id, dtype=torch.long, device=device)

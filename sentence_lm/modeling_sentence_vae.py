@@ -278,29 +278,58 @@ class SentenceDecoder(nn.Module):
 
 
 class SentenceDecoderCache:
-    """Preallocated key/value cache of the Sentence Decoder's self-attention.
+    """Key/value cache of the Sentence Decoder's self-attention, written in place.
 
-    One ``(n, heads, width, head_dim)`` key and value buffer per layer, written in place (no
-    growth by concatenation), with the same ``update`` contract as `DynamicCache`; rows whose
-    sentence is finished are dropped with :meth:`select`.
+    One ``(n, heads, capacity, head_dim)`` key and value buffer per layer, with the same
+    ``update`` contract as `DynamicCache` but no growth by concatenation at every step: the
+    buffers start at ``initial_width`` columns and double (up to ``max_width``) when a sentence
+    outgrows them. Rows whose sentence is finished are dropped with :meth:`select`.
 
     Attributes:
-        nbytes: bytes of the buffers when allocated (the most this cache holds).
+        nbytes: the most bytes its buffers held at once.
     """
 
-    def __init__(self, num_layers: int, n: int, num_heads: int, width: int, head_dim: int, dtype, device):
+    def __init__(
+        self,
+        num_layers: int,
+        n: int,
+        num_heads: int,
+        max_width: int,
+        head_dim: int,
+        dtype,
+        device,
+        initial_width: int | None = None,
+    ):
+        width = max_width if initial_width is None else min(max_width, initial_width)
         shape = (n, num_heads, width, head_dim)
         self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.lengths = [0] * num_layers
-        self.nbytes = sum(t.numel() * t.element_size() for t in self.keys + self.values)
+        self.max_width = max_width
+        self.nbytes = self._held()
+
+    def _held(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.lengths[layer_idx]
 
+    def _resize(self, layer_idx: int, rows: torch.Tensor | None, width: int) -> None:
+        filled = self.lengths[layer_idx]
+        for buffers in (self.keys, self.values):
+            old = buffers[layer_idx]
+            source = old[:, :, :filled] if rows is None else old[:, :, :filled].index_select(0, rows)
+            new = old.new_empty((source.shape[0], old.shape[1], width, old.shape[3]))
+            new[:, :, :filled] = source
+            buffers[layer_idx] = new
+
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         start = self.lengths[layer_idx]
         end = start + key.shape[2]
+        capacity = self.keys[layer_idx].shape[2]
+        if end > capacity:
+            self._resize(layer_idx, None, min(self.max_width, max(end, 2 * capacity)))
+            self.nbytes = max(self.nbytes, self._held())
         self.keys[layer_idx][:, :, start:end] = key
         self.values[layer_idx][:, :, start:end] = value
         self.lengths[layer_idx] = end
@@ -308,11 +337,8 @@ class SentenceDecoderCache:
 
     def select(self, rows: torch.Tensor) -> None:
         """Keep only ``rows`` (an index tensor), in that order."""
-        for buffers in (self.keys, self.values):
-            for i, (old, filled) in enumerate(zip(buffers, self.lengths)):
-                new = old.new_empty((rows.shape[0],) + old.shape[1:])
-                new[:, :, :filled] = old[:, :, :filled].index_select(0, rows)
-                buffers[i] = new
+        for i in range(len(self.keys)):
+            self._resize(i, rows, self.keys[i].shape[2])
 
 
 @dataclass
@@ -625,7 +651,14 @@ class SentenceVAEModel(SentenceVAEPreTrainedModel):
         if use_cache:
             num_heads = self.config.num_attention_heads
             cache = SentenceDecoderCache(
-                self.config.num_decoder_layers, n, num_heads, total, self.config.hidden_size // num_heads, dtype, device
+                self.config.num_decoder_layers,
+                n,
+                num_heads,
+                total,
+                self.config.hidden_size // num_heads,
+                dtype,
+                device,
+                initial_width=first + 16,  # most sentences are shorter; longer ones grow it
             )
         written = torch.full((n, steps), pad, dtype=torch.long, device=device)
         lengths = torch.zeros(n, dtype=torch.long, device=device)
