@@ -34,6 +34,7 @@ import stat
 import struct
 import uuid
 
+import transformers
 from transformers import PreTrainedConfig, PreTrainedModel
 from transformers.utils import cached_file
 
@@ -199,7 +200,7 @@ def _class_for(model_type: str | None, architectures) -> str:
     }
     if model_type in known:
         return known[model_type]
-    if architectures:
+    if architectures and isinstance(architectures, list) and hasattr(transformers, str(architectures[0])):
         return f"`transformers.{architectures[0]}` (or the matching Auto class)"
     return "the matching `transformers` Auto class (e.g. `AutoModel`)"
 

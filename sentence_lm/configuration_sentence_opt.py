@@ -8,11 +8,16 @@ from .configuration_sentence_vae import (
     ACTIVATIONS,
     CONFIG_VERSION,
     SentenceVAEConfig,
+    check_bool,
     check_choice,
+    check_config_version,
     check_positive,
     check_probability,
+    check_real,
     reject_unknown_keys,
 )
+
+_DERIVED_KEYS = ("vocab_size", "pad_token_id", "bos_token_id", "eos_token_id")
 
 
 class SentenceOPTConfig(PreTrainedConfig):
@@ -24,7 +29,11 @@ class SentenceOPTConfig(PreTrainedConfig):
     positions count *sentences*: `max_position_embeddings` is the most sentence slots in one
     context, the first slot being the start-of-text state, so a text may hold at most
     `max_position_embeddings - 1` sentences (each of at most `sentence_vae.max_sentence_len`
-    tokens). A prompt with more sentences is refused; generation stops when the context is full.
+    tokens). Past it: `forward` and `generate` refuse a text with more sentences with a
+    `ValueError` naming `max_position_embeddings` (split the text, or train a backbone with more
+    positions); `generate` stops a row when its context is full, so it writes at most
+    `(max_position_embeddings - 1) * sentence_vae.max_sentence_len` tokens per text, prompt
+    included, whatever `max_new_tokens` says.
 
     Args:
         sentence_vae (`SentenceVAEConfig` or `dict`, *optional*):
@@ -39,7 +48,9 @@ class SentenceOPTConfig(PreTrainedConfig):
         ffn_dim (`int`, defaults to 3072):
             Width of the backbone's feed-forward blocks.
         max_position_embeddings (`int`, defaults to 2048):
-            Sentence slots in one context (start state included).
+            Sentence slots in one context (start state included, at least 2): a text holds at
+            most `max_position_embeddings - 1` sentences. A longer prompt is refused with a
+            `ValueError`; generation stops when the slots are full (see above).
         do_layer_norm_before (`bool`, defaults to `True`):
             Pre-LayerNorm (OPT-125m and most sizes) or post-LayerNorm (OPT-350m).
         dropout (`float`, defaults to 0.1):
@@ -51,7 +62,7 @@ class SentenceOPTConfig(PreTrainedConfig):
         layerdrop (`float`, defaults to 0.0):
             Probability of skipping a backbone layer in training, in [0, 1).
         init_std (`float`, defaults to 0.02):
-            Standard deviation of the normal weight initialisation.
+            Standard deviation of the normal weight initialisation; a finite number > 0.
         enable_bias (`bool`, defaults to `True`):
             Biases in the backbone's linear layers.
         layer_norm_elementwise_affine (`bool`, defaults to `True`):
@@ -66,7 +77,9 @@ class SentenceOPTConfig(PreTrainedConfig):
             Version of this configuration's format; checkpoints from other versions are refused.
 
     The token-level fields `vocab_size`, `pad_token_id`, `bos_token_id` and `eos_token_id` are
-    read from `sentence_vae` and cannot be set here.
+    read from `sentence_vae` and cannot be set here (a value that differs from the SentenceVAE's
+    is refused). Every field is checked when the configuration is built: a value of the wrong
+    type or out of range, or an unknown key, raises a `ValueError` that names the field.
     """
 
     model_type = "sentence_opt"
@@ -93,14 +106,10 @@ class SentenceOPTConfig(PreTrainedConfig):
     config_version: int = CONFIG_VERSION
 
     def __post_init__(self, **kwargs):
-        for derived in ("vocab_size", "pad_token_id", "bos_token_id", "eos_token_id"):
-            kwargs.pop(derived, None)
+        derived = {key: kwargs.pop(key) for key in _DERIVED_KEYS if kwargs.get(key) is not None}
+        kwargs = {key: value for key, value in kwargs.items() if key not in _DERIVED_KEYS}
         reject_unknown_keys(type(self), kwargs)
-        if self.config_version != CONFIG_VERSION:
-            raise ValueError(
-                f"This checkpoint's config has config_version={self.config_version!r}, but this sentence_lm "
-                f"reads version {CONFIG_VERSION}. Upgrade sentence_lm or re-save the checkpoint."
-            )
+        check_config_version(self)
         if self.sentence_vae is None:
             self.sentence_vae = SentenceVAEConfig(
                 hidden_size=self.hidden_size,
@@ -116,8 +125,18 @@ class SentenceOPTConfig(PreTrainedConfig):
             )
         check_probability(self, "dropout", "attention_dropout", "layerdrop")
         check_choice("activation_function", self.activation_function, ACTIVATIONS)
-        if self.stop_loss_weight < 0:
-            raise ValueError(f"`stop_loss_weight` must be >= 0, got {self.stop_loss_weight!r}.")
+        check_real(self, "stop_loss_weight")
+        check_real(self, "init_std", strict=True)
+        check_bool(self, "do_layer_norm_before", "enable_bias", "layer_norm_elementwise_affine", "use_cache")
+        if self.base_model is not None and not isinstance(self.base_model, str):
+            raise ValueError(f"`base_model` must be a checkpoint name (a string) or None, got {self.base_model!r}.")
+        for key, value in derived.items():
+            if value != getattr(self.sentence_vae, key):
+                raise ValueError(
+                    f"`{key}`={value!r} differs from the SentenceVAE's {key} ({getattr(self.sentence_vae, key)!r}); "
+                    f"token-level settings are read from `sentence_vae`: set it there "
+                    f"(sentence_vae=dict({key}=...)) instead."
+                )
         if self.sentence_vae.hidden_size != self.hidden_size:
             raise ValueError(
                 f"The SentenceVAE's hidden_size ({self.sentence_vae.hidden_size}) differs from the backbone's "

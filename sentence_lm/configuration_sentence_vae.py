@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+
 from transformers import GenerationConfig, PreTrainedConfig
 
 FUSIONS = ("learnable", "sum", "mean")
@@ -45,12 +48,47 @@ def check_positive(config: PreTrainedConfig, *names: str, minimum: int = 1) -> N
             raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
 
 
+def _is_real(value) -> bool:
+    """A finite real number (``int`` or ``float``, numpy scalars included), not a ``bool``."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def check_probability(config: PreTrainedConfig, *names: str) -> None:
-    """Raise a ``ValueError`` unless each field in ``names`` lies in [0, 1)."""
+    """Raise a ``ValueError`` unless each field in ``names`` is a number in [0, 1)."""
     for name in names:
         value = getattr(config, name)
-        if not 0 <= value < 1:
-            raise ValueError(f"`{name}` must lie in [0, 1), got {value!r}.")
+        if not _is_real(value) or not 0 <= value < 1:
+            raise ValueError(f"`{name}` must be a number in [0, 1), got {value!r}.")
+
+
+def check_real(config: PreTrainedConfig, *names: str, minimum: float = 0.0, strict: bool = False) -> None:
+    """Raise a ``ValueError`` unless each field in ``names`` is a finite number ``>= minimum``
+    (``> minimum`` when ``strict``)."""
+    for name in names:
+        value = getattr(config, name)
+        if not _is_real(value) or value < minimum or (strict and value == minimum):
+            relation = ">" if strict else ">="
+            raise ValueError(f"`{name}` must be a finite number {relation} {minimum:g}, got {value!r}.")
+
+
+def check_bool(config: PreTrainedConfig, *names: str) -> None:
+    """Raise a ``ValueError`` unless each field in ``names`` is ``True`` or ``False``."""
+    for name in names:
+        value = getattr(config, name)
+        if not isinstance(value, bool):
+            raise ValueError(f"`{name}` must be True or False, got {value!r}.")
+
+
+def check_config_version(config: PreTrainedConfig) -> None:
+    """Refuse a configuration written in another format version (an older or newer checkpoint)."""
+    version = config.config_version
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise ValueError(f"`config_version` must be an integer, got {version!r}; re-save the checkpoint.")
+    if version != CONFIG_VERSION:
+        raise ValueError(
+            f"This checkpoint's config has config_version={version!r}, but this sentence_lm reads version "
+            f"{CONFIG_VERSION}. Upgrade sentence_lm or re-save the checkpoint with a matching version."
+        )
 
 
 def reject_unknown_keys(config_class: type, kwargs: dict) -> None:
@@ -89,8 +127,13 @@ class SentenceVAEConfig(PreTrainedConfig):
         attention_dropout (`float`, defaults to 0.0):
             Dropout on attention weights, in [0, 1).
         max_sentence_len (`int`, defaults to 64):
-            Most tokens in one sentence (at least 2). Segmentation cuts longer runs into pieces of
-            this length, and the decoder writes at most this many tokens before it must stop.
+            Most tokens in one sentence (at least 2). Past it: segmentation cuts a longer run of
+            tokens into pieces of exactly this length (losslessly, wherever the limit falls, even
+            inside a word), so a text of any length without punctuation is still accepted; the
+            encoder's `encode`/`forward` refuse a packed sentence longer than this with a
+            `ValueError`; the decoder writes at most this many tokens per sentence (a continued
+            prefix included) and then ends the sentence without an end-of-sentence token. The
+            model segments with its own `max_sentence_len`, whatever the tokenizer's is.
         fusion (`str`, defaults to `"learnable"`):
             How the encoder's token states become one vector: `"learnable"` (a `Linear(H, 1)`
             weights each token, softmax over the sentence, weighted sum; the paper's choice),
@@ -102,12 +145,12 @@ class SentenceVAEConfig(PreTrainedConfig):
         tie_word_embeddings (`bool`, defaults to `True`):
             Whether the decoder's output layer shares its weight with the decoder's embedding.
         focal_gamma (`float`, defaults to 0.0):
-            Focal-loss exponent of the reconstruction loss; 0 is plain cross-entropy, the paper
-            trains with 2.
+            Focal-loss exponent of the reconstruction loss, a finite number >= 0; 0 is plain
+            cross-entropy, the paper trains with 2.
         layer_norm_eps (`float`, defaults to 1e-5):
-            Epsilon of every LayerNorm.
+            Epsilon of every LayerNorm; a finite number > 0.
         init_std (`float`, defaults to 0.02):
-            Standard deviation of the normal weight initialisation.
+            Standard deviation of the normal weight initialisation; a finite number > 0.
         pad_token_id (`int`, defaults to 1):
             Padding id of packed sentences.
         bos_token_id (`int`, defaults to 2):
@@ -116,6 +159,10 @@ class SentenceVAEConfig(PreTrainedConfig):
             End-of-sentence token the decoder writes after a sentence; never part of the text.
         config_version (`int`, defaults to 1):
             Version of this configuration's format; checkpoints from other versions are refused.
+
+    Every field is checked when the configuration is built (also when a checkpoint's
+    `config.json` is read): a value of the wrong type or out of range, or an unknown key, raises a
+    `ValueError` that names the field.
 
     Example:
 
@@ -152,12 +199,7 @@ class SentenceVAEConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         reject_unknown_keys(type(self), kwargs)
-        if self.config_version != CONFIG_VERSION:
-            raise ValueError(
-                f"This checkpoint's config has config_version={self.config_version!r}, but this sentence_lm "
-                f"reads version {CONFIG_VERSION}. Upgrade sentence_lm or re-save the checkpoint with a "
-                "matching version."
-            )
+        check_config_version(self)
         check_positive(self, "vocab_size", "hidden_size", "num_attention_heads", "ffn_dim")
         check_positive(self, "num_encoder_layers", "num_decoder_layers")
         check_positive(self, "max_sentence_len", minimum=2)
@@ -170,10 +212,11 @@ class SentenceVAEConfig(PreTrainedConfig):
         check_choice("fusion", self.fusion, FUSIONS)
         check_choice("position_embedding", self.position_embedding, POSITION_EMBEDDINGS)
         check_choice("activation_function", self.activation_function, ACTIVATIONS)
-        if self.focal_gamma < 0:
-            raise ValueError(f"`focal_gamma` must be >= 0, got {self.focal_gamma!r}.")
+        check_real(self, "focal_gamma")
+        check_real(self, "layer_norm_eps", "init_std", strict=True)
+        check_bool(self, "share_embeddings", "tie_word_embeddings")
         for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
             value = getattr(self, name)
-            if not isinstance(value, int) or not 0 <= value < self.vocab_size:
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < self.vocab_size:
                 raise ValueError(f"`{name}` must be a token id in [0, vocab_size={self.vocab_size}), got {value!r}.")
         super().__post_init__(**kwargs)

@@ -4,6 +4,9 @@ Decoder writes each next sentence from the backbone's state."""
 
 from __future__ import annotations
 
+import math
+import numbers
+import operator
 import os
 from dataclasses import dataclass
 
@@ -231,13 +234,17 @@ class SentenceOPTModel(SentenceOPTPreTrainedModel):
             use_cache: also return the backbone's key/value cache.
         """
         check_token_ids(input_ids, self.config.vocab_size)
+        if input_ids.shape[0] == 0:
+            raise ValueError("input_ids holds no text (batch size 0); pass at least one row.")
+        input_ids = input_ids.long()
         mask = check_attention_mask(attention_mask, input_ids)
         content = self.content_mask(input_ids, mask)
         empty = ~content.any(dim=1)
         if bool(empty.any()):
             raise ValueError(
                 f"Row(s) {torch.nonzero(empty).flatten().tolist()} of input_ids hold no text token (only "
-                "padding or BOS); every text needs at least one token. Use `generate()` to start from nothing."
+                "padding or BOS); every text needs at least one token: drop such rows (use `generate()` to "
+                "start from nothing)."
             )
         packed = pack_sentences(input_ids, self.sentence_vae.segment(input_ids, content), self.config.pad_token_id)
         vectors = self.sentence_vae.encode(packed.input_ids, packed.attention_mask)
@@ -317,8 +324,13 @@ class SentenceOPTForCausalLM(SentenceOPTPreTrainedModel, GenerationMixin):
         Returns:
             [`SentenceOPTCausalLMOutput`].
         """
-        if labels is not None and labels.shape != input_ids.shape:
-            raise ValueError(f"labels has shape {tuple(labels.shape)} but input_ids has {tuple(input_ids.shape)}.")
+        check_token_ids(input_ids, self.config.vocab_size)
+        input_ids = input_ids.long()  # int32 (or other integer) ids work like int64 ones
+        if labels is not None and (not isinstance(labels, torch.Tensor) or labels.shape != input_ids.shape):
+            raise ValueError(
+                f"labels has shape {tuple(getattr(labels, 'shape', ()))} but input_ids has {tuple(input_ids.shape)}; "
+                "pass a tensor of the ids' shape (e.g. labels=input_ids, -100 where no loss is wanted)."
+            )
         out = self.model(input_ids, attention_mask)
         packed, hidden, slot_mask = out.packed, out.last_hidden_state, out.slot_mask
         slots = hidden.shape[1]
@@ -355,7 +367,9 @@ class SentenceOPTForCausalLM(SentenceOPTPreTrainedModel, GenerationMixin):
         lm_loss = None
         if labels is not None:
             lm_loss = F.cross_entropy(
-                logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten().to(logits.device), ignore_index=-100
+                logits[:, :-1].float().flatten(0, 1),
+                labels[:, 1:].flatten().to(logits.device, torch.long),
+                ignore_index=-100,
             )
         output = SentenceOPTCausalLMOutput(
             loss=loss,
@@ -502,15 +516,30 @@ class SentenceOPTForCausalLM(SentenceOPTPreTrainedModel, GenerationMixin):
         exact budget: a sentence is cut when it runs out. The end-of-sentence token is never
         returned. A prompt whose last sentence is unfinished is continued: that sentence's
         tokens are the decoder's prefix. An empty prompt (``input_ids=None`` or zero columns)
-        starts from the start-of-text state. Generation also stops when the backbone's
-        ``max_position_embeddings`` sentence slots are full.
+        starts from the start-of-text state, and so does a row whose ``attention_mask`` is all
+        zeros. Generation also stops when the backbone's ``max_position_embeddings`` sentence
+        slots are full, so a row never gets more than ``(max_position_embeddings - 1) *
+        max_sentence_len`` new tokens, whatever ``max_new_tokens`` says.
+
+        Right-padded prompts log a warning and are continued as their left-padded form would be
+        (the padding then sits between prompt and new tokens). ``eos_token_id`` (an int or a
+        list) is accepted and changes nothing: the stop head ends a text, the model's
+        end-of-sentence id ends a sentence. ``temperature=0`` is accepted only without sampling
+        (it is greedy decoding); ``min_new_tokens`` above ``max_new_tokens`` gives
+        ``max_new_tokens`` tokens. Settings of the wrong type or range raise a ``TypeError`` or
+        ``ValueError`` that names them.
         """
+        # Checked before the library merges and validates them: clearer messages, and no raw TypeError.
+        _check_sampling_settings(generation_config if generation_config is not None else self.generation_config, kwargs)
         generation_config, model_kwargs = self._prepare_generation_config(generation_config, **kwargs)
         unused = set(model_kwargs) - {"output_attentions", "output_hidden_states", "sentence_ids"}
         if unused:
-            raise ValueError(f"generate() got unknown arguments {sorted(unused)}.")
-        generation_config.validate()
+            raise ValueError(
+                f"generate() got unknown arguments {sorted(unused)}; check the spelling (generation settings are "
+                "the fields of transformers.GenerationConfig)."
+            )
         _check_sampling_settings(generation_config)
+        generation_config.validate()
         if use_cache is None:
             # As transformers' generate(): the generation config decides, not `config.use_cache`
             # (which training sets to False, and which checkpoints saved by the Trainer keep).
@@ -521,9 +550,9 @@ class SentenceOPTForCausalLM(SentenceOPTPreTrainedModel, GenerationMixin):
         check_token_ids(input_ids, self.config.vocab_size)
         if input_ids.shape[0] == 0:
             raise ValueError("input_ids holds no prompt (batch size 0); pass at least one row, or None for one empty prompt.")
-        input_ids = input_ids.to(device)
+        input_ids = input_ids.to(device=device, dtype=torch.long)
         mask = check_attention_mask(attention_mask, input_ids)
-        if input_ids.shape[1] and not bool(mask[:, -1].all()):
+        if input_ids.shape[1] and bool((mask.any(dim=1) & ~mask[:, -1]).any()):  # all-padding rows are empty prompts
             logger.warning_once(
                 "A prompt is right-padded; pass left-padded prompts (tokenizer.padding_side = 'left') so that "
                 "the new tokens follow each prompt directly."
@@ -541,9 +570,17 @@ class SentenceOPTForCausalLM(SentenceOPTPreTrainedModel, GenerationMixin):
         max_new = generation_config.max_new_tokens
         if max_new is None:
             max_new = generation_config.max_length - prompt_len
+            if max_new <= 0:
+                raise ValueError(
+                    f"The prompt has {prompt_len} tokens but max_length is {generation_config.max_length}, which "
+                    "leaves no room for new tokens; pass max_new_tokens (the number of tokens to add) instead."
+                )
         min_new = generation_config.min_new_tokens or max(0, (generation_config.min_length or 0) - prompt_len)
         if max_new < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new}.")
+        # A row writes at most one sentence per free sentence slot, so a larger budget changes
+        # nothing: cap it before it sizes any buffer (max_new_tokens=10**12 must not allocate 8 TB).
+        max_new = min(max_new, self.config.max_position_embeddings * self.config.sentence_vae.max_sentence_len)
         if streamer is not None:
             streamer.put(input_ids.cpu())
         processors = self._get_logits_processor(
@@ -683,14 +720,59 @@ _INTEGER_SETTINGS = {
 """Integer generation settings and their smallest valid value."""
 
 
-def _check_sampling_settings(config: GenerationConfig) -> None:
-    """Refuse sampling settings that `GenerationConfig.validate` lets through silently."""
-    if config.top_p is not None and not 0 < config.top_p <= 1:
-        raise ValueError(f"top_p must lie in (0, 1], got {config.top_p}.")
-    if config.temperature is not None and config.temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {config.temperature}; use do_sample=False for greedy decoding.")
-    if config.top_k is not None and config.top_k < 0:
-        raise ValueError(f"top_k must be >= 0, got {config.top_k}.")
+def _check_sampling_settings(config: GenerationConfig, overrides: dict | None = None) -> None:
+    """Refuse generation settings of the wrong type or range with an error that names the
+    setting, before `GenerationConfig.validate` (whose messages are vaguer, and which lets some
+    through): integers that are not integers, ``max_new_tokens < 1``, ``temperature <= 0`` when
+    sampling, ``top_p`` outside (0, 1], ``num_return_sequences > 1`` without sampling.
+
+    ``overrides`` are the keyword arguments of ``generate()``, which take precedence over
+    ``config``. Integer settings given as numpy or 0-d tensor integers are turned into ``int``
+    (in ``overrides`` when they come from there)."""
+    overrides = {} if overrides is None else overrides
+
+    def get(name: str):
+        return overrides[name] if name in overrides else getattr(config, name, None)
+
+    for name, minimum in _INTEGER_SETTINGS.items():
+        value = get(name)
+        if value is None:
+            continue
+        try:
+            number = operator.index(value)
+        except TypeError:
+            number = None
+        if number is None or isinstance(value, bool):
+            raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__}).")
+        if number < minimum:
+            hint = ""
+            if name == "max_new_tokens":
+                hint = " (the number of tokens to add; transformers' generate() refuses 0 too)"
+            raise ValueError(f"{name} must be an integer >= {minimum}, got {number}{hint}.")
+        if name in overrides:
+            overrides[name] = number
+        else:
+            setattr(config, name, number)
+    for name in ("temperature", "top_p"):
+        value = get(name)
+        if value is not None and (
+            isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value)
+        ):
+            raise TypeError(f"{name} must be a finite number, got {value!r}.")
+    top_p, temperature, do_sample = get("top_p"), get("temperature"), bool(get("do_sample"))
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must lie in (0, 1], got {top_p}; 1.0 turns nucleus sampling off.")
+    if temperature is not None and (temperature < 0 or (temperature == 0 and do_sample)):
+        raise ValueError(
+            f"temperature must be > 0 when sampling, got {temperature}; use do_sample=False for greedy "
+            "decoding (temperature=0 is accepted, and means greedy, only then)."
+        )
+    copies = get("num_return_sequences")
+    if copies is not None and copies > 1 and not do_sample:
+        raise ValueError(
+            f"num_return_sequences={copies} needs do_sample=True (greedy decoding would return identical "
+            "copies); pass do_sample=True or num_return_sequences=1."
+        )
 
 
 def _left_align(input_ids: torch.Tensor, keep: torch.Tensor, pad: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -21,9 +22,15 @@ from .segmentation import build_boundary_table, segment_sentences
 def check_token_ids(input_ids: torch.Tensor, vocab_size: int, name: str = "input_ids") -> None:
     """Raise a clear error unless ``input_ids`` is a 2-D integer tensor of ids below ``vocab_size``."""
     if not isinstance(input_ids, torch.Tensor):
-        raise TypeError(f"`{name}` must be a torch.LongTensor, got {type(input_ids).__name__}.")
+        raise TypeError(
+            f"`{name}` must be a torch.LongTensor, got {type(input_ids).__name__}; call the tokenizer with "
+            "return_tensors='pt'."
+        )
     if input_ids.is_floating_point() or input_ids.dtype == torch.bool:
-        raise TypeError(f"`{name}` must hold integer token ids, got dtype {input_ids.dtype}.")
+        raise TypeError(
+            f"`{name}` must hold integer token ids, got dtype {input_ids.dtype}; pass the tokenizer's ids "
+            "(or convert them with `.long()`)."
+        )
     if input_ids.dim() != 2:
         raise ValueError(
             f"`{name}` must be 2-D (batch, seq_len), got shape {tuple(input_ids.shape)}; "
@@ -43,9 +50,32 @@ def check_attention_mask(attention_mask: torch.Tensor | None, input_ids: torch.T
     if attention_mask.shape != input_ids.shape:
         raise ValueError(
             f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has shape "
-            f"{tuple(input_ids.shape)}; they must match."
+            f"{tuple(input_ids.shape)}; they must match: pass the attention_mask the tokenizer returned "
+            "with these ids."
         )
     return attention_mask.to(device=input_ids.device, dtype=torch.bool)
+
+
+def check_budget(max_new_tokens, n: int, name: str = "max_new_tokens") -> None:
+    """Raise a clear error unless ``max_new_tokens`` is ``None``, an integer >= 0, or an integer
+    tensor of shape ``()`` or ``(n,)`` with no negative entry (one budget per row)."""
+    if max_new_tokens is None:
+        return
+    if isinstance(max_new_tokens, torch.Tensor):
+        if max_new_tokens.is_floating_point() or max_new_tokens.is_complex() or max_new_tokens.dtype == torch.bool:
+            raise TypeError(f"`{name}` must hold integers, got dtype {max_new_tokens.dtype}.")
+        if max_new_tokens.shape not in ((), (n,)):
+            raise ValueError(
+                f"`{name}` has shape {tuple(max_new_tokens.shape)}; pass one int for all rows or a tensor of "
+                f"shape ({n},), one budget per sentence vector."
+            )
+        if max_new_tokens.numel() and int(max_new_tokens.min()) < 0:
+            raise ValueError(f"`{name}` must be >= 0 in every row, got min {int(max_new_tokens.min())}.")
+        return
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)):
+        raise TypeError(f"`{name}` must be an int or an integer tensor of shape ({n},), got {max_new_tokens!r}.")
+    if max_new_tokens < 0:
+        raise ValueError(f"`{name}` must be >= 0, got {max_new_tokens}.")
 
 
 def sinusoidal_positions(position_ids: torch.Tensor, dim: int, dtype: torch.dtype) -> torch.Tensor:
@@ -568,7 +598,7 @@ class SentenceVAEModel(SentenceVAEPreTrainedModel):
         """
         mask = self._check_sentences(input_ids, attention_mask)
         width = int(mask.sum(dim=1).max())
-        input_ids, mask = input_ids[:, :width], mask[:, :width]
+        input_ids, mask = input_ids[:, :width].long(), mask[:, :width]
         vectors = self.encoder(self.embed_tokens(input_ids), mask)
         logits = self.teacher_forced_logits(input_ids, mask, vectors)
         loss = reconstruction_loss(logits, self.reconstruction_targets(input_ids, mask), self.config.focal_gamma)
@@ -612,6 +642,7 @@ class SentenceVAEModel(SentenceVAEPreTrainedModel):
                 f"{tuple(sentence_vectors.shape)}."
             )
         n, device = sentence_vectors.shape[0], sentence_vectors.device
+        check_budget(max_new_tokens, n)
         if prefix_ids is None:
             prefix_ids = torch.empty(n, 0, dtype=torch.long, device=device)
         check_token_ids(prefix_ids, self.config.vocab_size, "prefix_ids")
