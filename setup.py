@@ -8,6 +8,8 @@ setup(
     version="0.1.0",
     description="SentenceVAE and sentence-level LLMs (next-sentence prediction) for Hugging Face transformers",
     packages=find_packages(include=["sentence_lm", "sentence_lm.*"]),
+    # The model-card template (a link to the repository's MODEL_CARD.md) ships with the package.
+    package_data={"sentence_lm": ["MODEL_CARD.md"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.4",
@@ -18,6 +20,7 @@ setup(
         "tokenizers",
         "datasets",
         "tqdm",
+        "jinja2",
     ],
     extras_require={
         "test": ["pytest", "hypothesis"],
