@@ -117,7 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--new_tokens", default="32,64,128", help="Generated lengths (comma-separated).")
     parser.add_argument("--prompt_tokens", type=int, default=128, help="Prompt length in tokens (BOS included).")
     parser.add_argument("--repeats", type=int, default=3, help="Timed runs per figure (median reported).")
-    parser.add_argument("--compile", action="store_true", help="Also measure the compiled runtimes.")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="Also measure the compiled runtimes (at the longest --new_tokens only: OPT's static cache recompiles "
+        "for every length).",
+    )
     parser.add_argument(
         "--contexts", default="128,512,1024,2048", help="Context lengths (prompt + new) of the memory sweep."
     )
@@ -135,12 +140,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="Random weights only: lengths of generated sentences, 'corpus' (drawn from the corpus's "
         "distribution) or a fixed number of tokens (a diagnostic: no spread between the rows of a batch).",
     )
-    parser.add_argument("--corpus", default=None, help="Text file for the prompts (default: Grimm, else built-in).")
+    parser.add_argument(
+        "--corpus",
+        default=None,
+        help="Text file for the prompts, or 'builtin' for the built-in corpus (default: Grimm when present, else builtin).",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU).")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="Write the results as JSON here.")
     parser.add_argument("--plots", default=None, help="Write PNG plots into this directory.")
     parser.add_argument("--quiet", action="store_true", help="Print only the tables.")
+    parser.add_argument(
+        "--replot", default=None, help="Measure nothing: print the tables of this results JSON (and --plots)."
+    )
     parser.add_argument("--_memory_worker", default=None, help=argparse.SUPPRESS)
     return parser
 
@@ -148,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
 # ---------------------------------------------------------------------------------- text
 def load_corpus(path: str | None) -> tuple[list[str], str]:
     """Paragraphs of real text (hard-wrapped lines unwrapped) and where they came from."""
+    if path == "builtin":
+        return default_corpus(), "sentence_lm.corpus.default_corpus() (pydoc_data.topics)"
     candidate = Path(path) if path else DEFAULT_CORPUS
     if candidate.is_file():
         paragraphs = [" ".join(line.strip() for line in p.split("\n")) for p in group_paragraphs(read_text_lines(candidate))]
@@ -375,20 +389,38 @@ class Runner:
         )
 
 
-def kv_figures(name: str, out, model, batch: int, context: int) -> dict:
-    """KV-cache bytes at the end of generation, per token of context."""
-    tokens = batch * context
+def prompt_slots(model: SentenceOPTForCausalLM, prompts: torch.Tensor) -> torch.Tensor:
+    """Backbone slots each prompt fills: the start state and its closed sentences (an unfinished
+    last sentence is continued by the Sentence Decoder, and fed once complete)."""
+    content = model.model.content_mask(prompts, torch.ones_like(prompts, dtype=torch.bool))
+    sentence_ids, closed = model.sentence_vae.segment(prompts, content, return_closed=True)
+    count = (sentence_ids.amax(dim=1) + 1).clamp(min=0)
+    return 1 + count - (~closed & (count > 0)).long()
+
+
+def kv_figures(name: str, out, model, prompts: torch.Tensor, new_tokens: int) -> dict:
+    """KV-cache bytes held at the end of generation, and per token of context (prompt + new)."""
+    batch = prompts.shape[0]
+    tokens = batch * (prompts.shape[1] + new_tokens)
     if name == "opt":
         kv = cache_nbytes(out.cache)
         return dict(kv_bytes=kv, kv_bytes_per_token=kv / tokens)
     backbone = cache_nbytes(out.cache)
     decoder = cache_nbytes(getattr(out, "decoder_cache", None))
-    return dict(
+    figures = dict(
         kv_bytes=backbone + decoder,
         kv_bytes_per_token=(backbone + decoder) / tokens,
         backbone_kv_bytes=backbone,
         decoder_kv_bytes=decoder,
     )
+    if out.cache is not None and backbone:
+        # The backbone cache is rectangular: rows whose prompts hold fewer sentences are
+        # left-padded. Without that padding (what each row itself needs):
+        slots = out.cache.get_seq_length()
+        valid = prompt_slots(model, prompts).to(out.num_sentences.device) + (out.num_sentences - 1).clamp(min=0)
+        figures["backbone_kv_bytes_unpadded"] = backbone * int(valid.sum()) / (slots * batch)
+        figures["backbone_kv_bytes_per_token_unpadded"] = figures["backbone_kv_bytes_unpadded"] / tokens
+    return figures
 
 
 def analytic_kv_per_token(model, dtype: torch.dtype, tokens_per_sentence: float | None = None) -> float:
@@ -471,8 +503,7 @@ def measure_memory_point(name: str, model, prompts: torch.Tensor, new_tokens: in
             out = runner(prompts, new_tokens)
         peak = state["peak"]
         kind = "cpu_peak_rss"
-    context = prompts.shape[1] + new_tokens
-    figures = kv_figures(name, out, model, prompts.shape[0], context)
+    figures = kv_figures(name, out, model, prompts, new_tokens)
     figures.update(peak_bytes=peak, base_bytes=before, peak_growth_bytes=peak - before, peak_kind=kind)
     if name == "sllm":
         figures["tokens_per_sentence"] = float(
@@ -582,6 +613,8 @@ def run_benchmark(argv: list[str] | None = None) -> dict:
             for batch in batch_sizes:
                 prompts = make_prompts(ids, starts, batch, args.prompt_tokens, bos).to(device)
                 for new_tokens in new_token_list:
+                    if runtime == "compiled" and new_tokens != max(new_token_list):
+                        continue  # compiled: the longest length only (every length recompiles OPT's static cache)
                     if args.prompt_tokens + new_tokens > opt.config.max_position_embeddings:
                         log(
                             f"[skipped] prompt {args.prompt_tokens} + {new_tokens} new tokens exceed the OPT's "
@@ -605,7 +638,7 @@ def run_benchmark(argv: list[str] | None = None) -> dict:
                         row[f"{name}_tokens_per_s"] = timed[name]["tokens_per_s"]
                         row[f"{name}_runs_s"] = timed[name]["runs_s"]
                         model = sllm if name == "sllm" else opt
-                        for key, value in kv_figures(name, timed[name]["output"], model, batch, context).items():
+                        for key, value in kv_figures(name, timed[name]["output"], model, prompts, new_tokens).items():
                             row[f"{name}_{key}"] = value
                     row["sllm_analytic_kv_bytes_per_token"] = analytic_kv_per_token(sllm, dtype, row["tokens_per_sentence"])
                     row["opt_analytic_kv_bytes_per_token"] = analytic_kv_per_token(opt, dtype)
@@ -627,14 +660,14 @@ def run_benchmark(argv: list[str] | None = None) -> dict:
         isolation = "subprocess" if device.type == "cpu" else "inprocess"
     if contexts:
         with tempfile.TemporaryDirectory() as tmp:
-            saved = None
-            if isolation == "subprocess":
-                saved = dict(sllm=os.path.join(tmp, "sllm"), opt=os.path.join(tmp, "opt"))
-                sllm.save_pretrained(saved["sllm"])
-                tokenizer.save_pretrained(saved["sllm"])
-                opt.save_pretrained(saved["opt"])
             limit = min(opt.config.max_position_embeddings, len(ids))
             for dtype_name in dtypes:
+                saved = None
+                if isolation == "subprocess":  # saved in the dtype measured: the worker converts nothing
+                    saved = dict(sllm=os.path.join(tmp, dtype_name, "sllm"), opt=os.path.join(tmp, dtype_name, "opt"))
+                    for name, model in (("sllm", sllm), ("opt", opt)):
+                        model.to(dtype=DTYPES[dtype_name]).save_pretrained(saved[name])
+                        model.to(dtype=torch.float32)
                 for context in contexts:
                     if context > limit or context <= args.memory_new_tokens:
                         log(f"[memory] context {context} skipped (OPT holds {opt.config.max_position_embeddings} positions)")
@@ -677,6 +710,8 @@ def run_benchmark(argv: list[str] | None = None) -> dict:
                     row["peak_ratio"] = row["sllm_peak_bytes"] / row["opt_peak_bytes"]
                     row["peak_growth_ratio"] = row["sllm_peak_growth_bytes"] / max(1, row["opt_peak_growth_bytes"])
                     results["memory"].append(row)
+    with contextlib.suppress(OSError):
+        results["meta"]["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
     results["targets"] = check_targets(results)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -731,6 +766,9 @@ def memory_worker(spec: dict) -> dict:
         c = model.config
         processors = [CorpusSentenceLengths(spec["sentence_lengths"], c.bos_token_id, c.sentence_vae.eos_token_id, device)]
     prompts = torch.tensor(spec["prompts"], dtype=torch.long, device=device)
+    # A short generation first, so that the weights are paged in (safetensors maps them lazily) and
+    # the measured growth is the generation's own working memory (activations and caches).
+    Runner(spec["name"], model, "eager", processors)(prompts[:1, :8], 4)
     gc.collect()
     figures = measure_memory_point(spec["name"], model, prompts, spec["new_tokens"], processors, device)
     figures["rss_at_start_bytes"] = rss_start
@@ -750,6 +788,32 @@ def check_targets(results: dict) -> dict:
             target=TARGETS["kv_bytes_per_token"],
             met=row["kv_bytes_per_token_ratio"] <= TARGETS["kv_bytes_per_token"],
         )
+    for row in best_runtime_rows(results):
+        key = f"{row['device']} {row['dtype']} best runtimes batch {row['batch']} new {row['new_tokens']}"
+        goal = TARGETS["tokens_per_s_batch_1"] if row["batch"] == 1 else TARGETS["tokens_per_s_batch_32"]
+        out[f"tokens/s {key}"] = dict(ratio=row["tokens_per_s_ratio"], target=goal, met=row["tokens_per_s_ratio"] >= goal)
+    return out
+
+
+def best_runtime_rows(results: dict) -> list[dict]:
+    """Where several runtimes were measured: each model in its fastest one, and the ratio."""
+    groups: dict = {}
+    for r in results["throughput"]:
+        groups.setdefault((r["device"], r["dtype"], r["batch"], r["new_tokens"]), []).append(r)
+    out = []
+    for (device, dtype, batch, new_tokens), rows in groups.items():
+        if len(rows) < 2:
+            continue
+        sllm = max(rows, key=lambda r: r["sllm_tokens_per_s"])
+        opt = max(rows, key=lambda r: r["opt_tokens_per_s"])
+        out.append(
+            dict(
+                device=device, dtype=dtype, batch=batch, new_tokens=new_tokens,
+                sllm_runtime=sllm["runtime"], sllm_tokens_per_s=sllm["sllm_tokens_per_s"],
+                opt_runtime=opt["runtime"], opt_tokens_per_s=opt["opt_tokens_per_s"],
+                tokens_per_s_ratio=sllm["sllm_tokens_per_s"] / opt["opt_tokens_per_s"],
+            )
+        )  # fmt: skip
     return out
 
 
@@ -774,18 +838,32 @@ def format_tables(results: dict) -> str:
     headers = [
         "device", "dtype", "runtime", "batch", "new tok", "tok/sent",
         "SLLM tok/s", "OPT tok/s", "tok/s SLLM/OPT",
-        "SLLM KV B/tok", "OPT KV B/tok", "KV SLLM/OPT", "SLLM KV B/tok (analytic)",
+        "SLLM KV B/tok", "OPT KV B/tok", "KV SLLM/OPT", "SLLM backbone KV B/tok unpadded", "SLLM KV B/tok analytic",
     ]  # fmt: skip
     rows = [
         [
             r["device"], r["dtype"], r["runtime"], str(r["batch"]), str(r["new_tokens"]), f"{r['tokens_per_sentence']:.2f}",
             f"{r['sllm_tokens_per_s']:.1f}", f"{r['opt_tokens_per_s']:.1f}", f"{r['tokens_per_s_ratio']:.2f}x",
             _fmt_bytes(r["sllm_kv_bytes_per_token"]), _fmt_bytes(r["opt_kv_bytes_per_token"]),
-            f"{100 * r['kv_bytes_per_token_ratio']:.1f}%", _fmt_bytes(r["sllm_analytic_kv_bytes_per_token"]),
+            f"{100 * r['kv_bytes_per_token_ratio']:.1f}%",
+            _fmt_bytes(r["sllm_backbone_kv_bytes_per_token_unpadded"]) if "sllm_backbone_kv_bytes_per_token_unpadded" in r else "-",
+            _fmt_bytes(r["sllm_analytic_kv_bytes_per_token"]),
         ]
         for r in results["throughput"]
     ]  # fmt: skip
     parts.append(_table(headers, rows))
+    best = best_runtime_rows(results)
+    if best:
+        headers = ["device", "dtype", "batch", "new tok", "SLLM best", "SLLM tok/s", "OPT best", "OPT tok/s", "tok/s SLLM/OPT"]
+        rows = [
+            [
+                r["device"], r["dtype"], str(r["batch"]), str(r["new_tokens"]), r["sllm_runtime"],
+                f"{r['sllm_tokens_per_s']:.1f}", r["opt_runtime"], f"{r['opt_tokens_per_s']:.1f}",
+                f"{r['tokens_per_s_ratio']:.2f}x",
+            ]
+            for r in best
+        ]  # fmt: skip
+        parts.append("Each model in its fastest runtime:\n\n" + _table(headers, rows))
     if results["memory"]:
         headers = [
             "device", "dtype", "batch", "context", "tok/sent",
@@ -822,6 +900,8 @@ def make_plots(results: dict, directory: str) -> list[str]:
     b = meta["sllm"]["backbone"]
     shape = f"{b['num_hidden_layers']}L-{b['hidden_size']}H backbone, {source}"
     device = meta["machine"].get("gpu") or meta["machine"].get("cpu") or meta["machine"]["device"]
+    if meta["machine"]["device"] == "cpu":
+        device += f", {meta['machine']['torch_threads']} torch thread(s)"
 
     rows = results["throughput"]
     groups = sorted({(r["batch"], r["runtime"]) for r in rows})
@@ -838,6 +918,9 @@ def make_plots(results: dict, directory: str) -> list[str]:
                 for r in sel:
                     ax.annotate(f"{r['tokens_per_s_ratio']:.1f}x", (r["new_tokens"], r["sllm_tokens_per_s"]), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8, color="tab:blue")
             ax.set_xscale("log", base=2)
+            ticks = sorted({r["new_tokens"] for r in rows if r["batch"] == batch and r["runtime"] == runtime})
+            ax.set_xticks(ticks, [str(t) for t in ticks])
+            ax.minorticks_off()
             ax.set_xlabel("generated tokens (min_new_tokens = max_new_tokens)")
             ax.set_ylabel("output tokens / s (median)")
             ax.set_title(f"batch {batch}, {runtime}")
@@ -853,19 +936,27 @@ def make_plots(results: dict, directory: str) -> list[str]:
 
     mem = results["memory"]
     if mem:
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+        fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+        kind = mem[0]["sllm_peak_kind"]
         for dtype, style in zip(sorted({r["dtype"] for r in mem}), ("-", "--", ":")):
             sel = sorted((r for r in mem if r["dtype"] == dtype), key=lambda r: r["context"])
             x = [r["context"] for r in sel]
-            axes[0].plot(x, [r["sllm_kv_bytes"] / 2**20 for r in sel], style, marker="o", color="tab:blue", label=f"SLLM {dtype}")
-            axes[0].plot(x, [r["opt_kv_bytes"] / 2**20 for r in sel], style, marker="s", color="tab:orange", label=f"OPT {dtype}")
-            axes[1].plot(x, [r["sllm_peak_bytes"] / 2**20 for r in sel], style, marker="o", color="tab:blue", label=f"SLLM {dtype}")
-            axes[1].plot(x, [r["opt_peak_bytes"] / 2**20 for r in sel], style, marker="s", color="tab:orange", label=f"OPT {dtype}")
-        kind = mem[0]["sllm_peak_kind"]
+            for name, color, marker in (("sllm", "tab:blue", "o"), ("opt", "tab:orange", "s")):
+                label = f"{'SLLM' if name == 'sllm' else 'OPT'} {dtype}"
+                axes[0].plot(x, [r[f"{name}_kv_bytes"] / 2**20 for r in sel], style, marker=marker, color=color, label=label)
+                axes[1].plot(x, [r[f"{name}_kv_bytes_per_token"] / 2**10 for r in sel], style, marker=marker, color=color, label=label)
+                axes[2].plot(x, [r[f"{name}_peak_growth_bytes"] / 2**20 for r in sel], style, marker=marker, color=color, label=label)
+            for r in sel:
+                axes[1].annotate(f"{100 * r['kv_bytes_per_token_ratio']:.0f}%", (r["context"], r["sllm_kv_bytes_per_token"] / 2**10), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8, color="tab:blue")
         axes[0].set_title("KV cache held at the end of generation")
         axes[0].set_ylabel("MB")
-        axes[1].set_title("peak memory (" + ("CUDA max allocated" if kind.startswith("cuda") else "resident set, fresh process") + ")")
-        axes[1].set_ylabel("MB")
+        axes[1].set_title("KV cache per token of context (SLLM/OPT marked)")
+        axes[1].set_ylabel("KB per token")
+        if kind.startswith("cuda"):
+            axes[2].set_title("peak CUDA memory above the loaded model")
+        else:
+            axes[2].set_title("peak resident memory above the loaded model")
+        axes[2].set_ylabel("MB")
         for ax in axes:
             ax.set_xlabel("context length in tokens (prompt + generated)")
             ax.grid(alpha=0.3)
@@ -885,7 +976,13 @@ def main(argv: list[str] | None = None) -> None:
     if args._memory_worker:
         print(json.dumps(memory_worker(json.loads(sys.stdin.read()))))
         return
-    results = run_benchmark(argv)
+    if args.replot:
+        results = json.loads(Path(args.replot).read_text())
+        results["targets"] = check_targets(results)
+        if args.plots:
+            make_plots(results, args.plots)
+    else:
+        results = run_benchmark(argv)
     meta = results["meta"]
     print(f"SLLM: {meta['sllm']['source']} ({meta['sllm']['parameters'] / 1e6:.1f}M parameters)")
     print(f"OPT:  {meta['opt']['source']} ({meta['opt']['parameters'] / 1e6:.1f}M parameters)")

@@ -629,7 +629,7 @@ class SentenceOPTForCausalLM(SentenceOPTPreTrainedModel, GenerationMixin):
         sentence_ids = torch.where(in_prefix, -1, sentence_ids)
         packed = pack_sentences(input_ids, sentence_ids, self.config.pad_token_id)
         vectors = (
-            vae.encode(packed.input_ids, packed.attention_mask)
+            _encode_by_length(vae, packed.input_ids, packed.attention_mask)
             if packed.input_ids.shape[0]
             else torch.empty(0, self.config.hidden_size, device=device)
         )
@@ -773,6 +773,31 @@ def _check_sampling_settings(config: GenerationConfig, overrides: dict | None = 
             f"num_return_sequences={copies} needs do_sample=True (greedy decoding would return identical "
             "copies); pass do_sample=True or num_return_sequences=1."
         )
+
+
+def _encode_by_length(
+    vae: SentenceVAEModel, input_ids: torch.Tensor, mask: torch.Tensor, max_tokens: int = 4096
+) -> torch.Tensor:
+    """``vae.encode`` of packed sentences, longest first, in chunks of at most ``max_tokens``
+    padded tokens: a long prompt's sentences are padded to their chunk's longest rather than
+    to the longest of all (less work, and transient memory bounded by ``max_tokens``)."""
+    lengths = mask.sum(dim=1)
+    if input_ids.shape[0] * input_ids.shape[1] <= max_tokens:
+        return vae.encode(input_ids, mask)
+    order = torch.argsort(lengths, descending=True, stable=True)
+    sorted_lengths = lengths[order].tolist()
+    vectors = None
+    start = 0
+    while start < len(order):
+        width = max(1, sorted_lengths[start])
+        stop = min(len(order), start + max(1, max_tokens // width))
+        rows = order[start:stop]
+        chunk = vae.encode(input_ids[rows, :width], mask[rows, :width])
+        if vectors is None:
+            vectors = chunk.new_empty(input_ids.shape[0], chunk.shape[1])
+        vectors[rows] = chunk
+        start = stop
+    return vectors
 
 
 def _left_align(input_ids: torch.Tensor, keep: torch.Tensor, pad: int) -> tuple[torch.Tensor, torch.Tensor]:

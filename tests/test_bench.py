@@ -43,6 +43,10 @@ def test_throughput_rows_have_both_models_and_their_ratios(results):
         assert r["tokens_per_sentence"] > 0
         # The SLLM's memory is its backbone cache over sentences plus the decoder's cache.
         assert r["sllm_kv_bytes"] == r["sllm_backbone_kv_bytes"] + r["sllm_decoder_kv_bytes"]
+        # Left padding of rows with fewer sentences is all that separates the two backbone figures.
+        assert 0 < r["sllm_backbone_kv_bytes_unpadded"] <= r["sllm_backbone_kv_bytes"]
+        if r["batch"] == 1:
+            assert r["sllm_backbone_kv_bytes_unpadded"] == pytest.approx(r["sllm_backbone_kv_bytes"])
 
 
 def test_opt_kv_cache_matches_its_analytic_size(results):
