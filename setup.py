@@ -23,7 +23,7 @@ setup(
         "jinja2",
     ],
     extras_require={
-        "test": ["pytest", "hypothesis"],
+        "test": ["pytest", "hypothesis", "matplotlib"],  # the benchmark test draws its plots
         "plots": ["matplotlib"],
     },
 )
