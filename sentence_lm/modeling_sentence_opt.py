@@ -24,7 +24,6 @@ from .configuration_sentence_opt import SentenceOPTConfig
 from .configuration_sentence_vae import SentenceVAEConfig
 from .modeling_sentence_vae import (
     SentenceVAEModel,
-    SentenceVAEPreTrainedModel,
     check_attention_mask,
     check_token_ids,
 )
