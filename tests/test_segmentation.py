@@ -110,9 +110,9 @@ def decoded_sentences(tokenizer, text: str) -> list[str]:
 # ----------------------------------------------------------------------------- properties
 
 
-@FAST
-@given(text=TEXT)
-def test_single_text_is_lossless_and_numbered(tokenizer, text):
+def check_text_is_lossless(tokenizer, text):
+    """Tokenize ``text`` with and without special tokens; its sentences must be well numbered,
+    match the reference segmentation and give back the text."""
     for add_special_tokens in (False, True):
         encoding = tokenizer(text, add_special_tokens=add_special_tokens)
         check_sentences(
@@ -122,6 +122,12 @@ def test_single_text_is_lossless_and_numbered(tokenizer, text):
             tokenizer, encoding["input_ids"], tokenizer.max_sentence_len
         )
         assert decode_text(tokenizer, encoding["input_ids"], add_special_tokens) == text
+
+
+@FAST
+@given(text=TEXT)
+def test_single_text_is_lossless_and_numbered(tokenizer, text):
+    check_text_is_lossless(tokenizer, text)
 
 
 @FAST
@@ -196,15 +202,7 @@ def test_pack_sentences_gives_back_every_text(tokenizer, texts):
     ],
 )
 def test_edge_cases_are_lossless(tokenizer, text):
-    for add_special_tokens in (False, True):
-        encoding = tokenizer(text, add_special_tokens=add_special_tokens)
-        check_sentences(
-            encoding["input_ids"], encoding["sentence_ids"], tokenizer.max_sentence_len, tokenizer.special_token_ids
-        )
-        assert encoding["sentence_ids"] == reference_segment(
-            tokenizer, encoding["input_ids"], tokenizer.max_sentence_len
-        )
-        assert decode_text(tokenizer, encoding["input_ids"], add_special_tokens) == text
+    check_text_is_lossless(tokenizer, text)
 
 
 def test_empty_text(tokenizer):
