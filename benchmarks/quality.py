@@ -7,7 +7,7 @@ each file's lines are held out for validation):
 
 1. one byte-level BPE :class:`~sentence_lm.SentenceTokenizer` is trained on the training
    paragraphs and used by every model, and one set of text examples is built with
-   :func:`~sentence_lm.training.tokenize_texts` (texts of at most ``--block_size`` tokens, a BOS
+   :func:`~sentence_lm.data.tokenize_texts` (texts of at most ``--block_size`` tokens, a BOS
    in front): the training and validation data of every model;
 2. the baseline, an ``OPTForCausalLM`` of the backbone's shape with the tokenizer's vocabulary,
    is trained with the ``Trainer`` and ``DataCollatorForLanguageModeling(mlm=False)`` for
@@ -16,12 +16,12 @@ each file's lines are held out for validation):
    together (``--no-opt_with_stage1_tokens`` leaves it out);
 3. for every H in ``--heads`` a SentenceVAE-H (H encoder and H decoder layers) is trained in
    stage 1 (about ``--vae_train_tokens`` sentence tokens, with the library's
-   ``SentenceVAETrainer`` and ``SentenceCollator`` on the sentences of
-   :func:`~sentence_lm.training.split_into_sentences`), then a SentenceOPT with that SentenceVAE
+   ``SentenceVAETrainer`` and ``PaddingCollator`` on the sentences of
+   :func:`~sentence_lm.data.split_into_sentences`), then a SentenceOPT with that SentenceVAE
    (fine-tuned) and a backbone of the baseline's shape
    (:func:`~sentence_lm.training_sentence_opt.build_sentence_opt`, checked against
    :func:`sentence_lm.baseline.opt_config_like`) is trained in stage 2 (``SentenceVAETrainer``,
-   ``TextCollator``) on the same text examples, with the same batch size, steps, seed (so the same
+   ``PaddingCollator``) on the same text examples, with the same batch size, steps, seed (so the same
    examples in the same order), optimizer and schedule as the baseline: the same training tokens,
    counted by the Trainer (``num_input_tokens_seen``, non-padding);
 4. everything is evaluated on the same validation examples.
@@ -190,7 +190,7 @@ def prepare_data(
     paragraphs (saved to ``work_dir/tokenizer``), and build the text examples and sentences of
     both splits."""
     from sentence_lm import train_sentence_tokenizer
-    from sentence_lm.training import DataArguments, load_texts, split_into_sentences, tokenize_texts
+    from sentence_lm.data import DataArguments, load_texts, split_into_sentences, tokenize_texts
 
     train_file = str(train_file)
     if settings.max_lines is not None:  # a shorter copy of the file, for quick runs and tests
@@ -282,11 +282,11 @@ def opt_nll(model, dataset, pad_token_id: int, batch_size: int = 32) -> dict:
     """Negative log-likelihood per token of a causal LM on text examples: the sum over every
     predicted token (positions 1..n of each ``[BOS, t_1..t_n]`` example, padding excluded) of the
     cross-entropy, divided by their number."""
-    from sentence_lm.training_sentence_opt import TextCollator
+    from sentence_lm.data import PaddingCollator
 
     was_training = model.training
     model.eval()
-    collate = TextCollator(pad_token_id)
+    collate = PaddingCollator(pad_token_id)
     device = next(model.parameters()).device
     total, count = 0.0, 0
     for start in range(0, len(dataset), batch_size):
@@ -307,7 +307,7 @@ def opt_nll(model, dataset, pad_token_id: int, batch_size: int = 32) -> dict:
 def _train(trainer, settings: QualitySettings) -> dict:
     """Run ``trainer.train()`` (under the per-model time budget) and save its state; the record
     of what it did."""
-    from sentence_lm.training import TimeBudgetCallback
+    from sentence_lm.trainer import TimeBudgetCallback
 
     budget = None
     if settings.max_minutes_per_model is not None:
@@ -342,12 +342,9 @@ def train_vae(data: PreparedData, settings: QualitySettings, heads: int, max_ste
     from transformers import set_seed
 
     from sentence_lm import SentenceVAEModel
-    from sentence_lm.training import (
-        SentenceCollator,
-        SentenceVAEArguments,
-        SentenceVAETrainer,
-        build_sentence_vae_config,
-    )
+    from sentence_lm.data import PaddingCollator
+    from sentence_lm.trainer import SentenceVAETrainer
+    from sentence_lm.training_sentence_vae import SentenceVAEArguments, build_sentence_vae_config
 
     model_args = SentenceVAEArguments(
         hidden_size=settings.hidden_size,
@@ -374,7 +371,7 @@ def train_vae(data: PreparedData, settings: QualitySettings, heads: int, max_ste
         model=model,
         args=args,
         train_dataset=data.sentences["train"],
-        data_collator=SentenceCollator(data.tokenizer.pad_token_id),
+        data_collator=PaddingCollator(data.tokenizer.pad_token_id),
         processing_class=data.tokenizer,
     )
     record = _train(trainer, settings)
@@ -405,8 +402,9 @@ def train_sllm(
     Returns ``(model, record)``."""
     from transformers import set_seed
 
-    from sentence_lm.training import SentenceVAETrainer
-    from sentence_lm.training_sentence_opt import SentenceOPTArguments, TextCollator, build_sentence_opt
+    from sentence_lm.data import PaddingCollator
+    from sentence_lm.trainer import SentenceVAETrainer
+    from sentence_lm.training_sentence_opt import SentenceOPTArguments, build_sentence_opt
 
     backbone = (
         f"num_hidden_layers={settings.num_hidden_layers},num_attention_heads={settings.num_attention_heads},"
@@ -423,7 +421,7 @@ def train_sllm(
         model=model,
         args=args,
         train_dataset=data.texts["train"],
-        data_collator=TextCollator(tokenizer.pad_token_id),
+        data_collator=PaddingCollator(tokenizer.pad_token_id),
         processing_class=tokenizer,
     )
     record = _train(trainer, settings)
@@ -436,11 +434,11 @@ def sllm_nll_parts(model, dataset, batch_size: int = 32) -> dict:
     original token: ``tokens`` (the sentences' own tokens; the ``lm_loss`` of the token-aligned
     logits), ``eos`` (the end-of-sentence tokens) and ``stop`` (the stop decisions). Their sum is
     ``nll_per_token`` (the same total as :func:`text_nll`)."""
-    from sentence_lm.training_sentence_opt import TextCollator
+    from sentence_lm.data import PaddingCollator
 
     was_training = model.training
     model.eval()
-    collate = TextCollator(model.config.pad_token_id)
+    collate = PaddingCollator(model.config.pad_token_id)
     device = next(model.parameters()).device
     sums = {"total": 0.0, "tokens": 0.0, "stop": 0.0}
     count, sentences = 0, 0

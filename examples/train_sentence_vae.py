@@ -6,7 +6,7 @@ With no arguments it trains a tiny model on the built-in default corpus (the sta
 metrics on held-out sentences. Every `TrainingArguments` flag works (`--output_dir`,
 `--max_steps`, `--num_train_epochs`, `--per_device_train_batch_size`, `--learning_rate`,
 `--eval_strategy`, `--save_steps`, `--logging_steps`, `--resume_from_checkpoint`, ...), plus
-the data and model flags of `sentence_lm.training` (`--help` lists them all).
+the data and model flags of `sentence_lm.training_sentence_vae` (`--help` lists them all).
 
 Examples:
 
@@ -35,7 +35,7 @@ try:
 except ImportError:  # a source checkout that is not installed: use the package next to this folder
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sentence_lm.training import train_sentence_vae
+from sentence_lm.training_sentence_vae import train_sentence_vae
 
 
 def main(args: list[str] | None = None) -> dict:

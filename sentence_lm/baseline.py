@@ -41,7 +41,7 @@ def train_opt_baseline(
     config: OPTConfig, tokenizer, train_dataset, training_args: TrainingArguments, eval_dataset=None
 ) -> OPTForCausalLM:
     """Train a fresh `OPTForCausalLM` with the Trainer on text examples (rows with ``input_ids``,
-    as made by :func:`sentence_lm.training.tokenize_texts`) and return it."""
+    as made by :func:`sentence_lm.data.tokenize_texts`) and return it."""
     torch.manual_seed(training_args.seed)
     model = OPTForCausalLM(config)
     columns = [c for c in train_dataset.column_names if c not in ("input_ids", "attention_mask")]

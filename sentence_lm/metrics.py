@@ -27,17 +27,9 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import torch
 
-__all__ = ["evaluate_reconstruction", "reconstruct_sentences", "reconstruction_metrics"]
+from .data import pad_sequences
 
-
-def _pad(sentences: Sequence[Sequence[int]], pad_token_id: int) -> dict[str, torch.Tensor]:
-    lengths = torch.tensor([len(s) for s in sentences], dtype=torch.long)
-    width = int(lengths.max()) if len(sentences) else 0
-    mask = torch.arange(width) < lengths[:, None]
-    input_ids = torch.full((len(sentences), width), pad_token_id, dtype=torch.long)
-    if width:
-        input_ids[mask] = torch.tensor([int(t) for s in sentences for t in s], dtype=torch.long)
-    return {"input_ids": input_ids, "attention_mask": mask}
+__all__ = ["reconstruct_sentences", "reconstruction_metrics"]
 
 
 def _as_ids(example) -> Sequence[int]:
@@ -62,23 +54,26 @@ def _batches(data, batch_size: int, pad_token_id: int) -> Iterator[dict[str, tor
     for item in data:
         if _is_batch(item):
             if not isinstance(item, Mapping):
-                yield _pad([_as_ids(x) for x in item], pad_token_id)
+                yield pad_sequences([_as_ids(x) for x in item], pad_token_id)
                 continue
             ids, mask = item["input_ids"], item.get("attention_mask")
             if not isinstance(ids, torch.Tensor):
-                padded = _pad(ids, pad_token_id)
+                padded = pad_sequences([_as_ids(x) for x in ids], pad_token_id)
                 ids = padded["input_ids"]
-                mask = padded["attention_mask"] if mask is None else _pad(mask, 0)["input_ids"]
+                if mask is None:
+                    mask = padded["attention_mask"]
+                else:
+                    mask = pad_sequences([_as_ids(x) for x in mask], 0)["input_ids"]
             elif mask is None:
                 mask = ids != pad_token_id
             yield {"input_ids": ids, "attention_mask": torch.as_tensor(mask)}
             continue
         pending.append(_as_ids(item))
         if len(pending) == batch_size:
-            yield _pad(pending, pad_token_id)
+            yield pad_sequences(pending, pad_token_id)
             pending = []
     if pending:
-        yield _pad(pending, pad_token_id)
+        yield pad_sequences(pending, pad_token_id)
 
 
 def _count(data, batch_size: int) -> tuple[int | None, str]:
@@ -111,7 +106,7 @@ def reconstruction_metrics(
         model: a ``SentenceVAEModel`` (any device, any dtype); put in eval mode while measuring.
         sentences: either batches of packed sentences (a ``DataLoader`` or any iterable of dicts
             with 2-D ``input_ids`` and ``attention_mask``, e.g. from
-            :class:`~sentence_lm.training.SentenceCollator`), or single sentences (a
+            :class:`~sentence_lm.data.PaddingCollator`), or single sentences (a
             ``datasets.Dataset`` / list of dicts with ``input_ids``, lists of ids or 1-D
             tensors), which are batched here by ``batch_size``. Sentences hold no special
             tokens; each has at most ``model.config.max_sentence_len`` tokens.
@@ -230,24 +225,3 @@ def reconstruct_sentences(
     finally:
         model.train(was_training)
     return rebuilt
-
-
-def evaluate_reconstruction(
-    trainer, eval_dataset=None, metric_key_prefix: str = "eval_reconstruction", max_sentences: int | None = None
-) -> dict[str, float | int]:
-    """Run :func:`reconstruction_metrics` as a ``Trainer`` evaluation: on the trainer's eval
-    dataloader (its collator, batch size and sharding across processes), logged with
-    ``trainer.log`` under ``metric_key_prefix``. Use it after ``trainer.train()`` as the final
-    evaluation of a SentenceVAE."""
-    dataloader = trainer.get_eval_dataloader(eval_dataset)
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    metrics = reconstruction_metrics(
-        model,
-        dataloader,
-        max_sentences=max_sentences,
-        show_progress=trainer.is_local_process_zero() and not trainer.args.disable_tqdm,
-        accelerator=trainer.accelerator,
-    )
-    metrics = {f"{metric_key_prefix}_{k}": v for k, v in metrics.items()}
-    trainer.log(metrics)
-    return metrics

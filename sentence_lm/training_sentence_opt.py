@@ -1,7 +1,7 @@
 """Stage 2: train a SentenceOPT (the sentence-level LLM) with the `transformers` Trainer.
 
-The data pipeline is stage 1's (:func:`~sentence_lm.training.load_texts`,
-:func:`~sentence_lm.training.tokenize_texts`): one example is one text of at most
+The data pipeline is stage 1's (:func:`~sentence_lm.data.load_texts`,
+:func:`~sentence_lm.data.tokenize_texts`): one example is one text of at most
 ``block_size`` tokens, and the model's loss is the whole-text negative log-likelihood per token
 (sentence tokens, end-of-sentence tokens, stop decisions). The backbone comes from an OPT
 checkpoint (``--opt_name_or_path``) or is built from scratch; the SentenceVAE (and its
@@ -23,18 +23,9 @@ from tqdm.auto import tqdm
 from transformers import HfArgumentParser, TrainingArguments
 
 from .configuration_sentence_opt import SentenceOPTConfig
-from .training import (
-    TINY_SENTENCE_VAE_CONFIG,
-    DataArguments,
-    SentenceVAETrainer,
-    TimeBudgetCallback,
-    _loss_curve,
-    _pad,
-    _parse_overrides,
-    load_texts,
-    start_run,
-    tokenize_texts,
-)
+from .data import DataArguments, PaddingCollator, load_texts, tokenize_texts
+from .trainer import SentenceVAETrainer, TimeBudgetCallback, _loss_curve, start_run
+from .training_sentence_vae import TINY_SENTENCE_VAE_CONFIG, _parse_overrides
 
 logger = logging.getLogger(__name__)
 
@@ -115,18 +106,6 @@ def parse_sentence_opt_args(args: Sequence[str] | None = None):
     return parser.parse_args_into_dataclasses(args=list(sys.argv[1:] if args is None else args))
 
 
-@dataclass
-class TextCollator:
-    """Right-pads text examples (rows of :func:`~sentence_lm.training.tokenize_texts`) into
-    ``input_ids`` + ``attention_mask``; other keys are ignored."""
-
-    pad_token_id: int
-
-    def __call__(self, features: Sequence[dict]) -> dict[str, torch.Tensor]:
-        input_ids, mask = _pad([f["input_ids"] for f in features], self.pad_token_id)
-        return {"input_ids": input_ids, "attention_mask": mask.long()}
-
-
 @torch.no_grad()
 def text_nll(model, dataset, batch_size: int = 16, show_progress: bool = True) -> dict[str, float]:
     """Whole-text negative log-likelihood of a SentenceOPT on text examples: sentence tokens,
@@ -136,7 +115,7 @@ def text_nll(model, dataset, batch_size: int = 16, show_progress: bool = True) -
     """
     was_training = model.training
     model.eval()
-    collate = TextCollator(model.config.pad_token_id)
+    collate = PaddingCollator(model.config.pad_token_id)
     device = next(model.parameters()).device
     total, tokens = 0.0, 0
     batches = range(0, len(dataset), batch_size)
@@ -237,7 +216,7 @@ def train_sentence_opt(args: Sequence[str] | None = None, callbacks: Sequence | 
         args=training_args,
         train_dataset=texts["train"] if training_args.do_train else None,
         eval_dataset=texts["validation"] if training_args.do_eval else None,
-        data_collator=TextCollator(tokenizer.pad_token_id),
+        data_collator=PaddingCollator(tokenizer.pad_token_id),
         processing_class=tokenizer,
         callbacks=list(callbacks or []),
     )

@@ -87,14 +87,14 @@ from accelerate import PartialState
 import sentence_lm.training_sentence_opt as stage2
 
 seen = []
-collate = stage2.TextCollator.__call__
+collate = stage2.PaddingCollator.__call__
 
 def recording(self, features):
     batch = collate(self, features)
     seen.append(batch["input_ids"][:, :12].tolist())
     return batch
 
-stage2.TextCollator.__call__ = recording
+stage2.PaddingCollator.__call__ = recording
 results = stage2.train_sentence_opt(sys.argv[1:])
 state = results["model"].state_dict()
 digest = hashlib.sha256(b"".join(state[k].detach().cpu().numpy().tobytes() for k in sorted(state))).hexdigest()

@@ -1,0 +1,112 @@
+"""Stage 1: argument parsing, the Trainer's time budget, and a short end-to-end run of
+``train_sentence_vae`` (train, save, reload, resume)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from sentence_lm import SentenceVAEModel
+from sentence_lm.corpus import default_corpus
+from sentence_lm.data import DataArguments, load_texts, split_into_sentences, tokenize_texts
+from sentence_lm.metrics import reconstruction_metrics
+from sentence_lm.tokenization_sentence_lm import SentenceTokenizer
+from sentence_lm.trainer import TimeBudgetCallback
+from sentence_lm.training_sentence_vae import parse_sentence_vae_args, train_sentence_vae
+
+
+# ------------------------------------------------------------------------------ arguments, trainer
+def test_parse_args_takes_training_arguments():
+    model_args, data_args, training_args = parse_sentence_vae_args(
+        ["--output_dir", "x", "--max_steps", "7", "--hidden_size", "64", "--block_size", "100", "--eval_strategy", "steps"]
+    )
+    assert model_args.hidden_size == 64 and data_args.block_size == 100
+    assert training_args.max_steps == 7 and training_args.eval_strategy == "steps"
+    assert training_args.remove_unused_columns is False and training_args.prediction_loss_only
+
+
+def test_time_budget_callback_stops_training():
+    from transformers import TrainerControl, TrainerState
+
+    state, control = TrainerState(), TrainerControl()
+    state.global_step = 3
+    patient = TimeBudgetCallback(max_seconds=3600)
+    patient.on_train_begin(None, state, control)
+    assert not patient.on_step_end(None, state, control).should_training_stop
+    hasty = TimeBudgetCallback(max_seconds=0)
+    hasty.on_train_begin(None, state, control)
+    control = hasty.on_step_end(None, state, control)
+    assert control.should_training_stop and control.should_save and hasty.stopped_at_step == 3
+
+
+# ------------------------------------------------------------------------------ end to end
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "tiny.txt"
+    path.write_text("\n\n".join(default_corpus()[:60]) + "\n")
+    return path
+
+
+def tiny_run_args(text_file, output_dir, *extra):
+    return [
+        "--train_file", str(text_file),
+        "--output_dir", str(output_dir),
+        "--vocab_size", "400",
+        "--hidden_size", "32",
+        "--num_attention_heads", "2",
+        "--ffn_dim", "64",
+        "--max_sentence_len", "16",
+        "--block_size", "64",
+        "--per_device_train_batch_size", "32",
+        "--learning_rate", "5e-3",
+        "--warmup_steps", "0",
+        "--logging_steps", "5",
+        "--seed", "0",
+        "--disable_tqdm", "True",
+        "--max_reconstruction_sentences", "64",
+        "--num_reconstruction_examples", "2",
+        *extra,
+    ]  # fmt: skip
+
+
+def test_train_sentence_vae_end_to_end(text_file, tmp_path, capsys):
+    out = tmp_path / "svae"
+    result = train_sentence_vae(tiny_run_args(text_file, out, "--max_steps", "30", "--save_steps", "15"))
+
+    curve = result["loss_curve"]
+    assert len(curve) >= 4 and curve[-1][1] < curve[0][1] - 0.5
+    metrics = result["reconstruction"]
+    for name in ("token_accuracy", "exact_match", "teacher_forced_accuracy"):
+        assert 0.0 <= metrics[name] <= 1.0
+    assert metrics["num_sentences"] == 64 and metrics["num_targets"] == metrics["num_tokens"] + 64
+    assert 1.0 < metrics["perplexity"] < 400 and math.isfinite(result["eval"]["eval_loss"])
+    assert json.loads((out / "reconstruction_metrics.json").read_text())["num_sentences"] == 64
+    assert len(result["examples"]) == 2
+    assert "held-out reconstruction" in capsys.readouterr().out
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"):
+        assert (out / name).is_file(), name
+    assert (out / "checkpoint-15").is_dir() and (out / "checkpoint-30").is_dir()
+
+    # The saved model and tokenizer reload and reproduce the reported metrics.
+    tokenizer = SentenceTokenizer.from_pretrained(out)
+    model = SentenceVAEModel.from_pretrained(out)
+    assert len(tokenizer) == model.config.vocab_size == 400 and model.config.max_sentence_len == 16
+    assert torch.equal(model.boundary_table[: len(tokenizer)], tokenizer.boundary_table)
+    raw = load_texts(DataArguments(train_file=str(text_file)))
+    held_out = split_into_sentences(tokenize_texts(raw["validation"], tokenizer, 64, 16), tokenizer, 16)
+    again = reconstruction_metrics(model, held_out.select(range(64)), show_progress=False)
+    assert again["token_accuracy"] == pytest.approx(metrics["token_accuracy"])
+    assert again["perplexity"] == pytest.approx(metrics["perplexity"], rel=1e-4)
+
+    # Resuming from a checkpoint reuses its tokenizer and continues the step count.
+    resumed = train_sentence_vae(
+        tiny_run_args(
+            text_file, out, "--max_steps", "32", "--resume_from_checkpoint", str(out / "checkpoint-30"),
+            "--save_strategy", "no", "--do_eval", "False",
+        )
+    )  # fmt: skip
+    assert resumed["global_step"] == 32
+    assert SentenceTokenizer.from_pretrained(out).get_vocab() == tokenizer.get_vocab()
