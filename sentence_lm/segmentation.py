@@ -2,7 +2,9 @@
 
 A text is cut into sentences *after* its token ids, never by re-tokenising strings, so that
 concatenating the sentences of a text gives back exactly its ids. A table over the vocabulary,
-built once per tokenizer by :func:`build_boundary_table`, holds flags for every token:
+built once per tokenizer by :func:`build_boundary_table` from the text each token stands for
+inside a text (``Ġ.`` and ``▁.`` both read " ."; a byte-fallback ``<0x0A>`` reads "\\n"),
+holds flags for every token:
 
 * ``ENDS``: the token ends a sentence (its text, trailing whitespace and closing quotes and
   brackets removed, ends with one of :data:`SENTENCE_END_CHARS`, or it holds a newline);
@@ -37,17 +39,18 @@ def build_boundary_table(tokenizer) -> torch.Tensor:
     """Build the boundary table over ``tokenizer``'s vocabulary.
 
     Args:
-        tokenizer: any ``transformers`` tokenizer; each id is decoded on its own. With a small
-            byte-level vocabulary a multi-byte punctuation mark (``。``) may be split over
-            several tokens; such a split mark is not recognised as a boundary.
+        tokenizer: any ``transformers`` tokenizer: byte-level BPE (GPT-2, OPT, Llama-3, Qwen2)
+            or SentencePiece-style (``▁`` for a space, byte-fallback tokens such as ``<0x0A>``:
+            Llama-2, Mistral, Gemma). Each id is read as it decodes inside a text (see
+            :func:`token_texts`). A multi-byte punctuation mark (``。``) split over several byte
+            tokens is not recognised as a boundary: each byte alone decodes to ``"�"``.
 
     Returns:
         A ``torch.uint8`` tensor of shape ``(len(tokenizer),)`` of :data:`ENDS`,
         :data:`TRAILS`, :data:`BLANK` and :data:`SPACE_END` flags. Special tokens have none.
     """
-    size = len(tokenizer)
-    texts = tokenizer.batch_decode([[i] for i in range(size)], clean_up_tokenization_spaces=False)
-    table = torch.zeros(size, dtype=torch.uint8)
+    texts = token_texts(tokenizer)
+    table = torch.zeros(len(texts), dtype=torch.uint8)
     special = set(tokenizer.all_special_ids)
     trail_chars = SENTENCE_END_CHARS | CLOSING_CHARS
     for i, text in enumerate(texts):
@@ -69,6 +72,31 @@ def build_boundary_table(tokenizer) -> torch.Tensor:
             + SPACE_END * text[-1].isspace()
         )
     return table
+
+
+def token_texts(tokenizer) -> list[str]:
+    """The text of every vocabulary id as it reads inside a text, for :func:`build_boundary_table`.
+
+    Decoding an id alone is not enough: SentencePiece-style decoders (``Metaspace``, or the
+    ``Strip`` step of Llama's) drop the space of a ``▁`` at the start of the decoded text, so
+    ``▁.`` alone would read ``.`` and ``▁`` nothing. Each id is therefore decoded after the ids
+    of ``"a"`` and the text of those is cut off; an id whose decoding does not start with it is
+    decoded alone. Byte-fallback tokens of partial UTF-8 characters read ``"�"``.
+    """
+    # The `tokenizers` backend encodes without the wrapper's own outputs (a SentenceTokenizer's
+    # `encode` needs the table being built here).
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        prefix = backend.encode("a", add_special_tokens=False).ids
+    else:
+        prefix = tokenizer.encode("a", add_special_tokens=False)
+    head = tokenizer.decode(prefix, clean_up_tokenization_spaces=False)
+    ids = range(len(tokenizer))
+    texts = tokenizer.batch_decode([prefix + [i] for i in ids], clean_up_tokenization_spaces=False)
+    return [
+        text[len(head) :] if text.startswith(head) else tokenizer.decode([i], clean_up_tokenization_spaces=False)
+        for i, text in zip(ids, texts)
+    ]
 
 
 def segment_sentences(

@@ -1,6 +1,8 @@
 """A fast tokenizer that also says which sentence every token belongs to.
 
-:class:`SentenceTokenizer` wraps any fast byte-level BPE tokenizer (GPT-2 / OPT style). Calling
+:class:`SentenceTokenizer` wraps the fast tokenizers of the common decoder-only model families:
+byte-level BPE (GPT-2, OPT, Llama-3, Qwen2, SmolLM2: ``Ġ`` for a space) and SentencePiece-style
+ones (Llama-2, Mistral, Gemma: ``▁`` for a space, byte-fallback tokens such as ``<0x0A>``). Calling
 it returns the usual ``input_ids`` and ``attention_mask`` plus ``sentence_ids``: for every token
 the index of its sentence within its text (``0, 0, 0, 1, 1, 2, ...``), ``-1`` for padding and for
 special tokens such as the BOS the tokenizer prepends. Sentences are found on the token ids (see
@@ -41,7 +43,7 @@ def _check_max_sentence_len(value: Any) -> int:
 
 
 class SentenceTokenizer(PreTrainedTokenizerFast):
-    """Fast byte-level BPE tokenizer whose outputs carry ``sentence_ids``.
+    """Fast tokenizer (byte-level BPE or SentencePiece-style) whose outputs carry ``sentence_ids``.
 
     Args:
         max_sentence_len (`int`, defaults to 64): a sentence is cut after this many tokens. Saved
@@ -65,6 +67,10 @@ class SentenceTokenizer(PreTrainedTokenizerFast):
         super().__init__(
             *args, max_sentence_len=max_sentence_len, return_sentence_ids=bool(return_sentence_ids), **kwargs
         )
+        # `save_pretrained` saves the keys of `init_kwargs` with their current values: list the
+        # sides there, so that a side set after init (`tokenizer.padding_side = "left"`) is saved.
+        for key in ("padding_side", "truncation_side"):
+            self.init_kwargs.setdefault(key, getattr(self, key))
         self.max_sentence_len = max_sentence_len
         self.return_sentence_ids = bool(return_sentence_ids)
         self._boundary_table = None
@@ -91,14 +97,25 @@ class SentenceTokenizer(PreTrainedTokenizerFast):
 
     @classmethod
     def from_tokenizer(cls, tokenizer, max_sentence_len: int = 64, **kwargs) -> SentenceTokenizer:
-        """Wrap an existing fast tokenizer, keeping its vocabulary, pre-/post-processing and special
-        tokens (for example ``AutoTokenizer.from_pretrained("facebook/opt-125m")``).
+        """Wrap an existing fast tokenizer, keeping its vocabulary, pre-/post-processing (the BOS
+        it adds, or not) and special tokens: byte-level BPE (for example
+        ``AutoTokenizer.from_pretrained("facebook/opt-125m")``) or SentencePiece-style (a
+        ``LlamaTokenizerFast``, ``GemmaTokenizerFast``, or a ``PreTrainedTokenizerFast`` around a
+        `tokenizers` Metaspace / byte-fallback tokenizer).
+
+        A sentence model ends every sentence with the EOS token and pads batches of sentences:
+        a tokenizer without a padding token (GPT-2, Llama-2, Mistral) pads with its EOS token.
 
         Args:
             tokenizer: a fast (``tokenizers``-backed) ``transformers`` tokenizer. It is copied, not
                 modified.
             max_sentence_len: a sentence is cut after this many tokens.
-            **kwargs: further init keywords, overriding those taken from ``tokenizer``.
+            **kwargs: further init keywords, overriding those taken from ``tokenizer`` (for
+                example ``pad_token="<unk>"``, or ``eos_token=`` for a tokenizer without one).
+
+        Raises:
+            TypeError: ``tokenizer`` is not a fast tokenizer.
+            ValueError: neither ``tokenizer`` nor ``kwargs`` give an EOS token.
         """
         backend = getattr(tokenizer, "backend_tokenizer", None)
         if backend is None or not getattr(tokenizer, "is_fast", False):
@@ -121,6 +138,14 @@ class SentenceTokenizer(PreTrainedTokenizerFast):
         if getattr(tokenizer, "chat_template", None) is not None:
             init["chat_template"] = tokenizer.chat_template
         init.update(kwargs)
+        if init.get("eos_token") is None:
+            raise ValueError(
+                f"{type(tokenizer).__name__} has no EOS token, which a sentence model writes at the end of "
+                "every sentence; name one, e.g. SentenceTokenizer.from_tokenizer(tokenizer, eos_token=\"</s>\") "
+                "(a new token is added to the vocabulary: then resize the model's embeddings)."
+            )
+        if init.get("pad_token") is None:
+            init["pad_token"] = init["eos_token"]
         return cls(tokenizer_object=backend, max_sentence_len=max_sentence_len, **init)
 
     # ------------------------------------------------------------------ segmentation

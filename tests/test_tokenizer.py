@@ -279,6 +279,20 @@ def test_changed_max_sentence_len_is_saved(tokenizer, tmp_path):
     assert SentenceTokenizer.from_pretrained(tmp_path, max_sentence_len=7).max_sentence_len == 7
 
 
+def test_padding_and_truncation_sides_are_saved(tokenizer, tmp_path):
+    changed = copy.deepcopy(tokenizer)
+    changed.padding_side = changed.truncation_side = "left"
+    changed.save_pretrained(tmp_path)
+    for loader in (SentenceTokenizer.from_pretrained, AutoTokenizer.from_pretrained):
+        loaded = loader(tmp_path)
+        assert (loaded.padding_side, loaded.truncation_side) == ("left", "left")
+        batch = loaded(TEXTS, padding=True, truncation=True, max_length=6, return_tensors="pt")
+        expected = changed(TEXTS, padding=True, truncation=True, max_length=6, return_tensors="pt")
+        assert all(torch.equal(batch[k], expected[k]) for k in expected)
+    tokenizer.save_pretrained(tmp_path / "default")
+    assert SentenceTokenizer.from_pretrained(tmp_path / "default").padding_side == "right"
+
+
 # Code run in a fresh interpreter. `python -I` ignores PYTHONPATH and the user site and does not
 # put the working directory on sys.path, so the source tree cannot be found that way. An
 # installed copy of sentence_lm (plain or editable: a .pth path entry or an import hook from
