@@ -3,8 +3,11 @@
 
 1. train a tiny SentenceVAE (stage 1) and a tiny SentenceOPT (stage 2) on the built-in corpus
    (the English prose of the standard library's `pydoc_data.topics`),
-2. save them, load the SentenceOPT back through `AutoModelForCausalLM` and `pipeline`,
-3. generate from a few prompts,
+2. save them (to `--output_dir`: `outputs/quickstart/sentence_vae` and
+   `outputs/quickstart/sentence_opt` by default; the paths are printed at the end), load the
+   SentenceOPT back through `AutoModelForCausalLM` and `pipeline`,
+3. generate from a few prompts (models this small, trained for a few minutes, repeat themselves:
+   this shows the mechanics and the speed, not the quality),
 4. train a same-size `OPTForCausalLM` on the same text for the same steps and compare output
    tokens per second (batch 1, greedy, same number of new tokens), with the mean number of
    tokens per generated sentence, on which the speed-up depends.
@@ -30,7 +33,8 @@ except ImportError:  # a source checkout that is not installed: use the package 
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments, pipeline
 
 from sentence_lm.baseline import opt_config_like, train_opt_baseline
-from sentence_lm.training import DataArguments, load_texts, tokenize_texts, train_sentence_vae
+from sentence_lm.data import DataArguments, load_texts, tokenize_texts
+from sentence_lm.training_sentence_vae import train_sentence_vae
 from sentence_lm.training_sentence_opt import train_sentence_opt
 
 PROMPTS = ["The return value of the function", "A class definition creates a new object.", ""]
@@ -72,22 +76,28 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.output_dir)
     common = ["--report_to", "none", "--logging_steps", "50", "--save_strategy", "no", "--seed", "0"]
 
+    vae_dir, sopt_dir = out / "sentence_vae", out / "sentence_opt"
+
     print("== Stage 1: SentenceVAE on the built-in corpus ==")
     stage1 = train_sentence_vae(
-        ["--output_dir", str(out / "sentence_vae"), "--max_steps", str(args.vae_steps), *common,
+        ["--output_dir", str(vae_dir), "--max_steps", str(args.vae_steps), *common,
          "--max_reconstruction_sentences", "500"]
     )  # fmt: skip
+    print(f"  SentenceVAE and its tokenizer saved to {vae_dir}")
     print("== Stage 2: SentenceOPT on the same corpus ==")
     block = ["--block_size", "128", "--per_device_train_batch_size", "8"]
     stage2 = train_sentence_opt(
-        ["--sentence_vae_name_or_path", str(out / "sentence_vae"), "--output_dir", str(out / "sentence_opt"),
+        ["--sentence_vae_name_or_path", str(vae_dir), "--output_dir", str(sopt_dir),
          "--max_steps", str(args.steps), *block, *common]
     )  # fmt: skip
+    print(f"  SentenceOPT, its tokenizer and model card saved to {sopt_dir}")
 
-    print("== Loading the SentenceOPT back through AutoModelForCausalLM and pipeline ==")
-    model = AutoModelForCausalLM.from_pretrained(out / "sentence_opt").eval()
-    tokenizer = AutoTokenizer.from_pretrained(out / "sentence_opt")
+    print(f"== Loading the SentenceOPT back from {sopt_dir} through AutoModelForCausalLM and pipeline ==")
+    model = AutoModelForCausalLM.from_pretrained(sopt_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(sopt_dir)
     generator = pipeline("text-generation", model=model, tokenizer=tokenizer)
+    print("  (a tiny model trained for minutes on a small corpus: expect repetitive text; this shows the")
+    print("   mechanics and the speed, not the quality)")
     for prompt in PROMPTS:
         text = generator(prompt, max_new_tokens=40, do_sample=False)[0]["generated_text"]
         print(f"  {prompt!r} -> {text!r}")
@@ -120,6 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
         "opt_tokens_per_second": opt_speed,
         "speedup": sllm_speed / opt_speed,
         "mean_tokens_per_sentence": per_sentence,
+        "saved": {"sentence_vae": str(vae_dir), "sentence_opt": str(sopt_dir)},
     }
     recon = results["sentence_vae_reconstruction"]
     print("== Results (batch 1, greedy, fp32, this CPU) ==")
@@ -130,6 +141,10 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"  SentenceOPT: {sllm_speed:8.1f} output tokens/s")
     print(f"  OPT:         {opt_speed:8.1f} output tokens/s")
     print(f"  speed-up:    {results['speedup']:8.2f}x   (mean {per_sentence:.1f} tokens per generated sentence)")
+    print("== Saved models ==")
+    print(f"  SentenceVAE (stage 1) and tokenizer:                {vae_dir}")
+    print(f"  SentenceOPT (stage 2), tokenizer and model card:    {sopt_dir}  (card: {sopt_dir / 'README.md'})")
+    print(f'  Load it: import sentence_lm; AutoModelForCausalLM.from_pretrained("{sopt_dir.as_posix()}")')
     return results
 
 
