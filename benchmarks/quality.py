@@ -471,13 +471,15 @@ def sllm_nll_parts(model, dataset, batch_size: int = 32) -> dict:
 
 def check_same_backbone(opt_config, sentence_opt_config) -> None:
     """Raise unless the OPT baseline has the SentenceOPT backbone's shape, vocabulary and special
-    tokens (as :func:`sentence_lm.baseline.opt_config_like` reads them)."""
-    from sentence_lm.baseline import BACKBONE_FIELDS, opt_config_like
+    tokens (as :func:`sentence_lm.baseline.token_config_like` reads them)."""
+    from sentence_lm.baseline import token_config_like
 
-    like = opt_config_like(sentence_opt_config, max_position_embeddings=opt_config.max_position_embeddings)
-    names = (*BACKBONE_FIELDS, "vocab_size", "pad_token_id", "bos_token_id", "eos_token_id", "word_embed_proj_dim")
-    pairs = {n: (getattr(opt_config, n), getattr(like, n)) for n in names}
-    different = {n: pair for n, pair in pairs.items() if pair[0] != pair[1]}
+    like = token_config_like(sentence_opt_config, max_position_embeddings=opt_config.max_position_embeddings).to_dict()
+    ignored = {"transformers_version", "architectures", "dtype", "_name_or_path", "layerdrop", "init_std", "use_cache"}
+    baseline = opt_config.to_dict()
+    different = {
+        n: (baseline.get(n), like.get(n)) for n in set(baseline) | set(like) if n not in ignored and baseline.get(n) != like.get(n)
+    }
     if different:
         raise RuntimeError(f"The OPT baseline and the SLLM backbone differ (OPT, SLLM): {different}")
 

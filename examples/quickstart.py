@@ -32,7 +32,7 @@ except ImportError:  # a source checkout that is not installed: use the package 
 
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments, pipeline
 
-from sentence_lm.baseline import opt_config_like, train_opt_baseline
+from sentence_lm.baseline import token_config_like, train_token_baseline
 from sentence_lm.data import DataArguments, load_texts, tokenize_texts
 from sentence_lm.training_sentence_vae import train_sentence_vae
 from sentence_lm.training_sentence_opt import train_sentence_opt
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
         save_strategy="no",
         seed=0,
     )
-    opt = train_opt_baseline(opt_config_like(model.config), tokenizer, texts, opt_args).eval()
+    opt = train_token_baseline(token_config_like(model.config), tokenizer, texts, opt_args).eval()
 
     prompt = tokenizer(PROMPTS[0], return_tensors="pt", return_sentence_ids=False).input_ids
     with torch.inference_mode():

@@ -6,22 +6,26 @@ checkpoints load through `AutoConfig`, `AutoModel` and `AutoModelForCausalLM` wi
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
+from .configuration_sentence_lm import SentenceLMConfig
 from .configuration_sentence_opt import SentenceOPTConfig
 from .configuration_sentence_vae import SentenceVAEConfig
 from .corpus import default_corpus, group_paragraphs, read_text_lines, split_train_validation
 from .metrics import reconstruction_metrics
-from .modeling_sentence_opt import (
-    SentenceOPTCausalLMOutput,
-    SentenceOPTForCausalLM,
-    SentenceOPTModel,
-    SentenceOPTModelOutput,
+from .generation_sentence_lm import SentenceGenerateOutput, SentenceGenerationMixin
+from .modeling_sentence_lm import (
+    SentenceLMCausalLMOutput,
+    SentenceLMForCausalLM,
+    SentenceLMModel,
+    SentenceLMModelOutput,
 )
-from .modeling_sentence_vae import SentenceDecodeOutput, SentenceVAEModel, SentenceVAEOutput
+from .modeling_sentence_opt import SentenceOPTForCausalLM, SentenceOPTModel
+from .modeling_sentence_vae import SentenceDecodeOutput, SentenceDecoderCache, SentenceVAEModel, SentenceVAEOutput
 from .segmentation import PackedSentences, build_boundary_table, pack_sentences, segment_sentences
 from .tokenization_sentence_lm import SentenceTokenizer, train_sentence_tokenizer
 
 for _config, _models in (
     (SentenceVAEConfig, {AutoModel: SentenceVAEModel}),
+    (SentenceLMConfig, {AutoModel: SentenceLMModel, AutoModelForCausalLM: SentenceLMForCausalLM}),
     (SentenceOPTConfig, {AutoModel: SentenceOPTModel, AutoModelForCausalLM: SentenceOPTForCausalLM}),
 ):
     AutoConfig.register(_config.model_type, _config, exist_ok=True)
@@ -33,11 +37,17 @@ for _config, _models in (
 __all__ = [
     "PackedSentences",
     "SentenceDecodeOutput",
-    "SentenceOPTCausalLMOutput",
+    "SentenceDecoderCache",
+    "SentenceGenerateOutput",
+    "SentenceGenerationMixin",
+    "SentenceLMCausalLMOutput",
+    "SentenceLMConfig",
+    "SentenceLMForCausalLM",
+    "SentenceLMModel",
+    "SentenceLMModelOutput",
     "SentenceOPTConfig",
     "SentenceOPTForCausalLM",
     "SentenceOPTModel",
-    "SentenceOPTModelOutput",
     "SentenceTokenizer",
     "SentenceVAEConfig",
     "SentenceVAEModel",

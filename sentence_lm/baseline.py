@@ -1,49 +1,45 @@
-"""The token-level baseline: an `OPTForCausalLM` of a SentenceOPT's backbone shape, trained on
-the same text examples, so that speed and quality are compared like with like."""
+"""The token-level baseline: the token model of a SentenceLM's backbone family and shape (an
+`OPTForCausalLM` for SentenceOPT, a `LlamaForCausalLM` for a Llama backbone...), trained on the
+same text examples, so that speed and quality are compared like with like."""
 
 from __future__ import annotations
 
+import copy
+
 import torch
-from transformers import DataCollatorForLanguageModeling, OPTConfig, OPTForCausalLM, Trainer, TrainingArguments
-
-from .configuration_sentence_opt import SentenceOPTConfig
-
-BACKBONE_FIELDS = (
-    "hidden_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "ffn_dim",
-    "do_layer_norm_before",
-    "dropout",
-    "attention_dropout",
-    "activation_function",
-    "enable_bias",
-    "layer_norm_elementwise_affine",
-    "init_std",
+from transformers import (
+    AutoModelForCausalLM,
+    DataCollatorForLanguageModeling,
+    PreTrainedConfig,
+    PreTrainedModel,
+    Trainer,
+    TrainingArguments,
 )
 
-
-def opt_config_like(config: SentenceOPTConfig, max_position_embeddings: int = 2048) -> OPTConfig:
-    """An `OPTConfig` with the SentenceOPT backbone's shape, vocabulary and special tokens (its
-    positions count tokens, so it gets its own ``max_position_embeddings``)."""
-    return OPTConfig(
-        **{name: getattr(config, name) for name in BACKBONE_FIELDS},
-        vocab_size=config.vocab_size,
-        max_position_embeddings=max_position_embeddings,
-        word_embed_proj_dim=config.hidden_size,
-        pad_token_id=config.pad_token_id,
-        bos_token_id=config.bos_token_id,
-        eos_token_id=config.eos_token_id,
-    )
+from .configuration_sentence_lm import SentenceLMConfig
 
 
-def train_opt_baseline(
-    config: OPTConfig, tokenizer, train_dataset, training_args: TrainingArguments, eval_dataset=None
-) -> OPTForCausalLM:
-    """Train a fresh `OPTForCausalLM` with the Trainer on text examples (rows with ``input_ids``,
-    as made by :func:`sentence_lm.data.tokenize_texts`) and return it."""
+def token_config_like(config: SentenceLMConfig, max_position_embeddings: int = 2048) -> PreTrainedConfig:
+    """The config of the token model with a SentenceLM's backbone (family, shape, every setting)
+    and its vocabulary and special tokens; its positions count tokens, so it gets its own
+    ``max_position_embeddings``."""
+    token_config = copy.deepcopy(config.backbone)
+    token_config.vocab_size = config.vocab_size
+    token_config.pad_token_id = config.pad_token_id
+    token_config.bos_token_id = config.bos_token_id
+    token_config.eos_token_id = config.eos_token_id
+    token_config.max_position_embeddings = max_position_embeddings
+    return token_config
+
+
+def train_token_baseline(
+    config: PreTrainedConfig, tokenizer, train_dataset, training_args: TrainingArguments, eval_dataset=None
+) -> PreTrainedModel:
+    """Train a fresh token model of ``config`` (see :func:`token_config_like`) with the Trainer
+    on text examples (rows with ``input_ids``, as made by :func:`sentence_lm.data.tokenize_texts`)
+    and return it."""
     torch.manual_seed(training_args.seed)
-    model = OPTForCausalLM(config)
+    model = AutoModelForCausalLM.from_config(config)
     columns = [c for c in train_dataset.column_names if c not in ("input_ids", "attention_mask")]
     trainer = Trainer(
         model=model,

@@ -197,6 +197,7 @@ def _class_for(model_type: str | None, architectures) -> str:
     known = {
         "sentence_vae": "`sentence_lm.SentenceVAEModel` (or `AutoModel`)",
         "sentence_opt": "`sentence_lm.SentenceOPTForCausalLM` (or `AutoModelForCausalLM`)",
+        "sentence_lm": "`sentence_lm.SentenceLMForCausalLM` (or `AutoModelForCausalLM`)",
     }
     if model_type in known:
         return known[model_type]
@@ -224,7 +225,10 @@ def _interrupted_save_backups(path: str) -> list[str]:
 
 
 def check_checkpoint(cls, pretrained_model_name_or_path, kwargs: dict) -> list[str]:
-    """Check a checkpoint before ``cls.from_pretrained`` loads it; return its weight files."""
+    """Check a checkpoint before ``cls.from_pretrained`` loads it; return its weight files.
+
+    When ``cls.legacy_key_mapping(saved_config)`` (if the class has one) says the checkpoint's
+    weights have older names, the renaming is added to ``kwargs`` as ``key_mapping``."""
     path = os.fspath(pretrained_model_name_or_path)
     backups = _interrupted_save_backups(path)
     if backups:
@@ -244,6 +248,9 @@ def check_checkpoint(cls, pretrained_model_name_or_path, kwargs: dict) -> list[s
         except (OSError, ValueError) as err:
             raise OSError(f"Cannot read {config_file}: {err}. Re-download or re-save the checkpoint.") from err
         check_model_type(cls, where, saved.get("model_type"), saved.get("architectures"))
+        mapping = getattr(cls, "legacy_key_mapping", lambda saved: None)(saved)
+        if mapping is not None:
+            kwargs.setdefault("key_mapping", mapping)
     elif not isinstance(config, PreTrainedConfig):
         raise OSError(
             f"{where} has no {CONFIG_NAME}; it is not a {cls.config_class.model_type!r} checkpoint "
@@ -335,12 +342,13 @@ class SafeCheckpointMixin:
             return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         if kwargs.get("use_safetensors") is False:
             raise ValueError(f"{cls.__name__} loads safetensors weights only; do not pass use_safetensors=False.")
+        renames_given = "key_mapping" in kwargs
         files = check_checkpoint(cls, pretrained_model_name_or_path, kwargs)
         kwargs["use_safetensors"] = True
         if files and kwargs.get("force_download"):
             kwargs["force_download"] = False  # just downloaded afresh by the check: don't fetch twice
         try:
-            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+            model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
         except Exception as err:
             if not _is_safetensors_error(err):
                 raise
@@ -349,3 +357,7 @@ class SafeCheckpointMixin:
                 f"Cannot read the safetensors weights {names}: {err}. The file is corrupt: re-download it "
                 "(e.g. `force_download=True`) or re-save the checkpoint."
             ) from err
+        if "key_mapping" in kwargs and not renames_given:
+            # Weights renamed from an older layout on loading are saved under today's names.
+            model._weight_conversions = None
+        return model

@@ -79,23 +79,35 @@ def check_bool(config: PreTrainedConfig, *names: str) -> None:
             raise ValueError(f"`{name}` must be True or False, got {value!r}.")
 
 
-def check_config_version(config: PreTrainedConfig) -> None:
+def check_config_version(config: PreTrainedConfig, expected: int = CONFIG_VERSION) -> None:
     """Refuse a configuration written in another format version (an older or newer checkpoint)."""
     version = config.config_version
     if isinstance(version, bool) or not isinstance(version, int):
         raise ValueError(f"`config_version` must be an integer, got {version!r}; re-save the checkpoint.")
-    if version != CONFIG_VERSION:
+    if version != expected:
         raise ValueError(
             f"This checkpoint's config has config_version={version!r}, but this sentence_lm reads version "
-            f"{CONFIG_VERSION}. Upgrade sentence_lm or re-save the checkpoint with a matching version."
+            f"{expected} for {type(config).__name__}. Upgrade sentence_lm or re-save the checkpoint with a "
+            "matching version."
         )
+
+
+def _own_fields(config_class: type) -> set[str]:
+    """Fields declared by ``config_class`` and its bases below `PreTrainedConfig`, plus its
+    ``shortcut_fields`` (keyword arguments it takes and files elsewhere)."""
+    fields = set(getattr(config_class, "shortcut_fields", ()))
+    for cls in config_class.__mro__:
+        if cls is PreTrainedConfig:
+            break
+        fields.update(vars(cls).get("__annotations__", {}))
+    return fields
 
 
 def reject_unknown_keys(config_class: type, kwargs: dict) -> None:
     """Refuse keyword arguments that are neither fields of ``config_class`` nor library keys."""
     unknown = sorted(set(kwargs) - _LIBRARY_KEYS)
     if unknown:
-        fields = sorted(k for k in config_class.__annotations__ if not k.startswith("_"))
+        fields = sorted(k for k in _own_fields(config_class) if not k.startswith("_"))
         raise ValueError(
             f"Unknown {config_class.__name__} key(s) {unknown}. Check the spelling; valid keys are: "
             + ", ".join(fields)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -17,65 +16,13 @@ from transformers.utils import ModelOutput
 from .checkpointing import SafeCheckpointMixin
 from .configuration_sentence_vae import SentenceVAEConfig
 from .segmentation import build_boundary_table, segment_sentences
+from .validation import check_attention_mask, check_budget, check_token_ids
 
 
-def check_token_ids(input_ids: torch.Tensor, vocab_size: int, name: str = "input_ids") -> None:
-    """Raise a clear error unless ``input_ids`` is a 2-D integer tensor of ids below ``vocab_size``."""
-    if not isinstance(input_ids, torch.Tensor):
-        raise TypeError(
-            f"`{name}` must be a torch.LongTensor, got {type(input_ids).__name__}; call the tokenizer with "
-            "return_tensors='pt'."
-        )
-    if input_ids.is_floating_point() or input_ids.dtype == torch.bool:
-        raise TypeError(
-            f"`{name}` must hold integer token ids, got dtype {input_ids.dtype}; pass the tokenizer's ids "
-            "(or convert them with `.long()`)."
-        )
-    if input_ids.dim() != 2:
-        raise ValueError(
-            f"`{name}` must be 2-D (batch, seq_len), got shape {tuple(input_ids.shape)}; "
-            "add a batch dimension with `.unsqueeze(0)`."
-        )
-    if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab_size):
-        raise ValueError(
-            f"`{name}` holds ids outside the vocabulary [0, {vocab_size}) (min {int(input_ids.min())}, "
-            f"max {int(input_ids.max())}); encode text with the model's own tokenizer."
-        )
-
-
-def check_attention_mask(attention_mask: torch.Tensor | None, input_ids: torch.Tensor) -> torch.Tensor:
-    """Return ``attention_mask`` as a bool tensor (all ones when ``None``), checking its shape."""
-    if attention_mask is None:
-        return torch.ones_like(input_ids, dtype=torch.bool)
-    if attention_mask.shape != input_ids.shape:
-        raise ValueError(
-            f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has shape "
-            f"{tuple(input_ids.shape)}; they must match: pass the attention_mask the tokenizer returned "
-            "with these ids."
-        )
-    return attention_mask.to(device=input_ids.device, dtype=torch.bool)
-
-
-def check_budget(max_new_tokens, n: int, name: str = "max_new_tokens") -> None:
-    """Raise a clear error unless ``max_new_tokens`` is ``None``, an integer >= 0, or an integer
-    tensor of shape ``()`` or ``(n,)`` with no negative entry (one budget per row)."""
-    if max_new_tokens is None:
-        return
-    if isinstance(max_new_tokens, torch.Tensor):
-        if max_new_tokens.is_floating_point() or max_new_tokens.is_complex() or max_new_tokens.dtype == torch.bool:
-            raise TypeError(f"`{name}` must hold integers, got dtype {max_new_tokens.dtype}.")
-        if max_new_tokens.shape not in ((), (n,)):
-            raise ValueError(
-                f"`{name}` has shape {tuple(max_new_tokens.shape)}; pass one int for all rows or a tensor of "
-                f"shape ({n},), one budget per sentence vector."
-            )
-        if max_new_tokens.numel() and int(max_new_tokens.min()) < 0:
-            raise ValueError(f"`{name}` must be >= 0 in every row, got min {int(max_new_tokens.min())}.")
-        return
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)):
-        raise TypeError(f"`{name}` must be an int or an integer tensor of shape ({n},), got {max_new_tokens!r}.")
-    if max_new_tokens < 0:
-        raise ValueError(f"`{name}` must be >= 0, got {max_new_tokens}.")
+def pick_next_token(scores: torch.Tensor, do_sample: bool) -> torch.Tensor:
+    """The next choice of each row from ``(rows, choices)`` processed scores: sampled from their
+    softmax when ``do_sample``, else the argmax (greedy)."""
+    return torch.multinomial(scores.softmax(dim=-1), 1).squeeze(1) if do_sample else scores.argmax(dim=-1)
 
 
 def sinusoidal_positions(position_ids: torch.Tensor, dim: int, dtype: torch.dtype) -> torch.Tensor:
@@ -426,6 +373,7 @@ class SentenceVAEPreTrainedModel(SafeCheckpointMixin, PreTrainedModel):
     base_model_prefix = "sentence_vae"
     main_input_name = "input_ids"
     supports_gradient_checkpointing = False
+    _supports_sdpa = True  # its attention always runs on torch's scaled_dot_product_attention
 
     def _init_weights(self, module):
         super()._init_weights(module)
@@ -541,20 +489,6 @@ class SentenceVAEModel(SentenceVAEPreTrainedModel):
         return self.encoder(self.embed_tokens(input_ids), mask)
 
     # ----------------------------------------------------------------------------- decoder
-    def decoder_logits(
-        self,
-        input_ids: torch.Tensor,
-        sentence_vectors: torch.Tensor,
-        position_ids: torch.Tensor,
-        key_mask: torch.Tensor,
-        cache: DynamicCache | None = None,
-    ) -> torch.Tensor:
-        """Logits of the Sentence Decoder for decoder inputs ``input_ids`` (``(n, q)``, the
-        first one being BOS); see :meth:`SentenceDecoder.forward` for the other arguments."""
-        embeds = self._decoder_embeddings()(input_ids)
-        hidden = self.decoder(embeds, sentence_vectors.to(embeds.dtype), position_ids, key_mask, cache)
-        return self.lm_head(hidden)
-
     def teacher_forced_states(
         self, input_ids: torch.Tensor, mask: torch.Tensor, sentence_vectors: torch.Tensor
     ) -> torch.Tensor:
@@ -735,9 +669,7 @@ class SentenceVAEModel(SentenceVAEPreTrainedModel):
                 logits[:, eos] = torch.where(active_prefix_len == 0, float("-inf"), logits[:, eos])
             if logits_processor is not None:
                 logits = logits_processor(tokens[:, :end], logits)
-            next_tokens = (
-                torch.multinomial(logits.softmax(dim=-1), 1).squeeze(1) if do_sample else logits.argmax(dim=-1)
-            )
+            next_tokens = pick_next_token(logits, do_sample)
             is_eos = next_tokens == eos
             written[:, step].index_copy_(0, active, torch.where(is_eos, pad, next_tokens))
             active_lengths += (~is_eos).long()

@@ -737,12 +737,12 @@ DAMAGES = {
     "config-older-version": (
         lambda d, m: _edit_config(d, lambda c: c.update(config_version=0)),
         ValueError,
-        r"config_version=0.*reads version 1.*Upgrade sentence_lm or re-save",
+        r"config_version=0.*reads version 2 for SentenceOPTConfig.*Upgrade sentence_lm or re-save",
     ),
     "config-newer-version": (
-        lambda d, m: _edit_config(d, lambda c: c.update(config_version=2)),
+        lambda d, m: _edit_config(d, lambda c: c.update(config_version=3)),
         ValueError,
-        r"config_version=2.*Upgrade sentence_lm",
+        r"config_version=3.*Upgrade sentence_lm",
     ),
     "nested-vae-config-older-version": (
         lambda d, m: _edit_config(d, lambda c: c["sentence_vae"].update(config_version=0)),

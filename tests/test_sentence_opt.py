@@ -274,11 +274,12 @@ def test_from_opt_copies_backbone_and_embeddings(tmp_path):
     opt.save_pretrained(tmp_path / "opt")
     model = SentenceOPTForCausalLM.from_opt(tmp_path / "opt")
     decoder = opt.model.decoder
+    copied = model.model.backbone.decoder.state_dict()
     for name, tensor in decoder.state_dict().items():
         if name.startswith(("layers.", "embed_positions.", "final_layer_norm.")):
-            torch.testing.assert_close(model.model.state_dict()[name], tensor)
+            torch.testing.assert_close(copied[name], tensor)
     torch.testing.assert_close(model.get_input_embeddings().weight, decoder.embed_tokens.weight)
-    assert model.config.num_hidden_layers == 2 and model.config.sentence_vae.vocab_size == VOCAB
+    assert model.config.backbone.num_hidden_layers == 2 and model.config.sentence_vae.vocab_size == VOCAB
 
 
 def test_from_opt_with_a_trained_vae_of_another_width_is_refused():

@@ -102,11 +102,14 @@ def test_text_streamer_prints_the_generated_text(model, tokenizer, capsys):
 
 REMOTE = """
 import json, sys
-from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, pipeline
 path = sys.argv[1] if len(sys.argv) > 1 else {path!r}
 model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)
 tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
 assert "sentence_lm" not in type(model).__module__.split(".")[0], type(model).__module__
+base = AutoModel.from_pretrained(path, trust_remote_code=True)
+assert type(base).__name__ == "SentenceOPTModel", type(base)
+assert base.state_dict().keys() == model.model.state_dict().keys()
 generator = pipeline("text-generation", model=model, tokenizer=tokenizer)
 print(json.dumps([generator(p, max_new_tokens=12, do_sample=False)[0]["generated_text"] for p in {prompts!r}]))
 """

@@ -1,0 +1,184 @@
+"""Configuration of SentenceLM, the Sentence-level LLM over any decoder-only backbone."""
+
+from __future__ import annotations
+
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_MAPPING_NAMES
+
+from .configuration_sentence_vae import (
+    SentenceVAEConfig,
+    check_bool,
+    check_config_version,
+    check_real,
+    reject_unknown_keys,
+)
+
+CONFIG_VERSION = 2
+"""Format of `SentenceLMConfig`: 2 nests the backbone's own config (release 0.1.0 wrote flat OPT
+fields, version 1; `SentenceOPTConfig` still reads those)."""
+
+_DERIVED_KEYS = ("vocab_size", "pad_token_id", "bos_token_id", "eos_token_id")
+
+
+def backbone_width(backbone: PreTrainedConfig) -> int:
+    """Width of the vectors a backbone reads as ``inputs_embeds`` and writes as its last hidden
+    state: ``hidden_size``, except for OPTs with a projected embedding (OPT-350m's
+    ``word_embed_proj_dim``)."""
+    return getattr(backbone, "word_embed_proj_dim", None) or backbone.hidden_size
+
+
+def check_decoder_only(backbone: PreTrainedConfig) -> None:
+    """Refuse a backbone config that is not a decoder-only language model `transformers` knows."""
+    model_type = getattr(backbone, "model_type", None)
+    fix = (
+        "A SentenceLM's backbone must be a decoder-only language model that `transformers` builds with "
+        "`AutoModel` and runs on `inputs_embeds` (OPT, GPT-2, Llama, Qwen2, Mistral, Gemma, Phi, ...)."
+    )
+    if getattr(backbone, "is_encoder_decoder", False):
+        raise ValueError(f"The backbone {model_type!r} is an encoder-decoder model. {fix}")
+    if getattr(backbone, "is_decoder", True) is False or model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ValueError(f"The backbone {model_type!r} is not a decoder-only language model. {fix}")
+    if model_type not in MODEL_MAPPING_NAMES:
+        raise ValueError(f"`transformers` has no base model (AutoModel) for the backbone {model_type!r}. {fix}")
+
+
+class SentenceLMConfig(PreTrainedConfig):
+    r"""Configuration of [`SentenceLMModel`] and [`SentenceLMForCausalLM`]: the layers of any
+    decoder-only `transformers` model (the *backbone*) run over sentence vectors, one step per
+    sentence; a nested SentenceVAE turns sentences into vectors and back, and a stop head decides
+    where a text ends. Built like `transformers`' composite configs (LLaVA's `text_config`).
+
+    Positions count *sentences*: the backbone's ``max_position_embeddings`` is the most sentence
+    slots in one context, the first slot being the start-of-text state, so a text may hold at most
+    ``max_position_embeddings - 1`` sentences (each of at most ``sentence_vae.max_sentence_len``
+    tokens). Past it, ``forward`` and ``generate`` refuse a longer text with a ``ValueError``
+    naming ``max_position_embeddings``, and ``generate`` stops a row whose context is full.
+
+    Args:
+        sentence_vae (`SentenceVAEConfig` or `dict`, *optional*):
+            The SentenceVAE's configuration; its `hidden_size` must equal the backbone's width, and
+            its `vocab_size` and special token ids are the model's. Defaults to one encoder and one
+            decoder layer of the backbone's width, heads and feed-forward size.
+        backbone (`PreTrainedConfig` or `dict`, *optional*):
+            The configuration of a decoder-only `transformers` model (a `dict` names its
+            `model_type`); defaults to a `LlamaConfig`. Only its layers, norms and positions are
+            built: its token-embedding table is never used, so it is not kept.
+        base_model (`str`, *optional*):
+            The token model the backbone was initialised from (Hub metadata of the model card).
+        stop_loss_weight (`float`, defaults to 1.0):
+            Weight of the stop head's loss in the training loss (reported NLLs always use 1).
+        use_cache (`bool`, defaults to `True`):
+            Whether generation keeps key/value caches.
+        config_version (`int`, defaults to 2):
+            Version of this configuration's format; checkpoints from other versions are refused.
+
+    The token-level fields `vocab_size`, `pad_token_id`, `bos_token_id` and `eos_token_id` are
+    read from `sentence_vae` (a value passed here that differs from the SentenceVAE's is
+    refused); `hidden_size` and `max_position_embeddings` are read from `backbone`. Every field is
+    checked when the configuration is built: a value of the wrong type or range, a backbone that
+    is not decoder-only, or an unknown key raises a `ValueError` that names the field.
+    """
+
+    model_type = "sentence_lm"
+    sub_configs_defaults = {
+        "backbone": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
+        "sentence_vae": SentenceVAEConfig,
+    }
+
+    sentence_vae: SentenceVAEConfig | dict | None = None
+    backbone: PreTrainedConfig | dict | None = None
+    base_model: str | None = None
+    stop_loss_weight: float = 1.0
+    use_cache: bool = True
+    tie_word_embeddings: bool = False
+    config_version: int = CONFIG_VERSION
+
+    def __post_init__(self, **kwargs):
+        derived = {key: kwargs.pop(key) for key in _DERIVED_KEYS if kwargs.get(key) is not None}
+        kwargs = {key: value for key, value in kwargs.items() if key not in _DERIVED_KEYS}
+        reject_unknown_keys(type(self), kwargs)
+        check_config_version(self, CONFIG_VERSION)
+        if isinstance(self.backbone, dict) and "model_type" not in self.backbone:
+            raise ValueError(
+                "`backbone` is a dict without `model_type`; name the backbone's family, e.g. "
+                "backbone=dict(model_type='llama', hidden_size=...), or pass a config such as LlamaConfig(...)."
+            )
+        if self.backbone is None:
+            self.backbone = self.default_backbone()
+        if not isinstance(self.backbone, PreTrainedConfig):
+            self.backbone = AutoConfig.for_model(**self.backbone)
+        check_decoder_only(self.backbone)
+        if self.sentence_vae is None:
+            self.sentence_vae = SentenceVAEConfig(
+                hidden_size=backbone_width(self.backbone),
+                num_attention_heads=self.backbone.num_attention_heads,
+                ffn_dim=_ffn_dim(self.backbone),
+            )
+        super().__post_init__(**kwargs)
+        check_real(self, "stop_loss_weight")
+        check_bool(self, "use_cache")
+        if self.base_model is not None and not isinstance(self.base_model, str):
+            raise ValueError(f"`base_model` must be a checkpoint name (a string) or None, got {self.base_model!r}.")
+        for key, value in derived.items():
+            if value != getattr(self.sentence_vae, key):
+                raise ValueError(
+                    f"`{key}`={value!r} differs from the SentenceVAE's {key} ({getattr(self.sentence_vae, key)!r}); "
+                    f"token-level settings are read from `sentence_vae`: set it there "
+                    f"(sentence_vae=dict({key}=...)) instead."
+                )
+        width = backbone_width(self.backbone)
+        if self.sentence_vae.hidden_size != width:
+            raise ValueError(
+                f"The SentenceVAE's hidden_size ({self.sentence_vae.hidden_size}) differs from the backbone's "
+                f"hidden_size ({width}); sentence vectors must have the backbone's width. "
+                "Train or pick a SentenceVAE with the same hidden_size."
+            )
+        if self.max_position_embeddings is not None and self.max_position_embeddings < 2:
+            raise ValueError(
+                f"The backbone's max_position_embeddings ({self.max_position_embeddings}) must be at least 2: "
+                "one slot for the start state and one per sentence."
+            )
+
+    @classmethod
+    def default_backbone(cls) -> PreTrainedConfig:
+        """The backbone config used when none is given."""
+        spec = cls.sub_configs_defaults["backbone"]
+        return spec.create_subconfig("backbone")[0]
+
+    # Token-level settings live in the SentenceVAE; these keep the usual names working.
+    @property
+    def vocab_size(self) -> int:
+        return self.sentence_vae.vocab_size
+
+    @property
+    def pad_token_id(self) -> int:
+        return self.sentence_vae.pad_token_id
+
+    @property
+    def bos_token_id(self) -> int:
+        return self.sentence_vae.bos_token_id
+
+    @property
+    def eos_token_id(self) -> int:
+        return self.sentence_vae.eos_token_id
+
+    # Shape settings live in the backbone.
+    @property
+    def hidden_size(self) -> int:
+        """Width of the sentence vectors and of the backbone's states."""
+        return backbone_width(self.backbone)
+
+    @property
+    def max_position_embeddings(self) -> int | None:
+        """Sentence slots in one context, start state included (``None``: the backbone sets no limit)."""
+        return getattr(self.backbone, "max_position_embeddings", None)
+
+
+def _ffn_dim(backbone: PreTrainedConfig) -> int:
+    """The backbone's feed-forward width, whatever its family calls it."""
+    for name in ("intermediate_size", "ffn_dim", "n_inner"):
+        value = getattr(backbone, name, None)
+        if value:
+            return value
+    return 4 * backbone.hidden_size

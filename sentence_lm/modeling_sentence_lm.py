@@ -1,0 +1,584 @@
+"""SentenceLM: a Sentence-level LLM. The layers of any decoder-only `transformers` model (the
+backbone) run over sentence vectors made by a SentenceVAE, one step per sentence; a stop head
+decides where the text ends and the Sentence Decoder writes each next sentence from the
+backbone's state."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModel, Cache, DynamicCache, PreTrainedConfig, PreTrainedModel
+from transformers.utils import ModelOutput, logging
+
+from .checkpointing import SafeCheckpointMixin
+from .configuration_sentence_lm import SentenceLMConfig, _ffn_dim, backbone_width
+from .configuration_sentence_vae import SentenceVAEConfig
+from .generation_sentence_lm import CONTINUE, STOP, SentenceGenerationMixin
+from .modeling_sentence_vae import SentenceVAEModel
+from .segmentation import PackedSentences, pack_sentences
+from .validation import check_attention_mask, check_token_ids
+
+logger = logging.get_logger(__name__)
+
+
+@dataclass
+class SentenceLMModelOutput(ModelOutput):
+    """Output of [`SentenceLMModel.forward`].
+
+    Attributes:
+        last_hidden_state: ``(batch, slots, hidden)`` backbone states, left-padded: the last
+            ``1 + num_sentences[b]`` slots of row ``b`` are its start state and its sentences.
+            The state at a slot predicts the sentence in the next slot (or the end of text).
+        slot_mask: ``(batch, slots)`` which slots hold the start state or a sentence.
+        sentence_vectors: ``(num_sentences, hidden)`` encodings of the packed sentences.
+        packed: the batch's sentences, packed (see [`PackedSentences`]).
+        cache: the backbone's key/value cache over sentence slots, when ``use_cache``.
+    """
+
+    last_hidden_state: torch.Tensor | None = None
+    slot_mask: torch.Tensor | None = None
+    sentence_vectors: torch.Tensor | None = None
+    packed: PackedSentences | None = None
+    cache: Cache | None = None
+
+
+@dataclass
+class SentenceLMCausalLMOutput(ModelOutput):
+    """Output of [`SentenceLMForCausalLM.forward`].
+
+    Attributes:
+        loss: the training loss, ``(sentence NLL + stop_loss_weight * stop NLL) / num_tokens``:
+            the negative log-likelihood of every sentence's tokens and its end-of-sentence
+            token given the previous sentences, plus the stop decisions, per original token.
+            With ``stop_loss_weight=1`` (the default) ``exp(loss)`` is a per-token perplexity
+            of the whole text, comparable with a token model's on the same tokens.
+        logits: ``(batch, seq_len, vocab)`` token-aligned logits as a token model's: the logit
+            at position ``t`` predicts token ``t + 1``. Inside a sentence it is the Sentence
+            Decoder's step; at the last token of a sentence it is the decoder's first step for
+            the next sentence. Cross-entropy over these logits (``lm_loss``) leaves out the
+            end-of-sentence and stop decisions, so it is lower than ``loss``.
+        lm_loss: shifted cross-entropy of ``logits`` against ``labels`` (when given).
+        sentence_loss: mean NLL per sentence token, end-of-sentence tokens included.
+        stop_loss: mean NLL per stop decision (one per sentence plus one at the end of text).
+        nll: ``(batch,)`` total NLL of each text (sentence tokens, end-of-sentence tokens, stop
+            decisions), in nats.
+        num_tokens: ``(batch,)`` original tokens of each text (BOS and padding excluded).
+    """
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    lm_loss: torch.Tensor | None = None
+    sentence_loss: torch.Tensor | None = None
+    stop_loss: torch.Tensor | None = None
+    nll: torch.Tensor | None = None
+    num_tokens: torch.Tensor | None = None
+
+
+class NoTokenEmbeddings(nn.Module):
+    """Takes the place of the backbone's token-embedding table, which a SentenceLM never reads
+    (the backbone's inputs are sentence vectors), so that it costs no memory."""
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        raise RuntimeError(
+            "A SentenceLM's backbone has no token embeddings: it reads sentence vectors (`inputs_embeds`). "
+            "Call the SentenceLM itself with input_ids."
+        )
+
+
+class SentenceLMPreTrainedModel(SafeCheckpointMixin, PreTrainedModel):
+    """Weight initialisation and loading for SentenceLM models. The backbone's own
+    initialisation applies to the backbone; `_no_split_modules`, gradient checkpointing and the
+    attention implementation follow it."""
+
+    config_class = SentenceLMConfig
+    config: SentenceLMConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        if isinstance(module, SentenceLMModel):
+            std = getattr(self.config.backbone, "initializer_range", None) or getattr(
+                self.config.backbone, "init_std", 0.02
+            )
+            nn.init.normal_(module.start_embedding, std=std)
+        elif isinstance(module, SentenceVAEModel):
+            module.boundary_table.zero_()
+
+
+class SentenceLMModel(SentenceLMPreTrainedModel):
+    """Sentence Encoder + a decoder-only backbone over sentence vectors.
+
+    Token ids are cut into sentences with the SentenceVAE's boundary table (a leading BOS, as
+    most tokenizers add, is the start-of-text state rather than a sentence), the sentences are
+    encoded to vectors, and the backbone (``AutoModel.from_config(config.backbone)``) runs once
+    over ``[start, s_0, s_1, ...]`` per text, on ``inputs_embeds``, with position ids that count
+    real sentence slots.
+    """
+
+    def __init__(self, config: SentenceLMConfig):
+        super().__init__(config)
+        self.sentence_vae = SentenceVAEModel(config.sentence_vae)
+        self.start_embedding = nn.Parameter(torch.zeros(config.hidden_size))
+        self.backbone = AutoModel.from_config(config.backbone)
+        self.backbone.set_input_embeddings(NoTokenEmbeddings())
+        arguments = inspect.signature(self.backbone.forward).parameters
+        if not {"inputs_embeds", "position_ids", "attention_mask"} <= set(arguments):
+            raise ValueError(
+                f"{type(self.backbone).__name__}.forward takes no `inputs_embeds`, `position_ids` and `attention_mask`; "
+                "a SentenceLM's backbone must read vectors instead of token ids. Pick another backbone family."
+            )
+        # transformers 5.24 renamed `past_key_values` to `cache`; earlier 5.x releases take the old name.
+        self._cache_argument = "cache" if "cache" in arguments else "past_key_values"
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.sentence_vae.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.sentence_vae.set_input_embeddings(value)
+
+    def content_mask(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """``attention_mask`` without each row's leading BOS token (the start state stands for it)."""
+        if input_ids.shape[1] == 0:
+            return attention_mask
+        first = torch.argmax(attention_mask.long(), dim=1)
+        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+        is_leading_bos = attention_mask[rows, first] & (input_ids[rows, first] == self.config.bos_token_id)
+        mask = attention_mask.clone()
+        mask[rows[is_leading_bos], first[is_leading_bos]] = False
+        return mask
+
+    def slot_inputs(self, sentence_vectors: torch.Tensor, packed: PackedSentences) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded backbone inputs ``(batch, 1 + max_sentences, hidden)``: the start state
+        then each text's sentence vectors, and the matching slot mask."""
+        batch = packed.num_sentences.shape[0]
+        slots = 1 + int(packed.num_sentences.max()) if batch else 1
+        limit = self.config.max_position_embeddings
+        if limit is not None and slots > limit:
+            raise ValueError(
+                f"A text has {slots - 1} sentences but the backbone holds at most {limit - 1} "
+                "(max_position_embeddings - 1 for the start state); shorten the text or split it into several."
+            )
+        dtype = self.start_embedding.dtype
+        inputs = self.start_embedding.expand(batch, slots, -1).clone()
+        first_slot = slots - 1 - packed.num_sentences
+        inputs[packed.batch_index, first_slot[packed.batch_index] + 1 + packed.sentence_index] = sentence_vectors.to(
+            dtype
+        )
+        slot_mask = torch.arange(slots, device=inputs.device) >= first_slot[:, None]
+        return inputs, slot_mask
+
+    def new_cache(self) -> DynamicCache:
+        """An empty key/value cache for the backbone (over sentence slots)."""
+        return DynamicCache(config=self.config.backbone)
+
+    def run_backbone(
+        self, inputs_embeds: torch.Tensor, slot_mask: torch.Tensor, cache: Cache | None = None
+    ) -> torch.Tensor:
+        """Run the backbone over slot inputs ``(batch, new_slots, hidden)``; returns its last
+        hidden states.
+
+        ``slot_mask`` covers the cached slots and the new ones; positions count real slots only,
+        so left padding shifts nothing. ``cache`` (from :meth:`new_cache`) is updated in place.
+        """
+        past = cache.get_seq_length() if cache is not None else 0
+        position_ids = (slot_mask.long().cumsum(dim=1) - 1).clamp(min=0)[:, past:]
+        out = self.backbone(
+            inputs_embeds=inputs_embeds,
+            attention_mask=slot_mask.long(),
+            position_ids=position_ids,
+            use_cache=cache is not None,
+            return_dict=True,
+            **{self._cache_argument: cache},
+        )
+        return out.last_hidden_state
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> SentenceLMModelOutput | tuple:
+        """Segment, encode and run the backbone over a batch of texts.
+
+        Args:
+            input_ids: ``(batch, seq_len)`` token ids, padded on either side.
+            attention_mask: ``(batch, seq_len)``, 1 on real tokens.
+            use_cache: also return the backbone's key/value cache.
+        """
+        check_token_ids(input_ids, self.config.vocab_size)
+        if input_ids.shape[0] == 0:
+            raise ValueError("input_ids holds no text (batch size 0); pass at least one row.")
+        input_ids = input_ids.long()
+        mask = check_attention_mask(attention_mask, input_ids)
+        content = self.content_mask(input_ids, mask)
+        empty = ~content.any(dim=1)
+        if bool(empty.any()):
+            raise ValueError(
+                f"Row(s) {torch.nonzero(empty).flatten().tolist()} of input_ids hold no text token (only "
+                "padding or BOS); every text needs at least one token: drop such rows (use `generate()` to "
+                "start from nothing)."
+            )
+        packed = pack_sentences(input_ids, self.sentence_vae.segment(input_ids, content), self.config.pad_token_id)
+        vectors = self.sentence_vae.encode(packed.input_ids, packed.attention_mask)
+        inputs, slot_mask = self.slot_inputs(vectors, packed)
+        cache = self.new_cache() if use_cache else None
+        hidden = self.run_backbone(inputs, slot_mask, cache)
+        output = SentenceLMModelOutput(
+            last_hidden_state=hidden, slot_mask=slot_mask, sentence_vectors=vectors, packed=packed, cache=cache
+        )
+        return output if return_dict is not False else output.to_tuple()
+
+
+class SentenceLMForCausalLM(SentenceLMPreTrainedModel, SentenceGenerationMixin):
+    """SentenceLM with a stop head and the Sentence Decoder: a causal LM that predicts the next
+    *sentence*. See [`SentenceLMCausalLMOutput`] for what `forward` computes,
+    [`SentenceGenerationMixin.generate`] for next-sentence generation and
+    :meth:`from_pretrained_backbone` to start from a pretrained token model."""
+
+    base_model_class = SentenceLMModel
+    """The class of ``self.model`` (a subclass's own base model, e.g. `SentenceOPTModel`)."""
+
+    def __init__(self, config: SentenceLMConfig):
+        super().__init__(config)
+        self.model = self.base_model_class(config)
+        self.stop_head = nn.Linear(config.hidden_size, 2)
+        self.post_init()
+        self.generation_config.update(
+            bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
+        )
+        self.tokenizer = None
+        self.model_card_kwargs: dict = {}
+
+    def _save_extras(self, save_directory: str) -> None:
+        """Save what belongs beside the weights: the tokenizer attached as ``model.tokenizer``
+        (by `from_pretrained_backbone`, the training script or the user) and the model card
+        ``README.md``, rendered from MODEL_CARD.md with ``model.model_card_kwargs``
+        (``results``, ``datasets``, ``repo_id``, ``license``; see `render_model_card`)."""
+        from .model_card import save_model_card
+
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(save_directory)
+        save_model_card(self, save_directory, **self.model_card_kwargs)
+        if self._auto_class is not None:
+            # `transformers` maps only the saved class; the base model loads with AutoModel too.
+            path = os.path.join(save_directory, "config.json")
+            with open(path, encoding="utf-8") as f:
+                saved = json.load(f)
+            module = type(self).__module__.rsplit(".", 1)[-1]
+            saved.setdefault("auto_map", {})["AutoModel"] = f"{module}.{self.base_model_class.__name__}"
+            with open(path, "w", encoding="utf-8") as f:
+                json.dump(saved, f, indent=2, sort_keys=True)
+                f.write("\n")
+
+    @property
+    def sentence_vae(self) -> SentenceVAEModel:
+        return self.model.sentence_vae
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.sentence_vae.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.sentence_vae.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.sentence_vae.get_output_embeddings()
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.sentence_vae.set_output_embeddings(value)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        return_dict: bool | None = None,
+        sentence_ids: torch.Tensor | None = None,
+        **kwargs,
+    ) -> SentenceLMCausalLMOutput | tuple:
+        """Score texts: the training loss (whole-text NLL per token) and token-aligned logits.
+
+        Args:
+            input_ids: ``(batch, seq_len)`` token ids, padded on either side; every text is
+                taken as complete (its end is a stop decision).
+            attention_mask: ``(batch, seq_len)``, 1 on real tokens.
+            labels: optional ``(batch, seq_len)`` ids (``-100`` to ignore) for ``lm_loss``, the
+                causal-LM cross-entropy of the aligned ``logits`` (as a token model computes).
+            sentence_ids: accepted so that ``model(**tokenizer(...))`` works, and ignored: the
+                model segments ``input_ids`` itself with the same rule.
+
+        Returns:
+            [`SentenceLMCausalLMOutput`].
+        """
+        check_token_ids(input_ids, self.config.vocab_size)
+        input_ids = input_ids.long()  # int32 (or other integer) ids work like int64 ones
+        if labels is not None and (not isinstance(labels, torch.Tensor) or labels.shape != input_ids.shape):
+            raise ValueError(
+                f"labels has shape {tuple(getattr(labels, 'shape', ()))} but input_ids has {tuple(input_ids.shape)}; "
+                "pass a tensor of the ids' shape (e.g. labels=input_ids, -100 where no loss is wanted)."
+            )
+        out = self.model(input_ids, attention_mask)
+        packed, hidden, slot_mask = out.packed, out.last_hidden_state, out.slot_mask
+        slots = hidden.shape[1]
+        first_slot = slots - 1 - packed.num_sentences
+
+        # Sentence i of a text is written from the state of the slot before it.
+        memory = hidden[packed.batch_index, first_slot[packed.batch_index] + packed.sentence_index]
+        # The output layer runs only on the decoder steps that have a target (no padding).
+        mask = packed.attention_mask
+        states = self.sentence_vae.teacher_forced_states(packed.input_ids, mask, memory)
+        targets = self.sentence_vae.reconstruction_targets(packed.input_ids, mask)
+        has_target = targets != -100
+        step_logits = self.sentence_vae.lm_head(states[has_target])
+        step_index = has_target.long().flatten().cumsum(0).view(has_target.shape) - 1
+        token_nll = torch.zeros(targets.shape, dtype=torch.float32, device=states.device)
+        token_nll[has_target] = F.cross_entropy(step_logits.float(), targets[has_target], reduction="none")
+
+        # Stop decisions: continue at every slot but the last, stop at the last.
+        stop_logits = self.stop_head(hidden).float()
+        stop_targets = torch.full(slot_mask.shape, CONTINUE, dtype=torch.long, device=hidden.device)
+        stop_targets[:, -1] = STOP
+        stop_nll = F.cross_entropy(stop_logits.flatten(0, 1), stop_targets.flatten(), reduction="none")
+        stop_nll = stop_nll.view(slot_mask.shape) * slot_mask
+
+        batch = input_ids.shape[0]
+        sentence_nll = torch.zeros(batch, device=hidden.device).index_add_(0, packed.batch_index, token_nll.sum(1))
+        nll = sentence_nll + stop_nll.sum(1)
+        num_tokens = torch.zeros(batch, dtype=torch.long, device=hidden.device).index_add_(
+            0, packed.batch_index, packed.lengths
+        )
+        total_tokens = num_tokens.sum()
+        loss = (sentence_nll.sum() + self.config.stop_loss_weight * stop_nll.sum()) / total_tokens
+        logits = self.aligned_logits(step_logits, step_index, packed)
+        lm_loss = None
+        if labels is not None:
+            lm_loss = F.cross_entropy(
+                logits[:, :-1].float().flatten(0, 1),
+                labels[:, 1:].flatten().to(logits.device, torch.long),
+                ignore_index=-100,
+            )
+        output = SentenceLMCausalLMOutput(
+            loss=loss,
+            logits=logits,
+            lm_loss=lm_loss,
+            sentence_loss=sentence_nll.sum() / has_target.sum(),
+            stop_loss=stop_nll.sum() / slot_mask.sum(),
+            nll=nll,
+            num_tokens=num_tokens,
+        )
+        return output if return_dict is not False else output.to_tuple()
+
+    @staticmethod
+    def aligned_logits(step_logits: torch.Tensor, step_index: torch.Tensor, packed: PackedSentences) -> torch.Tensor:
+        """Rearrange teacher-forced decoder logits into token-aligned logits
+        ``(batch, seq_len, vocab)`` where position ``t`` predicts token ``t + 1``.
+
+        ``step_logits`` holds the logits of the decoder steps that have a target (a sentence's
+        tokens and its end-of-sentence token), and ``step_index[s, j]`` the row of sentence
+        ``s``'s step ``j`` in it.
+        """
+        sentence, position = packed.token_sentence, packed.token_position
+        offsets = packed.num_sentences.cumsum(0) - packed.num_sentences
+        in_text = sentence >= 0
+        sentence = torch.where(in_text, sentence, offsets[:, None])
+        is_last = in_text & (position == packed.lengths[sentence] - 1)
+        has_next = (sentence + 1 < (offsets + packed.num_sentences)[:, None]) & is_last
+        target_sentence = torch.where(has_next, sentence + 1, sentence)
+        target_step = torch.where(has_next | ~in_text, 0, position + 1)
+        return step_logits[step_index[target_sentence, target_step]]
+
+    # ------------------------------------------------------------------------------ building
+    @classmethod
+    def from_pretrained_backbone(
+        cls,
+        model_or_path,
+        sentence_vae: SentenceVAEModel | str | os.PathLike | None = None,
+        tokenizer=None,
+        sentence_vae_config: SentenceVAEConfig | dict | None = None,
+        gguf_file: str | None = None,
+        **config_overrides,
+    ) -> "SentenceLMForCausalLM":
+        """Build a SentenceLM whose backbone (layers, norms, positions) comes from a pretrained
+        decoder-only token model.
+
+        Args:
+            model_or_path: a token model (e.g. `LlamaForCausalLM`, `GPT2LMHeadModel`,
+                `OPTForCausalLM`, or its base model), or a path or Hub id of one
+                (e.g. ``"HuggingFaceTB/SmolLM2-135M"``).
+            sentence_vae: a trained `SentenceVAEModel` (or its path) of the backbone's width;
+                when ``None`` a new one is made from ``sentence_vae_config`` (defaults: one
+                encoder and one decoder layer of the backbone's width, heads and feed-forward
+                size, the token model's vocabulary and special tokens) and the token model's
+                embeddings are copied into it (and into its output layer when that is not tied).
+            tokenizer: the tokenizer whose sentence-boundary table the model uses (wrapped in a
+                `SentenceTokenizer` when it is not one); when ``None`` and ``model_or_path`` is a
+                path, the tokenizer saved there is used. It is attached as ``model.tokenizer`` and
+                saved with the model.
+            sentence_vae_config: fields of the new SentenceVAE (see above).
+            gguf_file: the name of a GGUF file in ``model_or_path`` to load the token model (and
+                its tokenizer) from, as `from_pretrained(..., gguf_file=...)` does.
+            config_overrides: `SentenceLMConfig` fields (e.g. ``stop_loss_weight=0.5``) and
+                backbone config fields (e.g. ``max_position_embeddings=256`` sentence slots,
+                ``dropout=0.0``).
+        """
+        token_model, tokenizer = _load_token_model(model_or_path, tokenizer, gguf_file)
+        token_config = token_model.config
+        backbone_config = _backbone_config_of(token_config)
+        lm_fields = {}
+        for key, value in config_overrides.items():
+            if key in SentenceLMConfig.__annotations__:
+                lm_fields[key] = value
+            elif hasattr(backbone_config, key):
+                setattr(backbone_config, key, value)
+            else:
+                raise ValueError(
+                    f"Unknown argument {key!r}: it is neither a SentenceLMConfig field ("
+                    f"{', '.join(k for k in SentenceLMConfig.__annotations__ if not k.startswith('_'))}) nor a "
+                    f"field of the backbone's {type(backbone_config).__name__}. Check the spelling."
+                )
+        if isinstance(sentence_vae, (str, os.PathLike)):
+            sentence_vae = SentenceVAEModel.from_pretrained(sentence_vae)
+        new_vae = sentence_vae is None
+        if new_vae:
+            sentence_vae = SentenceVAEModel(_sentence_vae_config_for(token_config, tokenizer, sentence_vae_config))
+        lm_fields.setdefault("base_model", token_model.name_or_path or None)
+        config = cls.config_class(sentence_vae=sentence_vae.config, backbone=backbone_config, **lm_fields)
+        model = cls(config)
+        model.model.sentence_vae = sentence_vae
+        base = token_model.base_model
+        source_embeddings = base.get_input_embeddings()
+        embedding_keys = {f"{name}.weight" for name, module in base.named_modules() if module is source_embeddings}
+        source = {k: v for k, v in base.state_dict().items() if k not in embedding_keys}
+        missing, unexpected = model.model.backbone.load_state_dict(source, strict=False)
+        if unexpected or missing:
+            raise ValueError(
+                f"The token model's weights do not fit a {type(model.model.backbone).__name__} built from its config "
+                f"(unexpected: {unexpected[:5]}, missing: {missing[:5]}); pass a standard decoder-only checkpoint."
+            )
+        if new_vae:
+            _copy_token_embeddings(token_model, sentence_vae)
+        if tokenizer is not None:
+            model.attach_tokenizer(tokenizer)
+        else:
+            logger.warning(
+                "No tokenizer given: the model has no sentence-boundary table yet and cuts text only at "
+                "max_sentence_len. Call model.attach_tokenizer(tokenizer) before training or generating."
+            )
+        return model
+
+    def attach_tokenizer(self, tokenizer) -> None:
+        """Use ``tokenizer``'s sentence boundaries and save it with the model (``model.tokenizer``).
+        A tokenizer that is not a `SentenceTokenizer` is wrapped in one."""
+        from .tokenization_sentence_lm import SentenceTokenizer
+
+        if not isinstance(tokenizer, SentenceTokenizer):
+            tokenizer = SentenceTokenizer.from_tokenizer(
+                tokenizer, max_sentence_len=self.config.sentence_vae.max_sentence_len
+            )
+        if len(tokenizer) > self.config.vocab_size:
+            raise ValueError(
+                f"The tokenizer has {len(tokenizer)} tokens but the model's vocabulary has {self.config.vocab_size}; "
+                "use the tokenizer the model (or its token model) was built with."
+            )
+        self.sentence_vae.set_boundary_table(tokenizer)
+        self.tokenizer = tokenizer
+
+
+def _load_token_model(model_or_path, tokenizer, gguf_file: str | None):
+    """The token model (loaded when a path or Hub id is given) and the tokenizer to use."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not isinstance(model_or_path, (str, os.PathLike)):
+        if not isinstance(model_or_path, PreTrainedModel):
+            raise TypeError(
+                f"model_or_path must be a transformers model, a path or a Hub id, got {type(model_or_path).__name__}."
+            )
+        return model_or_path, tokenizer
+    kwargs = {"gguf_file": gguf_file} if gguf_file is not None else {}
+    try:
+        token_model = AutoModelForCausalLM.from_pretrained(model_or_path, **kwargs)
+    except ValueError as err:
+        what = f"the GGUF file {gguf_file} in {model_or_path}" if gguf_file else str(model_or_path)
+        raise ValueError(
+            f"Cannot load {what} as a decoder-only language model ({err}). Pass a causal LM checkpoint "
+            "(e.g. Llama, Qwen2, Mistral, GPT-2, OPT) or its GGUF file."
+        ) from err
+    if tokenizer is None:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(model_or_path, **kwargs)
+        except (OSError, ValueError) as err:
+            logger.warning("Found no tokenizer with %s (%s).", model_or_path, err)
+    return token_model, tokenizer
+
+
+def _backbone_config_of(token_config: PreTrainedConfig) -> PreTrainedConfig:
+    """A copy of a token model's config to build the backbone from: no quantization (a GGUF
+    file's weights are dequantised on loading) and no tying of embeddings the backbone lacks."""
+    config = copy.deepcopy(token_config)
+    for key in ("quantization_config", "_name_or_path"):
+        if key in config.__dict__:
+            delattr(config, key)
+    config.architectures = None
+    return config
+
+
+def _sentence_vae_config_for(token_config, tokenizer, overrides) -> SentenceVAEConfig:
+    """A new SentenceVAE's config that fits a token model: its width, heads, feed-forward size,
+    vocabulary and special tokens (pad falls back to EOS, as for most decoder-only models)."""
+    fields = dict(
+        vocab_size=token_config.vocab_size,
+        hidden_size=backbone_width(token_config),
+        num_attention_heads=token_config.num_attention_heads,
+        ffn_dim=_ffn_dim(token_config),
+    )
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        value = getattr(tokenizer, name, None) if tokenizer is not None else None
+        if value is None:
+            value = getattr(token_config, name, None)
+        if isinstance(value, (list, tuple)):
+            value = value[0] if value else None
+        if value is not None:
+            fields[name] = value
+    if "pad_token_id" not in fields and "eos_token_id" in fields:
+        fields["pad_token_id"] = fields["eos_token_id"]
+    if "bos_token_id" not in fields and "eos_token_id" in fields:
+        fields["bos_token_id"] = fields["eos_token_id"]
+    if isinstance(overrides, SentenceVAEConfig):
+        overrides = overrides.to_dict()
+    fields.update({k: v for k, v in (overrides or {}).items() if k not in ("model_type", "transformers_version")})
+    return SentenceVAEConfig(**fields)
+
+
+def _copy_token_embeddings(token_model: PreTrainedModel, sentence_vae: SentenceVAEModel) -> None:
+    """Start a new SentenceVAE's token embeddings (and untied output layer) from the token model's."""
+    source = token_model.get_input_embeddings().weight
+    target = sentence_vae.get_input_embeddings().weight
+    if source.shape != target.shape:
+        logger.warning(
+            "The token model's embeddings %s do not fit the SentenceVAE's %s (OPT-350m's projected embeddings, or "
+            "another vocabulary); the SentenceVAE keeps freshly initialised ones.",
+            tuple(source.shape),
+            tuple(target.shape),
+        )
+        return
+    with torch.no_grad():
+        target.copy_(source)
+        output = token_model.get_output_embeddings()
+        lm_head = sentence_vae.get_output_embeddings()
+        if output is not None and lm_head.weight is not target and output.weight.shape == lm_head.weight.shape:
+            lm_head.weight.copy_(output.weight)

@@ -1,0 +1,284 @@
+"""SentenceLM over any decoder-only backbone: built from tiny token models of several families
+(OPT, GPT-2, Llama, Qwen2, Mistral, Gemma, Phi) that the tests create, scored, generated from,
+saved and loaded; release 0.1.0 SentenceOPT checkpoints still load; bad backbones are refused."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import check_run, run_without_package
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    BertConfig,
+    GemmaConfig,
+    GPT2Config,
+    LlamaConfig,
+    MistralConfig,
+    OPTConfig,
+    PhiConfig,
+    Qwen2Config,
+    T5Config,
+)
+
+from sentence_lm import (
+    SentenceLMConfig,
+    SentenceLMForCausalLM,
+    SentenceLMModel,
+    SentenceOPTForCausalLM,
+    SentenceVAEConfig,
+    SentenceVAEModel,
+)
+from sentence_lm.modeling_sentence_lm import NoTokenEmbeddings
+
+FIXTURE = Path(__file__).parent / "fixtures" / "sentence_opt_v1"
+WIDTH, HEADS = 32, 4
+
+
+def backbone_configs(vocab_size: int, bos: int, eos: int, pad: int) -> dict:
+    """Tiny configs of each family, 2 layers of width 32 (positions count sentence slots)."""
+    ids = dict(vocab_size=vocab_size, bos_token_id=bos, eos_token_id=eos, pad_token_id=pad)
+    common = dict(hidden_size=WIDTH, num_hidden_layers=2, num_attention_heads=HEADS, max_position_embeddings=64)
+    llama_like = dict(common, intermediate_size=64, num_key_value_heads=2, **ids)
+    return {
+        "opt": OPTConfig(**common, ffn_dim=64, word_embed_proj_dim=WIDTH, **ids),
+        "gpt2": GPT2Config(n_embd=WIDTH, n_layer=2, n_head=HEADS, n_positions=64, **ids),
+        "llama": LlamaConfig(**llama_like),
+        "qwen2": Qwen2Config(**llama_like),
+        "mistral": MistralConfig(**llama_like, head_dim=WIDTH // HEADS),
+        "gemma": GemmaConfig(**llama_like, head_dim=WIDTH // HEADS),
+        "phi": PhiConfig(**common, intermediate_size=64, **ids),
+    }
+
+
+FAMILIES = ["opt", "gpt2", "llama", "qwen2", "mistral", "gemma", "phi"]
+
+
+@pytest.fixture(scope="module")
+def token_models(tokenizer):
+    """One tiny random token model per family, sharing the test tokenizer's vocabulary."""
+    configs = backbone_configs(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    models = {}
+    for family, config in configs.items():
+        torch.manual_seed(0)
+        models[family] = AutoModelForCausalLM.from_config(config).eval()
+    return models
+
+
+@pytest.fixture(scope="module")
+def sentence_lms(token_models, tokenizer):
+    models = {}
+    for family, token_model in token_models.items():
+        torch.manual_seed(0)
+        model = SentenceLMForCausalLM.from_pretrained_backbone(
+            token_model, tokenizer=tokenizer, sentence_vae_config=dict(max_sentence_len=tokenizer.max_sentence_len)
+        ).eval()
+        with torch.no_grad():  # random weights would often stop at once; make texts run on
+            model.stop_head.bias.copy_(torch.tensor([3.0, -3.0]))
+        models[family] = model
+    return models
+
+
+TEXTS = ["The object is returned. Each argument of the call is evaluated.", "Hello, world!"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_backbone_comes_from_the_token_model_without_its_embedding_table(family, token_models, sentence_lms):
+    token_model, model = token_models[family], sentence_lms[family]
+    backbone = model.model.backbone
+    assert type(backbone) is type(token_model.base_model)
+    assert isinstance(backbone.get_input_embeddings(), NoTokenEmbeddings)
+    source = token_model.base_model.state_dict()
+    copied = backbone.state_dict()
+    assert copied and set(copied) < set(source)  # everything but the token embeddings
+    for name, tensor in copied.items():
+        torch.testing.assert_close(tensor, source[name])
+    # The backbone's parameters are the token model's minus its embedding table.
+    embedding = token_model.get_input_embeddings().weight.numel()
+    assert sum(p.numel() for p in backbone.parameters()) == token_model.base_model.num_parameters() - embedding
+    # A new SentenceVAE starts from the token model's embeddings.
+    torch.testing.assert_close(model.get_input_embeddings().weight, token_model.get_input_embeddings().weight)
+    assert model.config.backbone.model_type == token_model.config.model_type
+    assert model.config.hidden_size == WIDTH
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_forward_scores_every_family_and_trains(family, sentence_lms, tokenizer):
+    model = sentence_lms[family]
+    enc = tokenizer(TEXTS, padding=True, padding_side="right", return_tensors="pt")
+    with torch.no_grad():
+        out = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], labels=enc["input_ids"])
+    assert out.logits.shape == (*enc["input_ids"].shape, len(tokenizer))
+    assert torch.isfinite(out.loss) and torch.isfinite(out.lm_loss)
+    assert torch.equal(out.num_tokens, enc["attention_mask"].sum(1) - 1)  # BOS excluded
+    # Each row's score is independent of the rest of the batch (padding included).
+    n = int(enc["attention_mask"][1].sum())  # right-padded
+    with torch.no_grad():
+        alone = model(input_ids=enc["input_ids"][1:2, :n])
+    torch.testing.assert_close(alone.nll, out.nll[1:2], rtol=1e-4, atol=1e-4)
+    # One training step moves the backbone's weights.
+    model.train()
+    try:
+        loss = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).loss
+        loss.backward()
+        grads = [p.grad for p in model.model.backbone.parameters() if p.requires_grad]
+        assert any(g is not None and g.abs().sum() > 0 for g in grads)
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.eval()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generate_batched_equals_one_by_one_and_cached_equals_uncached(family, sentence_lms, tokenizer):
+    model = sentence_lms[family]
+    prompts = ["The object is returned.", "Each argument of the call", ""]
+    enc = tokenizer(prompts, padding=True, padding_side="left", return_tensors="pt")
+    batch = model.generate(**enc, max_new_tokens=12)
+    uncached = model.generate(**enc, max_new_tokens=12, use_cache=False)
+    assert torch.equal(batch, uncached)
+    for row, prompt in enumerate(prompts):
+        single = tokenizer([prompt], return_tensors="pt")
+        out = model.generate(**single, max_new_tokens=12)
+        new = out[0, single["input_ids"].shape[1] :]
+        batch_new = batch[row, enc["input_ids"].shape[1] :][: new.shape[0]]
+        assert torch.equal(new, batch_new), (family, prompt)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_checkpoint_round_trip_through_auto_classes(family, sentence_lms, tokenizer, tmp_path):
+    model = sentence_lms[family]
+    model.save_pretrained(tmp_path / "ckpt")
+    saved = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert saved["model_type"] == "sentence_lm" and saved["backbone"]["model_type"] == family
+    assert {"AutoConfig", "AutoModel", "AutoModelForCausalLM"} <= set(saved["auto_map"])
+    assert isinstance(AutoConfig.from_pretrained(tmp_path / "ckpt").backbone, type(model.config.backbone))
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt").eval()
+    assert type(loaded) is SentenceLMForCausalLM
+    enc = tokenizer(TEXTS, padding=True, return_tensors="pt")
+    enc.pop("sentence_ids")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**enc).logits, model(**enc).logits)
+        base = AutoModel.from_pretrained(tmp_path / "ckpt").eval()
+        assert type(base) is SentenceLMModel
+        torch.testing.assert_close(base(**enc).last_hidden_state, model.model(**enc).last_hidden_state)
+    assert torch.equal(loaded.generate(**enc, max_new_tokens=8), model.generate(**enc, max_new_tokens=8))
+
+
+REMOTE = """
+import json
+import torch
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+path = {path!r}
+model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval()
+base = AutoModel.from_pretrained(path, trust_remote_code=True).eval()
+tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=True)
+assert type(model).__name__ == "SentenceLMForCausalLM" and type(base).__name__ == "SentenceLMModel"
+assert "sentence_lm" not in type(model).__module__.split(".")[0], type(model).__module__
+enc = tokenizer({prompts!r}, padding=True, padding_side="left", return_tensors="pt")
+enc.pop("sentence_ids")
+with torch.no_grad():
+    hidden = base(**enc).last_hidden_state
+print(json.dumps([model.generate(**enc, max_new_tokens=10).tolist(), hidden.sum().item()]))
+"""
+
+
+def test_remote_code_without_the_package_loads_both_auto_classes(sentence_lms, tokenizer, tmp_path):
+    model = sentence_lms["llama"]
+    model.save_pretrained(tmp_path / "ckpt")
+    prompts = ["The object is returned.", "Each argument"]
+    result = check_run(run_without_package(REMOTE.format(path=str(tmp_path / "ckpt"), prompts=prompts), tmp_path))
+    generated, hidden_sum = json.loads(result.stdout.strip().splitlines()[-1])
+    enc = tokenizer(prompts, padding=True, padding_side="left", return_tensors="pt")
+    enc.pop("sentence_ids")
+    assert generated == model.generate(**enc, max_new_tokens=10).tolist()
+    with torch.no_grad():
+        assert hidden_sum == pytest.approx(model.model(**enc).last_hidden_state.sum().item(), rel=1e-5)
+
+
+def test_attention_implementation_reaches_the_backbone(sentence_lms, tmp_path):
+    sentence_lms["llama"].save_pretrained(tmp_path / "ckpt")
+    eager = SentenceLMForCausalLM.from_pretrained(tmp_path / "ckpt", attn_implementation="eager")
+    assert eager.model.backbone.config._attn_implementation == "eager"
+    sdpa = SentenceLMForCausalLM.from_pretrained(tmp_path / "ckpt", attn_implementation="sdpa")
+    assert sdpa.model.backbone.config._attn_implementation == "sdpa"
+
+
+def test_no_split_modules_and_gradient_checkpointing_follow_the_backbone(sentence_lms, tokenizer):
+    model = sentence_lms["llama"]
+    assert "LlamaDecoderLayer" in model._no_split_modules
+    model.gradient_checkpointing_enable()
+    try:
+        model.train()
+        enc = tokenizer(TEXTS, padding=True, return_tensors="pt")
+        model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).loss.backward()
+        assert model.model.backbone.gradient_checkpointing
+    finally:
+        model.gradient_checkpointing_disable()
+        model.zero_grad(set_to_none=True)
+        model.eval()
+
+
+def test_from_pretrained_backbone_loads_a_saved_token_model_and_its_tokenizer(token_models, tokenizer, tmp_path):
+    token_models["qwen2"].save_pretrained(tmp_path / "qwen2")
+    tokenizer.save_pretrained(tmp_path / "qwen2")
+    model = SentenceLMForCausalLM.from_pretrained_backbone(tmp_path / "qwen2", stop_loss_weight=0.5, max_position_embeddings=9)
+    assert model.tokenizer is not None and bool(model.sentence_vae.boundary_table.any())
+    assert model.config.stop_loss_weight == 0.5 and model.config.max_position_embeddings == 9
+    assert model.config.base_model == str(tmp_path / "qwen2")
+
+
+def test_release_0_1_0_checkpoint_loads_with_the_same_scores_and_output(tmp_path):
+    expected = json.loads((FIXTURE / "expected.json").read_text())
+    model = SentenceOPTForCausalLM.from_pretrained(FIXTURE).eval()
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(FIXTURE)
+    enc = tok(expected["texts"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        out = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+    torch.testing.assert_close(out.nll, torch.tensor(expected["nll"]))
+    torch.testing.assert_close(out.logits[0, :4, :8], torch.tensor(expected["logits_first"]))
+    prompt = tok(["The object is returned."], return_tensors="pt")
+    assert model.generate(**prompt, max_new_tokens=10)[0].tolist() == expected["greedy"]
+    # Saved again, it is written in today's layout and loads as such.
+    model.save_pretrained(tmp_path / "v2")
+    saved = json.loads((tmp_path / "v2" / "config.json").read_text())
+    assert saved["config_version"] == 2 and saved["backbone"]["model_type"] == "opt"
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "v2").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).nll, out.nll)
+
+
+# ---------------------------------------------------------------------------------- bad input
+def test_backbones_that_are_not_decoder_only_are_refused():
+    with pytest.raises(ValueError, match="'bert' is not a decoder-only"):
+        SentenceLMConfig(backbone=BertConfig(hidden_size=32, num_attention_heads=4))
+    with pytest.raises(ValueError, match="'t5' is an encoder-decoder"):
+        SentenceLMConfig(backbone=T5Config(d_model=32))
+    with pytest.raises(ValueError, match="without `model_type`"):
+        SentenceLMConfig(backbone=dict(hidden_size=32))
+
+
+def test_a_sentence_vae_of_another_width_is_refused(token_models):
+    vae = SentenceVAEModel(SentenceVAEConfig(vocab_size=64, hidden_size=16, num_attention_heads=4, ffn_dim=32))
+    with pytest.raises(ValueError, match=r"SentenceVAE's hidden_size \(16\) differs from the backbone's hidden_size \(32\)"):
+        SentenceLMForCausalLM.from_pretrained_backbone(token_models["llama"], sentence_vae=vae)
+
+
+def test_a_tokenizer_larger_than_the_vocabulary_is_refused(token_models, tokenizer):
+    small = LlamaConfig(**{**token_models["llama"].config.to_dict(), "vocab_size": 100})
+    with pytest.raises(ValueError, match="tokenizer has .* tokens but the model's vocabulary has 100"):
+        SentenceLMForCausalLM.from_pretrained_backbone(AutoModelForCausalLM.from_config(small), tokenizer=tokenizer)
+
+
+def test_misspelt_overrides_and_non_models_are_refused(token_models):
+    with pytest.raises(ValueError, match="Unknown argument 'stop_los_weight'"):
+        SentenceLMForCausalLM.from_pretrained_backbone(token_models["llama"], stop_los_weight=0.5)
+    with pytest.raises(TypeError, match="must be a transformers model"):
+        SentenceLMForCausalLM.from_pretrained_backbone(object())
+    with pytest.raises(ValueError, match="from_opt needs an OPT model"):
+        SentenceOPTForCausalLM.from_opt(token_models["llama"])
+    with pytest.raises(ValueError, match="must be an OPTConfig"):
+        SentenceOPTForCausalLM.from_pretrained_backbone(token_models["llama"])
