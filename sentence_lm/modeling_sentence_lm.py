@@ -435,6 +435,9 @@ class SentenceLMForCausalLM(SentenceLMPreTrainedModel, SentenceGenerationMixin):
             config_overrides: `SentenceLMConfig` fields (e.g. ``stop_loss_weight=0.5``) and
                 backbone config fields (e.g. ``max_position_embeddings=256`` sentence slots,
                 ``dropout=0.0``).
+
+        Returns the model in evaluation mode, as ``from_pretrained`` does (call ``.train()`` to
+        train it yourself; the Trainer does).
         """
         token_model, tokenizer = _load_token_model(model_or_path, tokenizer, gguf_file)
         token_config = token_model.config
@@ -479,7 +482,7 @@ class SentenceLMForCausalLM(SentenceLMPreTrainedModel, SentenceGenerationMixin):
                 "No tokenizer given: the model has no sentence-boundary table yet and cuts text only at "
                 "max_sentence_len. Call model.attach_tokenizer(tokenizer) before training or generating."
             )
-        return model
+        return model.eval()
 
     def attach_tokenizer(self, tokenizer) -> None:
         """Use ``tokenizer``'s sentence boundaries and save it with the model (``model.tokenizer``).

@@ -1,12 +1,14 @@
-"""Stage 2: train a SentenceOPT (the sentence-level LLM) with the `transformers` Trainer.
+"""Stage 2: train a SentenceLM (the sentence-level LLM) with the `transformers` Trainer.
 
 The data pipeline is stage 1's (:func:`~sentence_lm.data.load_texts`,
 :func:`~sentence_lm.data.tokenize_texts`): one example is one text of at most
 ``block_size`` tokens, and the model's loss is the whole-text negative log-likelihood per token
-(sentence tokens, end-of-sentence tokens, stop decisions). The backbone comes from an OPT
-checkpoint (``--opt_name_or_path``) or is built from scratch; the SentenceVAE (and its
-tokenizer) from stage 1 (``--sentence_vae_name_or_path``), frozen or fine-tuned, or is built
-new and trained jointly. Runs unchanged under ``accelerate launch`` on several processes.
+(sentence tokens, end-of-sentence tokens, stop decisions). The backbone comes from any
+decoder-only checkpoint (``--backbone_name_or_path``: OPT, GPT-2, Llama, Qwen2, Mistral, ...,
+or a GGUF file with ``--backbone_gguf_file``) or is built from scratch (a small OPT); the
+SentenceVAE (and its tokenizer) from stage 1 (``--sentence_vae_name_or_path``), frozen or
+fine-tuned, or is built new: from the backbone's token model (its tokenizer and embeddings) when
+one is given, else with a new tokenizer, and trained jointly. Runs unchanged under ``accelerate launch`` on several processes.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ TINY_BACKBONE_CONFIG = {
     "max_position_embeddings": 258,
     "dropout": 0.0,
 }
-"""Backbone built when neither --model_name_or_path nor --opt_name_or_path names one."""
+"""OPT backbone built when neither --model_name_or_path nor --backbone_name_or_path names one."""
 
 STAGE2_TRAINING_DEFAULTS = {
     "output_dir": os.path.join("outputs", "sentence_opt"),
@@ -73,13 +75,18 @@ class SentenceOPTArguments:
             "SentenceVAE and tokenizer are built and trained jointly with the backbone."
         },
     )
-    opt_name_or_path: str | None = field(
+    backbone_name_or_path: str | None = field(
         default=None,
         metadata={
-            "help": "An OPT checkpoint whose layers and positions initialise the backbone (e.g. "
-            "facebook/opt-125m); its hidden size must equal the SentenceVAE's. Without it the backbone "
-            "is built from scratch (see --backbone_config)."
+            "help": "A decoder-only token model (path or Hub id, e.g. facebook/opt-125m, "
+            "HuggingFaceTB/SmolLM2-135M) whose layers, norms and positions initialise the backbone; a "
+            "SentenceVAE from stage 1 must have its width. Without --sentence_vae_name_or_path a new "
+            "SentenceVAE starts from its embeddings and its tokenizer is used. Without it the backbone is a "
+            "small OPT built from scratch (see --backbone_config)."
         },
+    )
+    backbone_gguf_file: str | None = field(
+        default=None, metadata={"help": "A GGUF file in --backbone_name_or_path to load the token model from."}
     )
     backbone_config: str | None = field(
         default=None,
@@ -130,15 +137,32 @@ def text_nll(model, dataset, batch_size: int = 16, show_progress: bool = True) -
 
 
 def build_sentence_opt(model_args: SentenceOPTArguments, train_texts: Sequence[str]):
-    """The model and tokenizer to train: ``(SentenceOPTForCausalLM, SentenceTokenizer)``."""
+    """The model and tokenizer to train: ``(SentenceLMForCausalLM, SentenceTokenizer)``."""
+    from transformers import AutoModelForCausalLM
+
     from .configuration_sentence_vae import SentenceVAEConfig
+    from .modeling_sentence_lm import SentenceLMForCausalLM
     from .modeling_sentence_opt import SentenceOPTForCausalLM
     from .modeling_sentence_vae import SentenceVAEModel
     from .tokenization_sentence_lm import SentenceTokenizer, train_sentence_tokenizer
 
+    overrides = {} if model_args.stop_loss_weight is None else {"stop_loss_weight": model_args.stop_loss_weight}
     if model_args.model_name_or_path is not None:
-        model = SentenceOPTForCausalLM.from_pretrained(model_args.model_name_or_path)
+        model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path)
         tokenizer = SentenceTokenizer.from_pretrained(model_args.model_name_or_path)
+    elif model_args.backbone_name_or_path is not None and model_args.sentence_vae_name_or_path is None:
+        model = SentenceLMForCausalLM.from_pretrained_backbone(
+            model_args.backbone_name_or_path,
+            gguf_file=model_args.backbone_gguf_file,
+            sentence_vae_config=dict(max_sentence_len=model_args.max_sentence_len),
+            **overrides,
+        )
+        if model.tokenizer is None:
+            raise ValueError(
+                f"{model_args.backbone_name_or_path} has no tokenizer; pass a stage-1 SentenceVAE saved with its "
+                "tokenizer (--sentence_vae_name_or_path)."
+            )
+        tokenizer = model.tokenizer
     else:
         if model_args.sentence_vae_name_or_path is not None:
             vae = SentenceVAEModel.from_pretrained(model_args.sentence_vae_name_or_path)
@@ -157,10 +181,13 @@ def build_sentence_opt(model_args: SentenceOPTArguments, train_texts: Sequence[s
                     eos_token_id=tokenizer.eos_token_id,
                 )
             )
-        overrides = {} if model_args.stop_loss_weight is None else {"stop_loss_weight": model_args.stop_loss_weight}
-        if model_args.opt_name_or_path is not None:
-            model = SentenceOPTForCausalLM.from_opt(
-                model_args.opt_name_or_path, sentence_vae=vae, tokenizer=tokenizer, **overrides
+        if model_args.backbone_name_or_path is not None:
+            model = SentenceLMForCausalLM.from_pretrained_backbone(
+                model_args.backbone_name_or_path,
+                sentence_vae=vae,
+                tokenizer=tokenizer,
+                gguf_file=model_args.backbone_gguf_file,
+                **overrides,
             )
         else:
             fields = dict(TINY_BACKBONE_CONFIG, hidden_size=vae.config.hidden_size)
@@ -176,7 +203,7 @@ def build_sentence_opt(model_args: SentenceOPTArguments, train_texts: Sequence[s
 
 
 def train_sentence_opt(args: Sequence[str] | None = None, callbacks: Sequence | None = None) -> dict:
-    """Stage 2: train a SentenceOPT with the Trainer, save it (with tokenizer and model card) to
+    """Stage 2: train a SentenceLM with the Trainer, save it (with tokenizer and model card) to
     ``output_dir``, and report the held-out whole-text NLL per token.
 
     Args:
@@ -192,12 +219,13 @@ def train_sentence_opt(args: Sequence[str] | None = None, callbacks: Sequence | 
     raw = load_texts(data_args)
     model, tokenizer = build_sentence_opt(model_args, raw["train"]["text"])
     max_sentence_len = model.config.sentence_vae.max_sentence_len
-    if data_args.block_size > model.config.max_position_embeddings - 1:
+    slots = model.config.max_position_embeddings
+    if slots is not None and data_args.block_size > slots - 1:
         logger.warning(
             "block_size %d may hold more sentences than the backbone's %d sentence slots; texts with too many "
             "sentences will be refused.",
             data_args.block_size,
-            model.config.max_position_embeddings - 1,
+            slots - 1,
         )
     with training_args.main_process_first(desc="dataset preprocessing"):
         texts = {
@@ -209,7 +237,7 @@ def train_sentence_opt(args: Sequence[str] | None = None, callbacks: Sequence | 
             texts[split] = texts[split].select(range(min(limit, len(texts[split]))))
     n_params = model.num_parameters()
     trainable = model.num_parameters(only_trainable=True)
-    logger.info("SentenceOPT with %.2fM parameters (%.2fM trainable)", n_params / 1e6, trainable / 1e6)
+    logger.info("SentenceLM with %.2fM parameters (%.2fM trainable)", n_params / 1e6, trainable / 1e6)
 
     trainer = SentenceVAETrainer(
         model=model,
