@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Stage 2: train a SentenceOPT (sentence-level LLM) with the `transformers` Trainer.
+"""Stage 2: train a SentenceLM (sentence-level LLM) with the `transformers` Trainer.
 
 With no arguments it trains a tiny model (new tokenizer and SentenceVAE, trained jointly) on the
 built-in corpus. Every `TrainingArguments` flag works, plus the data flags of stage 1 and the
@@ -9,7 +9,7 @@ Examples:
 
     python examples/train_sentence_opt.py --sentence_vae_name_or_path runs/svae --output_dir runs/sopt
 
-    python examples/train_sentence_opt.py --opt_name_or_path facebook/opt-125m \\
+    python examples/train_sentence_opt.py --backbone_name_or_path facebook/opt-125m \\
         --sentence_vae_name_or_path runs/svae-768 --dataset_name wikitext \\
         --dataset_config_name wikitext-103-raw-v1 --output_dir runs/sopt-125m
 

@@ -282,3 +282,19 @@ def test_misspelt_overrides_and_non_models_are_refused(token_models):
         SentenceOPTForCausalLM.from_opt(token_models["llama"])
     with pytest.raises(ValueError, match="must be an OPTConfig"):
         SentenceOPTForCausalLM.from_pretrained_backbone(token_models["llama"])
+
+
+def test_a_gguf_file_that_is_not_a_language_model_is_refused(tmp_path):
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(tmp_path / "bert.gguf"), "bert")
+    writer.add_block_count(1)
+    writer.add_embedding_length(8)
+    writer.add_tensor("token_embd.weight", np.zeros((10, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ValueError, match=r"Cannot load the GGUF file bert.gguf in .* as a decoder-only language model"):
+        SentenceLMForCausalLM.from_pretrained_backbone(tmp_path, gguf_file="bert.gguf")
