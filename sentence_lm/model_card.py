@@ -76,6 +76,8 @@ def render_model_card(
         model_name=model_name,
         repo_id=repo_id,
         hidden_size=config.hidden_size,
+        backbone_family=type(config.backbone).__name__.removesuffix("Config"),
+        backbone_model_type=config.backbone.model_type,
         num_hidden_layers=config.backbone.num_hidden_layers,
         num_attention_heads=config.backbone.num_attention_heads,
         max_sentences=config.max_position_embeddings - 1 if config.max_position_embeddings else "no fixed limit of",
