@@ -1,44 +1,50 @@
 #!/usr/bin/env python
-"""Speed and memory benchmark: `SentenceOPTForCausalLM.generate` against `OPTForCausalLM.generate`.
+"""Speed and memory benchmark: a SentenceLM's `generate` against the same-shape token model's.
+
+The SLLM is a `SentenceLMForCausalLM` (a `SentenceOPTForCausalLM` for OPT) over a decoder-only
+backbone of any `transformers` family (``--backbone opt|llama|qwen2|...``); the baseline is the
+token model of that family and shape (`AutoModelForCausalLM.from_config` of
+`sentence_lm.baseline.token_config_like`: an `OPTForCausalLM`, a `LlamaForCausalLM`, ...).
 
 In one run, on the same prompts drawn from real text (``../shared/data/grimm/tales.txt`` when
-present, else the built-in :func:`sentence_lm.corpus.default_corpus`) and the same backbone shape,
-it measures for both models:
+present, else the built-in :func:`sentence_lm.corpus.default_corpus`), it measures for both models:
 
 * output tokens per second: greedy, the generation length fixed the same way for both
   (``min_new_tokens == max_new_tokens``), median of ``--repeats`` timed runs after a warm-up
   generation of the same lengths, for every dtype, batch size and generated length asked for;
 * KV-cache bytes per token held at the end of generation, measured on the caches `generate`
-  returns (``return_dict_in_generate=True``: the backbone's cache over sentences plus the
-  Sentence Decoder's cache, against OPT's cache over tokens), and the analytic figure
-  ``2 x layers x hidden x bytes / tokens per sentence``;
+  returns (``return_dict_in_generate=True``: the backbone's `DynamicCache` over sentences plus
+  the Sentence Decoder's cache, against the token model's `DynamicCache` over tokens), and the
+  analytic figure ``2 x layers x KV heads x head dim x bytes / tokens per sentence`` (fewer KV
+  heads than attention heads for grouped-query backbones such as Llama / SmolLM2);
 * peak memory against context length (CUDA peak allocated on a GPU; on a CPU the peak resident
   set size of a fresh process that loads the model and generates once, and its growth over the
   loaded model);
 * the mean number of tokens per generated sentence, on which the speed-up depends;
 
-and prints every figure with the ratio SLLM / OPT, as tables. ``--out`` writes everything as
-JSON and ``--plots`` draws throughput against generated length and memory against context
-length (matplotlib).
+and prints every figure with the ratio SLLM / token model, as tables. ``--out`` writes
+everything as JSON and ``--plots`` draws throughput against generated length and memory against
+context length (matplotlib).
 
-Models: ``--checkpoint`` a trained SentenceOPT directory (its tokenizer is saved with it) and
-``--opt_checkpoint`` a trained OPT of the same backbone shape. Without ``--checkpoint`` the SLLM
-has random weights of the ``--shape`` preset (clearly labelled in the output): a random Sentence
-Decoder would write every sentence up to ``max_sentence_len`` tokens, so the length of each
-generated sentence is then forced to follow the corpus's sentence-length distribution (a logits
-processor forces the end-of-sentence token; the SLLM pays for it). Without ``--opt_checkpoint``
-the OPT is an `OPTForCausalLM` of the SLLM backbone's shape (hidden size, layers, heads, FFN,
-vocabulary) with random weights; with a fixed generation length its speed does not depend on
-its weights.
+Models: ``--checkpoint`` a trained SentenceLM directory of any backbone family (loaded with
+`AutoModelForCausalLM.from_pretrained`; its tokenizer is saved with it) and ``--token_checkpoint``
+a trained token model of the same backbone shape. Without ``--checkpoint`` the SLLM has random
+weights: a ``--backbone`` family config of the ``--shape`` preset and a SentenceVAE of the same
+width (clearly labelled in the output). A random Sentence Decoder would write every sentence up
+to ``max_sentence_len`` tokens, so the length of each generated sentence is then forced to follow
+the corpus's sentence-length distribution (a logits processor forces the end-of-sentence token;
+the SLLM pays for it). Without ``--token_checkpoint`` the token model has random weights; with a
+fixed generation length its speed does not depend on its weights.
 
-``--compile`` adds a second runtime: OPT with ``cache_implementation="static"`` and
+``--compile`` adds a second runtime: the token model with ``cache_implementation="static"`` and
 ``torch.compile`` (what a user gets from `transformers` without changing the model) against the
 SLLM with ``torch.compile`` on its per-step modules.
 
 Examples::
 
     python benchmarks/bench_generate.py                                   # OPT-125M shape, random weights
-    python benchmarks/bench_generate.py --checkpoint outputs/sentence_opt --opt_checkpoint outputs/opt
+    python benchmarks/bench_generate.py --backbone llama --shape smollm2-135m   # SmolLM2-135M shape
+    python benchmarks/bench_generate.py --checkpoint outputs/sentence_opt --token_checkpoint outputs/opt
     python benchmarks/bench_generate.py --device cuda --dtypes fp32,bf16 --batch_sizes 1,32 --compile
 """
 
@@ -67,27 +73,47 @@ except ImportError:  # a source checkout that is not installed: use the package 
 
 import torch
 import transformers
-from transformers import LogitsProcessor, LogitsProcessorList, OPTConfig, OPTForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList, PreTrainedConfig
 
-from sentence_lm import SentenceOPTConfig, SentenceOPTForCausalLM, SentenceTokenizer, train_sentence_tokenizer
+from sentence_lm import (
+    SentenceLMConfig,
+    SentenceLMForCausalLM,
+    SentenceOPTConfig,
+    SentenceTokenizer,
+    train_sentence_tokenizer,
+)
+from sentence_lm.baseline import token_config_like
 from sentence_lm.corpus import default_corpus, group_paragraphs, read_text_lines
 
 DEFAULT_CORPUS = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "grimm" / "tales.txt"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 SHAPES = {
-    # OPT-125M backbone, SentenceVAE-H1 (one encoder and one decoder layer): SLLM-125M-H1.
-    "opt-125m": dict(
-        hidden_size=768, num_hidden_layers=12, num_attention_heads=12, ffn_dim=3072, vocab_size=50272, vae_layers=1
+    # OPT-125M, SentenceVAE-H1 (one encoder and one decoder layer): SLLM-125M-H1.
+    "opt125m": dict(
+        hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072, vocab_size=50272,
+        vae_layers=1,
+    ),
+    # SmolLM2-135M (a Llama): grouped-query attention (3 KV heads), tied embeddings.
+    "smollm2-135m": dict(
+        hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3, intermediate_size=1536,
+        vocab_size=49152, tie_word_embeddings=True, rope_theta=100000, max_position_embeddings=2048, vae_layers=1,
     ),
     # The small OPT of DESIGN.md's CPU anchor (4 layers, 256 wide).
     "small": dict(
-        hidden_size=256, num_hidden_layers=4, num_attention_heads=4, ffn_dim=1024, vocab_size=8192, vae_layers=1
+        hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024, vocab_size=8192,
+        vae_layers=1,
     ),
     # For tests: runs in seconds.
-    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=128, vocab_size=512, vae_layers=1),
-}
+    "tiny": dict(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vocab_size=512, vae_layers=1
+    ),
+}  # fmt: skip
+"""Random-weight shapes, in family-neutral terms: ``intermediate_size`` is the feed-forward width
+(OPT's ``ffn_dim``, GPT-2's ``n_inner``); other fields go to the ``--backbone`` family's config."""
 
+FFN_FIELDS = ("intermediate_size", "ffn_dim", "n_inner")
+TOKEN_MODEL_POSITIONS = 2048
 TARGETS = {"tokens_per_s_batch_1": 4.0, "tokens_per_s_batch_32": 3.0, "kv_bytes_per_token": 0.12}
 
 
@@ -102,14 +128,26 @@ def _str_list(text: str) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="Tokens/s, KV-cache bytes per token and peak memory of SentenceOPT vs OPT generate().",
+        description="Tokens/s, KV-cache bytes per token and peak memory of a SentenceLM vs its same-shape token "
+        "model, generate().",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--checkpoint", default=None, help="Trained SentenceOPT directory (else random weights).")
-    parser.add_argument("--opt_checkpoint", default=None, help="Trained OPT of the same backbone shape.")
-    parser.add_argument("--shape", default="opt-125m", choices=sorted(SHAPES), help="Random-weight shape preset.")
     parser.add_argument(
-        "--config", default="", help="Random-weight overrides, e.g. 'num_hidden_layers=6,vocab_size=50272'."
+        "--checkpoint", default=None, help="Trained SentenceLM directory, any backbone family (else random weights)."
+    )
+    parser.add_argument(
+        "--token_checkpoint", "--opt_checkpoint", default=None, help="Trained token model of the same backbone shape."
+    )
+    parser.add_argument(
+        "--backbone",
+        default="opt",
+        help="Random weights: the backbone's model_type (opt, llama, qwen2, mistral, gpt2, ...); SentenceOPT for opt.",
+    )
+    parser.add_argument("--shape", default="opt125m", choices=sorted(SHAPES), help="Random-weight shape preset.")
+    parser.add_argument(
+        "--config",
+        default="",
+        help="Random-weight overrides of the shape, e.g. 'num_hidden_layers=6,num_key_value_heads=2'.",
     )
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available).")
     parser.add_argument("--dtypes", default="fp32,bf16", help="Comma-separated: fp32, bf16, fp16.")
@@ -182,7 +220,7 @@ def corpus_ids(tokenizer, paragraphs: list[str], max_tokens: int = 400_000) -> l
     return ids
 
 
-def sentence_starts(model: SentenceOPTForCausalLM, ids: list[int]) -> list[int]:
+def sentence_starts(model: SentenceLMForCausalLM, ids: list[int]) -> list[int]:
     """Indices in ``ids`` where a sentence starts (by the model's own segmentation)."""
     tensor = torch.tensor([ids])
     sentence_ids = model.sentence_vae.segment(tensor.to(model.sentence_vae.boundary_table.device))[0].cpu()
@@ -190,7 +228,7 @@ def sentence_starts(model: SentenceOPTForCausalLM, ids: list[int]) -> list[int]:
     return [0] + starts
 
 
-def sentence_lengths(model: SentenceOPTForCausalLM, ids: list[int]) -> list[int]:
+def sentence_lengths(model: SentenceLMForCausalLM, ids: list[int]) -> list[int]:
     starts = sentence_starts(model, ids) + [len(ids)]
     return [b - a for a, b in zip(starts[:-1], starts[1:])]
 
@@ -250,36 +288,64 @@ def _overrides(text: str) -> dict:
     return out
 
 
+def backbone_config(family: str, shape: dict) -> PreTrainedConfig:
+    """The ``family`` backbone config of a shape preset (``intermediate_size`` named as the family
+    names its feed-forward width)."""
+    fields = dict(shape)
+    defaults = AutoConfig.for_model(family)
+    fields[next(name for name in FFN_FIELDS if hasattr(defaults, name))] = fields.pop("intermediate_size")
+    kv_heads = fields.get("num_key_value_heads")
+    if not hasattr(defaults, "num_key_value_heads") and kv_heads not in (None, fields["num_attention_heads"]):
+        raise ValueError(f"The {family!r} family has no grouped-query attention (num_key_value_heads={kv_heads}).")
+    return AutoConfig.for_model(family, **fields)
+
+
+def backbone_shape(config: PreTrainedConfig) -> dict:
+    """A backbone's (or token model's) shape, in the same terms for every family."""
+    heads = config.num_attention_heads
+    return dict(
+        model_type=config.model_type,
+        hidden_size=config.hidden_size,
+        num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=getattr(config, "num_key_value_heads", None) or heads,
+        head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
+        intermediate_size=next((getattr(config, n) for n in FFN_FIELDS if getattr(config, n, None)), None),
+    )
+
+
 def build_models(args, paragraphs: list[str]) -> dict:
-    """The SLLM, the OPT, the tokenizer and labels saying where each came from."""
+    """The SLLM, the token model, the tokenizer and labels saying where each came from."""
     torch.manual_seed(args.seed)
     if args.checkpoint:
-        sllm = SentenceOPTForCausalLM.from_pretrained(args.checkpoint)
+        sllm = AutoModelForCausalLM.from_pretrained(args.checkpoint)
+        if not isinstance(sllm, SentenceLMForCausalLM):
+            raise ValueError(f"--checkpoint {args.checkpoint} is a {type(sllm).__name__}, not a SentenceLM.")
         tokenizer = SentenceTokenizer.from_pretrained(args.checkpoint)
-        sllm_label = f"trained checkpoint {args.checkpoint}"
+        sllm_label = f"trained checkpoint {args.checkpoint} ({type(sllm).__name__})"
         trained = True
     else:
-        shape = dict(SHAPES[args.shape])
-        shape.update(_overrides(args.config))
+        shape = {**SHAPES[args.shape], **_overrides(args.config)}
         vae_layers = shape.pop("vae_layers")
         vocab_size = shape.pop("vocab_size")
+        backbone = backbone_config(args.backbone, shape)
         tokenizer = train_sentence_tokenizer(paragraphs, vocab_size=min(8192, vocab_size), max_sentence_len=64)
         vae = dict(
             vocab_size=vocab_size,
-            hidden_size=shape["hidden_size"],
-            num_attention_heads=shape["num_attention_heads"],
-            ffn_dim=shape["ffn_dim"],
+            hidden_size=backbone.hidden_size,
+            num_attention_heads=backbone.num_attention_heads,
+            ffn_dim=shape["intermediate_size"],
             num_encoder_layers=vae_layers,
             num_decoder_layers=vae_layers,
             max_sentence_len=64,
             dropout=0.0,
         )
-        config = SentenceOPTConfig(sentence_vae=vae, dropout=0.0, **shape)
-        sllm = SentenceOPTForCausalLM(config)
-        sllm.sentence_vae.set_boundary_table(tokenizer)
-        sllm.tokenizer = tokenizer
+        config_class = SentenceOPTConfig if args.backbone == "opt" else SentenceLMConfig
+        sllm = AutoModelForCausalLM.from_config(config_class(sentence_vae=vae, backbone=backbone))
+        sllm.attach_tokenizer(tokenizer)
         sllm_label = (
-            f"RANDOM WEIGHTS, shape '{args.shape}' {shape} vocab {vocab_size}, SentenceVAE-H{vae_layers}; "
+            f"RANDOM WEIGHTS, {type(sllm).__name__}, {args.backbone} backbone of shape '{args.shape}' {shape} vocab "
+            f"{vocab_size}, SentenceVAE-H{vae_layers}; "
             + (
                 "sentence lengths forced to the corpus distribution"
                 if args.sentence_len == "corpus"
@@ -287,48 +353,24 @@ def build_models(args, paragraphs: list[str]) -> dict:
             )
         )
         trained = False
-    c = sllm.config
-    if args.opt_checkpoint:
-        opt = OPTForCausalLM.from_pretrained(args.opt_checkpoint)
-        opt_label = f"trained checkpoint {args.opt_checkpoint}"
-        oc = opt.config
-        mismatch = [
-            name
-            for name, a, b in [
-                ("hidden_size", oc.hidden_size, c.hidden_size),
-                ("num_hidden_layers", oc.num_hidden_layers, c.num_hidden_layers),
-                ("num_attention_heads", oc.num_attention_heads, c.num_attention_heads),
-                ("ffn_dim", oc.ffn_dim, c.ffn_dim),
-            ]
-            if a != b
-        ]
+    shape = backbone_shape(sllm.config.backbone)
+    if args.token_checkpoint:
+        token = AutoModelForCausalLM.from_pretrained(args.token_checkpoint)
+        token_label = f"trained checkpoint {args.token_checkpoint} ({type(token).__name__})"
+        theirs = backbone_shape(token.config)
+        mismatch = [name for name in shape if shape[name] != theirs[name]]
         if mismatch:
-            print(f"WARNING: the OPT checkpoint's backbone differs from the SLLM's in {mismatch}.", file=sys.stderr)
+            print(f"WARNING: the token model's backbone differs from the SLLM's in {mismatch}.", file=sys.stderr)
     else:
-        opt_config = OPTConfig(
-            vocab_size=c.sentence_vae.vocab_size,
-            hidden_size=c.hidden_size,
-            num_hidden_layers=c.num_hidden_layers,
-            num_attention_heads=c.num_attention_heads,
-            ffn_dim=c.ffn_dim,
-            max_position_embeddings=2048,
-            word_embed_proj_dim=c.hidden_size,
-            do_layer_norm_before=c.do_layer_norm_before,
-            activation_function=c.activation_function,
-            enable_bias=c.enable_bias,
-            dropout=0.0,
-            pad_token_id=c.pad_token_id,
-            bos_token_id=c.bos_token_id,
-            eos_token_id=c.eos_token_id,
-        )
-        opt = OPTForCausalLM(opt_config)
-        opt_label = (
-            f"random weights, OPTForCausalLM of the SLLM backbone's shape (hidden {c.hidden_size}, layers "
-            f"{c.num_hidden_layers}, heads {c.num_attention_heads}, ffn {c.ffn_dim}, vocab {c.sentence_vae.vocab_size})"
+        token = AutoModelForCausalLM.from_config(token_config_like(sllm.config, TOKEN_MODEL_POSITIONS))
+        token_label = (
+            f"random weights, {type(token).__name__} of the SLLM backbone's shape ({shape}, vocab {sllm.config.vocab_size})"
         )
     sllm.eval()
-    opt.eval()
-    return dict(sllm=sllm, opt=opt, tokenizer=tokenizer, sllm_label=sllm_label, opt_label=opt_label, trained=trained)
+    token.eval()
+    return dict(
+        sllm=sllm, token=token, tokenizer=tokenizer, sllm_label=sllm_label, token_label=token_label, trained=trained
+    )
 
 
 def count_parameters(model) -> int:
@@ -363,7 +405,7 @@ class Runner:
         self.name, self.model, self.runtime = name, model, runtime
         self.processors = processors
         self.kwargs = {}
-        if name == "opt" and runtime == "compiled":
+        if name == "token" and runtime == "compiled":
             from transformers import CompileConfig
 
             config = CompileConfig() if model.device.type == "cuda" else CompileConfig(mode="default")
@@ -389,7 +431,7 @@ class Runner:
         )
 
 
-def prompt_slots(model: SentenceOPTForCausalLM, prompts: torch.Tensor) -> torch.Tensor:
+def prompt_slots(model: SentenceLMForCausalLM, prompts: torch.Tensor) -> torch.Tensor:
     """Backbone slots each prompt fills: the start state and its closed sentences (an unfinished
     last sentence is continued by the Sentence Decoder, and fed once complete)."""
     content = model.model.content_mask(prompts, torch.ones_like(prompts, dtype=torch.bool))
@@ -402,7 +444,7 @@ def kv_figures(name: str, out, model, prompts: torch.Tensor, new_tokens: int) ->
     """KV-cache bytes held at the end of generation, and per token of context (prompt + new)."""
     batch = prompts.shape[0]
     tokens = batch * (prompts.shape[1] + new_tokens)
-    if name == "opt":
+    if name == "token":
         kv = cache_nbytes(out.cache)
         return dict(kv_bytes=kv, kv_bytes_per_token=kv / tokens)
     backbone = cache_nbytes(out.cache)
@@ -423,9 +465,14 @@ def kv_figures(name: str, out, model, prompts: torch.Tensor, new_tokens: int) ->
     return figures
 
 
-def analytic_kv_per_token(model, dtype: torch.dtype, tokens_per_sentence: float | None = None) -> float:
-    c = model.config
-    per_slot = 2 * c.num_hidden_layers * c.hidden_size * torch.finfo(dtype).bits // 8
+def analytic_kv_per_token(config: PreTrainedConfig, dtype: torch.dtype, tokens_per_sentence: float | None = None) -> float:
+    """Key/value bytes per cached position of a backbone or token model config (``2 x layers x KV
+    heads x head dim x bytes``; every layer holding every position, no sliding window), per token
+    when a position holds ``tokens_per_sentence`` tokens."""
+    shape = backbone_shape(config)
+    per_slot = (
+        2 * shape["num_hidden_layers"] * shape["num_key_value_heads"] * shape["head_dim"] * torch.finfo(dtype).bits // 8
+    )
     return per_slot / tokens_per_sentence if tokens_per_sentence else per_slot
 
 
@@ -550,8 +597,8 @@ def run_benchmark(argv: list[str] | None = None) -> dict:
     log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, file=sys.stderr, flush=True))
     paragraphs, corpus_name = load_corpus(args.corpus)
     built = build_models(args, paragraphs)
-    sllm, opt, tokenizer = built["sllm"], built["opt"], built["tokenizer"]
-    log(f"SLLM: {built['sllm_label']}\nOPT: {built['opt_label']}\nprompts from {corpus_name}")
+    sllm, token, tokenizer = built["sllm"], built["token"], built["tokenizer"]
+    log(f"SLLM: {built['sllm_label']}\ntoken model: {built['token_label']}\nprompts from {corpus_name}")
 
     ids = corpus_ids(tokenizer, paragraphs)
     starts = sentence_starts(sllm, ids)
@@ -572,18 +619,13 @@ def run_benchmark(argv: list[str] | None = None) -> dict:
                 source=built["sllm_label"],
                 trained=built["trained"],
                 parameters=count_parameters(sllm),
-                backbone=dict(
-                    hidden_size=sllm.config.hidden_size,
-                    num_hidden_layers=sllm.config.num_hidden_layers,
-                    num_attention_heads=sllm.config.num_attention_heads,
-                    ffn_dim=sllm.config.ffn_dim,
-                    vocab_size=sllm.config.sentence_vae.vocab_size,
-                ),
+                model_class=type(sllm).__name__,
+                backbone=dict(**backbone_shape(sllm.config.backbone), vocab_size=sllm.config.vocab_size),
                 encoder_layers=sllm.config.sentence_vae.num_encoder_layers,
                 decoder_layers=sllm.config.sentence_vae.num_decoder_layers,
                 max_sentence_len=sllm.config.sentence_vae.max_sentence_len,
             ),
-            opt=dict(source=built["opt_label"], parameters=count_parameters(opt)),
+            token=dict(source=built["token_label"], model_class=type(token).__name__, parameters=count_parameters(token)),
             corpus=corpus_name,
             corpus_tokens_per_sentence=statistics.mean(lengths),
             prompt_tokens=args.prompt_tokens,
@@ -604,21 +646,21 @@ def run_benchmark(argv: list[str] | None = None) -> dict:
     for dtype_name in dtypes:
         dtype = DTYPES[dtype_name]
         sllm.to(device=device, dtype=dtype)
-        opt.to(device=device, dtype=dtype)
+        token.to(device=device, dtype=dtype)
         for runtime in runtimes:
             runners = {
                 "sllm": make_sllm_runner(sllm, runtime, processors),
-                "opt": Runner("opt", opt, runtime),
+                "token": Runner("token", token, runtime),
             }
             for batch in batch_sizes:
                 prompts = make_prompts(ids, starts, batch, args.prompt_tokens, bos).to(device)
                 for new_tokens in new_token_list:
                     if runtime == "compiled" and new_tokens != max(new_token_list):
-                        continue  # compiled: the longest length only (every length recompiles OPT's static cache)
-                    if args.prompt_tokens + new_tokens > opt.config.max_position_embeddings:
+                        continue  # compiled: the longest length only (every length recompiles the token model's static cache)
+                    if args.prompt_tokens + new_tokens > token.config.max_position_embeddings:
                         log(
-                            f"[skipped] prompt {args.prompt_tokens} + {new_tokens} new tokens exceed the OPT's "
-                            f"{opt.config.max_position_embeddings} positions"
+                            f"[skipped] prompt {args.prompt_tokens} + {new_tokens} new tokens exceed the token model's "
+                            f"{token.config.max_position_embeddings} positions"
                         )
                         continue
                     log(f"[{dtype_name} {runtime} batch {batch} new {new_tokens}] timing ...")
@@ -634,24 +676,24 @@ def run_benchmark(argv: list[str] | None = None) -> dict:
                     )
                     sentences = int(timed["sllm"]["output"].num_sentences.sum())
                     row["tokens_per_sentence"] = batch * new_tokens / max(1, sentences)
-                    for name in ("sllm", "opt"):
+                    for name in ("sllm", "token"):
                         row[f"{name}_tokens_per_s"] = timed[name]["tokens_per_s"]
                         row[f"{name}_runs_s"] = timed[name]["runs_s"]
-                        model = sllm if name == "sllm" else opt
+                        model = sllm if name == "sllm" else token
                         for key, value in kv_figures(name, timed[name]["output"], model, prompts, new_tokens).items():
                             row[f"{name}_{key}"] = value
-                    row["sllm_analytic_kv_bytes_per_token"] = analytic_kv_per_token(sllm, dtype, row["tokens_per_sentence"])
-                    row["opt_analytic_kv_bytes_per_token"] = analytic_kv_per_token(opt, dtype)
-                    row["tokens_per_s_ratio"] = row["sllm_tokens_per_s"] / row["opt_tokens_per_s"]
-                    row["kv_bytes_per_token_ratio"] = row["sllm_kv_bytes_per_token"] / row["opt_kv_bytes_per_token"]
+                    row["sllm_analytic_kv_bytes_per_token"] = analytic_kv_per_token(sllm.config.backbone, dtype, row["tokens_per_sentence"])
+                    row["token_analytic_kv_bytes_per_token"] = analytic_kv_per_token(token.config, dtype)
+                    row["tokens_per_s_ratio"] = row["sllm_tokens_per_s"] / row["token_tokens_per_s"]
+                    row["kv_bytes_per_token_ratio"] = row["sllm_kv_bytes_per_token"] / row["token_kv_bytes_per_token"]
                     results["throughput"].append(row)
                     log(
-                        f"   SLLM {row['sllm_tokens_per_s']:.1f} tok/s, OPT {row['opt_tokens_per_s']:.1f} tok/s, "
+                        f"   SLLM {row['sllm_tokens_per_s']:.1f} tok/s, token model {row['token_tokens_per_s']:.1f} tok/s, "
                         f"ratio {row['tokens_per_s_ratio']:.2f}, {row['tokens_per_sentence']:.2f} tokens/sentence"
                     )
                     del timed
     sllm.to(dtype=torch.float32)
-    opt.to(dtype=torch.float32)
+    token.to(dtype=torch.float32)
 
     # ----- memory against context length
     contexts = _int_list(args.contexts)
@@ -660,21 +702,21 @@ def run_benchmark(argv: list[str] | None = None) -> dict:
         isolation = "subprocess" if device.type == "cpu" else "inprocess"
     if contexts:
         with tempfile.TemporaryDirectory() as tmp:
-            limit = min(opt.config.max_position_embeddings, len(ids))
+            limit = min(token.config.max_position_embeddings, len(ids))
             for dtype_name in dtypes:
                 saved = None
                 if isolation == "subprocess":  # saved in the dtype measured: the worker converts nothing
-                    saved = dict(sllm=os.path.join(tmp, dtype_name, "sllm"), opt=os.path.join(tmp, dtype_name, "opt"))
-                    for name, model in (("sllm", sllm), ("opt", opt)):
+                    saved = dict(sllm=os.path.join(tmp, dtype_name, "sllm"), token=os.path.join(tmp, dtype_name, "token"))
+                    for name, model in (("sllm", sllm), ("token", token)):
                         model.to(dtype=DTYPES[dtype_name]).save_pretrained(saved[name])
                         model.to(dtype=torch.float32)
                 for context in contexts:
                     if context > limit or context <= args.memory_new_tokens:
-                        log(f"[memory] context {context} skipped (OPT holds {opt.config.max_position_embeddings} positions)")
+                        log(f"[memory] context {context} skipped (the token model holds {token.config.max_position_embeddings} positions)")
                         continue
                     prompt_len = context - args.memory_new_tokens
                     row = dict(device=device.type, dtype=dtype_name, batch=args.memory_batch_size, context=context)
-                    for name in ("sllm", "opt"):
+                    for name in ("sllm", "token"):
                         log(f"[memory {dtype_name}] context {context}: {name}")
                         spec = dict(
                             name=name,
@@ -694,7 +736,7 @@ def run_benchmark(argv: list[str] | None = None) -> dict:
                                 spec["sentence_lengths"] = sentence_length_table
                             figures = _run_memory_worker(spec)
                         else:
-                            model = (sllm if name == "sllm" else opt).to(device=device, dtype=DTYPES[dtype_name])
+                            model = (sllm if name == "sllm" else token).to(device=device, dtype=DTYPES[dtype_name])
                             prompts = prompts.to(device)
                             figures = measure_memory_point(
                                 name, model, prompts, args.memory_new_tokens, model_processors, device
@@ -703,12 +745,12 @@ def run_benchmark(argv: list[str] | None = None) -> dict:
                         for key, value in figures.items():
                             row[f"{name}_{key}"] = value
                     row["sllm_analytic_kv_bytes_per_token"] = analytic_kv_per_token(
-                        sllm, DTYPES[dtype_name], row.get("sllm_tokens_per_sentence")
+                        sllm.config.backbone, DTYPES[dtype_name], row.get("sllm_tokens_per_sentence")
                     )
-                    row["opt_analytic_kv_bytes_per_token"] = analytic_kv_per_token(opt, DTYPES[dtype_name])
-                    row["kv_bytes_per_token_ratio"] = row["sllm_kv_bytes_per_token"] / row["opt_kv_bytes_per_token"]
-                    row["peak_ratio"] = row["sllm_peak_bytes"] / row["opt_peak_bytes"]
-                    row["peak_growth_ratio"] = row["sllm_peak_growth_bytes"] / max(1, row["opt_peak_growth_bytes"])
+                    row["token_analytic_kv_bytes_per_token"] = analytic_kv_per_token(token.config, DTYPES[dtype_name])
+                    row["kv_bytes_per_token_ratio"] = row["sllm_kv_bytes_per_token"] / row["token_kv_bytes_per_token"]
+                    row["peak_ratio"] = row["sllm_peak_bytes"] / row["token_peak_bytes"]
+                    row["peak_growth_ratio"] = row["sllm_peak_growth_bytes"] / max(1, row["token_peak_growth_bytes"])
                     results["memory"].append(row)
     with contextlib.suppress(OSError):
         results["meta"]["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
@@ -759,8 +801,7 @@ def memory_worker(spec: dict) -> dict:
     device = torch.device(spec["device"])
     dtype = DTYPES[spec["dtype"]]
     rss_start = psutil.Process().memory_info().rss
-    cls = SentenceOPTForCausalLM if spec["name"] == "sllm" else OPTForCausalLM
-    model = cls.from_pretrained(spec["path"], dtype=dtype).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(spec["path"], dtype=dtype).to(device).eval()
     processors = None
     if spec.get("sentence_lengths"):
         c = model.config
@@ -805,13 +846,13 @@ def best_runtime_rows(results: dict) -> list[dict]:
         if len(rows) < 2:
             continue
         sllm = max(rows, key=lambda r: r["sllm_tokens_per_s"])
-        opt = max(rows, key=lambda r: r["opt_tokens_per_s"])
+        token = max(rows, key=lambda r: r["token_tokens_per_s"])
         out.append(
             dict(
                 device=device, dtype=dtype, batch=batch, new_tokens=new_tokens,
                 sllm_runtime=sllm["runtime"], sllm_tokens_per_s=sllm["sllm_tokens_per_s"],
-                opt_runtime=opt["runtime"], opt_tokens_per_s=opt["opt_tokens_per_s"],
-                tokens_per_s_ratio=sllm["sllm_tokens_per_s"] / opt["opt_tokens_per_s"],
+                token_runtime=token["runtime"], token_tokens_per_s=token["token_tokens_per_s"],
+                tokens_per_s_ratio=sllm["sllm_tokens_per_s"] / token["token_tokens_per_s"],
             )
         )  # fmt: skip
     return out
@@ -837,14 +878,14 @@ def format_tables(results: dict) -> str:
     parts = []
     headers = [
         "device", "dtype", "runtime", "batch", "new tok", "tok/sent",
-        "SLLM tok/s", "OPT tok/s", "tok/s SLLM/OPT",
-        "SLLM KV B/tok", "OPT KV B/tok", "KV SLLM/OPT", "SLLM backbone KV B/tok unpadded", "SLLM KV B/tok analytic",
+        "SLLM tok/s", "token tok/s", "tok/s SLLM/token",
+        "SLLM KV B/tok", "token KV B/tok", "KV SLLM/token", "SLLM backbone KV B/tok unpadded", "SLLM KV B/tok analytic",
     ]  # fmt: skip
     rows = [
         [
             r["device"], r["dtype"], r["runtime"], str(r["batch"]), str(r["new_tokens"]), f"{r['tokens_per_sentence']:.2f}",
-            f"{r['sllm_tokens_per_s']:.1f}", f"{r['opt_tokens_per_s']:.1f}", f"{r['tokens_per_s_ratio']:.2f}x",
-            _fmt_bytes(r["sllm_kv_bytes_per_token"]), _fmt_bytes(r["opt_kv_bytes_per_token"]),
+            f"{r['sllm_tokens_per_s']:.1f}", f"{r['token_tokens_per_s']:.1f}", f"{r['tokens_per_s_ratio']:.2f}x",
+            _fmt_bytes(r["sllm_kv_bytes_per_token"]), _fmt_bytes(r["token_kv_bytes_per_token"]),
             f"{100 * r['kv_bytes_per_token_ratio']:.1f}%",
             _fmt_bytes(r["sllm_backbone_kv_bytes_per_token_unpadded"]) if "sllm_backbone_kv_bytes_per_token_unpadded" in r else "-",
             _fmt_bytes(r["sllm_analytic_kv_bytes_per_token"]),
@@ -854,11 +895,11 @@ def format_tables(results: dict) -> str:
     parts.append(_table(headers, rows))
     best = best_runtime_rows(results)
     if best:
-        headers = ["device", "dtype", "batch", "new tok", "SLLM best", "SLLM tok/s", "OPT best", "OPT tok/s", "tok/s SLLM/OPT"]
+        headers = ["device", "dtype", "batch", "new tok", "SLLM best", "SLLM tok/s", "token best", "token tok/s", "tok/s SLLM/token"]
         rows = [
             [
                 r["device"], r["dtype"], str(r["batch"]), str(r["new_tokens"]), r["sllm_runtime"],
-                f"{r['sllm_tokens_per_s']:.1f}", r["opt_runtime"], f"{r['opt_tokens_per_s']:.1f}",
+                f"{r['sllm_tokens_per_s']:.1f}", r["token_runtime"], f"{r['token_tokens_per_s']:.1f}",
                 f"{r['tokens_per_s_ratio']:.2f}x",
             ]
             for r in best
@@ -867,17 +908,17 @@ def format_tables(results: dict) -> str:
     if results["memory"]:
         headers = [
             "device", "dtype", "batch", "context", "tok/sent",
-            "SLLM KV B/tok", "OPT KV B/tok", "KV SLLM/OPT",
-            "SLLM peak", "OPT peak", "peak SLLM/OPT",
-            "SLLM growth", "OPT growth", "growth SLLM/OPT",
+            "SLLM KV B/tok", "token KV B/tok", "KV SLLM/token",
+            "SLLM peak", "token peak", "peak SLLM/token",
+            "SLLM growth", "token growth", "growth SLLM/token",
         ]  # fmt: skip
         rows = [
             [
                 r["device"], r["dtype"], str(r["batch"]), str(r["context"]), f"{r.get('sllm_tokens_per_sentence', 0):.2f}",
-                _fmt_bytes(r["sllm_kv_bytes_per_token"]), _fmt_bytes(r["opt_kv_bytes_per_token"]),
+                _fmt_bytes(r["sllm_kv_bytes_per_token"]), _fmt_bytes(r["token_kv_bytes_per_token"]),
                 f"{100 * r['kv_bytes_per_token_ratio']:.1f}%",
-                _fmt_bytes(r["sllm_peak_bytes"]), _fmt_bytes(r["opt_peak_bytes"]), f"{r['peak_ratio']:.2f}x",
-                _fmt_bytes(r["sllm_peak_growth_bytes"]), _fmt_bytes(r["opt_peak_growth_bytes"]),
+                _fmt_bytes(r["sllm_peak_bytes"]), _fmt_bytes(r["token_peak_bytes"]), f"{r['peak_ratio']:.2f}x",
+                _fmt_bytes(r["sllm_peak_growth_bytes"]), _fmt_bytes(r["token_peak_growth_bytes"]),
                 f"{r['peak_growth_ratio']:.2f}x",
             ]
             for r in results["memory"]
@@ -898,7 +939,7 @@ def make_plots(results: dict, directory: str) -> list[str]:
     meta = results["meta"]
     source = "trained" if meta["sllm"]["trained"] else "random weights"
     b = meta["sllm"]["backbone"]
-    shape = f"{b['num_hidden_layers']}L-{b['hidden_size']}H backbone, {source}"
+    shape = f"{b.get('model_type', 'opt')} {b['num_hidden_layers']}L-{b['hidden_size']}H backbone, {source}"
     device = meta["machine"].get("gpu") or meta["machine"].get("cpu") or meta["machine"]["device"]
     if meta["machine"]["device"] == "cpu":
         device += f", {meta['machine']['torch_threads']} torch thread(s)"
@@ -914,7 +955,7 @@ def make_plots(results: dict, directory: str) -> list[str]:
                     continue
                 x = [r["new_tokens"] for r in sel]
                 ax.plot(x, [r["sllm_tokens_per_s"] for r in sel], style, marker="o", color="tab:blue", label=f"SLLM {dtype}")
-                ax.plot(x, [r["opt_tokens_per_s"] for r in sel], style, marker="s", color="tab:orange", label=f"OPT {dtype}")
+                ax.plot(x, [r["token_tokens_per_s"] for r in sel], style, marker="s", color="tab:orange", label=f"token {dtype}")
                 for r in sel:
                     ax.annotate(f"{r['tokens_per_s_ratio']:.1f}x", (r["new_tokens"], r["sllm_tokens_per_s"]), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8, color="tab:blue")
             ax.set_xscale("log", base=2)
@@ -927,7 +968,7 @@ def make_plots(results: dict, directory: str) -> list[str]:
             ax.set_ylim(bottom=0)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
-        fig.suptitle(f"Greedy generation throughput, SLLM vs OPT ({shape}; {device})", fontsize=10)
+        fig.suptitle(f"Greedy generation throughput, SLLM vs token model ({shape}; {device})", fontsize=10)
         fig.tight_layout()
         path = os.path.join(directory, "throughput.png")
         fig.savefig(path, dpi=120)
@@ -941,8 +982,8 @@ def make_plots(results: dict, directory: str) -> list[str]:
         for dtype, style in zip(sorted({r["dtype"] for r in mem}), ("-", "--", ":")):
             sel = sorted((r for r in mem if r["dtype"] == dtype), key=lambda r: r["context"])
             x = [r["context"] for r in sel]
-            for name, color, marker in (("sllm", "tab:blue", "o"), ("opt", "tab:orange", "s")):
-                label = f"{'SLLM' if name == 'sllm' else 'OPT'} {dtype}"
+            for name, color, marker in (("sllm", "tab:blue", "o"), ("token", "tab:orange", "s")):
+                label = f"{'SLLM' if name == 'sllm' else 'token'} {dtype}"
                 axes[0].plot(x, [r[f"{name}_kv_bytes"] / 2**20 for r in sel], style, marker=marker, color=color, label=label)
                 axes[1].plot(x, [r[f"{name}_kv_bytes_per_token"] / 2**10 for r in sel], style, marker=marker, color=color, label=label)
                 axes[2].plot(x, [r[f"{name}_peak_growth_bytes"] / 2**20 for r in sel], style, marker=marker, color=color, label=label)
@@ -950,7 +991,7 @@ def make_plots(results: dict, directory: str) -> list[str]:
                 axes[1].annotate(f"{100 * r['kv_bytes_per_token_ratio']:.0f}%", (r["context"], r["sllm_kv_bytes_per_token"] / 2**10), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8, color="tab:blue")
         axes[0].set_title("KV cache held at the end of generation")
         axes[0].set_ylabel("MB")
-        axes[1].set_title("KV cache per token of context (SLLM/OPT marked)")
+        axes[1].set_title("KV cache per token of context (SLLM/token marked)")
         axes[1].set_ylabel("KB per token")
         if kind.startswith("cuda"):
             axes[2].set_title("peak CUDA memory above the loaded model")
@@ -971,13 +1012,25 @@ def make_plots(results: dict, directory: str) -> list[str]:
     return written
 
 
+def legacy_to_current(results: dict) -> dict:
+    """Results written when the baseline was always OPT (keys ``opt_*``, ``meta["opt"]``) under
+    today's names (``token_*``, ``meta["token"]``)."""
+    if "opt" in results["meta"]:
+        results["meta"]["token"] = results["meta"].pop("opt")
+    for section in ("throughput", "memory"):
+        results[section] = [
+            {("token_" + k[4:] if k.startswith("opt_") else k): v for k, v in row.items()} for row in results[section]
+        ]
+    return results
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args._memory_worker:
         print(json.dumps(memory_worker(json.loads(sys.stdin.read()))))
         return
     if args.replot:
-        results = json.loads(Path(args.replot).read_text())
+        results = legacy_to_current(json.loads(Path(args.replot).read_text()))
         results["targets"] = check_targets(results)
         if args.plots:
             make_plots(results, args.plots)
@@ -985,7 +1038,7 @@ def main(argv: list[str] | None = None) -> None:
         results = run_benchmark(argv)
     meta = results["meta"]
     print(f"SLLM: {meta['sllm']['source']} ({meta['sllm']['parameters'] / 1e6:.1f}M parameters)")
-    print(f"OPT:  {meta['opt']['source']} ({meta['opt']['parameters'] / 1e6:.1f}M parameters)")
+    print(f"token model: {meta['token']['source']} ({meta['token']['parameters'] / 1e6:.1f}M parameters)")
     print(f"prompts: {meta['corpus']}, {meta['prompt_tokens']} tokens; {meta['decoding']}")
     m = meta["machine"]
     print(f"machine: {m.get('gpu') or m['cpu']}, {m['nproc']} CPUs ({m['torch_threads']} torch threads), torch {m['torch']}, transformers {m['transformers']}")

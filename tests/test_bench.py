@@ -18,11 +18,20 @@ def bench():
     return module
 
 
-@pytest.fixture(scope="module")
-def results(bench, tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench")
+BACKBONES = {
+    # family: (--config overrides, SLLM class, token model class); the Llama has grouped-query attention.
+    "opt": ("", "SentenceOPTForCausalLM", "OPTForCausalLM"),
+    "llama": ("num_key_value_heads=2", "SentenceLMForCausalLM", "LlamaForCausalLM"),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(BACKBONES))
+def results(request, bench, tmp_path_factory):
+    backbone = request.param
+    out = tmp_path_factory.mktemp(f"bench_{backbone}")
     argv = [
-        "--shape", "tiny", "--device", "cpu", "--dtypes", "fp32", "--batch_sizes", "1,2",
+        "--backbone", backbone, "--shape", "tiny", "--config", BACKBONES[backbone][0],
+        "--device", "cpu", "--dtypes", "fp32", "--batch_sizes", "1,2",
         "--new_tokens", "6,24", "--prompt_tokens", "24", "--repeats", "1", "--contexts", "40,80",
         "--memory_new_tokens", "8", "--memory_isolation", "inprocess", "--threads", "1", "--quiet",
         "--out", str(out / "bench.json"), "--plots", str(out / "plots"),
@@ -30,16 +39,28 @@ def results(bench, tmp_path_factory):
     return bench.run_benchmark(argv), out
 
 
+def test_models_are_the_backbone_family_and_its_token_model(request, results):
+    res, _ = results
+    backbone = request.node.callspec.params["results"]
+    _, sllm_class, token_class = BACKBONES[backbone]
+    meta = res["meta"]
+    assert meta["sllm"]["model_class"] == sllm_class and meta["token"]["model_class"] == token_class
+    shape = meta["sllm"]["backbone"]
+    assert shape["model_type"] == backbone
+    assert (shape["hidden_size"], shape["num_hidden_layers"], shape["num_attention_heads"]) == (64, 2, 4)
+    assert shape["num_key_value_heads"] == (2 if backbone == "llama" else 4)
+
+
 def test_throughput_rows_have_both_models_and_their_ratios(results):
     res, _ = results
     rows = res["throughput"]
     assert {(r["batch"], r["new_tokens"]) for r in rows} == {(1, 6), (1, 24), (2, 6), (2, 24)}
     for r in rows:
-        for name in ("sllm", "opt"):
+        for name in ("sllm", "token"):
             assert r[f"{name}_tokens_per_s"] > 0 and len(r[f"{name}_runs_s"]) == 1
             assert r[f"{name}_kv_bytes_per_token"] > 0
-        assert r["tokens_per_s_ratio"] == pytest.approx(r["sllm_tokens_per_s"] / r["opt_tokens_per_s"])
-        assert r["kv_bytes_per_token_ratio"] == pytest.approx(r["sllm_kv_bytes_per_token"] / r["opt_kv_bytes_per_token"])
+        assert r["tokens_per_s_ratio"] == pytest.approx(r["sllm_tokens_per_s"] / r["token_tokens_per_s"])
+        assert r["kv_bytes_per_token_ratio"] == pytest.approx(r["sllm_kv_bytes_per_token"] / r["token_kv_bytes_per_token"])
         assert r["tokens_per_sentence"] > 0
         # The SLLM's memory is its backbone cache over sentences plus the decoder's cache.
         assert r["sllm_kv_bytes"] == r["sllm_backbone_kv_bytes"] + r["sllm_decoder_kv_bytes"]
@@ -49,13 +70,17 @@ def test_throughput_rows_have_both_models_and_their_ratios(results):
             assert r["sllm_backbone_kv_bytes_unpadded"] == pytest.approx(r["sllm_backbone_kv_bytes"])
 
 
-def test_opt_kv_cache_matches_its_analytic_size(results):
+def test_token_kv_cache_matches_its_analytic_size(results):
     res, _ = results
     for r in res["throughput"]:
         context = r["prompt_tokens"] + r["new_tokens"]
-        # OPT caches every token but the last one generated.
-        expected = r["opt_analytic_kv_bytes_per_token"] * (context - 1) / context
-        assert r["opt_kv_bytes_per_token"] == pytest.approx(expected)
+        # The token model caches every token but the last one generated.
+        expected = r["token_analytic_kv_bytes_per_token"] * (context - 1) / context
+        assert r["token_kv_bytes_per_token"] == pytest.approx(expected)
+    # Key/value heads, not attention heads: fewer for a grouped-query backbone (the tiny Llama's 2 of 4).
+    shape = res["meta"]["sllm"]["backbone"]
+    per_token = 2 * shape["num_hidden_layers"] * shape["num_key_value_heads"] * shape["head_dim"] * 4
+    assert all(r["token_analytic_kv_bytes_per_token"] == per_token for r in res["throughput"])
 
 
 def test_sentences_hold_less_cache_per_token_than_tokens(results):
@@ -64,20 +89,20 @@ def test_sentences_hold_less_cache_per_token_than_tokens(results):
     for r in long_rows:
         assert r["tokens_per_sentence"] > 1
         assert r["sllm_backbone_kv_bytes"] / (r["batch"] * (r["prompt_tokens"] + r["new_tokens"])) < r[
-            "opt_kv_bytes_per_token"
+            "token_kv_bytes_per_token"
         ]
-        assert r["sllm_analytic_kv_bytes_per_token"] < r["opt_analytic_kv_bytes_per_token"]
+        assert r["sllm_analytic_kv_bytes_per_token"] < r["token_analytic_kv_bytes_per_token"]
 
 
-def test_memory_sweep_grows_with_context_for_opt(results):
+def test_memory_sweep_grows_with_context_for_the_token_model(results):
     res, _ = results
     rows = sorted(res["memory"], key=lambda r: r["context"])
     assert [r["context"] for r in rows] == [40, 80]
-    assert rows[1]["opt_kv_bytes"] > rows[0]["opt_kv_bytes"]
+    assert rows[1]["token_kv_bytes"] > rows[0]["token_kv_bytes"]
     for r in rows:
-        assert r["sllm_peak_bytes"] > 0 and r["opt_peak_bytes"] > 0
-        assert r["peak_ratio"] == pytest.approx(r["sllm_peak_bytes"] / r["opt_peak_bytes"])
-        assert r["sllm_kv_bytes"] < r["opt_kv_bytes"]
+        assert r["sllm_peak_bytes"] > 0 and r["token_peak_bytes"] > 0
+        assert r["peak_ratio"] == pytest.approx(r["sllm_peak_bytes"] / r["token_peak_bytes"])
+        assert r["sllm_kv_bytes"] < r["token_kv_bytes"]
 
 
 def test_json_table_and_plots_are_written(bench, results):
@@ -88,7 +113,20 @@ def test_json_table_and_plots_are_written(bench, results):
     assert saved["meta"]["machine"]["torch"] and saved["meta"]["machine"]["transformers"]
     assert set(saved["targets"]) and all("met" in v for v in saved["targets"].values())
     table = bench.format_tables(res)
-    for column in ("SLLM tok/s", "OPT tok/s", "tok/s SLLM/OPT", "KV SLLM/OPT", "peak SLLM/OPT", "tok/sent"):
+    for column in ("SLLM tok/s", "token tok/s", "tok/s SLLM/token", "KV SLLM/token", "peak SLLM/token", "tok/sent"):
         assert column in table
     assert (out / "plots" / "throughput.png").stat().st_size > 0
     assert (out / "plots" / "memory.png").stat().st_size > 0
+
+
+def test_a_saved_sentence_lm_of_another_family_loads_as_checkpoint(bench, tmp_path):
+    args = bench.build_parser().parse_args(["--backbone", "llama", "--shape", "tiny", "--config", "num_key_value_heads=2"])
+    paragraphs, _ = bench.load_corpus(None)
+    bench.build_models(args, paragraphs)["sllm"].save_pretrained(tmp_path / "sllm")  # with its tokenizer
+    argv = [
+        "--checkpoint", str(tmp_path / "sllm"), "--device", "cpu", "--dtypes", "fp32", "--batch_sizes", "1",
+        "--new_tokens", "4", "--prompt_tokens", "24", "--repeats", "1", "--contexts", "", "--threads", "1", "--quiet",
+    ]  # fmt: skip
+    meta = bench.run_benchmark(argv)["meta"]
+    assert meta["sllm"]["trained"] is True and meta["sllm"]["model_class"] == "SentenceLMForCausalLM"
+    assert meta["token"]["model_class"] == "LlamaForCausalLM"
