@@ -64,7 +64,9 @@ class SentenceGenerationMixin(GenerationMixin):
         Follows the `transformers` contract: ``input_ids``/``attention_mask`` (left padding),
         a `GenerationConfig` and/or keyword overrides (``max_new_tokens``, ``min_new_tokens``,
         ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``repetition_penalty``,
-        ``num_return_sequences``, ``pad_token_id``, ``return_dict_in_generate``), a
+        ``num_return_sequences``, ``pad_token_id``, ``return_dict_in_generate``,
+        ``cache_implementation``: ``"dynamic"`` by default, or ``"static"`` for a backbone cache
+        preallocated over every sentence slot the call can fill), a
         ``streamer``; returns the prompts followed by the new tokens as one ``LongTensor``
         (right-padded with ``pad_token_id``), or a [`SentenceGenerateOutput`] (a
         `GenerateDecoderOnlyOutput` with ``sequences``, the backbone's ``cache`` and
@@ -107,6 +109,12 @@ class SentenceGenerationMixin(GenerationMixin):
             # As transformers' generate(): the generation config decides, not `config.use_cache`
             # (which training sets to False, and which checkpoints saved by the Trainer keep).
             use_cache = generation_config.use_cache if generation_config.use_cache is not None else True
+        if generation_config.cache_implementation not in (None, "dynamic", "static"):
+            raise ValueError(
+                f"cache_implementation={generation_config.cache_implementation!r} is not supported by sentence-level "
+                "generation; use 'dynamic' (the default) or 'static' (the backbone's cache preallocated)."
+            )
+        static_cache = use_cache and generation_config.cache_implementation == "static"
         device = self.device
         if input_ids is None:
             input_ids = torch.full((1, 0), self.config.bos_token_id, dtype=torch.long, device=device)
@@ -154,7 +162,7 @@ class SentenceGenerationMixin(GenerationMixin):
             device=device,
         )
         new_tokens, cache, num_sentences, decoder_cache = self._generate_sentences(
-            input_ids, mask, max_new, min_new, generation_config.do_sample, processors, use_cache, streamer
+            input_ids, mask, max_new, min_new, generation_config.do_sample, processors, use_cache, static_cache, streamer
         )
         if streamer is not None:
             streamer.end()
@@ -176,10 +184,13 @@ class SentenceGenerationMixin(GenerationMixin):
         do_sample: bool,
         processors: LogitsProcessorList,
         use_cache: bool,
+        static_cache: bool,
         streamer,
     ) -> tuple[torch.Tensor, Cache | None, torch.Tensor, object | None]:
         """The next-sentence loop; returns ``(batch, written)`` new tokens (``-1`` where none),
-        the backbone's cache, the number of sentences written per row and the last decoder cache."""
+        the backbone's cache, the number of sentences written per row and the last decoder cache.
+        With ``static_cache`` the backbone's cache holds every slot the loop can fill from the start
+        (each sentence has at least one token, so ``max_new`` sentences at most)."""
         batch, device = input_ids.shape[0], input_ids.device
         vae, model = self.sentence_vae, self.model
         content = model.content_mask(input_ids, mask)
@@ -198,7 +209,12 @@ class SentenceGenerationMixin(GenerationMixin):
             else torch.empty(0, self.config.hidden_size, device=device)
         )
         inputs, slot_mask = model.slot_inputs(vectors, packed)
-        cache = model.new_cache() if use_cache else None
+        cache = None
+        if use_cache:
+            slots = slot_mask.shape[1] + max_new
+            if self.config.max_position_embeddings is not None:
+                slots = min(slots, max(self.config.max_position_embeddings, slot_mask.shape[1]))
+            cache = model.new_cache(max_slots=slots if static_cache else None)
         all_inputs = inputs
         state = model.run_backbone(inputs, slot_mask, cache)[:, -1]
 

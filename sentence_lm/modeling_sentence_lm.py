@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModel, Cache, DynamicCache, PreTrainedConfig, PreTrainedModel
+from transformers import AutoModel, Cache, DynamicCache, PreTrainedConfig, PreTrainedModel, StaticCache
 from transformers.utils import ModelOutput, logging
 
 from .checkpointing import SafeCheckpointMixin
@@ -181,9 +181,18 @@ class SentenceLMModel(SentenceLMPreTrainedModel):
         slot_mask = torch.arange(slots, device=inputs.device) >= first_slot[:, None]
         return inputs, slot_mask
 
-    def new_cache(self) -> DynamicCache:
-        """An empty key/value cache for the backbone (over sentence slots)."""
-        return DynamicCache(config=self.config.backbone)
+    def new_cache(self, max_slots: int | None = None) -> Cache:
+        """An empty key/value cache for the backbone (over sentence slots): a `DynamicCache`, or
+        with ``max_slots`` a `StaticCache` preallocated for that many slots (for backbones that
+        `transformers` can compile with one: ``_can_compile_fullgraph``)."""
+        if max_slots is None:
+            return DynamicCache(config=self.config.backbone)
+        if not getattr(self.backbone, "_can_compile_fullgraph", False):
+            raise ValueError(
+                f"The {type(self.backbone).__name__} backbone does not support a static cache; generate with the "
+                "default cache_implementation instead."
+            )
+        return StaticCache(config=self.config.backbone, max_cache_len=max_slots)
 
     def run_backbone(
         self, inputs_embeds: torch.Tensor, slot_mask: torch.Tensor, cache: Cache | None = None

@@ -298,3 +298,18 @@ def test_a_gguf_file_that_is_not_a_language_model_is_refused(tmp_path):
     writer.close()
     with pytest.raises(ValueError, match=r"Cannot load the GGUF file bert.gguf in .* as a decoder-only language model"):
         SentenceLMForCausalLM.from_pretrained_backbone(tmp_path, gguf_file="bert.gguf")
+
+
+@pytest.mark.parametrize("family", ["opt", "gpt2", "llama", "qwen2"])
+def test_static_backbone_cache_gives_the_dynamic_cache_output(family, sentence_lms, tokenizer):
+    from transformers import StaticCache
+
+    model = sentence_lms[family]
+    enc = tokenizer(["The object is returned.", "Each argument of the call", ""], padding=True, padding_side="left",
+                    return_tensors="pt", return_sentence_ids=False)  # fmt: skip
+    dynamic = model.generate(**enc, max_new_tokens=14)
+    out = model.generate(**enc, max_new_tokens=14, cache_implementation="static", return_dict_in_generate=True)
+    assert isinstance(out.cache, StaticCache)
+    assert torch.equal(out.sequences, dynamic)
+    with pytest.raises(ValueError, match="cache_implementation='offloaded' is not supported"):
+        model.generate(**enc, max_new_tokens=4, cache_implementation="offloaded")
