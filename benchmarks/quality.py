@@ -9,21 +9,24 @@ each file's lines are held out for validation):
    paragraphs and used by every model, and one set of text examples is built with
    :func:`~sentence_lm.data.tokenize_texts` (texts of at most ``--block_size`` tokens, a BOS
    in front): the training and validation data of every model;
-2. the baseline, an ``OPTForCausalLM`` of the backbone's shape with the tokenizer's vocabulary,
-   is trained with the ``Trainer`` and ``DataCollatorForLanguageModeling(mlm=False)`` for
-   ``max_steps`` steps of ``--batch_size`` texts (about ``--train_tokens`` tokens);
+2. the models' shapes come from one place, :func:`sentence_opt_config` (the SentenceOPT of
+   SentenceVAE-H); the baseline is the token model of its backbone,
+   :func:`sentence_lm.baseline.token_config_like` (an ``OPTForCausalLM`` of the backbone's shape
+   with the tokenizer's vocabulary), trained with the ``Trainer`` and
+   ``DataCollatorForLanguageModeling(mlm=False)`` for ``max_steps`` steps of ``--batch_size``
+   texts (about ``--train_tokens`` tokens);
    A second baseline, ``OPT+S1``, is trained for as many tokens as an SLLM's stage 1 and stage 2
    together (``--no-opt_with_stage1_tokens`` leaves it out);
 3. for every H in ``--heads`` a SentenceVAE-H (H encoder and H decoder layers) is trained in
    stage 1 (about ``--vae_train_tokens`` sentence tokens, with the library's
    ``SentenceVAETrainer`` and ``PaddingCollator`` on the sentences of
    :func:`~sentence_lm.data.split_into_sentences`), then a SentenceOPT with that SentenceVAE
-   (fine-tuned) and a backbone of the baseline's shape
-   (:func:`~sentence_lm.training_sentence_opt.build_sentence_opt`, checked against
-   :func:`sentence_lm.baseline.opt_config_like`) is trained in stage 2 (``SentenceVAETrainer``,
-   ``PaddingCollator``) on the same text examples, with the same batch size, steps, seed (so the same
-   examples in the same order), optimizer and schedule as the baseline: the same training tokens,
-   counted by the Trainer (``num_input_tokens_seen``, non-padding);
+   (fine-tuned) and that config's backbone (every OPT field given to
+   :func:`~sentence_lm.training_sentence_opt.build_sentence_opt`) is trained in stage 2
+   (``SentenceVAETrainer``, ``PaddingCollator``) on the same text examples, with the same batch
+   size, steps, seed (so the same examples in the same order), optimizer and schedule as the
+   baseline: the same training tokens, counted by the Trainer (``num_input_tokens_seen``,
+   non-padding);
 4. everything is evaluated on the same validation examples.
 
 The stages are driven here rather than through ``train_sentence_vae``/``train_sentence_opt``
@@ -238,43 +241,47 @@ def tokens_seen(output_dir: str | os.PathLike) -> int | None:
 
 
 # --------------------------------------------------------------------------------------------
-# OPT baseline
+# Models
 # --------------------------------------------------------------------------------------------
-def build_opt_baseline(tokenizer, settings: QualitySettings):
-    """An ``OPTForCausalLM`` with the backbone's shape and the shared tokenizer's vocabulary."""
-    from transformers import OPTConfig, OPTForCausalLM, set_seed
+def sentence_opt_config(tokenizer, settings: QualitySettings, heads: int = 1):
+    """The SentenceOPT of SentenceVAE-H (H encoder and H decoder layers) with the settings' backbone
+    and the tokenizer's vocabulary: the one place the models' shapes come from. Stage 1 builds its
+    ``sentence_vae``, stage 2 its ``backbone``, and the baseline is
+    ``token_config_like(config, settings.block_size)`` (the same for every H)."""
+    from sentence_lm import SentenceOPTConfig
+    from sentence_lm.training_sentence_vae import SentenceVAEArguments, build_sentence_vae_config
+
+    shape = dict(num_attention_heads=settings.num_attention_heads, ffn_dim=settings.ffn_dim, dropout=0.0)
+    vae_args = SentenceVAEArguments(
+        hidden_size=settings.hidden_size, num_encoder_layers=heads, num_decoder_layers=heads,
+        max_sentence_len=settings.max_sentence_len, **shape,
+    )  # fmt: skip
+    return SentenceOPTConfig(
+        sentence_vae=build_sentence_vae_config(vae_args, tokenizer),
+        hidden_size=settings.hidden_size,
+        num_hidden_layers=settings.num_hidden_layers,
+        max_position_embeddings=settings.block_size + 1,  # sentence slots: the start state and one per sentence
+        **shape,
+    )
+
+
+def train_baseline(config, data: PreparedData, settings: QualitySettings, max_steps: int, output_dir: str):
+    """Train a fresh token model of ``config`` on the training text examples as
+    :func:`sentence_lm.baseline.train_token_baseline` does (``Trainer``,
+    ``DataCollatorForLanguageModeling(mlm=False)``), but through :func:`_train`, which needs the
+    Trainer for the time budget and the record. Returns ``(model, record)``."""
+    from transformers import AutoModelForCausalLM, DataCollatorForLanguageModeling, Trainer, set_seed
 
     set_seed(settings.seed)
-    config = OPTConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=settings.hidden_size,
-        word_embed_proj_dim=settings.hidden_size,
-        num_hidden_layers=settings.num_hidden_layers,
-        num_attention_heads=settings.num_attention_heads,
-        ffn_dim=settings.ffn_dim,
-        max_position_embeddings=settings.block_size,
-        dropout=0.0,
-        attention_dropout=0.0,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    return OPTForCausalLM(config)
-
-
-def train_opt_baseline(model, data: PreparedData, settings: QualitySettings, max_steps: int, output_dir: str) -> dict:
-    """Train the baseline on the training text examples with the ``Trainer`` and
-    ``DataCollatorForLanguageModeling(mlm=False)``; returns the training record."""
-    from transformers import DataCollatorForLanguageModeling, Trainer
-
     trainer = Trainer(
-        model=model,
+        model=AutoModelForCausalLM.from_config(config),
         args=training_arguments(settings, output_dir, max_steps),
         train_dataset=data.texts["train"],
         data_collator=DataCollatorForLanguageModeling(data.tokenizer, mlm=False),
         processing_class=data.tokenizer,
     )
-    return _train(trainer, settings)
+    record = _train(trainer, settings)
+    return trainer.accelerator.unwrap_model(trainer.model), record
 
 
 @torch.no_grad()
@@ -335,28 +342,18 @@ def training_arguments(settings: QualitySettings, output_dir: str, max_steps: in
     return TrainingArguments(output_dir=output_dir, **dict(settings.common_training_args(max_steps), **overrides))
 
 
-def train_vae(data: PreparedData, settings: QualitySettings, heads: int, max_steps: int, output_dir: str) -> dict:
-    """Stage 1: a SentenceVAE-H (H encoder and H decoder layers of the backbone's width) trained on
-    the training sentences with the library's Trainer and collator, saved with the shared
-    tokenizer to ``output_dir``."""
+def train_vae(data: PreparedData, settings: QualitySettings, config, max_steps: int, output_dir: str) -> dict:
+    """Stage 1: a SentenceVAE of ``config`` (the ``sentence_vae`` of :func:`sentence_opt_config`)
+    trained on the training sentences with the library's Trainer and collator, saved with the
+    shared tokenizer to ``output_dir``."""
     from transformers import set_seed
 
     from sentence_lm import SentenceVAEModel
     from sentence_lm.data import PaddingCollator
     from sentence_lm.trainer import SentenceVAETrainer
-    from sentence_lm.training_sentence_vae import SentenceVAEArguments, build_sentence_vae_config
 
-    model_args = SentenceVAEArguments(
-        hidden_size=settings.hidden_size,
-        num_encoder_layers=heads,
-        num_decoder_layers=heads,
-        num_attention_heads=settings.num_attention_heads,
-        ffn_dim=settings.ffn_dim,
-        max_sentence_len=settings.max_sentence_len,
-        dropout=0.0,
-    )
     set_seed(settings.seed)
-    model = SentenceVAEModel(build_sentence_vae_config(model_args, data.tokenizer))
+    model = SentenceVAEModel(config)
     model.set_boundary_table(data.tokenizer)
     args = training_arguments(
         settings,
@@ -394,22 +391,21 @@ def vae_reconstruction(vae_dir: str, data: PreparedData, settings: QualitySettin
 
 
 def train_sllm(
-    data: PreparedData, settings: QualitySettings, vae_dir: str, max_steps: int, output_dir: str
+    data: PreparedData, settings: QualitySettings, backbone, vae_dir: str, max_steps: int, output_dir: str
 ) -> tuple[object, dict]:
-    """Stage 2: a SentenceOPT whose backbone has the baseline's shape, with the stage-1 SentenceVAE
-    (fine-tuned), built by the library's ``build_sentence_opt`` and trained with its Trainer and
-    collator on the same text examples and with the same training arguments as the baseline.
+    """Stage 2: a SentenceOPT with the stage-1 SentenceVAE (fine-tuned) and the ``backbone`` of
+    :func:`sentence_opt_config`, built by the library's ``build_sentence_opt`` (every OPT field
+    given, so nothing is left to its defaults) and trained with its Trainer and collator on the
+    same text examples and with the same training arguments as the baseline.
     Returns ``(model, record)``."""
     from transformers import set_seed
 
+    from sentence_lm.configuration_sentence_opt import OPT_FIELDS
     from sentence_lm.data import PaddingCollator
     from sentence_lm.trainer import SentenceVAETrainer
     from sentence_lm.training_sentence_opt import SentenceOPTArguments, build_sentence_opt
 
-    backbone = (
-        f"num_hidden_layers={settings.num_hidden_layers},num_attention_heads={settings.num_attention_heads},"
-        f"ffn_dim={settings.ffn_dim},max_position_embeddings={settings.block_size + 1},dropout=0.0"
-    )
+    backbone = ",".join(f"{name}={getattr(backbone, name)!r}" for name in OPT_FIELDS)
     set_seed(settings.seed)
     model, tokenizer = build_sentence_opt(
         SentenceOPTArguments(sentence_vae_name_or_path=vae_dir, backbone_config=backbone), []
@@ -469,26 +465,12 @@ def sllm_nll_parts(model, dataset, batch_size: int = 32) -> dict:
     }
 
 
-def check_same_backbone(opt_config, sentence_opt_config) -> None:
-    """Raise unless the OPT baseline has the SentenceOPT backbone's shape, vocabulary and special
-    tokens (as :func:`sentence_lm.baseline.token_config_like` reads them)."""
-    from sentence_lm.baseline import token_config_like
-
-    like = token_config_like(sentence_opt_config, max_position_embeddings=opt_config.max_position_embeddings).to_dict()
-    ignored = {"transformers_version", "architectures", "dtype", "_name_or_path", "layerdrop", "init_std", "use_cache"}
-    baseline = opt_config.to_dict()
-    different = {
-        n: (baseline.get(n), like.get(n)) for n in set(baseline) | set(like) if n not in ignored and baseline.get(n) != like.get(n)
-    }
-    if different:
-        raise RuntimeError(f"The OPT baseline and the SLLM backbone differ (OPT, SLLM): {different}")
-
-
 # --------------------------------------------------------------------------------------------
 # One dataset, all models
 # --------------------------------------------------------------------------------------------
 def run_dataset(data: PreparedData, settings: QualitySettings, output_dir: str, log=print) -> dict:
     """Train and evaluate the baseline and the SLLM of every H on one prepared dataset."""
+    from sentence_lm.baseline import token_config_like
     from sentence_lm.training_sentence_opt import text_nll
 
     validation = data.texts["validation"]
@@ -511,15 +493,13 @@ def run_dataset(data: PreparedData, settings: QualitySettings, output_dir: str, 
         f"stage 1: {vae_steps} steps of {settings.vae_batch_size} sentences"
     )
 
-    opt_dir = os.path.join(output_dir, "opt")
-    model = build_opt_baseline(data.tokenizer, settings)
-    train = train_opt_baseline(model, data, settings, steps, opt_dir)
+    opt_config = token_config_like(sentence_opt_config(data.tokenizer, settings), settings.block_size)
+    model, train = train_baseline(opt_config, data, settings, steps, os.path.join(output_dir, "opt"))
     log(f"[{data.name}] OPT trained: {train}")
     evaluation = opt_nll(model, validation, data.tokenizer.pad_token_id, settings.eval_batch_size)
     log(f"[{data.name}] OPT validation: {evaluation}")
     baseline = {"model": "OPT", "heads": None, "train": train, "eval": evaluation}
     record["models"].append(baseline)
-    opt_config = model.config
     del model
 
     if settings.opt_with_stage1_tokens:
@@ -527,8 +507,7 @@ def run_dataset(data: PreparedData, settings: QualitySettings, output_dir: str, 
         more = steps_for(
             settings.train_tokens + settings.vae_train_tokens, settings.batch_size, data.mean_text_tokens()
         )
-        model = build_opt_baseline(data.tokenizer, settings)
-        train = train_opt_baseline(model, data, settings, more, os.path.join(output_dir, "opt_plus_stage1"))
+        model, train = train_baseline(opt_config, data, settings, more, os.path.join(output_dir, "opt_plus_stage1"))
         evaluation = opt_nll(model, validation, data.tokenizer.pad_token_id, settings.eval_batch_size)
         log(f"[{data.name}] {LONG_OPT} validation: {evaluation} (trained: {train})")
         record["models"].append({"model": LONG_OPT, "heads": None, "train": train, "eval": evaluation})
@@ -537,16 +516,18 @@ def run_dataset(data: PreparedData, settings: QualitySettings, output_dir: str, 
     for heads in settings.heads:
         name = f"SLLM-H{heads}"
         vae_dir = os.path.join(output_dir, f"svae_h{heads}")
-        vae_train = train_vae(data, settings, heads, vae_steps, vae_dir)
+        config = sentence_opt_config(data.tokenizer, settings, heads)
+        vae_train = train_vae(data, settings, config.sentence_vae, vae_steps, vae_dir)
         log(f"[{data.name}] SentenceVAE-H{heads} trained: {vae_train}")
         start = time.perf_counter()
         reconstruction = vae_reconstruction(vae_dir, data, settings)
         reconstruction["seconds"] = time.perf_counter() - start
         log(f"[{data.name}] SentenceVAE-H{heads} reconstruction: {reconstruction}")
 
-        model, train = train_sllm(data, settings, vae_dir, steps, os.path.join(output_dir, f"sllm_h{heads}"))
+        model, train = train_sllm(
+            data, settings, config.backbone, vae_dir, steps, os.path.join(output_dir, f"sllm_h{heads}")
+        )
         log(f"[{data.name}] {name} trained: {train}")
-        check_same_backbone(opt_config, model.config)
         evaluation = text_nll(model, validation, settings.eval_batch_size, show_progress=False)
         parts = sllm_nll_parts(model, validation, settings.eval_batch_size)
         log(f"[{data.name}] {name} validation: {evaluation}; parts {parts}")

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
+from sentence_lm.baseline import token_config_like
 from sentence_lm.corpus import default_corpus
 
 QUALITY_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
@@ -51,7 +53,19 @@ def restore_threads():
     torch.set_num_threads(threads)
 
 
-def test_quality_end_to_end(quality, text_file, tmp_path, restore_threads):
+def test_quality_end_to_end(quality, text_file, tmp_path, restore_threads, monkeypatch):
+    built = {}  # the first model each training function returns
+
+    def keep(name, train):
+        def wrapped(*args, **kwargs):
+            model, record = train(*args, **kwargs)
+            built.setdefault(name, model)
+            return model, record
+
+        return wrapped
+
+    monkeypatch.setattr(quality, "train_baseline", keep("opt", quality.train_baseline))
+    monkeypatch.setattr(quality, "train_sllm", keep("sllm", quality.train_sllm))
     out, report, json_path = tmp_path / "out", tmp_path / "QUALITY.md", tmp_path / "quality.json"
     results = quality.main(
         [*TINY, "--train_file", str(text_file), "--heads", "H1", "--output_dir", str(out), "--report", str(report),
@@ -61,6 +75,12 @@ def test_quality_end_to_end(quality, text_file, tmp_path, restore_threads):
     (dataset,) = results["datasets"]
     opt, opt_long, sllm = dataset["models"]
     assert (opt["model"], opt_long["model"], sllm["model"], sllm["heads"]) == ("OPT", "OPT+S1", "SLLM-H1", 1)
+
+    # The baseline is the token model of the trained SLLM's backbone: family, shape, every setting,
+    # vocabulary and special tokens (its positions count the block's tokens).
+    like = token_config_like(built["sllm"].config, 64)
+    like.use_cache = built["opt"].config.use_cache  # the Trainer sets it to args.use_cache
+    assert built["opt"].config.to_dict() == like.to_dict()
 
     # The same validation tokens: every original token of every validation text (BOS excluded).
     settings = quality.settings_from_args(quality.parse_args([*TINY, "--heads", "H1"]))
@@ -113,7 +133,7 @@ def test_opt_nll_is_the_causal_lm_loss_over_every_token_after_bos(quality, token
     """`opt_nll` sums cross-entropy over the predicted tokens 1..n of each text (one BOS each) and
     divides by their count: for one text it is OPT's own causal-LM loss."""
     settings = quality.QualitySettings(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, ffn_dim=64)
-    model = quality.build_opt_baseline(tokenizer, settings)
+    model = AutoModelForCausalLM.from_config(token_config_like(quality.sentence_opt_config(tokenizer, settings)))
     texts = [tokenizer(t)["input_ids"] for t in ("One small text. With two sentences.", "Another, longer one here.")]
     rows = [{"input_ids": ids} for ids in texts]
     both = quality.opt_nll(model, rows, tokenizer.pad_token_id, batch_size=2)
