@@ -266,20 +266,16 @@ def sentence_opt_config(tokenizer, settings: QualitySettings, heads: int = 1):
 
 
 def train_baseline(config, data: PreparedData, settings: QualitySettings, max_steps: int, output_dir: str):
-    """Train a fresh token model of ``config`` on the training text examples as
-    :func:`sentence_lm.baseline.train_token_baseline` does (``Trainer``,
-    ``DataCollatorForLanguageModeling(mlm=False)``), but through :func:`_train`, which needs the
-    Trainer for the time budget and the record. Returns ``(model, record)``."""
-    from transformers import AutoModelForCausalLM, DataCollatorForLanguageModeling, Trainer, set_seed
+    """Train a fresh token model of ``config`` on the training text examples with
+    :func:`sentence_lm.baseline.token_baseline_trainer`, through :func:`_train` (time budget and
+    record). Returns ``(model, record)``."""
+    from transformers import set_seed
+
+    from sentence_lm.baseline import token_baseline_trainer
 
     set_seed(settings.seed)
-    trainer = Trainer(
-        model=AutoModelForCausalLM.from_config(config),
-        args=training_arguments(settings, output_dir, max_steps),
-        train_dataset=data.texts["train"],
-        data_collator=DataCollatorForLanguageModeling(data.tokenizer, mlm=False),
-        processing_class=data.tokenizer,
-    )
+    args = training_arguments(settings, output_dir, max_steps)
+    trainer = token_baseline_trainer(config, data.tokenizer, data.texts["train"], args)
     record = _train(trainer, settings)
     return trainer.accelerator.unwrap_model(trainer.model), record
 

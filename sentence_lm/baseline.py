@@ -32,21 +32,29 @@ def token_config_like(config: SentenceLMConfig, max_position_embeddings: int = 2
     return token_config
 
 
-def train_token_baseline(
+def token_baseline_trainer(
     config: PreTrainedConfig, tokenizer, train_dataset, training_args: TrainingArguments, eval_dataset=None
-) -> PreTrainedModel:
-    """Train a fresh token model of ``config`` (see :func:`token_config_like`) with the Trainer
-    on text examples (rows with ``input_ids``, as made by :func:`sentence_lm.data.tokenize_texts`)
-    and return it."""
+) -> Trainer:
+    """A Trainer for a fresh token model of ``config`` (see :func:`token_config_like`) on text
+    examples (rows with ``input_ids``, as made by :func:`sentence_lm.data.tokenize_texts`), with
+    the library's causal-LM collator; add callbacks or read its state before or after training."""
     torch.manual_seed(training_args.seed)
     model = AutoModelForCausalLM.from_config(config)
     columns = [c for c in train_dataset.column_names if c not in ("input_ids", "attention_mask")]
-    trainer = Trainer(
+    return Trainer(
         model=model,
         args=training_args,
         train_dataset=train_dataset.remove_columns(columns),
         eval_dataset=eval_dataset.remove_columns(columns) if eval_dataset is not None else None,
         data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+        processing_class=tokenizer,
     )
+
+
+def train_token_baseline(
+    config: PreTrainedConfig, tokenizer, train_dataset, training_args: TrainingArguments, eval_dataset=None
+) -> PreTrainedModel:
+    """Train :func:`token_baseline_trainer`'s model and return it."""
+    trainer = token_baseline_trainer(config, tokenizer, train_dataset, training_args, eval_dataset)
     trainer.train()
     return trainer.accelerator.unwrap_model(trainer.model)
