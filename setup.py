@@ -23,7 +23,8 @@ setup(
         "jinja2",
     ],
     extras_require={
-        "test": ["pytest", "hypothesis", "matplotlib"],  # the benchmark test draws its plots
+        # matplotlib: the benchmark test draws its plots; peft: LoRA on a SentenceLM (test_sentence_lm_integrations)
+        "test": ["pytest", "hypothesis", "matplotlib", "peft"],
         "plots": ["matplotlib"],
     },
 )

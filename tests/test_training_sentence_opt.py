@@ -1,5 +1,6 @@
 """Stage-2 training: a few Trainer steps, saving, resuming, and two processes under accelerate."""
 
+import hashlib
 import json
 import os
 import subprocess
@@ -22,6 +23,36 @@ def text_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "text.txt"
     path.write_text("\n\n".join(default_corpus()[:120]))
     return path
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    """A saved tiny random Llama token model (1 layer of width 32) with a sentence tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sentence_lm.tokenization_sentence_lm import train_sentence_tokenizer
+
+    path = tmp_path_factory.mktemp("backbone") / "llama"
+    tokenizer = train_sentence_tokenizer(default_corpus(), vocab_size=512, max_sentence_len=16)
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=128, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        )
+    )  # fmt: skip
+    llama.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def backbone_arguments(text_file, output_dir, backbone_dir, *extra):
+    """`arguments` with the backbone taken from a saved token model instead of a new tiny OPT."""
+    args = arguments(text_file, output_dir, *extra)
+    at = args.index("--backbone_config")
+    del args[at : at + 2]
+    return [*args, "--backbone_name_or_path", str(backbone_dir)]
 
 
 def arguments(text_file, output_dir, *extra):
@@ -100,11 +131,20 @@ state = results["model"].state_dict()
 digest = hashlib.sha256(b"".join(state[k].detach().cpu().numpy().tobytes() for k in sorted(state))).hexdigest()
 rank = PartialState().process_index
 with open(os.path.join(os.environ["RECORD_DIR"], f"rank{rank}.json"), "w") as f:
-    json.dump({"batches": seen, "weights": digest, "world": PartialState().num_processes}, f)
+    json.dump({"batches": seen, "weights": digest, "world": PartialState().num_processes,
+               "losses": [loss for _, loss in results["loss_curve"]]}, f)
 """
 
 
-def test_two_processes_see_different_data_and_end_with_identical_weights(text_file, tmp_path):
+def weights_digest(model):
+    """The DISTRIBUTED script's digest of a model's weights."""
+    state = model.state_dict()
+    return hashlib.sha256(b"".join(state[k].detach().cpu().numpy().tobytes() for k in sorted(state))).hexdigest()
+
+
+@pytest.mark.parametrize("backbone", ["opt", "llama"])
+def test_two_processes_see_different_data_and_end_with_identical_weights(backbone, text_file, tmp_path, request):
+    """Both the default SentenceOPT and a SentenceLM over a saved Llama (--backbone_name_or_path)."""
     script = tmp_path / "train.py"
     script.write_text(textwrap.dedent(DISTRIBUTED))
     env = dict(os.environ, RECORD_DIR=str(tmp_path), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
@@ -113,15 +153,39 @@ def test_two_processes_see_different_data_and_end_with_identical_weights(text_fi
         # torch.distributed's launcher; on CPU the processes talk over gloo (`--use_cpu`).
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(script),
-        *arguments(text_file, tmp_path / "out", "--max_steps", "4", "--do_eval", "false", "--use_cpu", "true"),
     ]  # fmt: skip
+    extra = ("--max_steps", "4", "--do_eval", "false", "--use_cpu", "true")
+    if backbone == "llama":
+        llama_dir = request.getfixturevalue("llama_dir")
+        command += backbone_arguments(text_file, tmp_path / "out", llama_dir, *extra)
+    else:
+        command += arguments(text_file, tmp_path / "out", *extra)
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert all(r["world"] == 2 for r in ranks)
     assert ranks[0]["weights"] == ranks[1]["weights"]
     assert ranks[0]["batches"] and ranks[0]["batches"] != ranks[1]["batches"]
+    assert ranks[0]["losses"] == ranks[1]["losses"]  # the logged loss is averaged over both processes
+    assert len(ranks[0]["losses"]) == 4 and all(0 < loss < float("inf") for loss in ranks[0]["losses"])
     assert (tmp_path / "out" / "model.safetensors").is_file()
+    # The saved checkpoint is the trained model, and loads through the auto classes.
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert weights_digest(model) == ranks[0]["weights"]
+    if backbone == "llama":
+        assert saved["model_type"] == "sentence_lm" and saved["backbone"]["model_type"] == "llama"
+        assert type(model.model.backbone).__name__ == "LlamaModel"
+        # It trained: the backbone's layers moved away from the token model's.
+        start = AutoModelForCausalLM.from_pretrained(llama_dir).model.state_dict()
+        moved = [k for k, v in model.model.backbone.state_dict().items() if not torch.equal(v, start[k])]
+        assert any(k.startswith("layers.") for k in moved), moved
+        tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out")
+        assert tokenizer.get_vocab() == AutoTokenizer.from_pretrained(llama_dir).get_vocab()
+        out = model.generate(**tokenizer("The value", return_tensors="pt"), max_new_tokens=5, min_new_tokens=5)
+        assert out.shape[1] == len(tokenizer("The value")["input_ids"]) + 5
+    else:
+        assert saved["model_type"] == "sentence_opt"
 
 
 def test_training_from_a_llama_token_model_uses_its_tokenizer_and_embeddings(text_file, tmp_path):
