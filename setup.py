@@ -23,8 +23,10 @@ setup(
         "jinja2",
     ],
     extras_require={
-        # matplotlib: the benchmark test draws its plots; peft: LoRA on a SentenceLM (test_sentence_lm_integrations)
-        "test": ["pytest", "hypothesis", "matplotlib", "peft"],
+        # matplotlib: the benchmark test draws its plots; peft: LoRA on a SentenceLM (test_sentence_lm_integrations);
+        # gguf: GGUF files are read (and, in a test, written) with it
+        "test": ["pytest", "hypothesis", "matplotlib", "peft", "gguf"],
+        "gguf": ["gguf"],
         "plots": ["matplotlib"],
     },
 )
