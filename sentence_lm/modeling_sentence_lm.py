@@ -318,29 +318,42 @@ class SentenceLMForCausalLM(SentenceLMPreTrainedModel, SentenceGenerationMixin):
         labels: torch.Tensor | None = None,
         return_dict: bool | None = None,
         sentence_ids: torch.Tensor | None = None,
+        shift_labels: torch.Tensor | None = None,
+        num_items_in_batch: int | torch.Tensor | None = None,
         **kwargs,
     ) -> SentenceLMCausalLMOutput | tuple:
-        """Score texts: the training loss (whole-text NLL per token) and token-aligned logits.
+        """Score texts: the training loss (NLL per labelled token) and token-aligned logits.
 
         Args:
             input_ids: ``(batch, seq_len)`` token ids, padded on either side; every text is
                 taken as complete (its end is a stop decision).
             attention_mask: ``(batch, seq_len)``, 1 on real tokens.
-            labels: optional ``(batch, seq_len)`` ids (``-100`` to ignore) for ``lm_loss``, the
-                causal-LM cross-entropy of the aligned ``logits`` (as a token model computes).
+            labels: optional ``(batch, seq_len)``: ``input_ids`` with ``-100`` where no loss is
+                wanted (a prompt, padding), shifted inside as by every `transformers` causal LM.
+                Only the labelled tokens' terms count in ``loss`` (see below), and ``lm_loss``
+                is the cross-entropy of the aligned ``logits`` against them.
+            shift_labels: the same, already shifted (``shift_labels[:, t]`` is the label of
+                token ``t + 1``); give ``labels`` or ``shift_labels``, not both.
+            num_items_in_batch: the number of labelled tokens of the whole batch when the
+                Trainer accumulates gradients over several batches: ``loss`` is divided by it
+                instead of this batch's count, as `transformers`' causal LMs do.
             sentence_ids: accepted so that ``model(**tokenizer(...))`` works, and ignored: the
                 model segments ``input_ids`` itself with the same rule.
 
+        Which terms a label keeps: a sentence token's term counts when the token is labelled;
+        the end-of-sentence term of a sentence and the stop decision after it count when the
+        sentence's last token is labelled (they decide what follows that token); the decision
+        at the start state counts when the text's first token is labelled. So with a masked
+        prompt, the completion's tokens, its sentence ends and its final stop are trained, and
+        the prompt is not. Without labels every term counts.
+
         Returns:
-            [`SentenceLMCausalLMOutput`].
+            [`SentenceLMCausalLMOutput`]; its ``nll``, ``num_tokens``, ``sentence_loss`` and
+            ``stop_loss`` always describe the whole texts.
         """
         check_token_ids(input_ids, self.config.vocab_size)
         input_ids = input_ids.long()  # int32 (or other integer) ids work like int64 ones
-        if labels is not None and (not isinstance(labels, torch.Tensor) or labels.shape != input_ids.shape):
-            raise ValueError(
-                f"labels has shape {tuple(getattr(labels, 'shape', ()))} but input_ids has {tuple(input_ids.shape)}; "
-                "pass a tensor of the ids' shape (e.g. labels=input_ids, -100 where no loss is wanted)."
-            )
+        target = _labelled_tokens(input_ids, labels, shift_labels)
         out = self.model(input_ids, attention_mask)
         packed, hidden, slot_mask = out.packed, out.last_hidden_state, out.slot_mask
         slots = hidden.shape[1]
@@ -371,14 +384,24 @@ class SentenceLMForCausalLM(SentenceLMPreTrainedModel, SentenceGenerationMixin):
         num_tokens = torch.zeros(batch, dtype=torch.long, device=hidden.device).index_add_(
             0, packed.batch_index, packed.lengths
         )
-        total_tokens = num_tokens.sum()
-        loss = (sentence_nll.sum() + self.config.stop_loss_weight * stop_nll.sum()) / total_tokens
+        if target is None:
+            sentence_sum, stop_sum, items = sentence_nll.sum(), stop_nll.sum(), num_tokens.sum()
+        else:
+            step_counted, slot_counted = _counted_terms(target, packed, first_slot, slot_mask.shape)
+            sentence_sum = (token_nll * step_counted).sum()
+            stop_sum = (stop_nll * slot_counted).sum()
+            items = (target & (packed.token_sentence >= 0)).sum()
+        if num_items_in_batch is not None:
+            items = num_items_in_batch
+        loss = (sentence_sum + self.config.stop_loss_weight * stop_sum) / items
         logits = self.aligned_logits(step_logits, step_index, packed)
         lm_loss = None
-        if labels is not None:
+        if labels is not None or shift_labels is not None:
+            if shift_labels is None:
+                shift_labels = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)
             lm_loss = F.cross_entropy(
                 logits[:, :-1].float().flatten(0, 1),
-                labels[:, 1:].flatten().to(logits.device, torch.long),
+                shift_labels[:, :-1].flatten().to(logits.device, torch.long),
                 ignore_index=-100,
             )
         output = SentenceLMCausalLMOutput(
@@ -509,6 +532,55 @@ class SentenceLMForCausalLM(SentenceLMPreTrainedModel, SentenceGenerationMixin):
             )
         self.sentence_vae.set_boundary_table(tokenizer)
         self.tokenizer = tokenizer
+
+
+def _labelled_tokens(
+    input_ids: torch.Tensor, labels: torch.Tensor | None, shift_labels: torch.Tensor | None
+) -> torch.Tensor | None:
+    """``(batch, seq_len)``: which tokens are labelled targets (``None`` without labels). Labels
+    must be the ids themselves (or ``-100``): a SentenceLM scores the text it reads."""
+    if labels is not None and shift_labels is not None:
+        raise ValueError("Pass labels or shift_labels (labels already shifted by one), not both.")
+    given, name = (labels, "labels") if labels is not None else (shift_labels, "shift_labels")
+    if given is None:
+        return None
+    if not isinstance(given, torch.Tensor) or given.shape != input_ids.shape:
+        raise ValueError(
+            f"{name} has shape {tuple(getattr(given, 'shape', ()))} but input_ids has {tuple(input_ids.shape)}; "
+            "pass a tensor of the ids' shape (e.g. labels=input_ids, -100 where no loss is wanted)."
+        )
+    if given.is_floating_point() or given.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integer token ids (or -100), got dtype {given.dtype}.")
+    given = given.to(input_ids.device, torch.long)
+    target = torch.zeros_like(input_ids, dtype=torch.bool)
+    target[:, 1:] = (given[:, 1:] if labels is not None else given[:, :-1]) != -100
+    if bool((target & (torch.roll(given, 1 if shift_labels is not None else 0, dims=1) != input_ids)).any()):
+        raise ValueError(
+            f"{name} differ from input_ids where they are not -100; a SentenceLM's targets are the text's own "
+            "tokens: pass labels=input_ids with -100 where no loss is wanted."
+        )
+    return target
+
+
+def _counted_terms(
+    target: torch.Tensor, packed: PackedSentences, first_slot: torch.Tensor, slots: torch.Size
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which loss terms the labelled tokens ``target`` keep: ``(num_sentences, max_len + 1)``
+    decoder steps (a token's own, then the end of sentence: counted when the sentence's last
+    token is) and ``(batch, slots)`` stop decisions (after a sentence: as its last token; at the
+    start state: as the text's first token)."""
+    in_sentence = packed.token_sentence >= 0
+    steps = torch.zeros(packed.input_ids.shape[0], packed.input_ids.shape[1] + 1, dtype=torch.bool, device=target.device)
+    steps[packed.token_sentence[in_sentence], packed.token_position[in_sentence]] = target[in_sentence]
+    sentences = torch.arange(steps.shape[0], device=steps.device)
+    last = steps[sentences, packed.lengths - 1]
+    steps[sentences, packed.lengths] = last
+    decisions = torch.zeros(slots, dtype=torch.bool, device=target.device)
+    rows = packed.batch_index
+    decisions[rows, first_slot[rows] + 1 + packed.sentence_index] = last
+    opening = packed.sentence_index == 0
+    decisions[rows[opening], first_slot[rows[opening]]] = steps[sentences[opening], 0]
+    return steps, decisions
 
 
 def _load_token_model(model_or_path, tokenizer, gguf_file: str | None):

@@ -1,0 +1,145 @@
+"""Labels mean what they mean for every causal LM: -100 keeps a token (and the sentence-level
+decisions after it) out of the loss, `shift_labels` and `num_items_in_batch` work as in
+`transformers`, and bad labels are refused by name."""
+
+import pytest
+import torch
+from transformers import LlamaConfig
+
+from sentence_lm import SentenceLMConfig, SentenceLMForCausalLM
+
+VOCAB, PAD, BOS, EOS, PERIOD = 48, 0, 1, 2, 10
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    config = SentenceLMConfig(
+        backbone=LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=16),
+        sentence_vae=dict(vocab_size=VOCAB, hidden_size=32, num_attention_heads=4, ffn_dim=64, max_sentence_len=8,
+                          pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS, dropout=0.0),
+    )  # fmt: skip
+    model = SentenceLMForCausalLM(config).eval()
+    table = torch.zeros(VOCAB, dtype=torch.uint8)
+    table[PERIOD] = 1
+    model.sentence_vae.set_boundary_table(table)
+    return model
+
+
+# Two texts, right-padded: [BOS, prompt sentence(s) | completion sentences].
+IDS = torch.tensor(
+    [
+        [BOS, 5, 6, PERIOD, 7, 8, PERIOD, 9, PERIOD, PAD],
+        [BOS, 11, PERIOD, 12, 13, 14, PERIOD, 15, 16, PERIOD],
+    ]
+)
+MASK = (torch.arange(IDS.shape[1]) < torch.tensor([[9], [10]])).long()
+PROMPT_END = [3, 2]  # index of the last prompt token per row (a sentence end)
+
+
+def masked_labels() -> torch.Tensor:
+    labels = IDS.masked_fill(MASK == 0, -100)
+    for row, end in enumerate(PROMPT_END):
+        labels[row, : end + 1] = -100
+    return labels
+
+
+def test_full_labels_give_the_whole_text_loss(model):
+    plain = model(IDS, attention_mask=MASK)
+    full = model(IDS, attention_mask=MASK, labels=IDS.masked_fill(MASK == 0, -100))
+    torch.testing.assert_close(full.loss, plain.loss)
+    torch.testing.assert_close(full.loss, plain.nll.sum() / plain.num_tokens.sum())
+
+
+def test_shift_labels_equal_labels(model):
+    labels = masked_labels()
+    shifted = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)
+    a = model(IDS, attention_mask=MASK, labels=labels)
+    b = model(IDS, attention_mask=MASK, shift_labels=shifted)
+    torch.testing.assert_close(a.loss, b.loss)
+    torch.testing.assert_close(a.lm_loss, b.lm_loss)
+
+
+def test_a_masked_prompt_gets_no_gradient_and_the_completion_does(model):
+    captured = {}
+
+    def keep(name):
+        def hook(module, args, output):
+            output.retain_grad()
+            captured[name] = output
+
+        return hook
+
+    handles = [model.stop_head.register_forward_hook(keep("stop")), model.sentence_vae.lm_head.register_forward_hook(keep("steps"))]
+    try:
+        out = model(IDS, attention_mask=MASK, labels=masked_labels())
+        out.loss.backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.zero_grad(set_to_none=True)
+    # Stop decisions: slots [start, after s0, after s1, after s2] (both rows have 3 sentences,
+    # the first one the prompt).
+    stop_grad = captured["stop"].grad.abs().sum(-1)
+    assert torch.all(stop_grad[0, :2] == 0) and torch.all(stop_grad[0, 2:] > 0)  # start, after prompt: not counted
+    assert torch.all(stop_grad[1, :2] == 0) and torch.all(stop_grad[1, 2:] > 0)
+    # Decoder steps of packed sentences in order (row 0: s0..s2, row 1: s0..s2); a prompt sentence's
+    # steps (tokens and end of sentence) get no gradient, a completion sentence's all do.
+    step_grad = captured["steps"].grad.abs().sum(-1)
+    steps_per_sentence = [4, 4, 3, 3, 5, 4]  # tokens + end of sentence
+    prompt = [True, False, False, True, False, False]
+    chunks = step_grad.split(steps_per_sentence)
+    for chunk, is_prompt in zip(chunks, prompt):
+        assert bool((chunk == 0).all()) if is_prompt else bool((chunk > 0).all())
+    # The loss is normalised by the labelled tokens (completion tokens only).
+    labelled = int((masked_labels()[:, 1:] != -100).sum())
+    assert labelled == 5 + 7
+    torch.testing.assert_close(out.loss * labelled, _counted_sum(model))
+    assert out.nll.shape == (2,)  # nll stays the whole-text figure
+
+
+def test_gradient_accumulation_normalises_like_the_full_batch(model):
+    labels = masked_labels()
+    items = int((labels[:, 1:] != -100).sum())
+    full = model(IDS, attention_mask=MASK, labels=labels)
+    parts = [
+        model(IDS[i : i + 1], attention_mask=MASK[i : i + 1], labels=labels[i : i + 1], num_items_in_batch=items).loss
+        for i in range(2)
+    ]
+    torch.testing.assert_close(sum(parts), full.loss)
+
+
+def test_bad_labels_are_refused(model):
+    labels = masked_labels()
+    with pytest.raises(ValueError, match="labels has shape"):
+        model(IDS, attention_mask=MASK, labels=labels[:, :-1])
+    with pytest.raises(TypeError, match="must hold integer token ids"):
+        model(IDS, attention_mask=MASK, labels=labels.float())
+    with pytest.raises(ValueError, match="not both"):
+        model(IDS, attention_mask=MASK, labels=labels, shift_labels=labels)
+    other = labels.clone()
+    other[0, 5] = 30
+    with pytest.raises(ValueError, match="differ from input_ids where they are not -100"):
+        model(IDS, attention_mask=MASK, labels=other)
+
+
+def _counted_sum(model):
+    """The counted terms summed another way: the whole-text NLL of each row minus the NLL of its
+    prompt sentence (tokens and end of sentence, from a one-sentence text scored alone) and its
+    first two stop decisions (start, after the prompt), read from the stop head directly."""
+    import torch.nn.functional as F
+
+    total = 0.0
+    for row, end in enumerate(PROMPT_END):
+        n = int(MASK[row].sum())
+        whole = model(IDS[row : row + 1, :n])
+        prompt_only = model(IDS[row : row + 1, : end + 1])
+        # prompt_only.nll = prompt tokens + EOS + start decision + final stop after the prompt
+        stop_logits = model.stop_head(model.model(IDS[row : row + 1, :n]).last_hidden_state).float()
+        start, after_prompt = F.log_softmax(stop_logits[0, :2], dim=-1)[:, 0]
+        alone_states = model.model(IDS[row : row + 1, : end + 1]).last_hidden_state
+        alone = F.log_softmax(model.stop_head(alone_states).float()[0], dim=-1)
+        prompt_sentence = prompt_only.nll[0] + alone[0, 0] + alone[1, 1]  # minus its start and final stop
+        total = total + whole.nll[0] - prompt_sentence + start + after_prompt
+    return total
