@@ -216,7 +216,7 @@ class SentenceGenerationMixin(GenerationMixin):
                 slots = min(slots, max(self.config.max_position_embeddings, slot_mask.shape[1]))
             cache = model.new_cache(max_slots=slots if static_cache else None)
         all_inputs = inputs
-        state = model.run_backbone(inputs, slot_mask, cache)[:, -1]
+        state = model.run_backbone(inputs, slot_mask, cache).last_hidden_state[:, -1]
 
         # New tokens go to `written`; a last column takes the padding of each decoded block.
         written = torch.full((batch, max_new + 1), -1, dtype=torch.long, device=device)
@@ -281,10 +281,10 @@ class SentenceGenerationMixin(GenerationMixin):
                 ).to(inputs.dtype)
             slot_mask = torch.cat([slot_mask, torch.ones_like(slot_mask[:, :1])], dim=1)
             if use_cache:
-                state = model.run_backbone(step, slot_mask, cache)[:, -1]
+                state = model.run_backbone(step, slot_mask, cache).last_hidden_state[:, -1]
             else:
                 all_inputs = torch.cat([all_inputs, step], dim=1)
-                state = model.run_backbone(all_inputs, slot_mask)[:, -1]
+                state = model.run_backbone(all_inputs, slot_mask).last_hidden_state[:, -1]
         new_tokens = written[:, : int(count.max()) if batch else 0]
         return new_tokens, cache, sentences_written, decoder_cache
 

@@ -40,6 +40,10 @@ class SentenceLMModelOutput(ModelOutput):
         sentence_vectors: ``(num_sentences, hidden)`` encodings of the packed sentences.
         packed: the batch's sentences, packed (see [`PackedSentences`]).
         cache: the backbone's key/value cache over sentence slots, when ``use_cache``.
+        hidden_states: the backbone's states after its embedding and each layer, each
+            ``(batch, slots, hidden)``, when ``output_hidden_states``.
+        attentions: the backbone's attention maps over sentence slots, one per layer, when
+            ``output_attentions``.
     """
 
     last_hidden_state: torch.Tensor | None = None
@@ -47,6 +51,8 @@ class SentenceLMModelOutput(ModelOutput):
     sentence_vectors: torch.Tensor | None = None
     packed: PackedSentences | None = None
     cache: Cache | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
 
 
 @dataclass
@@ -70,6 +76,8 @@ class SentenceLMCausalLMOutput(ModelOutput):
         nll: ``(batch,)`` total NLL of each text (sentence tokens, end-of-sentence tokens, stop
             decisions), in nats.
         num_tokens: ``(batch,)`` original tokens of each text (BOS and padding excluded).
+        hidden_states, attentions: the backbone's, over sentence slots (see
+            [`SentenceLMModelOutput`]), when ``output_hidden_states`` / ``output_attentions``.
     """
 
     loss: torch.Tensor | None = None
@@ -79,6 +87,8 @@ class SentenceLMCausalLMOutput(ModelOutput):
     stop_loss: torch.Tensor | None = None
     nll: torch.Tensor | None = None
     num_tokens: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
 
 
 class NoTokenEmbeddings(nn.Module):
@@ -195,25 +205,26 @@ class SentenceLMModel(SentenceLMPreTrainedModel):
         return StaticCache(config=self.config.backbone, max_cache_len=max_slots)
 
     def run_backbone(
-        self, inputs_embeds: torch.Tensor, slot_mask: torch.Tensor, cache: Cache | None = None
-    ) -> torch.Tensor:
-        """Run the backbone over slot inputs ``(batch, new_slots, hidden)``; returns its last
-        hidden states.
+        self, inputs_embeds: torch.Tensor, slot_mask: torch.Tensor, cache: Cache | None = None, **outputs
+    ) -> ModelOutput:
+        """Run the backbone over slot inputs ``(batch, new_slots, hidden)``; returns its output
+        (``last_hidden_state``, and ``hidden_states`` / ``attentions`` when asked for with
+        ``output_hidden_states=True`` / ``output_attentions=True``).
 
         ``slot_mask`` covers the cached slots and the new ones; positions count real slots only,
         so left padding shifts nothing. ``cache`` (from :meth:`new_cache`) is updated in place.
         """
         past = cache.get_seq_length() if cache is not None else 0
         position_ids = (slot_mask.long().cumsum(dim=1) - 1).clamp(min=0)[:, past:]
-        out = self.backbone(
+        return self.backbone(
             inputs_embeds=inputs_embeds,
             attention_mask=slot_mask.long(),
             position_ids=position_ids,
             use_cache=cache is not None,
             return_dict=True,
             **{self._cache_argument: cache},
+            **outputs,
         )
-        return out.last_hidden_state
 
     def forward(
         self,
@@ -221,6 +232,8 @@ class SentenceLMModel(SentenceLMPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         use_cache: bool | None = None,
         return_dict: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
         **kwargs,
     ) -> SentenceLMModelOutput | tuple:
         """Segment, encode and run the backbone over a batch of texts.
@@ -229,6 +242,10 @@ class SentenceLMModel(SentenceLMPreTrainedModel):
             input_ids: ``(batch, seq_len)`` token ids, padded on either side.
             attention_mask: ``(batch, seq_len)``, 1 on real tokens.
             use_cache: also return the backbone's key/value cache.
+            output_hidden_states: also return the backbone's states after its embedding and
+                each layer, over sentence slots (as `last_hidden_state`).
+            output_attentions: also return the backbone's attention maps over sentence slots
+                (the backbone must run with ``attn_implementation="eager"``, as in `transformers`).
         """
         check_token_ids(input_ids, self.config.vocab_size)
         if input_ids.shape[0] == 0:
@@ -247,9 +264,21 @@ class SentenceLMModel(SentenceLMPreTrainedModel):
         vectors = self.sentence_vae.encode(packed.input_ids, packed.attention_mask)
         inputs, slot_mask = self.slot_inputs(vectors, packed)
         cache = self.new_cache() if use_cache else None
-        hidden = self.run_backbone(inputs, slot_mask, cache)
+        backbone = self.run_backbone(
+            inputs,
+            slot_mask,
+            cache,
+            output_hidden_states=bool(output_hidden_states),
+            output_attentions=bool(output_attentions),
+        )
         output = SentenceLMModelOutput(
-            last_hidden_state=hidden, slot_mask=slot_mask, sentence_vectors=vectors, packed=packed, cache=cache
+            last_hidden_state=backbone.last_hidden_state,
+            slot_mask=slot_mask,
+            sentence_vectors=vectors,
+            packed=packed,
+            cache=cache,
+            hidden_states=backbone.hidden_states if output_hidden_states else None,
+            attentions=backbone.attentions if output_attentions else None,
         )
         return output if return_dict is not False else output.to_tuple()
 
@@ -320,6 +349,8 @@ class SentenceLMForCausalLM(SentenceLMPreTrainedModel, SentenceGenerationMixin):
         sentence_ids: torch.Tensor | None = None,
         shift_labels: torch.Tensor | None = None,
         num_items_in_batch: int | torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
         **kwargs,
     ) -> SentenceLMCausalLMOutput | tuple:
         """Score texts: the training loss (NLL per labelled token) and token-aligned logits.
@@ -339,6 +370,8 @@ class SentenceLMForCausalLM(SentenceLMPreTrainedModel, SentenceGenerationMixin):
                 instead of this batch's count, as `transformers`' causal LMs do.
             sentence_ids: accepted so that ``model(**tokenizer(...))`` works, and ignored: the
                 model segments ``input_ids`` itself with the same rule.
+            output_hidden_states, output_attentions: also return the backbone's (see
+                [`SentenceLMModel.forward`]).
 
         Which terms a label keeps: a sentence token's term counts when the token is labelled;
         the end-of-sentence term of a sentence and the stop decision after it count when the
@@ -354,7 +387,9 @@ class SentenceLMForCausalLM(SentenceLMPreTrainedModel, SentenceGenerationMixin):
         check_token_ids(input_ids, self.config.vocab_size)
         input_ids = input_ids.long()  # int32 (or other integer) ids work like int64 ones
         target = _labelled_tokens(input_ids, labels, shift_labels)
-        out = self.model(input_ids, attention_mask)
+        out = self.model(
+            input_ids, attention_mask, output_hidden_states=output_hidden_states, output_attentions=output_attentions
+        )
         packed, hidden, slot_mask = out.packed, out.last_hidden_state, out.slot_mask
         slots = hidden.shape[1]
         first_slot = slots - 1 - packed.num_sentences
@@ -412,6 +447,8 @@ class SentenceLMForCausalLM(SentenceLMPreTrainedModel, SentenceGenerationMixin):
             stop_loss=stop_nll.sum() / slot_mask.sum(),
             nll=nll,
             num_tokens=num_tokens,
+            hidden_states=out.hidden_states,
+            attentions=out.attentions,
         )
         return output if return_dict is not False else output.to_tuple()
 

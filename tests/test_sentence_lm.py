@@ -184,6 +184,7 @@ print(json.dumps([model.generate(**enc, max_new_tokens=10).tolist(), hidden.sum(
 """
 
 
+@pytest.mark.slow
 def test_remote_code_without_the_package_loads_both_auto_classes(sentence_lms, tokenizer, tmp_path):
     model = sentence_lms["llama"]
     model.save_pretrained(tmp_path / "ckpt")
@@ -313,3 +314,25 @@ def test_static_backbone_cache_gives_the_dynamic_cache_output(family, sentence_l
     assert torch.equal(out.sequences, dynamic)
     with pytest.raises(ValueError, match="cache_implementation='offloaded' is not supported"):
         model.generate(**enc, max_new_tokens=4, cache_implementation="offloaded")
+
+
+@pytest.mark.parametrize("family", ["opt", "llama"])
+def test_hidden_states_and_attentions_are_the_backbones_over_sentence_slots(family, sentence_lms, tokenizer, tmp_path):
+    sentence_lms[family].save_pretrained(tmp_path / "ckpt")
+    model = SentenceLMForCausalLM.from_pretrained(tmp_path / "ckpt", attn_implementation="eager")
+    enc = tokenizer(TEXTS, padding=True, padding_side="left", return_tensors="pt", return_sentence_ids=False)
+    with torch.no_grad():
+        plain = model(**enc)
+        out = model(**enc, output_hidden_states=True, output_attentions=True)
+        base = model.model(**enc, output_hidden_states=True)
+    slots = base.slot_mask.shape[1]
+    layers = model.config.backbone.num_hidden_layers
+    assert plain.hidden_states is None and plain.attentions is None
+    assert len(out.hidden_states) == layers + 1 and len(out.attentions) == layers
+    assert all(h.shape == (2, slots, WIDTH) for h in out.hidden_states)
+    assert all(a.shape[-2:] == (slots, slots) for a in out.attentions)
+    # Hidden states come after the final norm only in last_hidden_state; shapes and the
+    # causal structure of the maps over slots are the backbone's own.
+    assert torch.all(torch.triu(out.attentions[0][0, 0], diagonal=1) == 0)
+    torch.testing.assert_close(out.logits, plain.logits)
+    torch.testing.assert_close(base.hidden_states[1], out.hidden_states[1])
