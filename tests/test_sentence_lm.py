@@ -198,12 +198,17 @@ def test_remote_code_without_the_package_loads_both_auto_classes(sentence_lms, t
         assert hidden_sum == pytest.approx(model.model(**enc).last_hidden_state.sum().item(), rel=1e-5)
 
 
-def test_attention_implementation_reaches_the_backbone(sentence_lms, tmp_path):
+def test_attention_implementation_reaches_the_backbone(sentence_lms, tokenizer, tmp_path):
     sentence_lms["llama"].save_pretrained(tmp_path / "ckpt")
     eager = SentenceLMForCausalLM.from_pretrained(tmp_path / "ckpt", attn_implementation="eager")
     assert eager.model.backbone.config._attn_implementation == "eager"
     sdpa = SentenceLMForCausalLM.from_pretrained(tmp_path / "ckpt", attn_implementation="sdpa")
     assert sdpa.model.backbone.config._attn_implementation == "sdpa"
+    enc = tokenizer(TEXTS, padding=True, padding_side="left", return_tensors="pt", return_sentence_ids=False)
+    with torch.no_grad():
+        torch.testing.assert_close(eager.eval()(**enc).logits, sdpa.eval()(**enc).logits, rtol=1e-5, atol=1e-5)
+    sdpa.set_attn_implementation("eager")
+    assert sdpa.model.backbone.config._attn_implementation == "eager"
 
 
 def test_no_split_modules_and_gradient_checkpointing_follow_the_backbone(sentence_lms, tokenizer):
