@@ -11,7 +11,9 @@ from .configuration_sentence_vae import (
     check_bool,
     check_config_version,
     check_real,
+    keep_extra_keys,
     reject_unknown_keys,
+    set_aside_unknown_keys,
 )
 
 CONFIG_VERSION = 2
@@ -94,6 +96,24 @@ class SentenceLMConfig(PreTrainedConfig):
     tie_word_embeddings: bool = False
     config_version: int = CONFIG_VERSION
 
+    derived_keys = _DERIVED_KEYS
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        """As `PreTrainedConfig.from_dict`; keys this class (or the nested SentenceVAE config)
+        does not know are kept as attributes instead of refused (see
+        `SentenceVAEConfig.from_dict`)."""
+        config_dict, extra = set_aside_unknown_keys(cls, config_dict)
+        vae_extra = {}
+        if isinstance(config_dict.get("sentence_vae"), dict):
+            vae, vae_extra = set_aside_unknown_keys(SentenceVAEConfig, config_dict["sentence_vae"])
+            config_dict = {**config_dict, "sentence_vae": vae}
+        result = super().from_dict(config_dict, **kwargs)
+        config = result[0] if isinstance(result, tuple) else result
+        keep_extra_keys(config, extra)
+        keep_extra_keys(config.sentence_vae, vae_extra)
+        return result
+
     def __post_init__(self, **kwargs):
         derived = {key: kwargs.pop(key) for key in _DERIVED_KEYS if kwargs.get(key) is not None}
         kwargs = {key: value for key, value in kwargs.items() if key not in _DERIVED_KEYS}
@@ -146,22 +166,53 @@ class SentenceLMConfig(PreTrainedConfig):
         spec = cls.sub_configs_defaults["backbone"]
         return spec.create_subconfig("backbone")[0]
 
-    # Token-level settings live in the SentenceVAE; these keep the usual names working.
+    # Token-level settings live in the SentenceVAE; these keep the usual names working, and
+    # writing them (as scripts, TRL and `resize_token_embeddings` do) writes the SentenceVAE's.
     @property
     def vocab_size(self) -> int:
         return self.sentence_vae.vocab_size
+
+    @vocab_size.setter
+    def vocab_size(self, value: int) -> None:
+        self._set_token_setting("vocab_size", value)
 
     @property
     def pad_token_id(self) -> int:
         return self.sentence_vae.pad_token_id
 
+    @pad_token_id.setter
+    def pad_token_id(self, value: int) -> None:
+        self._set_token_setting("pad_token_id", value)
+
     @property
     def bos_token_id(self) -> int:
         return self.sentence_vae.bos_token_id
 
+    @bos_token_id.setter
+    def bos_token_id(self, value: int) -> None:
+        self._set_token_setting("bos_token_id", value)
+
     @property
     def eos_token_id(self) -> int:
         return self.sentence_vae.eos_token_id
+
+    @eos_token_id.setter
+    def eos_token_id(self, value: int) -> None:
+        self._set_token_setting("eos_token_id", value)
+
+    def _set_token_setting(self, name: str, value) -> None:
+        if isinstance(value, (list, tuple)) and len(value) == 1:
+            value = value[0]
+        if value == getattr(self.sentence_vae, name):
+            return
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(
+                f"`{name}` must be a non-negative integer, got {value!r}: a SentenceLM always has one "
+                + ("vocabulary size." if name == "vocab_size" else "id for it (the end-of-sentence token ends every sentence).")
+            )
+        if name != "vocab_size" and value >= self.sentence_vae.vocab_size:
+            raise ValueError(f"`{name}`={value} is outside the vocabulary [0, {self.sentence_vae.vocab_size}).")
+        setattr(self.sentence_vae, name, value)
 
     # Shape settings live in the backbone.
     @property

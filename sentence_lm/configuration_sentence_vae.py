@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 
 from transformers import GenerationConfig, PreTrainedConfig
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 FUSIONS = ("learnable", "sum", "mean")
 POSITION_EMBEDDINGS = ("learned", "sinusoidal")
@@ -101,6 +105,24 @@ def _own_fields(config_class: type) -> set[str]:
             break
         fields.update(vars(cls).get("__annotations__", {}))
     return fields
+
+
+def set_aside_unknown_keys(config_class: type, config_dict: dict) -> tuple[dict, dict]:
+    """Split a saved configuration's dict into what ``config_class`` takes and the other keys
+    (an attribute a user or `transformers` set on the config, e.g. ``quantization_config``)."""
+    known = {f.name for f in dataclasses.fields(config_class)} | _own_fields(config_class) | _LIBRARY_KEYS
+    known |= set(getattr(config_class, "derived_keys", ()))
+    extra = {k: v for k, v in config_dict.items() if k not in known}
+    return {k: v for k, v in config_dict.items() if k not in extra}, extra
+
+
+def keep_extra_keys(config: PreTrainedConfig, extra: dict) -> None:
+    """Set the keys :func:`set_aside_unknown_keys` put aside as attributes of the loaded config
+    (as `PreTrainedConfig` keeps unknown keys), so that saving it again writes them back."""
+    for key, value in extra.items():
+        setattr(config, key, value)
+    if extra:
+        logger.info("%s keeps unknown keys of the saved config as attributes: %s", type(config).__name__, sorted(extra))
 
 
 def reject_unknown_keys(config_class: type, kwargs: dict) -> None:
@@ -208,6 +230,17 @@ class SentenceVAEConfig(PreTrainedConfig):
     bos_token_id: int = 2
     eos_token_id: int = 2
     config_version: int = CONFIG_VERSION
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        """As `PreTrainedConfig.from_dict`; keys this class does not know (set on a saved config
+        by a user or by `transformers`) are kept as attributes instead of refused, so whatever
+        `save_pretrained` wrote loads back. A misspelt keyword argument to the constructor is
+        still refused."""
+        config_dict, extra = set_aside_unknown_keys(cls, config_dict)
+        result = super().from_dict(config_dict, **kwargs)
+        keep_extra_keys(result[0] if isinstance(result, tuple) else result, extra)
+        return result
 
     def __post_init__(self, **kwargs):
         reject_unknown_keys(type(self), kwargs)

@@ -1,0 +1,69 @@
+"""Configs round-trip: token settings are writable on the composite config and land in the
+SentenceVAE's; whatever `save_pretrained` writes (user attributes, `quantization_config`, keys set
+by `transformers`) `from_pretrained` reads back; misspelt constructor arguments are still refused."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoConfig, LlamaConfig
+
+from sentence_lm import SentenceLMConfig, SentenceLMForCausalLM, SentenceOPTConfig, SentenceVAEConfig
+
+
+def tiny_config() -> SentenceLMConfig:
+    return SentenceLMConfig(
+        backbone=LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                             num_key_value_heads=2, vocab_size=64),
+        sentence_vae=dict(vocab_size=64, hidden_size=32, num_attention_heads=4, ffn_dim=64, pad_token_id=0,
+                          bos_token_id=1, eos_token_id=2),
+    )  # fmt: skip
+
+
+def test_token_settings_are_writable_and_reach_the_sentence_vae():
+    config = tiny_config()
+    config.pad_token_id = 0  # the same value, as scripts write it
+    config.pad_token_id = 3
+    config.eos_token_id = [4]  # a one-element list, as generation configs hold them
+    config.vocab_size = 80
+    assert (config.sentence_vae.pad_token_id, config.sentence_vae.eos_token_id, config.sentence_vae.vocab_size) == (3, 4, 80)
+    assert (config.pad_token_id, config.eos_token_id, config.vocab_size) == (3, 4, 80)
+    with pytest.raises(ValueError, match="`eos_token_id` must be a non-negative integer, got None"):
+        config.eos_token_id = None
+    with pytest.raises(ValueError, match=r"`bos_token_id`=500 is outside the vocabulary \[0, 80\)"):
+        config.bos_token_id = 500
+
+
+def test_a_saved_config_with_extra_keys_loads_back(tmp_path):
+    config = tiny_config()
+    config.my_flag = "kept"
+    config.quantization_config = {"quant_method": "bitsandbytes", "load_in_8bit": True}
+    config.sentence_vae.note = 3
+    config.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["my_flag"] == "kept" and saved["sentence_vae"]["note"] == 3
+    loaded = AutoConfig.from_pretrained(tmp_path)
+    assert type(loaded) is SentenceLMConfig
+    assert loaded.my_flag == "kept" and loaded.sentence_vae.note == 3
+    assert loaded.quantization_config == config.quantization_config
+    loaded.save_pretrained(tmp_path / "again")
+    assert json.loads((tmp_path / "again" / "config.json").read_text())["my_flag"] == "kept"
+
+
+def test_a_model_saved_with_an_extra_config_attribute_loads(tmp_path):
+    torch.manual_seed(0)
+    model = SentenceLMForCausalLM(tiny_config())
+    model.config.trained_on = "pydoc"
+    model.save_pretrained(tmp_path)
+    loaded = SentenceLMForCausalLM.from_pretrained(tmp_path)
+    assert loaded.config.trained_on == "pydoc"
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+
+
+def test_misspelt_constructor_arguments_are_still_refused():
+    with pytest.raises(ValueError, match=r"Unknown SentenceLMConfig key\(s\) \['stop_los_weight'\]"):
+        SentenceLMConfig(backbone=LlamaConfig(), stop_los_weight=1.0)
+    with pytest.raises(ValueError, match=r"Unknown SentenceVAEConfig key\(s\) \['max_sentence_length'\]"):
+        SentenceVAEConfig(max_sentence_length=8)
+    with pytest.raises(ValueError, match=r"Unknown SentenceOPTConfig key\(s\) \['num_layers'\]"):
+        SentenceOPTConfig(num_layers=2)
