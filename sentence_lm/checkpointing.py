@@ -32,13 +32,15 @@ import re
 import shutil
 import stat
 import struct
+import tempfile
 import uuid
 
+import huggingface_hub
 import transformers
 from transformers import PreTrainedConfig, PreTrainedModel
 from transformers.utils import cached_file
 
-__all__ = ["SafeCheckpointMixin", "atomic_save", "check_safetensors_file"]
+__all__ = ["SafeCheckpointMixin", "atomic_save", "check_safetensors_file", "upload_checkpoint"]
 
 CONFIG_NAME = "config.json"
 SAFE_WEIGHTS_NAME = "model.safetensors"
@@ -318,12 +320,16 @@ class SafeCheckpointMixin:
         if os.path.isfile(path) or arguments.get("distributed_checkpoint") or not writes_here:
             # Nothing is written here (or every rank writes its own part): no swap.
             return save(*bound.args, **bound.kwargs)
+        hub = None
+        var_keyword = next((p.name for p in inspect.signature(save).parameters.values() if p.kind is p.VAR_KEYWORD), None)
         if arguments.get("push_to_hub"):
-            # The library names the repo after the directory it writes to: keep the user's name.
-            var_keyword = next(
-                (p.name for p in inspect.signature(save).parameters.values() if p.kind is p.VAR_KEYWORD), None
-            )
-            if var_keyword is not None:
+            if isinstance(self, PreTrainedModel):
+                # Upload the finished checkpoint (extras included), not the library's half of it.
+                arguments["push_to_hub"] = False
+                hub = arguments.pop(var_keyword, {}) if var_keyword else {}
+                hub.setdefault("repo_id", path.split(os.path.sep)[-1])
+            elif var_keyword is not None:
+                # The library names the repo after the directory it writes to: keep the user's name.
                 arguments.setdefault(var_keyword, {}).setdefault("repo_id", path.split(os.path.sep)[-1])
         first = next(iter(inspect.signature(save).parameters))
 
@@ -334,7 +340,46 @@ class SafeCheckpointMixin:
                 self._save_extras(tmp_dir)
             return result
 
-        return atomic_save(write, save_directory)
+        result = atomic_save(write, save_directory)
+        if hub is not None:
+            upload_checkpoint(save_directory, **hub)
+        return result
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        commit_message: str | None = None,
+        commit_description: str | None = None,
+        private: bool | None = None,
+        token: bool | str | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        max_shard_size: int | str | None = "50GB",
+        tags: list[str] | None = None,
+    ):
+        """Upload the model to the Hub as ``save_pretrained`` writes it — weights, config, code,
+        tokenizer and the rendered model card (titled ``repo_id``) — with the arguments of
+        `transformers`' ``push_to_hub``. Returns the commit info."""
+        if not isinstance(self, PreTrainedModel):
+            return super().push_to_hub(
+                repo_id, commit_message=commit_message, commit_description=commit_description, private=private,
+                token=token, revision=revision, create_pr=create_pr, max_shard_size=max_shard_size, tags=tags,
+            )  # fmt: skip
+        card_kwargs = getattr(self, "model_card_kwargs", None)
+        with tempfile.TemporaryDirectory() as tmp_dir:
+            if card_kwargs is not None:
+                self.model_card_kwargs = {"repo_id": repo_id, **card_kwargs}
+            try:
+                self.save_pretrained(tmp_dir, max_shard_size=max_shard_size)
+            finally:
+                if card_kwargs is not None:
+                    self.model_card_kwargs = card_kwargs
+            return upload_checkpoint(
+                tmp_dir, repo_id, commit_message=commit_message, commit_description=commit_description,
+                private=private, token=token, revision=revision, create_pr=create_pr,
+            )  # fmt: skip
+
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
@@ -361,3 +406,28 @@ class SafeCheckpointMixin:
             # Weights renamed from an older layout on loading are saved under today's names.
             model._weight_conversions = None
         return model
+
+
+def upload_checkpoint(
+    folder: str | os.PathLike,
+    repo_id: str,
+    *,
+    commit_message: str | None = None,
+    commit_description: str | None = None,
+    private: bool | None = None,
+    token: bool | str | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
+):
+    """Create the Hub repo ``repo_id`` if needed and upload every file of ``folder`` to it in one
+    commit (`huggingface_hub.create_repo` and `upload_folder`)."""
+    repo_id = huggingface_hub.create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+    return huggingface_hub.upload_folder(
+        repo_id=repo_id,
+        folder_path=os.fspath(folder),
+        commit_message=commit_message or "Upload model",
+        commit_description=commit_description,
+        token=token,
+        revision=revision,
+        create_pr=create_pr,
+    )
