@@ -1,4 +1,10 @@
-"""Shared fixtures of the test suite."""
+"""Shared fixtures of the test suite, and its ``slow`` marker.
+
+``slow`` marks the long end-to-end tests: those that run a subprocess (remote code in a Python
+without sentence_lm, a hub cache offline) and those that take more than a few seconds alone.
+``python -m pytest -q tests -m "not slow"`` is the quick loop; CI runs everything. The tiny
+SentenceOPT that end-to-end tests build on the ``tokenizer`` fixture is
+``helpers.tiny_sentence_opt``."""
 
 from __future__ import annotations
 
@@ -6,6 +12,10 @@ import pytest
 
 from sentence_lm.corpus import default_corpus
 from sentence_lm.tokenization_sentence_lm import train_sentence_tokenizer
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: long end-to-end tests; deselect with -m 'not slow'")
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,7 @@
-"""Reusable helpers for checkpoint tests: run code in a fresh Python where ``sentence_lm`` cannot
-be imported, and lay a checkpoint out as a Hugging Face hub cache entry."""
+"""Reusable test helpers: the tiny SentenceOPT that the end-to-end tests share
+(:func:`tiny_sentence_opt`) and the tokenizer call that feeds it (:func:`encode`); for checkpoint
+tests, running code in a fresh Python where ``sentence_lm`` cannot be imported, and laying a
+checkpoint out as a Hugging Face hub cache entry."""
 
 from __future__ import annotations
 
@@ -10,6 +12,58 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+
+import torch
+
+TINY_HIDDEN = 32  # the width of tiny_sentence_opt's SentenceVAE and backbone
+
+
+def tiny_sentence_opt(tokenizer, seed: int = 0, *, sentence_vae: dict | None = None, **config_overrides):
+    """A tiny random ``SentenceOPTForCausalLM`` over ``tokenizer`` (the session ``tokenizer``
+    fixture of conftest.py), in eval mode, ready for text in and text out.
+
+    SentenceVAE and backbone: width 32, 4 heads, ffn 64, no dropout; the SentenceVAE has the
+    tokenizer's vocabulary and ``max_sentence_len`` and ``init_std=0.3`` (larger random weights,
+    so that greedy choices vary along a sentence); one backbone layer over 64 sentence slots. The
+    boundary table comes from ``tokenizer``, which is attached as ``model.tokenizer`` (saved with
+    the model), and the stop head is biased towards "go on" (random weights would often end a text
+    at once). ``sentence_vae`` overrides SentenceVAE fields; ``config_overrides`` override
+    SentenceOPTConfig fields (``num_hidden_layers``, ``max_position_embeddings``, ...). The
+    weights depend only on ``seed`` and the config."""
+    from sentence_lm import SentenceOPTConfig, SentenceOPTForCausalLM
+
+    vae = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=TINY_HIDDEN,
+        num_attention_heads=4,
+        ffn_dim=64,
+        max_sentence_len=tokenizer.max_sentence_len,
+        init_std=0.3,
+        dropout=0.0,
+    )
+    vae.update(sentence_vae or {})
+    fields = dict(
+        hidden_size=TINY_HIDDEN,
+        num_attention_heads=4,
+        ffn_dim=64,
+        num_hidden_layers=1,
+        max_position_embeddings=64,
+        dropout=0.0,
+    )
+    fields.update(config_overrides)
+    torch.manual_seed(seed)
+    model = SentenceOPTForCausalLM(SentenceOPTConfig(sentence_vae=vae, **fields)).eval()
+    model.sentence_vae.set_boundary_table(tokenizer)
+    with torch.no_grad():  # random weights would often end a text at once; make texts run on
+        model.stop_head.bias.copy_(torch.tensor([3.0, -3.0]))
+    model.tokenizer = tokenizer
+    return model
+
+
+def encode(tokenizer, texts, side: str = "left", **kwargs) -> dict:
+    """What a user feeds the model: the tokenizer's tensors for ``texts``, padded on ``side``
+    (``sentence_ids`` included, which the model accepts too)."""
+    return dict(tokenizer(texts, padding=True, padding_side=side, return_tensors="pt", **kwargs))
 
 BLOCKER_SOURCE = 'raise ImportError("sentence_lm is blocked in this test process")\n'
 

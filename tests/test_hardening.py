@@ -1,75 +1,40 @@
-"""Hardening: every bad input a user can hand the public API (tokenizer call, model forward,
-generate, pipeline, configs, from_pretrained / save_pretrained) ends in a named error whose
-message says what is wrong and what to do, or in the documented behaviour (README, "Limits and
-errors"). No case may end in a raw traceback (IndexError, KeyError, torch's RuntimeError...).
+"""Hardening: every bad input a user can hand the public API (text, token ids, attention masks,
+forward, generate and its arguments, the pipeline, SentenceVAEModel.decode budgets, configs and
+setup) ends in a named error whose message says what is wrong and what to do, or in the
+documented behaviour (README, "Limits and errors"); a property test checks generate() over random
+prompts and settings. No case may end in a raw traceback (IndexError, KeyError, torch's
+RuntimeError...).
 
-The tables are end to end: text goes through the session tokenizer (tests/conftest.py) into a tiny
-SentenceOPTForCausalLM. Lower-level checks (SentenceVAEModel.encode/decode inputs, the segmentation
-rules, lossless segmentation over random text) live in test_sentence_vae.py and
-test_segmentation.py and are not repeated here.
+The tables are end to end: text goes through the session tokenizer (tests/conftest.py) into the
+shared tiny SentenceOPTForCausalLM (helpers.tiny_sentence_opt). Bad checkpoints
+(from_pretrained / save_pretrained) are in test_checkpointing.py; lower-level checks
+(SentenceVAEModel.encode/decode inputs, the segmentation rules, lossless segmentation over random
+text) live in test_sentence_vae.py and test_segmentation.py. None is repeated here.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
-import os
-import pickle
-import shutil
-from pathlib import Path
 
 import pytest
 import torch
 import transformers
+from helpers import TINY_HIDDEN, encode, tiny_sentence_opt
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_segmentation import TEXT  # random text: control characters, CJK, RTL, emoji, punctuation runs
-from transformers import AutoModelForCausalLM, OPTConfig, OPTForCausalLM, pipeline
+from transformers import pipeline
 
 from sentence_lm import SentenceOPTConfig, SentenceOPTForCausalLM, SentenceVAEConfig, SentenceVAEModel
 from sentence_lm.tokenization_sentence_lm import train_sentence_tokenizer
 
-HIDDEN, MSL, MPE = 32, 16, 24  # MSL equals the session tokenizer's max_sentence_len
-
-
-def build_model(tokenizer, seed: int = 0) -> SentenceOPTForCausalLM:
-    torch.manual_seed(seed)
-    vae = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=HIDDEN,
-        num_attention_heads=4,
-        ffn_dim=64,
-        max_sentence_len=MSL,
-        init_std=0.3,
-        dropout=0.0,
-    )
-    config = SentenceOPTConfig(
-        sentence_vae=vae,
-        hidden_size=HIDDEN,
-        num_attention_heads=4,
-        ffn_dim=64,
-        num_hidden_layers=1,
-        max_position_embeddings=MPE,
-        dropout=0.0,
-    )
-    model = SentenceOPTForCausalLM(config).eval()
-    model.sentence_vae.set_boundary_table(tokenizer)
-    with torch.no_grad():  # random weights would often end a text at once; make texts run on
-        model.stop_head.bias.copy_(torch.tensor([3.0, -3.0]))
-    model.tokenizer = tokenizer
-    return model
+HIDDEN, MSL, MPE = TINY_HIDDEN, 16, 24  # MSL equals the session tokenizer's max_sentence_len
 
 
 @pytest.fixture(scope="module")
 def model(tokenizer):
-    return build_model(tokenizer)
-
-
-def encode(tokenizer, texts, side: str = "left", **kwargs) -> dict:
-    """What a user feeds the model: the tokenizer's tensors (``sentence_ids`` are accepted too)."""
-    return dict(tokenizer(texts, padding=True, padding_side=side, return_tensors="pt", **kwargs))
+    return tiny_sentence_opt(tokenizer, max_position_embeddings=MPE)
 
 
 def sentence_count(tokenizer, text: str) -> int:
@@ -129,6 +94,7 @@ def test_empty_prompt_generates_from_the_start_state(tokenizer, model):
     assert text == tokenizer.decode(reference, skip_special_tokens=True)
 
 
+@pytest.mark.slow
 def test_100k_characters_without_punctuation(tokenizer, model):
     """Cut into pieces of exactly max_sentence_len tokens, losslessly; then more sentences than
     the backbone has positions, which forward, generate and the pipeline refuse by name."""
@@ -635,241 +601,6 @@ def test_bad_setup(tokenizer, make, error, pattern):
         make(tokenizer)
 
 
-# ====================================================================================== checkpoints
-def digest(path: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(path.rglob("*"))
-        if p.is_file()
-    }
-
-
-@pytest.fixture(scope="module")
-def saved(model, tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("hardening") / "ckpt"
-    model.save_pretrained(path)
-    return path
-
-
-class Unpickled:
-    """A pickle that writes a marker file when it is unpickled: the payload of a hostile
-    ``pytorch_model.bin``."""
-
-    def __init__(self, marker: Path):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (exec, (f"open({self.marker!r}, 'w').write('unpickled')",))
-
-
-def write_hostile_pickle(directory: Path) -> Path:
-    marker = directory.parent / "UNPICKLED"
-    with open(directory / "pytorch_model.bin", "wb") as f:
-        pickle.dump(Unpickled(marker), f)
-    return marker
-
-
-def _edit_config(directory: Path, change) -> None:
-    config = json.loads((directory / "config.json").read_text())
-    change(config)
-    (directory / "config.json").write_text(json.dumps(config))
-
-
-def _truncate(path: Path, keep: float) -> None:
-    data = path.read_bytes()
-    path.write_bytes(data[: int(len(data) * keep)])
-
-
-def _other_model_type(directory: Path) -> None:
-    shutil.rmtree(directory)
-    opt = OPTForCausalLM(
-        OPTConfig(
-            vocab_size=64,
-            hidden_size=16,
-            num_hidden_layers=1,
-            ffn_dim=32,
-            num_attention_heads=2,
-            max_position_embeddings=32,
-            word_embed_proj_dim=16,
-        )
-    )
-    opt.save_pretrained(directory)
-
-
-def _vae_checkpoint(directory: Path, model) -> None:
-    shutil.rmtree(directory)
-    model.sentence_vae.save_pretrained(directory)
-
-
-DAMAGES = {
-    "weights-missing": (
-        lambda d, m: (d / "model.safetensors").unlink(),
-        OSError,
-        r"has no weights: model\.safetensors is missing.*[Rr]e-save the checkpoint",
-    ),
-    "weights-truncated": (
-        lambda d, m: _truncate(d / "model.safetensors", 0.5),
-        OSError,
-        r"model\.safetensors.*truncated or corrupt.*re-download.*re-save",
-    ),
-    "weights-empty-file": (
-        lambda d, m: _truncate(d / "model.safetensors", 0.0),
-        OSError,
-        r"model\.safetensors: it is only 0 bytes long.*re-download",
-    ),
-    "weights-only-pickled": (
-        lambda d, m: ((d / "model.safetensors").unlink(), write_hostile_pickle(d)),
-        OSError,
-        r"only pickled PyTorch weights \(pytorch_model\.bin\).*never unpickles.*safetensors",
-    ),
-    "config-of-another-model-type": (
-        lambda d, m: _other_model_type(d),
-        ValueError,
-        r"'opt' checkpoint, but SentenceOPTForCausalLM loads 'sentence_opt'.*OPTForCausalLM",
-    ),
-    "config-of-a-sentence-vae": (_vae_checkpoint, ValueError, r"'sentence_vae' checkpoint.*SentenceVAEModel"),
-    # model_type edited by hand, architectures left: no made-up `transformers.SentenceOPTForCausalLM` in the advice
-    "config-model-type-edited": (
-        lambda d, m: _edit_config(d, lambda c: c.update(model_type="opt")),
-        ValueError,
-        r"'opt' checkpoint, but SentenceOPTForCausalLM loads 'sentence_opt'.*matching `transformers` Auto class",
-    ),
-    "config-older-version": (
-        lambda d, m: _edit_config(d, lambda c: c.update(config_version=0)),
-        ValueError,
-        r"config_version=0.*reads version 2 for SentenceOPTConfig.*Upgrade sentence_lm or re-save",
-    ),
-    "config-newer-version": (
-        lambda d, m: _edit_config(d, lambda c: c.update(config_version=3)),
-        ValueError,
-        r"config_version=3.*Upgrade sentence_lm",
-    ),
-    "nested-vae-config-older-version": (
-        lambda d, m: _edit_config(d, lambda c: c["sentence_vae"].update(config_version=0)),
-        ValueError,
-        r"config_version=0.*Upgrade sentence_lm or re-save",
-    ),
-    "config-unknown-key": (
-        lambda d, m: _edit_config(d, lambda c: c.update(num_layers=3)),
-        ValueError,
-        r"Unknown SentenceOPTConfig key\(s\) \['num_layers'\].*spelling",
-    ),
-    # Through AutoModelForCausalLM the library reads config.json first and names the file itself.
-    "config-not-json": (
-        lambda d, m: (d / "config.json").write_text("{not json"),
-        OSError,
-        r"(Cannot read .*config\.json.*[Rr]e-download or re-save|config\.json' is not a valid JSON file)",
-    ),
-    "config-missing": (lambda d, m: (d / "config.json").unlink(), OSError, r"no config\.json.*save_pretrained"),
-}
-LOADERS = {
-    "class": SentenceOPTForCausalLM.from_pretrained,
-    "auto": AutoModelForCausalLM.from_pretrained,
-}
-CHECKPOINT_CASES = [
-    (damage, loader)
-    for damage in DAMAGES
-    for loader in LOADERS
-    if not (
-        loader == "auto"
-        and damage
-        in ("config-of-another-model-type", "config-of-a-sentence-vae", "config-model-type-edited", "config-missing")
-    )
-]  # AutoModelForCausalLM rightly loads an OPT checkpoint as OPT; the class loader must refuse it
-
-
-@pytest.mark.parametrize("damage, loader", CHECKPOINT_CASES, ids=[f"{d}-{l}" for d, l in CHECKPOINT_CASES])
-def test_bad_checkpoint(saved, model, tmp_path, damage, loader):
-    directory = tmp_path / "ckpt"
-    shutil.copytree(saved, directory)
-    make, error, pattern = DAMAGES[damage]
-    make(directory, model)
-    with pytest.raises(error, match=pattern):
-        LOADERS[loader](directory)
-    assert not (tmp_path / "UNPICKLED").exists()
-
-
-def test_loading_never_unpickles(saved, tmp_path):
-    """A hostile pickle beside good safetensors weights is never opened: the weights come from
-    safetensors, and asking for the pickle is refused."""
-    directory = tmp_path / "ckpt"
-    shutil.copytree(saved, directory)
-    marker = write_hostile_pickle(directory)
-    loaded = SentenceOPTForCausalLM.from_pretrained(directory)
-    reference = SentenceOPTForCausalLM.from_pretrained(saved)
-    for (name, a), (_, b) in zip(loaded.state_dict().items(), reference.state_dict().items()):
-        assert torch.equal(a, b), name
-    with pytest.raises(ValueError, match=r"loads safetensors weights only.*use_safetensors=False"):
-        SentenceOPTForCausalLM.from_pretrained(directory, use_safetensors=False)
-    assert not marker.exists()
-
-
-def _disk_full(monkeypatch, tokenizer):
-    import transformers.modeling_utils as modeling_utils
-
-    real = modeling_utils.safe_save_file
-
-    def save(tensors, filename, metadata=None):
-        real(tensors, filename, metadata=metadata)
-        with open(filename, "r+b") as f:
-            f.truncate(os.path.getsize(filename) // 2)
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(modeling_utils, "safe_save_file", save)
-    return OSError
-
-
-def _tokenizer_save_fails(monkeypatch, tokenizer):
-    def broken(self, *args, **kwargs):
-        raise RuntimeError("tokenizer could not be written")
-
-    monkeypatch.setattr(type(tokenizer), "save_pretrained", broken)
-    return RuntimeError
-
-
-def _interrupted_while_writing_config(monkeypatch, tokenizer):
-    def interrupted(self, *args, **kwargs):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(SentenceOPTConfig, "save_pretrained", interrupted)
-    return KeyboardInterrupt
-
-
-def _model_card_fails(monkeypatch, tokenizer):
-    import sentence_lm.model_card as model_card
-
-    def broken(*args, **kwargs):
-        raise ValueError("model card could not be rendered")
-
-    monkeypatch.setattr(model_card, "save_model_card", broken)
-    return ValueError
-
-
-SAVE_FAILURES = {
-    "disk-full-while-writing-weights": _disk_full,
-    "exception-while-saving-the-tokenizer": _tokenizer_save_fails,
-    "interrupt-while-writing-the-config": _interrupted_while_writing_config,
-    "exception-while-writing-the-model-card": _model_card_fails,
-}
-
-
-@pytest.mark.parametrize("failure", list(SAVE_FAILURES))
-def test_failed_save_keeps_the_previous_checkpoint(tokenizer, model, saved, tmp_path, monkeypatch, failure):
-    directory = tmp_path / "ckpt"
-    shutil.copytree(saved, directory)
-    before = digest(directory)
-    other = build_model(tokenizer, seed=1)
-    error = SAVE_FAILURES[failure](monkeypatch, tokenizer)
-    with pytest.raises(error):
-        other.save_pretrained(directory)
-    monkeypatch.undo()
-    assert digest(directory) == before
-    assert sorted(os.listdir(tmp_path)) == ["ckpt"]  # no half-written sibling left behind
-    loaded = SentenceOPTForCausalLM.from_pretrained(directory).eval()
-    enc = encode(tokenizer, ["Hello there."])
-    assert torch.equal(loaded.generate(**enc, max_new_tokens=6), model.generate(**enc, max_new_tokens=6))
-
-
 # ====================================================================================== properties
 PROPERTY = settings(
     max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture]
@@ -892,6 +623,7 @@ def generation_settings(draw):
     return kwargs
 
 
+@pytest.mark.slow
 @PROPERTY
 @given(texts=st.lists(TEXT, min_size=1, max_size=3), kwargs=generation_settings(), seed=st.integers(0, 2**16))
 def test_generate_properties(tokenizer, model, texts, kwargs, seed):

@@ -7,21 +7,15 @@ from __future__ import annotations
 import re
 
 import pytest
-import torch
+from helpers import tiny_sentence_opt
 
-from sentence_lm import SentenceOPTConfig, SentenceOPTForCausalLM
+from sentence_lm import SentenceOPTForCausalLM
 from sentence_lm.model_card import PLACEHOLDER, checkpoint_location, render_model_card
 
 
 @pytest.fixture(scope="module")
 def model(tokenizer):
-    torch.manual_seed(0)
-    vae = dict(vocab_size=len(tokenizer), hidden_size=32, num_attention_heads=4, ffn_dim=64,
-               max_sentence_len=tokenizer.max_sentence_len)  # fmt: skip
-    config = SentenceOPTConfig(sentence_vae=vae, hidden_size=32, num_attention_heads=4, ffn_dim=64, num_hidden_layers=1)
-    model = SentenceOPTForCausalLM(config).eval()
-    model.sentence_vae.set_boundary_table(tokenizer)
-    return model
+    return tiny_sentence_opt(tokenizer)
 
 
 def title_and_sources(card: str) -> tuple[str, set[str]]:

@@ -5,33 +5,17 @@ import json
 
 import pytest
 import torch
-from helpers import check_run, make_hub_cache, run_without_package
+from helpers import check_run, make_hub_cache, run_without_package, tiny_sentence_opt
 from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer, pipeline
 
-from sentence_lm import SentenceOPTConfig, SentenceOPTForCausalLM
+from sentence_lm import SentenceOPTForCausalLM
 
 PROMPTS = ["The object is returned.", "Each argument of the call", ""]
 
 
 @pytest.fixture(scope="module")
 def model(tokenizer):
-    torch.manual_seed(0)
-    vae = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        num_attention_heads=4,
-        ffn_dim=64,
-        max_sentence_len=tokenizer.max_sentence_len,
-        init_std=0.3,
-    )
-    config = SentenceOPTConfig(
-        sentence_vae=vae, hidden_size=32, num_attention_heads=4, ffn_dim=64, num_hidden_layers=2, max_position_embeddings=64
-    )
-    model = SentenceOPTForCausalLM(config).eval()
-    model.sentence_vae.set_boundary_table(tokenizer)
-    with torch.no_grad():
-        model.stop_head.bias.copy_(torch.tensor([3.0, -3.0]))
-    model.tokenizer = tokenizer
+    model = tiny_sentence_opt(tokenizer, num_hidden_layers=2)
     model.model_card_kwargs = {"results": {"held-out perplexity": 12.5}, "datasets": ["pydoc"], "repo_id": "me/tiny"}
     return model
 
@@ -120,11 +104,13 @@ def expected_texts(model, tokenizer):
     return [generator(p, max_new_tokens=12, do_sample=False)[0]["generated_text"] for p in PROMPTS[:2]]
 
 
+@pytest.mark.slow
 def test_remote_code_load_without_the_package_generates_the_same_text(model, tokenizer, checkpoint, tmp_path):
     result = check_run(run_without_package(REMOTE.format(path=str(checkpoint), prompts=PROMPTS[:2]), tmp_path))
     assert json.loads(result.stdout.strip().splitlines()[-1]) == expected_texts(model, tokenizer)
 
 
+@pytest.mark.slow
 def test_loads_by_repo_id_from_the_hub_cache_offline(model, tokenizer, checkpoint, tmp_path):
     env = make_hub_cache(checkpoint, tmp_path / "hub", "someone/tiny-sentence-opt")
     code = REMOTE.format(path="someone/tiny-sentence-opt", prompts=PROMPTS[:2])

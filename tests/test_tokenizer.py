@@ -348,6 +348,7 @@ REMOTE_CODE = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_auto_tokenizer_with_remote_code_without_the_package(tokenizer, saved, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
     env.update(
