@@ -463,6 +463,7 @@ def test_save_load_round_trip_is_exact(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]
 
 
+@pytest.mark.slow
 def test_remote_code_load_without_the_package(tmp_path):
     model = trained_like_model()
     model.save_pretrained(tmp_path / "ckpt")
@@ -473,6 +474,7 @@ def test_remote_code_load_without_the_package(tmp_path):
     assert torch.equal(got["boundary_table"], model.boundary_table)
 
 
+@pytest.mark.slow
 def test_load_by_repo_id_from_offline_hub_cache(tmp_path):
     model = trained_like_model()
     model.save_pretrained(tmp_path / "ckpt")
@@ -577,28 +579,21 @@ def test_save_into_new_nested_directory(tmp_path):
 def test_push_to_hub_paths_still_work(tmp_path, monkeypatch):
     """`save_pretrained(push_to_hub=True)` names the repo after the user's directory and uploads
     what it wrote; `push_to_hub()` saves into its own temporary directory. No network: the hub
-    calls are replaced by fakes."""
-    import transformers.modeling_utils as modeling_utils
-    import transformers.utils.hub as hub_utils
+    calls (`huggingface_hub.create_repo` and `upload_folder`, which sentence_lm.checkpointing
+    makes) are replaced by fakes."""
+    from sentence_lm import checkpointing
 
     created, uploaded = [], []
 
-    class FakeApi:
-        def create_repo(self, repo_id, **kwargs):
-            created.append(repo_id)
-            return type("Repo", (), {"repo_id": f"user/{repo_id}"})()
+    def create_repo(repo_id, **kwargs):
+        created.append(repo_id)
+        return type("Repo", (), {"repo_id": f"user/{repo_id}"})()
 
-    class FakeCard:
-        def save(self, path):
-            Path(path).write_text("card")
+    def upload_folder(repo_id, folder_path, **kwargs):
+        uploaded.append((repo_id, sorted(os.listdir(folder_path))))
 
-    def fake_upload(self, working_dir, repo_id, files_timestamps, **kwargs):
-        uploaded.append((repo_id, sorted(os.listdir(working_dir))))
-
-    for module in (modeling_utils, hub_utils):
-        monkeypatch.setattr(module, "hf_api", lambda: FakeApi(), raising=False)
-        monkeypatch.setattr(module, "create_and_tag_model_card", lambda *a, **k: FakeCard(), raising=False)
-    monkeypatch.setattr(SentenceVAEModel, "_upload_modified_files", fake_upload)
+    monkeypatch.setattr(checkpointing.huggingface_hub, "create_repo", create_repo)
+    monkeypatch.setattr(checkpointing.huggingface_hub, "upload_folder", upload_folder)
 
     model = trained_like_model()
     model.save_pretrained(tmp_path / "my-vae", push_to_hub=True)
