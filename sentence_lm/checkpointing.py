@@ -342,6 +342,7 @@ class SafeCheckpointMixin:
 
         result = atomic_save(write, save_directory)
         if hub is not None:
+            write_default_card(save_directory, getattr(self, "model_tags", None))
             upload_checkpoint(save_directory, **hub)
         return result
 
@@ -375,6 +376,7 @@ class SafeCheckpointMixin:
             finally:
                 if card_kwargs is not None:
                     self.model_card_kwargs = card_kwargs
+            write_default_card(tmp_dir, [*(getattr(self, "model_tags", None) or []), *(tags or [])])
             return upload_checkpoint(
                 tmp_dir, repo_id, commit_message=commit_message, commit_description=commit_description,
                 private=private, token=token, revision=revision, create_pr=create_pr,
@@ -431,3 +433,12 @@ def upload_checkpoint(
         revision=revision,
         create_pr=create_pr,
     )
+
+
+def write_default_card(folder: str | os.PathLike, tags: list[str] | None = None) -> None:
+    """Give a checkpoint that has no ``README.md`` (a model without a card of its own, such as a
+    SentenceVAE) the minimal card `transformers` would upload, written locally."""
+    path = os.path.join(folder, "README.md")
+    if not os.path.exists(path):
+        card_data = huggingface_hub.ModelCardData(library_name="transformers", tags=list(tags or []) or None)
+        huggingface_hub.ModelCard.from_template(card_data).save(path)
