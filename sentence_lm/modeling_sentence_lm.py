@@ -127,6 +127,17 @@ class SentenceLMPreTrainedModel(SafeCheckpointMixin, PreTrainedModel):
         elif isinstance(module, SentenceVAEModel):
             module.boundary_table.zero_()
 
+    def _resize_token_embeddings(self, new_num_tokens=None, pad_to_multiple_of=None, mean_resizing=True):
+        """`resize_token_embeddings` resizes the nested SentenceVAE's vocabulary (token
+        embeddings, ``lm_head``, the decoder's own embeddings when ``share_embeddings=False``,
+        ``config.sentence_vae.vocab_size`` and the boundary table, whose new rows come from the
+        tokenizer attached as ``model.tokenizer``, else 0 = not a boundary); see
+        `SentenceVAEModel._resize_token_embeddings`. Gradient checkpointing covers the
+        SentenceVAE's layers too (they are `GradientCheckpointingLayer`s)."""
+        return self.sentence_vae._resize_token_embeddings(
+            new_num_tokens, pad_to_multiple_of, mean_resizing, tokenizer=getattr(self, "tokenizer", None)
+        )
+
 
 class SentenceLMModel(SentenceLMPreTrainedModel):
     """Sentence Encoder + a decoder-only backbone over sentence vectors.

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache, LogitsProcessorList, PreTrainedModel
 from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput
 
 from .checkpointing import SafeCheckpointMixin
@@ -102,8 +103,10 @@ class FeedForward(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-class SentenceEncoderLayer(nn.Module):
-    """Pre-LayerNorm Transformer encoder layer: bidirectional self-attention, feed-forward."""
+class SentenceEncoderLayer(GradientCheckpointingLayer):
+    """Pre-LayerNorm Transformer encoder layer: bidirectional self-attention, feed-forward.
+    Checkpointed (its activations recomputed in the backward pass) after
+    ``model.gradient_checkpointing_enable()``."""
 
     def __init__(self, config: SentenceVAEConfig):
         super().__init__()
@@ -120,9 +123,11 @@ class SentenceEncoderLayer(nn.Module):
         return hidden_states + self.dropout(self.ffn(self.final_layer_norm(hidden_states)))
 
 
-class SentenceDecoderLayer(nn.Module):
+class SentenceDecoderLayer(GradientCheckpointingLayer):
     """Pre-LayerNorm Transformer decoder layer: causal self-attention (cacheable),
-    cross-attention to the sentence vector, feed-forward."""
+    cross-attention to the sentence vector, feed-forward. Checkpointed after
+    ``model.gradient_checkpointing_enable()`` when it runs with gradients in training mode (then
+    without a cache: `GradientCheckpointingLayer` drops a ``cache`` passed by keyword)."""
 
     def __init__(self, config: SentenceVAEConfig, layer_idx: int):
         super().__init__()
@@ -242,10 +247,10 @@ class SentenceDecoder(nn.Module):
         if cross_states is None:
             memory = memory.unsqueeze(1)
             for layer in self.layers:
-                hidden = layer(hidden, memory, mask, cache)
+                hidden = layer(hidden, memory, mask, cache=cache)
         else:
             for layer, cross in zip(self.layers, cross_states):
-                hidden = layer(hidden, None, mask, cache, cross_states=cross)
+                hidden = layer(hidden, None, mask, cache=cache, cross_states=cross)
         return self.layer_norm(hidden)
 
     def cross_attention_states(self, memory: torch.Tensor) -> list[torch.Tensor]:
@@ -372,7 +377,7 @@ class SentenceVAEPreTrainedModel(SafeCheckpointMixin, PreTrainedModel):
     config: SentenceVAEConfig
     base_model_prefix = "sentence_vae"
     main_input_name = "input_ids"
-    supports_gradient_checkpointing = False
+    supports_gradient_checkpointing = True  # its encoder and decoder layers are GradientCheckpointingLayers
     _supports_sdpa = True  # its attention always runs on torch's scaled_dot_product_attention
 
     def _init_weights(self, module):
@@ -425,6 +430,69 @@ class SentenceVAEModel(SentenceVAEPreTrainedModel):
     def _decoder_embeddings(self) -> nn.Embedding:
         return self.embed_tokens if self.decoder_embed_tokens is None else self.decoder_embed_tokens
 
+    # ----------------------------------------------------------------------------- vocabulary
+    def _resize_token_embeddings(
+        self, new_num_tokens=None, pad_to_multiple_of=None, mean_resizing=True, tokenizer=None
+    ) -> nn.Embedding:
+        """What `resize_token_embeddings` (the `transformers` method, on this model or on a
+        SentenceLM holding it) does to the vocabulary; it then re-ties ``lm_head``.
+
+        Resizes the token embeddings, ``lm_head`` and, when ``share_embeddings=False``, the
+        decoder's own embeddings; sets ``config.vocab_size``; and resizes the boundary table.
+        Rows of new ids in the boundary table come from ``tokenizer`` (by default the tokenizer
+        attached as ``model.tokenizer``, if any: see :meth:`resize_boundary_table`). A size
+        that would drop the padding, BOS or EOS id raises a ``ValueError`` before anything changes.
+        """
+        size = self.config.vocab_size if new_num_tokens is None else new_num_tokens
+        if pad_to_multiple_of is not None:
+            size = -(-size // pad_to_multiple_of) * pad_to_multiple_of
+        special = {
+            name: getattr(self.config, name) for name in ("pad_token_id", "bos_token_id", "eos_token_id")
+        }
+        dropped = {name: value for name, value in special.items() if value >= size}
+        if dropped:
+            named = ", ".join(f"the {key[: -len('_token_id')]} token id is {value}" for key, value in dropped.items())
+            raise ValueError(
+                f"Cannot resize the token embeddings to {size} tokens: {named}, outside the new vocabulary, and "
+                f"the model needs {'it' if len(dropped) == 1 else 'them'}. Resize to at least "
+                f"{max(dropped.values()) + 1} tokens (usually `model.resize_token_embeddings(len(tokenizer))`), "
+                f"or first point the special ids at ids below {size} "
+                f"(`model.config.{next(iter(dropped))} = ...`, and the tokenizer's)."
+            )
+        embeddings = super()._resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
+        size = embeddings.weight.shape[0]
+        if self.decoder_embed_tokens is not None and self.decoder_embed_tokens.weight.shape[0] != size:
+            old = self.decoder_embed_tokens
+            new = self._get_resized_embeddings(old, size, mean_resizing=mean_resizing)
+            new.requires_grad_(old.weight.requires_grad)
+            self.decoder_embed_tokens = new
+        self.resize_boundary_table(size, tokenizer if tokenizer is not None else getattr(self, "tokenizer", None))
+        self.config.vocab_size = size
+        return embeddings
+
+    def resize_boundary_table(self, size: int, tokenizer=None) -> None:
+        """Give the boundary table ``size`` rows (``resize_token_embeddings`` calls this).
+
+        Rows of the ids kept are unchanged. A new id gets the flags ``tokenizer`` gives it (its
+        ``boundary_table`` for a `SentenceTokenizer`, else :func:`build_boundary_table`), or 0
+        (*not a boundary*: the token neither ends a sentence nor trails one) when there is no
+        tokenizer, the tokenizer does not have that id, or the model has no table yet (an empty
+        table stays empty, so :meth:`segment` still asks for :meth:`set_boundary_table`). Added
+        special tokens (chat markers) get 0 either way: special tokens are never boundaries.
+        """
+        old = self.boundary_table
+        table = torch.zeros(size, dtype=old.dtype, device=old.device)
+        kept = min(size, old.shape[0])
+        table[:kept] = old[:kept]
+        if tokenizer is not None and size > kept and bool(old.any()):
+            flags = getattr(tokenizer, "boundary_table", None)
+            if not isinstance(flags, torch.Tensor):
+                flags = build_boundary_table(tokenizer)
+            end = min(size, flags.shape[0])
+            if end > kept:
+                table[kept:end] = flags[kept:end].to(table.device, table.dtype)
+        self.boundary_table = table
+
     # ----------------------------------------------------------------------------- segmentation
     def set_boundary_table(self, tokenizer_or_table) -> None:
         """Store the sentence-boundary table of a tokenizer (or a table from
@@ -437,7 +505,8 @@ class SentenceVAEModel(SentenceVAEPreTrainedModel):
         if table.shape[0] > self.config.vocab_size:
             raise ValueError(
                 f"The tokenizer has {table.shape[0]} tokens but the model's vocab_size is "
-                f"{self.config.vocab_size}; build the model with vocab_size >= len(tokenizer)."
+                f"{self.config.vocab_size}; build the model with vocab_size >= len(tokenizer), or grow it with "
+                "`model.resize_token_embeddings(len(tokenizer))`."
             )
         self.boundary_table.zero_()
         self.boundary_table[: table.shape[0]] = table.to(self.boundary_table.device, torch.uint8)
