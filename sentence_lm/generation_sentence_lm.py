@@ -5,13 +5,22 @@ next sentence, and the sentence is encoded and appended to the backbone's cache.
 
 from __future__ import annotations
 
+import copy
+import inspect
 import math
 import numbers
 import operator
 from dataclasses import dataclass
 
 import torch
-from transformers import Cache, GenerationConfig, GenerationMixin, LogitsProcessorList
+from transformers import (
+    Cache,
+    GenerationConfig,
+    GenerationMixin,
+    LogitsProcessorList,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 from transformers.utils import logging
 
@@ -54,9 +63,18 @@ class SentenceGenerationMixin(GenerationMixin):
         input_ids: torch.Tensor | None = None,
         generation_config: GenerationConfig | None = None,
         logits_processor: LogitsProcessorList | None = None,
+        stopping_criteria: StoppingCriteriaList | None = None,
+        prefix_allowed_tokens_fn=None,
+        synced_gpus: bool | None = None,
+        assistant_model=None,
         streamer=None,
+        negative_prompt_ids: torch.Tensor | None = None,
+        negative_prompt_attention_mask: torch.Tensor | None = None,
+        custom_generate=None,
         attention_mask: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        tokenizer=None,
+        assistant_tokenizer=None,
         **kwargs,
     ) -> torch.Tensor | SentenceGenerateOutput:
         """Generate text one sentence at a time.
@@ -86,6 +104,45 @@ class SentenceGenerationMixin(GenerationMixin):
         slots are full, so a row never gets more than ``(max_position_embeddings - 1) *
         max_sentence_len`` new tokens, whatever ``max_new_tokens`` says.
 
+        Logits processors (``logits_processor``, and those the settings build:
+        ``repetition_penalty``, ``no_repeat_ngram_size``, ``bad_words_ids``, ``sequence_bias``,
+        ``suppress_tokens``, ``prefix_allowed_tokens_fn``, the sampling warpers...) and
+        ``stopping_criteria`` see the running text as for any `transformers` model: ``input_ids`` of
+        shape ``(batch * num_return_sequences, cur_len)``, each row its prompt as given (left
+        padding included) followed by the tokens written so far, with every row of the batch in
+        order at every decoder step. Rows that have written fewer tokens than the longest are
+        padded on the left with ``pad_token_id`` (a token model writes the same number of tokens in
+        every row; here the sentences of the rows differ in length); a row that is not writing at
+        that step (its sentence or text is finished) has ``pad_token_id`` in the newest columns and
+        zero scores, and the processors' output for it is ignored. The end-of-sentence marker is
+        never part of ``input_ids``; it is one column of the scores (a processor that bans it makes
+        sentences run to ``max_sentence_len``). ``stopping_criteria`` (``StoppingCriteria`` objects
+        or callables ``(input_ids, scores) -> bool tensor``), ``max_time`` and ``stop_strings``
+        (with ``tokenizer=``) are checked after every new token on the running text; a row they
+        stop is finished there (its sentence is cut at that token). ``min_new_tokens`` holds the
+        stop head, not an end-of-text token.
+
+        ``output_scores`` / ``output_logits`` (with ``return_dict_in_generate=True``) give, as
+        `transformers` does, a tuple of one ``(batch, vocab)`` float tensor per generated column
+        (``len == sequences.shape[1] - prompt_len``): the processed scores a token was chosen
+        from, or the decoder's raw logits. Row ``r`` of tensor ``j`` belongs to that row's
+        ``j``-th new token, which rows write at different decoder steps; where a row has no
+        ``j``-th token (it finished earlier, and holds ``pad_token_id`` there) the row is
+        ``-inf`` except ``0`` at ``pad_token_id``, so the argmax of every score row is the token
+        returned. The end-of-sentence steps have no column (the marker is not part of the text).
+
+        What next-sentence decoding cannot do raises a ``ValueError`` that names the setting:
+        beam search (``num_beams > 1``, ``num_beam_groups``, ``diversity_penalty``,
+        ``constraints``, ``force_words_ids``), assisted and speculative decoding
+        (``assistant_model``, ``prompt_lookup_num_tokens``, ``assistant_early_exit``...),
+        contrastive search (``penalty_alpha``), DoLa (``dola_layers``), classifier-free guidance
+        (``guidance_scale``, ``negative_prompt_ids``), ``watermarking_config``,
+        ``exponential_decay_length_penalty``, ``forced_eos_token_id``, ``token_healing``,
+        ``prefill_chunk_size``, ``low_memory``, the encoder-decoder settings
+        ``encoder_repetition_penalty`` / ``encoder_no_repeat_ngram_size``, ``synced_gpus`` and
+        ``custom_generate``. ``length_penalty`` and ``early_stopping`` only act on beam search and,
+        as for a token model without beams, change nothing.
+
         Right-padded prompts log a warning and are continued as their left-padded form would be
         (the padding then sits between prompt and new tokens). ``eos_token_id`` (an int or a
         list) is accepted and changes nothing: the stop head ends a text, the model's
@@ -97,6 +154,17 @@ class SentenceGenerationMixin(GenerationMixin):
         # Checked before the library merges and validates them: clearer messages, and no raw TypeError.
         _check_sampling_settings(generation_config if generation_config is not None else self.generation_config, kwargs)
         generation_config, model_kwargs = self._prepare_generation_config(generation_config, **kwargs)
+        _refuse_unsupported(
+            generation_config,
+            dict(
+                assistant_model=assistant_model,
+                assistant_tokenizer=assistant_tokenizer,
+                negative_prompt_ids=negative_prompt_ids,
+                negative_prompt_attention_mask=negative_prompt_attention_mask,
+                synced_gpus=synced_gpus,
+                custom_generate=custom_generate,
+            ),
+        )
         unused = set(model_kwargs) - {"output_attentions", "output_hidden_states", "sentence_ids"}
         if unused:
             raise ValueError(
@@ -105,6 +173,12 @@ class SentenceGenerationMixin(GenerationMixin):
             )
         _check_sampling_settings(generation_config)
         generation_config.validate()
+        user_criteria = _check_stopping_criteria(stopping_criteria)
+        if prefix_allowed_tokens_fn is not None and not callable(prefix_allowed_tokens_fn):
+            raise TypeError(
+                "prefix_allowed_tokens_fn must be a callable (batch_id, input_ids) -> list of allowed token ids, got "
+                f"{type(prefix_allowed_tokens_fn).__name__}."
+            )
         if use_cache is None:
             # As transformers' generate(): the generation config decides, not `config.use_cache`
             # (which training sets to False, and which checkpoints saved by the Trainer keep).
@@ -155,23 +229,57 @@ class SentenceGenerationMixin(GenerationMixin):
             max_new = min(max_new, self.config.max_position_embeddings * self.config.sentence_vae.max_sentence_len)
         if streamer is not None:
             streamer.put(input_ids.cpu())
+        pad = generation_config.pad_token_id if generation_config.pad_token_id is not None else self.config.pad_token_id
+        # The library builds the processors and criteria from a copy of the config: the length
+        # limits and min_new_tokens are the loop's own (the stop head ends a text, not an
+        # end-of-text token), and the end-of-sentence id stands for "eos" (bad_words_ids may not ban it).
+        library_config = copy.copy(generation_config)
+        library_config.min_length, library_config.min_new_tokens, library_config.max_length = 0, None, None
+        library_config._eos_token_tensor = torch.tensor([self.config.sentence_vae.eos_token_id], device=device)
         processors = self._get_logits_processor(
-            generation_config=generation_config,
+            generation_config=library_config,
             input_ids_seq_length=prompt_len,
+            prefix_allowed_tokens_fn=prefix_allowed_tokens_fn,
             logits_processor=logits_processor,
             device=device,
         )
-        new_tokens, cache, num_sentences, decoder_cache = self._generate_sentences(
-            input_ids, mask, max_new, min_new, generation_config.do_sample, processors, use_cache, static_cache, streamer
+        processors = _CheckedProcessors(processors, self.config.vocab_size) if len(processors) else None
+        library_config._eos_token_tensor = None  # no end-of-text criterion
+        criteria = self._get_stopping_criteria(
+            library_config, user_criteria, tokenizer=tokenizer if tokenizer is not None else getattr(self, "tokenizer", None)
         )
+        criteria = _CheckedCriteria(criteria) if len(criteria) else None
+        output_scores = bool(generation_config.return_dict_in_generate and generation_config.output_scores)
+        output_logits = bool(generation_config.return_dict_in_generate and generation_config.output_logits)
+        result = self._generate_sentences(
+            input_ids,
+            mask,
+            max_new,
+            min_new,
+            generation_config.do_sample,
+            processors,
+            use_cache,
+            static_cache,
+            streamer,
+            stopping_criteria=criteria,
+            output_scores=output_scores,
+            output_logits=output_logits,
+            pad_token_id=pad,
+        )
+        new_tokens, cache, num_sentences, decoder_cache = result[:4]
         if streamer is not None:
             streamer.end()
-        pad = generation_config.pad_token_id if generation_config.pad_token_id is not None else self.config.pad_token_id
         new_tokens = torch.where(new_tokens < 0, pad, new_tokens)
         sequences = torch.cat([input_ids, new_tokens], dim=1)
         if generation_config.return_dict_in_generate:
+            scores, logits = result[4], result[5]
             return SentenceGenerateOutput(
-                sequences=sequences, cache=cache, num_sentences=num_sentences, decoder_cache=decoder_cache
+                sequences=sequences,
+                scores=tuple(scores.unbind(1)) if scores is not None else None,
+                logits=tuple(logits.unbind(1)) if logits is not None else None,
+                cache=cache,
+                num_sentences=num_sentences,
+                decoder_cache=decoder_cache,
             )
         return sequences
 
@@ -186,11 +294,21 @@ class SentenceGenerationMixin(GenerationMixin):
         use_cache: bool,
         static_cache: bool,
         streamer,
-    ) -> tuple[torch.Tensor, Cache | None, torch.Tensor, object | None]:
+        stopping_criteria=None,
+        output_scores: bool = False,
+        output_logits: bool = False,
+        pad_token_id: int | None = None,
+    ) -> tuple:
         """The next-sentence loop; returns ``(batch, written)`` new tokens (``-1`` where none),
-        the backbone's cache, the number of sentences written per row and the last decoder cache.
-        With ``static_cache`` the backbone's cache holds every slot the loop can fill from the start
-        (each sentence has at least one token, so ``max_new`` sentences at most)."""
+        the backbone's cache, the number of sentences written per row, the last decoder cache,
+        and the ``(batch, written, vocab)`` scores and logits of the new tokens (``None`` unless
+        asked for). With ``static_cache`` the backbone's cache holds every slot the loop can fill
+        from the start (each sentence has at least one token, so ``max_new`` sentences at most).
+
+        Every round decodes all ``batch`` rows at once (finished rows with a budget of 0, so that
+        they cost nothing), so that processors and criteria see the whole batch in order; their
+        ``input_ids`` are each row's prompt and new tokens, left-padded to one width."""
+        pad = self.config.pad_token_id if pad_token_id is None else pad_token_id
         batch, device = input_ids.shape[0], input_ids.device
         vae, model = self.sentence_vae, self.model
         content = model.content_mask(input_ids, mask)
@@ -225,6 +343,9 @@ class SentenceGenerationMixin(GenerationMixin):
         done = count >= max_new
         slots_used = slot_mask.sum(dim=1)
         decoder_cache = None
+        need_history = processors is not None or stopping_criteria is not None
+        prompt_part = torch.ones_like(input_ids, dtype=torch.bool)
+        chunks = []  # (columns, scores, logits) of each round, when asked for
         while not bool(done.all()):
             # The stop head may end a text only between sentences and after min_new_tokens.
             stop_logits = self.stop_head(state).float()
@@ -232,16 +353,31 @@ class SentenceGenerationMixin(GenerationMixin):
             done |= stop & ~is_open & (count >= min_new)
             if bool(done.all()):
                 break
-            rows = torch.nonzero(~done).squeeze(1)
+            # All rows go to the decoder (the finished ones with no budget), in batch order.
+            rows = torch.arange(batch, device=device)
+            writing = ~done
             has_prefix = prefix_ids.shape[1] > 0
+            history = None
+            if need_history:
+                # Each row's prompt as given + its new tokens so far, left-padded to one width.
+                so_far = written[:, : int(count.max())]
+                history, _ = _left_align(
+                    torch.cat([input_ids, so_far.clamp(min=0)], dim=1),
+                    torch.cat([prompt_part, so_far >= 0], dim=1),
+                    pad,
+                )
             out = vae.decode(
-                state[rows],
-                prefix_ids=prefix_ids[rows] if has_prefix else None,
-                prefix_mask=prefix_mask[rows] if has_prefix else None,
-                max_new_tokens=max_new - count[rows],
+                state,
+                prefix_ids=prefix_ids if has_prefix else None,
+                prefix_mask=prefix_mask & writing[:, None] if has_prefix else None,
+                max_new_tokens=torch.where(writing, max_new - count, 0),
                 do_sample=do_sample,
                 logits_processor=processors,
                 use_cache=use_cache,
+                history=history,
+                stopping_criteria=stopping_criteria,
+                output_scores=output_scores,
+                output_logits=output_logits,
             )
             decoder_cache = out.cache
             width = out.sequences.shape[1]
@@ -249,6 +385,8 @@ class SentenceGenerationMixin(GenerationMixin):
             keep = steps < out.lengths[:, None]
             columns = torch.where(keep, count[rows, None] + steps, max_new)
             written.index_put_((rows[:, None].expand_as(columns), columns), out.sequences)
+            if output_scores or output_logits:
+                chunks.append((columns, out.scores, out.logits))
             if streamer is not None and out.sequences.numel():
                 streamer.put(out.sequences[0, : int(out.lengths[0])].cpu())
             count[rows] += out.lengths
@@ -258,10 +396,11 @@ class SentenceGenerationMixin(GenerationMixin):
             else:
                 sentence, sentence_mask = out.sequences, keep
             sentence_len = sentence_mask.sum(dim=1)
-            empty = sentence_len == 0
+            empty = (sentence_len == 0) | ~writing
             sentences_written[rows] += (~empty).long()
             done[rows[empty]] = True
-            slots_used[rows] += 1
+            done |= out.stopped  # a stopping criterion ends the text
+            slots_used[rows] += writing.long()
             done |= count >= max_new
             if self.config.max_position_embeddings is not None:
                 done |= slots_used >= self.config.max_position_embeddings
@@ -285,9 +424,158 @@ class SentenceGenerationMixin(GenerationMixin):
             else:
                 all_inputs = torch.cat([all_inputs, step], dim=1)
                 state = model.run_backbone(all_inputs, slot_mask).last_hidden_state[:, -1]
-        new_tokens = written[:, : int(count.max()) if batch else 0]
-        return new_tokens, cache, sentences_written, decoder_cache
+        width = int(count.max()) if batch else 0
+        new_tokens = written[:, :width]
+        scores = logits = None
+        if output_scores or output_logits:
+            vocab = self.config.vocab_size
+            # A column a row did not write: -inf but 0 at the pad it holds there (argmax = pad).
+            blank = torch.full((batch, max_new + 1, vocab), float("-inf"), device=device)
+            blank[..., pad] = 0.0
+            scores = blank.clone() if output_scores else None
+            logits = blank if output_logits else None
+            for columns, round_scores, round_logits in chunks:
+                index = (rows[:, None].expand_as(columns), columns)
+                if scores is not None:
+                    scores.index_put_(index, round_scores)
+                if logits is not None:
+                    logits.index_put_(index, round_logits)
+            scores = scores[:, :width] if scores is not None else None
+            logits = logits[:, :width] if logits is not None else None
+        return new_tokens, cache, sentences_written, decoder_cache, scores, logits
 
+
+
+_BEAMS = "use greedy decoding (the default) or do_sample=True, with num_return_sequences for several samples"
+_ASSISTED = "generate without an assistant: the model writes whole sentences per step already"
+_END = "the stop head ends a text; use max_new_tokens (an exact budget) or stopping_criteria to bound it"
+_UNSUPPORTED = [
+    # (setting, is it asking for something, what it is, what to use instead)
+    ("num_beams", lambda v: v is not None and v > 1, "beam search", _BEAMS),
+    ("num_beam_groups", lambda v: v is not None and v > 1, "group beam search", _BEAMS),
+    ("diversity_penalty", lambda v: v is not None and v != 0, "group beam search", _BEAMS),
+    ("constraints", lambda v: v is not None, "constrained beam search", "use prefix_allowed_tokens_fn or bad_words_ids"),
+    ("force_words_ids", lambda v: v is not None, "constrained beam search", "use prefix_allowed_tokens_fn or bad_words_ids"),
+    ("penalty_alpha", lambda v: v is not None and v > 0, "contrastive search", "use greedy decoding, no_repeat_ngram_size or repetition_penalty"),
+    ("low_memory", lambda v: bool(v), "a contrastive-search option", "leave it unset"),
+    ("dola_layers", lambda v: v is not None, "DoLa decoding (contrasting token layers)", "use greedy decoding or sampling"),
+    ("guidance_scale", lambda v: v is not None and v != 1, "classifier-free guidance", "use logits_processor with your own processor"),
+    ("prompt_lookup_num_tokens", lambda v: v is not None, "prompt-lookup (assisted) decoding", _ASSISTED),
+    ("assistant_early_exit", lambda v: v is not None, "self-speculative (assisted) decoding", _ASSISTED),
+    ("use_mtp", lambda v: bool(v), "multi-token-prediction (speculative) decoding", _ASSISTED),
+    ("speculation_type", lambda v: v is not None, "speculative decoding", _ASSISTED),
+    ("watermarking_config", lambda v: v is not None, "watermarking", "generate without it (no watermark can be applied here)"),
+    ("exponential_decay_length_penalty", lambda v: v is not None, "an end-of-text length penalty", _END),
+    ("forced_eos_token_id", lambda v: v is not None, "forcing an end-of-text token", _END),
+    ("token_healing", lambda v: bool(v), "token healing", "pass the prompt as it is"),
+    ("prefill_chunk_size", lambda v: v is not None, "chunked prefill", "leave it unset (the prompt's sentences are encoded in bounded chunks already)"),
+    ("encoder_repetition_penalty", lambda v: v is not None and v != 1, "an encoder-decoder setting", "use repetition_penalty"),
+    ("encoder_no_repeat_ngram_size", lambda v: v is not None and v > 0, "an encoder-decoder setting", "use no_repeat_ngram_size"),
+]
+"""`GenerationConfig` settings that next-sentence decoding cannot honour."""
+_UNSUPPORTED_ARGUMENTS = {
+    "assistant_model": ("assisted decoding", _ASSISTED),
+    "assistant_tokenizer": ("assisted decoding", _ASSISTED),
+    "negative_prompt_ids": ("classifier-free guidance", "use logits_processor with your own processor"),
+    "negative_prompt_attention_mask": ("classifier-free guidance", "use logits_processor with your own processor"),
+    "synced_gpus": ("synchronised multi-GPU generation", "call generate() on each process without it"),
+    "custom_generate": ("a custom decoding loop", "call that loop yourself; this model's generate() is its own"),
+}
+
+
+def _refuse_unsupported(config: GenerationConfig, arguments: dict) -> None:
+    """Raise a ValueError naming the first setting or argument of ``generate()`` that
+    next-sentence decoding cannot honour (never ignore it silently)."""
+    for name, asks, what, instead in _UNSUPPORTED:
+        value = getattr(config, name, None)
+        if asks(value):
+            raise ValueError(
+                f"{name}={value!r} ({what}) is not supported by sentence-level generation, which writes one "
+                f"sentence per step with the Sentence Decoder; {instead}."
+            )
+    for name, value in arguments.items():
+        if value is not None and value is not False:
+            what, instead = _UNSUPPORTED_ARGUMENTS[name]
+            raise ValueError(
+                f"{name} ({what}) is not supported by sentence-level generation, which writes one sentence per "
+                f"step with the Sentence Decoder; {instead}."
+            )
+
+
+def _check_stopping_criteria(criteria) -> StoppingCriteriaList:
+    """``stopping_criteria`` as a `StoppingCriteriaList`, every entry a `StoppingCriteria` or a
+    callable taking ``(input_ids, scores)``; anything else raises a TypeError naming the fix."""
+    if criteria is None:
+        return StoppingCriteriaList()
+    if isinstance(criteria, StoppingCriteria) or (callable(criteria) and not isinstance(criteria, list)):
+        criteria = [criteria]
+    if not isinstance(criteria, (list, tuple)):
+        raise TypeError(
+            "stopping_criteria must be a StoppingCriteriaList (or a list) of StoppingCriteria, got "
+            f"{type(criteria).__name__}."
+        )
+    for entry in criteria:
+        if isinstance(entry, StoppingCriteria):
+            continue
+        fix = (
+            "pass a transformers.StoppingCriteria (a subclass whose __call__(input_ids, scores, **kwargs) returns a "
+            "(batch,) bool tensor), or a callable with that signature"
+        )
+        if not callable(entry):
+            raise TypeError(f"stopping_criteria holds {entry!r} ({type(entry).__name__}), which is not a StoppingCriteria; {fix}.")
+        try:
+            inspect.signature(entry).bind(None, None)
+        except TypeError:
+            raise TypeError(
+                f"stopping_criteria holds {entry!r}, which cannot be called as (input_ids, scores); {fix}."
+            ) from None
+        except ValueError:  # no signature to inspect (a builtin): let it run
+            pass
+    return StoppingCriteriaList(criteria)
+
+
+class _CheckedProcessors:
+    """Runs logits processors one by one, checking that each returns ``(rows, vocab)`` scores."""
+
+    def __init__(self, processors: LogitsProcessorList, vocab_size: int):
+        self.processors, self.vocab_size = processors, vocab_size
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        for processor in self.processors:
+            out = processor(input_ids, scores)
+            if not isinstance(out, torch.Tensor) or out.shape != scores.shape:
+                got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+                raise ValueError(
+                    f"The logits processor {type(processor).__name__} returned {got}; a logits processor must return "
+                    f"the scores it was given, changed, as one float tensor of shape (batch, vocab) = "
+                    f"{tuple(scores.shape)}."
+                )
+            scores = out
+        return scores
+
+
+class _CheckedCriteria:
+    """Runs stopping criteria on the running text, checking each answer: a bool (for every row)
+    or a ``(rows,)`` bool tensor."""
+
+    def __init__(self, criteria: StoppingCriteriaList):
+        self.criteria = criteria
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        rows = input_ids.shape[0]
+        halt = torch.zeros(rows, dtype=torch.bool, device=input_ids.device)
+        for criterion in self.criteria:
+            answer = criterion(input_ids, scores)
+            if isinstance(answer, bool):
+                answer = torch.full((rows,), answer, device=input_ids.device)
+            if not isinstance(answer, torch.Tensor) or answer.shape not in ((rows,), ()) or answer.is_floating_point():
+                got = tuple(answer.shape) if isinstance(answer, torch.Tensor) else repr(answer)
+                raise ValueError(
+                    f"The stopping criterion {type(criterion).__name__} returned {got}; a StoppingCriteria must return "
+                    f"a bool tensor of shape (batch,) = ({rows},), True where a row must stop."
+                )
+            halt |= answer.to(device=input_ids.device, dtype=torch.bool).expand(rows)
+        return halt
 
 
 _INTEGER_SETTINGS = {

@@ -352,12 +352,21 @@ class SentenceDecodeOutput(ModelOutput):
             the length budget).
         cache: the decoder's self-attention cache (a [`SentenceDecoderCache`], when
             ``use_cache``); its ``nbytes`` is the memory it held.
+        stopped: ``(n,)`` rows that ``stopping_criteria`` stopped (at any step of this call).
+        scores: with ``output_scores``, ``(n, max_written, vocab)`` processed scores of each
+            written token (aligned with ``sequences``); a position without a token holds
+            ``-inf`` everywhere except ``0`` at ``pad_token_id``.
+        logits: with ``output_logits``, the raw decoder logits of each written token, laid out
+            as ``scores``.
     """
 
     sequences: torch.Tensor | None = None
     lengths: torch.Tensor | None = None
     ended: torch.Tensor | None = None
     cache: "SentenceDecoderCache | None" = None
+    stopped: torch.Tensor | None = None
+    scores: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
 
 
 def reconstruction_loss(logits: torch.Tensor, targets: torch.Tensor, gamma: float = 0.0) -> torch.Tensor:
@@ -618,6 +627,10 @@ class SentenceVAEModel(SentenceVAEPreTrainedModel):
         do_sample: bool = False,
         logits_processor: LogitsProcessorList | None = None,
         use_cache: bool = True,
+        history: torch.Tensor | None = None,
+        stopping_criteria=None,
+        output_scores: bool = False,
+        output_logits: bool = False,
     ) -> SentenceDecodeOutput:
         """Write one sentence per vector, all rows at once.
 
@@ -631,10 +644,23 @@ class SentenceVAEModel(SentenceVAEPreTrainedModel):
                 without prefix gets at least one token before its end-of-sentence token.
             do_sample: sample from the processed distribution instead of taking the argmax.
             logits_processor: library logits processors/warpers (temperature, top-k, top-p,
-                repetition penalty...) applied to each step's scores; they see the decoder's
-                inputs so far (BOS, prefix, written tokens) as ``input_ids``.
+                repetition penalty...) applied to each step's ``(n, vocab)`` scores. They see the
+                running text as ``input_ids``: ``history`` followed by the tokens written so far
+                in this sentence, ``(n, history_len + step)``, for all ``n`` rows at every step
+                (a row that is not writing any more has ``pad_token_id`` in its new columns and
+                zero scores, and what the processors make of it is ignored). The decoder's own
+                inputs (BOS, prefix) are internal.
             use_cache: keep a key/value cache of the decoder's self-attention (same tokens,
                 less work); ``False`` recomputes the whole prefix at every step.
+            history: ``(n, h)`` token ids the processors see before this sentence's new tokens
+                (for a SentenceLM: the prompt and the text written so far, left-padded); by
+                default the prefix (``prefix_ids``, left-padded).
+            stopping_criteria: a callable ``(input_ids, scores) -> (n,)`` bool tensor, checked
+                after every written token on the same ``input_ids`` (now including that token)
+                and processed scores as ``logits_processor``; a writing row it stops ends its
+                sentence with that token, and every row it stops is reported in ``stopped``.
+            output_scores: return the processed scores of each written token (``scores``).
+            output_logits: return the raw logits of each written token (``logits``).
 
         Returns:
             [`SentenceDecodeOutput`].
@@ -656,6 +682,11 @@ class SentenceVAEModel(SentenceVAEPreTrainedModel):
         pad, eos = self.config.pad_token_id, self.config.eos_token_id
         if bool((prefix_mask[:, 1:].int() < prefix_mask[:, :-1].int()).any()):
             raise ValueError("prefix_ids must be left-padded: in every row, padding first and real tokens last.")
+        if history is None:
+            history = torch.where(prefix_mask, prefix_ids, pad)
+        elif history.dim() != 2 or history.shape[0] != n:
+            raise ValueError(f"history must have shape ({n}, history_len), got {tuple(history.shape)}.")
+        history = history.to(device=device, dtype=torch.long)
         budget = torch.as_tensor(
             self.config.max_sentence_len if max_new_tokens is None else max_new_tokens, device=device
         ).expand(n)
@@ -697,6 +728,15 @@ class SentenceVAEModel(SentenceVAEPreTrainedModel):
         written = torch.full((n, steps), pad, dtype=torch.long, device=device)
         lengths = torch.zeros(n, dtype=torch.long, device=device)
         ended = torch.zeros(n, dtype=torch.bool, device=device)
+        stopped = torch.zeros(n, dtype=torch.bool, device=device)
+        vocab = self.config.vocab_size
+        kept_scores = kept_logits = None
+        if output_scores or output_logits:
+            # A position without a token: -inf everywhere but 0 at pad (argmax = the pad returned).
+            blank = torch.full((n, steps, vocab), float("-inf"), device=device)
+            blank[..., pad] = 0.0
+            kept_scores = blank.clone() if output_scores else None
+            kept_logits = blank if output_logits else None
 
         # The loop works on the rows still writing (`active`, their indices into the n rows) and
         # drops a row as soon as its sentence is finished.
@@ -732,22 +772,55 @@ class SentenceVAEModel(SentenceVAEPreTrainedModel):
                 cross_states=cross,
             )
             logits = self.lm_head(hidden[:, -1]).float()
+            raw_logits = logits
             fed = end
             if step == 0:
                 # A sentence holds at least one token: no end-of-sentence before it.
+                logits = logits.clone()
                 logits[:, eos] = torch.where(active_prefix_len == 0, float("-inf"), logits[:, eos])
+            all_rows = active.shape[0] == n
+            running = None
+            if logits_processor is not None or stopping_criteria is not None:
+                # Every row's running text so far; processors see all n rows, in order.
+                running = torch.cat([history, written[:, :step]], dim=1)
             if logits_processor is not None:
-                logits = logits_processor(tokens[:, :end], logits)
+                full = logits if all_rows else logits.new_zeros(n, logits.shape[1]).index_copy_(0, active, logits)
+                full = logits_processor(running, full)
+                logits = full if all_rows else full[active]
             next_tokens = pick_next_token(logits, do_sample)
             is_eos = next_tokens == eos
             written[:, step].index_copy_(0, active, torch.where(is_eos, pad, next_tokens))
             active_lengths += (~is_eos).long()
             tokens[:, end] = next_tokens
             finished = is_eos | (active_lengths >= active_budget)
+            if kept_scores is not None or kept_logits is not None:
+                kept = active[~is_eos]
+                column = active_lengths[~is_eos] - 1
+                if kept_scores is not None:
+                    kept_scores[kept, column] = logits[~is_eos]
+                if kept_logits is not None:
+                    kept_logits[kept, column] = raw_logits[~is_eos]
+            if stopping_criteria is not None and not bool(is_eos.all()):
+                # Checked after each token of the text (an end-of-sentence token adds none).
+                if all_rows:
+                    full_scores = logits
+                else:
+                    full_scores = logits.new_zeros(n, logits.shape[1]).index_copy_(0, active, logits)
+                halt = stopping_criteria(torch.cat([history, written[:, : step + 1]], dim=1), full_scores)
+                stopped |= halt
+                finished |= halt[active] & ~is_eos
             if bool(finished.any()):
                 done_rows = active[finished]
                 lengths[done_rows] = active_lengths[finished]
                 ended[done_rows] = is_eos[finished]
                 keep_rows(torch.nonzero(~finished).squeeze(1))
         width = int(lengths.max()) if n else 0
-        return SentenceDecodeOutput(sequences=written[:, :width], lengths=lengths, ended=ended, cache=cache)
+        return SentenceDecodeOutput(
+            sequences=written[:, :width],
+            lengths=lengths,
+            ended=ended,
+            cache=cache,
+            stopped=stopped,
+            scores=kept_scores[:, :width] if kept_scores is not None else None,
+            logits=kept_logits[:, :width] if kept_logits is not None else None,
+        )
