@@ -430,18 +430,18 @@ class SentenceGenerationMixin(GenerationMixin):
         if output_scores or output_logits:
             vocab = self.config.vocab_size
             # A column a row did not write: -inf but 0 at the pad it holds there (argmax = pad).
-            blank = torch.full((batch, max_new + 1, vocab), float("-inf"), device=device)
+            # Sized by the columns written, not by the budget (which may be far larger).
+            blank = torch.full((batch, width, vocab), float("-inf"), device=device)
             blank[..., pad] = 0.0
             scores = blank.clone() if output_scores else None
             logits = blank if output_logits else None
             for columns, round_scores, round_logits in chunks:
-                index = (rows[:, None].expand_as(columns), columns)
+                kept = columns < width  # the others are the padding of the round's block
+                index = (rows[:, None].expand_as(columns)[kept], columns[kept])
                 if scores is not None:
-                    scores.index_put_(index, round_scores)
+                    scores.index_put_(index, round_scores[kept])
                 if logits is not None:
-                    logits.index_put_(index, round_logits)
-            scores = scores[:, :width] if scores is not None else None
-            logits = logits[:, :width] if logits is not None else None
+                    logits.index_put_(index, round_logits[kept])
         return new_tokens, cache, sentences_written, decoder_cache, scores, logits
 
 

@@ -410,3 +410,28 @@ def test_supported_defaults_change_nothing(tokenizer, model):
         **enc, max_new_tokens=8, num_beams=1, guidance_scale=1.0, penalty_alpha=0.0, synced_gpus=False, length_penalty=2.0
     )
     assert torch.equal(plain, same)
+
+
+def test_scores_are_sized_by_the_tokens_written_not_the_budget(tokenizer, model):
+    """A huge max_new_tokens sizes nothing: the scores hold one tensor per column written."""
+    enc = encode(tokenizer, PROMPTS)
+    out = model.generate(
+        **enc, max_new_tokens=10**9, max_time=0.0, return_dict_in_generate=True, output_scores=True, output_logits=True
+    )
+    assert len(out.scores) == len(out.logits) == out.sequences.shape[1] - enc["input_ids"].shape[1] == 1
+
+
+def test_prefix_allowed_tokens_fn_batch_id_with_several_sequences(tokenizer, model):
+    """As transformers: with num_return_sequences, batch_id is the prompt's index."""
+    enc = encode(tokenizer, PROMPTS)
+    ids = []
+
+    def allow(batch_id, input_ids):
+        ids.append(batch_id)
+        return list(range(40, 80))
+
+    torch.manual_seed(0)
+    out = model.generate(
+        **enc, max_new_tokens=6, do_sample=True, num_return_sequences=3, prefix_allowed_tokens_fn=allow
+    )
+    assert out.shape[0] == 6 and set(ids) == {0, 1} and ids[:6] == [0, 0, 0, 1, 1, 1]
