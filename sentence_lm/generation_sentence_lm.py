@@ -93,8 +93,9 @@ class SentenceGenerationMixin(GenerationMixin):
         Each step, for all unfinished rows at once: the stop head reads the backbone state and
         decides whether the text ends (greedy, or sampled when ``do_sample``; never before
         ``min_new_tokens``); the Sentence Decoder writes the next sentence with its own KV cache,
-        through the logits processors built from the generation config (sampling settings and
-        ``repetition_penalty`` act within the sentence being written); the sentence is encoded
+        through the logits processors built from the generation config (which see the whole
+        running text, see below: ``repetition_penalty`` counts the prompt and every sentence
+        written, as for a token model); the sentence is encoded
         and fed to the backbone, which keeps a KV cache over sentences. ``max_new_tokens`` is an
         exact budget: a sentence is cut when it runs out. The end-of-sentence token is never
         returned. A prompt whose last sentence is unfinished is continued: that sentence's
