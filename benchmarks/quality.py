@@ -423,37 +423,36 @@ def train_sllm(
 @torch.no_grad()
 def sllm_nll_parts(model, dataset, batch_size: int = 32) -> dict:
     """Split a SentenceOPT's whole-text NLL on text examples into its three parts, in nats per
-    original token: ``tokens`` (the sentences' own tokens; the ``lm_loss`` of the token-aligned
-    logits), ``eos`` (the end-of-sentence tokens) and ``stop`` (the stop decisions). Their sum is
-    ``nll_per_token`` (the same total as :func:`text_nll`)."""
+    original token: ``tokens`` (the sentences' own tokens), ``eos`` (the end-of-sentence tokens)
+    and ``stop`` (the stop decisions), from the output's ``sentence_loss``, ``end_loss`` and
+    ``stop_loss``. Their sum is ``nll_per_token`` (the same total as :func:`text_nll`)."""
     from sentence_lm.data import PaddingCollator
 
     was_training = model.training
     model.eval()
     collate = PaddingCollator(model.config.pad_token_id)
     device = next(model.parameters()).device
-    sums = {"total": 0.0, "tokens": 0.0, "stop": 0.0}
+    sums = {"total": 0.0, "sentences": 0.0, "eos": 0.0, "stop": 0.0}
     count, sentences = 0, 0
     for start in range(0, len(dataset), batch_size):
         batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
         ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-        labels = ids.masked_fill(mask == 0, -100)
-        out = model(ids, attention_mask=mask, labels=labels)
-        n_labels = int((labels[:, 1:] != -100).sum())
+        out = model(ids, attention_mask=mask)
         content = model.model.content_mask(ids, mask.bool())
         n_sentences = int((model.sentence_vae.segment(ids, content).max(dim=1).values + 1).sum())
+        n_tokens = int(out.num_tokens.sum())
         sums["total"] += float(out.nll.sum())
-        sums["tokens"] += float(out.lm_loss) * n_labels
+        sums["sentences"] += float(out.sentence_loss) * (n_tokens + n_sentences)
+        sums["eos"] += float(out.end_loss) * n_sentences
         sums["stop"] += float(out.stop_loss) * (n_sentences + ids.shape[0])
-        count += int(out.num_tokens.sum())
+        count += n_tokens
         sentences += n_sentences
     model.train(was_training)
-    total = sums["total"] / count
-    tokens, stop = sums["tokens"] / count, sums["stop"] / count
+    eos, stop = sums["eos"] / count, sums["stop"] / count
     return {
-        "nll_per_token": total,
-        "tokens": tokens,
-        "eos": total - tokens - stop,
+        "nll_per_token": sums["total"] / count,
+        "tokens": (sums["sentences"] - sums["eos"]) / count,
+        "eos": eos,
         "stop": stop,
         "num_tokens": count,
         "num_sentences": sentences,

@@ -22,7 +22,7 @@ from .configuration_sentence_lm import SentenceLMConfig, _ffn_dim, backbone_widt
 from .configuration_sentence_vae import SentenceVAEConfig
 from .generation_sentence_lm import CONTINUE, STOP, SentenceGenerationMixin
 from .modeling_sentence_vae import SentenceVAEModel
-from .segmentation import PackedSentences, pack_sentences
+from .segmentation import PackedSentences, boundary_states, pack_sentences, trails_after
 from .validation import check_attention_mask, check_token_ids
 
 logger = logging.get_logger(__name__)
@@ -72,6 +72,7 @@ class SentenceLMCausalLMOutput(ModelOutput):
             end-of-sentence and stop decisions, so it is lower than ``loss``.
         lm_loss: shifted cross-entropy of ``logits`` against ``labels`` (when given).
         sentence_loss: mean NLL per sentence token, end-of-sentence tokens included.
+        end_loss: mean NLL per end-of-sentence token (one per sentence).
         stop_loss: mean NLL per stop decision (one per sentence plus one at the end of text).
         nll: ``(batch,)`` total NLL of each text (sentence tokens, end-of-sentence tokens, stop
             decisions), in nats.
@@ -84,6 +85,7 @@ class SentenceLMCausalLMOutput(ModelOutput):
     logits: torch.Tensor | None = None
     lm_loss: torch.Tensor | None = None
     sentence_loss: torch.Tensor | None = None
+    end_loss: torch.Tensor | None = None
     stop_loss: torch.Tensor | None = None
     nll: torch.Tensor | None = None
     num_tokens: torch.Tensor | None = None
@@ -392,8 +394,8 @@ class SentenceLMForCausalLM(SentenceLMPreTrainedModel, SentenceGenerationMixin):
         the prompt is not. Without labels every term counts.
 
         Returns:
-            [`SentenceLMCausalLMOutput`]; its ``nll``, ``num_tokens``, ``sentence_loss`` and
-            ``stop_loss`` always describe the whole texts.
+            [`SentenceLMCausalLMOutput`]; its ``nll``, ``num_tokens``, ``sentence_loss``,
+            ``end_loss`` and ``stop_loss`` always describe the whole texts.
         """
         check_token_ids(input_ids, self.config.vocab_size)
         input_ids = input_ids.long()  # int32 (or other integer) ids work like int64 ones
@@ -440,7 +442,7 @@ class SentenceLMForCausalLM(SentenceLMPreTrainedModel, SentenceGenerationMixin):
         if num_items_in_batch is not None:
             items = num_items_in_batch
         loss = (sentence_sum + self.config.stop_loss_weight * stop_sum) / items
-        logits = self.aligned_logits(step_logits, step_index, packed)
+        logits = self.causal_scores(input_ids, attention_mask, out, step_logits, step_index)
         lm_loss = None
         if labels is not None or shift_labels is not None:
             if shift_labels is None:
@@ -455,6 +457,7 @@ class SentenceLMForCausalLM(SentenceLMPreTrainedModel, SentenceGenerationMixin):
             logits=logits,
             lm_loss=lm_loss,
             sentence_loss=sentence_nll.sum() / has_target.sum(),
+            end_loss=token_nll[torch.arange(len(packed.lengths), device=token_nll.device), packed.lengths].mean(),
             stop_loss=stop_nll.sum() / slot_mask.sum(),
             nll=nll,
             num_tokens=num_tokens,
@@ -463,24 +466,104 @@ class SentenceLMForCausalLM(SentenceLMPreTrainedModel, SentenceGenerationMixin):
         )
         return output if return_dict is not False else output.to_tuple()
 
-    @staticmethod
-    def aligned_logits(step_logits: torch.Tensor, step_index: torch.Tensor, packed: PackedSentences) -> torch.Tensor:
-        """Rearrange teacher-forced decoder logits into token-aligned logits
-        ``(batch, seq_len, vocab)`` where position ``t`` predicts token ``t + 1``.
+    def causal_scores(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        out: SentenceLMModelOutput,
+        step_logits: torch.Tensor,
+        step_index: torch.Tensor,
+    ) -> torch.Tensor:
+        """Causal next-token scores ``(batch, seq_len, vocab)``: ``logits[:, t]`` are the
+        log-probabilities of token ``t + 1`` given tokens ``0..t`` only, with the sentence-boundary
+        decision marginalised rather than read off token ``t + 1``.
 
-        ``step_logits`` holds the logits of the decoder steps that have a target (a sentence's
-        tokens and its end-of-sentence token), and ``step_index[s, j]`` the row of sentence
-        ``s``'s step ``j`` in it.
+        After token ``t`` of the current sentence ``S`` (the sentence so far), ``P_dec`` the
+        Sentence Decoder's next step after ``S``, ``P(continue)`` the stop head's and ``P_next``
+        the decoder's first step after ``S`` closed and appended to the backbone:
+
+        * ``S`` not ended (no sentence end since its start) and shorter than ``max_sentence_len``:
+          every token continues ``S``: ``P(v) = P_dec(v | S)``;
+        * ``S`` ended (a sentence-end token, then only trailing tokens): a token that would trail
+          it (closing quotes, brackets, punctuation, whitespace; see `trails_after`) continues
+          ``S``: ``P(v) = P_dec(v | S)``; any other token starts the next sentence:
+          ``P(v) = P_dec(end-of-sentence | S) * P(continue) * P_next(v)``;
+        * ``S`` holds ``max_sentence_len`` tokens: every token starts the next sentence (the
+          second form);
+        * at a leading BOS (the start state): ``P(v) = P(continue) * P_next(v)``.
+
+        The EOS id is scored like any token (inside a sentence it gets the decoder's
+        end-of-sentence probability: the text ending there). The scores are *not* renormalised:
+        ``exp(logsumexp(logits[:, t]))`` is 1 inside a sentence and ``1`` minus the mass no next
+        token can express after a sentence end: continuations the segmentation rules out (a word
+        that would glue onto the ended sentence) and the text ending there
+        (``P_dec(end) * P(stop)``). So the sum of ``-logits[t, token t + 1]`` over a text plus its
+        end terms (the last sentence's end and the stop decision) is ``nll``; tools that
+        ``log_softmax`` the logits (``lm_loss``, lm-evaluation-harness) get the distribution
+        renormalised over the next tokens.
         """
+        vae, model = self.sentence_vae, self.model
+        packed, hidden = out.packed, out.last_hidden_state
+        batch, seq_len = input_ids.shape
+        device, eos = hidden.device, self.config.eos_token_id
+        mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        content = model.content_mask(input_ids, mask)
+        pending, full = boundary_states(input_ids, vae.boundary_table, vae.config.max_sentence_len, content)
         sentence, position = packed.token_sentence, packed.token_position
-        offsets = packed.num_sentences.cumsum(0) - packed.num_sentences
         in_text = sentence >= 0
-        sentence = torch.where(in_text, sentence, offsets[:, None])
-        is_last = in_text & (position == packed.lengths[sentence] - 1)
-        has_next = (sentence + 1 < (offsets + packed.num_sentences)[:, None]) & is_last
-        target_sentence = torch.where(has_next, sentence + 1, sentence)
-        target_step = torch.where(has_next | ~in_text, 0, position + 1)
-        return step_logits[step_index[target_sentence, target_step]]
+        first_slot = hidden.shape[1] - 1 - packed.num_sentences
+        safe_sentence = sentence.clamp(min=0)
+
+        # P_dec(. | S): the decoder's step after token t in its sentence (its end step after the last).
+        step_rows = step_index[safe_sentence, position + 1]
+        scores = F.log_softmax(step_logits.float(), dim=-1)[step_rows]  # a new tensor: edited in place below
+
+        # The states after a closed S: at the sentence's own slot when S is a whole sentence of the
+        # text, else (S ended but the text trails it) from S's tokens encoded and put in that slot.
+        closing = in_text & (pending | full)
+        whole = closing & (position + 1 == packed.lengths[safe_sentence])
+        rows, cols = torch.nonzero(closing, as_tuple=True)
+        sentences = sentence[rows, cols]
+        slots = first_slot[rows] + 1 + packed.sentence_index[sentences]
+        states = hidden[rows, slots]
+        partial = ~whole[rows, cols]
+        if bool(partial.any()):
+            prefix_len = position[rows, cols][partial] + 1
+            ids = packed.input_ids[sentences[partial]]
+            prefix_mask = torch.arange(ids.shape[1], device=device) < prefix_len[:, None]
+            vectors = vae.encode(ids, prefix_mask)
+            inputs, slot_mask = model.slot_inputs(out.sentence_vectors, packed)
+            hyp_rows, hyp_slots = rows[partial], slots[partial]
+            hyp_inputs = inputs[hyp_rows].clone()
+            hyp_inputs[torch.arange(len(hyp_rows), device=device), hyp_slots] = vectors.to(hyp_inputs.dtype)
+            hyp_hidden = model.run_backbone(hyp_inputs, slot_mask[hyp_rows]).last_hidden_state
+            states = states.clone()
+            states[partial] = hyp_hidden[torch.arange(len(hyp_rows), device=device), hyp_slots]
+
+        # The start state predicts the first token after a leading BOS.
+        first = torch.argmax(mask.long(), dim=1)
+        batch_rows = torch.arange(batch, device=device)
+        has_bos = mask[batch_rows, first] & ~content[batch_rows, first]
+        start_rows = batch_rows[has_bos]
+        all_states = torch.cat([states, hidden[start_rows, first_slot[start_rows]]])
+        new_sentence = self._next_sentence_scores(all_states)
+        ended = scores[rows, cols, eos][:, None] + new_sentence[: len(rows)]
+        keep = trails_after(vae.boundary_table, input_ids[rows, cols]) & ~full[rows, cols][:, None]
+        scores[rows, cols] = torch.where(keep, scores[rows, cols], ended)
+        scores[start_rows, first[start_rows]] = new_sentence[len(rows) :]
+        scored = in_text.clone()
+        scored[start_rows, first[start_rows]] = True
+        scores[~scored] = 0.0  # padding: no prediction
+        return scores
+
+    def _next_sentence_scores(self, states: torch.Tensor) -> torch.Tensor:
+        """``log P(continue) + log P_next(v)`` from backbone states ``(n, hidden)``: the stop head's
+        decision to go on, then the Sentence Decoder's first step of the next sentence."""
+        cont = F.log_softmax(self.stop_head(states).float(), dim=-1)[:, CONTINUE]
+        # One masked padding token after BOS: the decoder's step at BOS is causal, so it is the first step.
+        pad = torch.full((states.shape[0], 1), self.config.pad_token_id, dtype=torch.long, device=states.device)
+        first_step = self.sentence_vae.teacher_forced_states(pad, torch.zeros_like(pad, dtype=torch.bool), states)[:, 0]
+        return cont[:, None] + F.log_softmax(self.sentence_vae.lm_head(first_step).float(), dim=-1)
 
     # ------------------------------------------------------------------------------ building
     @classmethod

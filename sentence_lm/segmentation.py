@@ -150,9 +150,28 @@ def segment_sentences(
     if length == 0:
         closed = torch.ones(batch, dtype=torch.bool, device=ids.device)
         return _finish(sentence_ids, closed, squeeze, return_closed)
+    scan = _scan(ids, mask, boundary_table, max_sentence_len)
+    sentence_ids.scatter_(1, scan.order, torch.where(scan.valid, scan.starts.long().cumsum(dim=1) - 1, -1))
+    last = (scan.valid.sum(dim=1, keepdim=True) - 1).clamp(min=0)
+    closed = (scan.pending | scan.full).gather(1, last).squeeze(1) | ~scan.valid.any(dim=1)
+    return _finish(sentence_ids, closed, squeeze, return_closed)
 
+
+@dataclass
+class _Scan:
+    """The segmentation of a batch, on each row's unmasked tokens packed to the left."""
+
+    order: torch.Tensor  # (batch, seq_len): original column of each packed token
+    valid: torch.Tensor  # packed token is a real (unmasked) token
+    starts: torch.Tensor  # packed token starts a sentence
+    pending: torch.Tensor  # packed token closes its sentence unless the next token trails
+    full: torch.Tensor  # packed token is the max_sentence_len-th of its sentence (a forced cut)
+
+
+def _scan(ids: torch.Tensor, mask: torch.Tensor, boundary_table: torch.Tensor, max_sentence_len: int) -> _Scan:
     # Work on the unmasked tokens of each row, packed to the left, so that padding on either
     # side (or in between) never splits or joins a sentence.
+    batch, length = ids.shape
     order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices
     packed = ids.gather(1, order)
     valid = mask.gather(1, order)
@@ -177,14 +196,33 @@ def segment_sentences(
     start_pos = torch.where(starts, pos, 0).cummax(dim=1).values
     offset = pos - start_pos
     starts = starts | ((offset % max_sentence_len) == 0)
-    packed_sentence_ids = starts.long().cumsum(dim=1) - 1
-    packed_sentence_ids = torch.where(valid, packed_sentence_ids, -1)
-    sentence_ids.scatter_(1, order, packed_sentence_ids)
-    last = (valid.sum(dim=1, keepdim=True) - 1).clamp(min=0)
-    closed = (
-        pending.gather(1, last) | ((offset.gather(1, last) % max_sentence_len) == max_sentence_len - 1)
-    ).squeeze(1) | ~valid.any(dim=1)
-    return _finish(sentence_ids, closed, squeeze, return_closed)
+    full = (offset % max_sentence_len) == max_sentence_len - 1
+    return _Scan(order=order, valid=valid, starts=starts, pending=pending & valid, full=full & valid)
+
+
+def boundary_states(
+    input_ids: torch.Tensor, boundary_table: torch.Tensor, max_sentence_len: int, attention_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the segmentation knows after each token, from that token and the ones before it:
+    ``(pending, full)``, both ``(batch, seq_len)`` bools. ``pending``: the token closes its
+    sentence unless the next token trails (see the module docstring); ``full``: the token is
+    the ``max_sentence_len``-th of its sentence, so the next token starts a new one whatever it
+    is. Masked positions are ``False``."""
+    scan = _scan(input_ids, attention_mask.bool(), boundary_table, max_sentence_len)
+    pending = torch.zeros_like(scan.pending).scatter_(1, scan.order, scan.pending)
+    full = torch.zeros_like(scan.full).scatter_(1, scan.order, scan.full)
+    return pending, full
+
+
+def trails_after(boundary_table: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+    """``(batch, vocab)``: which tokens would stay with a sentence that has just ended (trail it)
+    after the token ids ``previous`` ``(batch,)``: trailing punctuation and quotes, except a quote
+    or bracket right after whitespace (it opens the next sentence)."""
+    table = boundary_table
+    after_space = (table[previous] & SPACE_END).bool()
+    trailing = (table & TRAILS).bool()[None, :]
+    blank = (table & BLANK).bool()[None, :]
+    return trailing & (blank | ~after_space[:, None])
 
 
 def _finish(sentence_ids: torch.Tensor, closed: torch.Tensor, squeeze: bool, return_closed: bool):

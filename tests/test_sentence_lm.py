@@ -244,8 +244,9 @@ def test_release_0_1_0_checkpoint_loads_with_the_same_scores_and_output(tmp_path
     enc = tok(expected["texts"], padding=True, return_tensors="pt")
     with torch.no_grad():
         out = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
+    # The whole-text NLL and greedy text are as release 0.1.0 gave them (its `logits` were not causal
+    # then, so they are not compared: see tests/test_causal_scores.py).
     torch.testing.assert_close(out.nll, torch.tensor(expected["nll"]))
-    torch.testing.assert_close(out.logits[0, :4, :8], torch.tensor(expected["logits_first"]))
     prompt = tok(["The object is returned."], return_tensors="pt")
     assert model.generate(**prompt, max_new_tokens=10)[0].tolist() == expected["greedy"]
     # Saved again, it is written in today's layout and loads as such.

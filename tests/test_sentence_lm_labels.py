@@ -65,9 +65,10 @@ def test_a_masked_prompt_gets_no_gradient_and_the_completion_does(model):
     captured = {}
 
     def keep(name):
-        def hook(module, args, output):
-            output.retain_grad()
-            captured[name] = output
+        def hook(module, args, output):  # the first call: the teacher-forced steps and the stop decisions
+            if name not in captured:
+                output.retain_grad()
+                captured[name] = output
 
         return hook
 

@@ -1,4 +1,4 @@
-"""SentenceOPTForCausalLM: training loss, aligned logits, generate() and its fast paths."""
+"""SentenceOPTForCausalLM: training loss, causal logits, generate() and its fast paths."""
 
 import pytest
 import torch
@@ -77,25 +77,34 @@ def test_forward_rows_are_independent_of_batch_and_padding_side(model):
         torch.testing.assert_close(alone.nll[0], batched.nll[i], rtol=1e-5, atol=1e-5)
 
 
-def test_aligned_logits_match_a_reference_built_sentence_by_sentence(model):
+def test_causal_logits_match_a_reference_built_sentence_by_sentence(model):
+    """The scores of [BOS, 5, 6, ., 7, 8, 9, .] (every token after `.` starts a new sentence here)
+    assembled from the model's parts: the decoder's steps inside a sentence; after a sentence
+    end, end-of-sentence x continue x the next sentence's first step (tests/test_causal_scores.py
+    checks the general properties)."""
     prompt = torch.tensor([PROMPTS[0]])
     out = model(prompt)
     vae = model.sentence_vae
     sentences = [[5, 6, PERIOD], [7, 8, 9, PERIOD]]
     hidden = model.model(prompt).last_hidden_state[0]  # slots: start, s0, s1
-    decoded = [
-        vae.teacher_forced_logits(torch.tensor([s]), torch.ones(1, len(s), dtype=torch.bool), hidden[i : i + 1])[0]
+    steps = [
+        F.log_softmax(
+            vae.teacher_forced_logits(torch.tensor([s]), torch.ones(1, len(s), dtype=torch.bool), hidden[i : i + 1])[0], -1
+        )
         for i, s in enumerate(sentences)
     ]
+    first = F.log_softmax(vae.teacher_forced_logits(torch.tensor([[PAD]]), torch.zeros(1, 1, dtype=torch.bool), hidden[2:3])[0, 0], -1)
+    cont = F.log_softmax(model.stop_head(hidden), -1)[:, 0]
+    eos = model.config.eos_token_id
     expected = [
-        decoded[0][0],  # BOS predicts the first token of sentence 0
-        decoded[0][1],
-        decoded[0][2],
-        decoded[1][0],  # end of sentence 0 predicts the first token of sentence 1
-        decoded[1][1],
-        decoded[1][2],
-        decoded[1][3],
-        decoded[1][4],  # last token: the end-of-sentence step of the last sentence
+        cont[0] + steps[0][0],  # BOS: a sentence follows, and its first token
+        steps[0][1],
+        steps[0][2],
+        steps[0][3, eos] + cont[1] + steps[1][0],  # after ".": the sentence ends, the text goes on
+        steps[1][1],
+        steps[1][2],
+        steps[1][3],
+        steps[1][4, eos] + cont[2] + first,  # after the last ".": the same, from the last slot
     ]
     torch.testing.assert_close(out.logits[0], torch.stack(expected), rtol=1e-5, atol=1e-5)
 
