@@ -1,0 +1,215 @@
+"""The tools users evaluate and fine-tune causal LMs with, pointed at a SentenceLM as a user would:
+lm-evaluation-harness (``--model hf``) on the local tasks of tests/lm_eval_tasks (word perplexity
+by ``loglikelihood_rolling``, ``multiple_choice``, ``generate_until``), and TRL's ``SFTTrainer``
+through the small subclass the README documents (the model's own loss instead of TRL's fused
+LM head, which needs one hidden state per token). PEFT LoRA is tested in
+test_sentence_lm_integrations.py. Offline, tiny models, CPU."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+
+import sentence_lm  # noqa: F401  (registers the Auto classes lm-eval and TRL load through)
+from helpers import tiny_sentence_opt
+
+ROOT = Path(__file__).resolve().parents[1]
+TASKS = ROOT / "tests" / "lm_eval_tasks"  # the YAMLs name their data relative to the repository root
+
+pytestmark = pytest.mark.slow
+
+
+@contextlib.contextmanager
+def in_repo_root():
+    old = os.getcwd()
+    os.chdir(ROOT)
+    try:
+        yield
+    finally:
+        os.chdir(old)
+
+
+# ------------------------------------------------------------------ lm-evaluation-harness
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tokenizer, tmp_path_factory):
+    """A tiny SentenceOPT saved with its tokenizer, loadable by AutoModelForCausalLM/AutoTokenizer."""
+    path = tmp_path_factory.mktemp("lm_eval_ckpt")
+    model = tiny_sentence_opt(tokenizer)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+LM_EVAL_TASKS = ["sentence_lm_ppl", "sentence_lm_mc", "sentence_lm_gen"]
+
+
+def run_lm_eval(checkpoint, batch_size):
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    with in_repo_root():
+        return lm_eval.simple_evaluate(
+            model="hf",
+            # max_length: lm-eval would otherwise read max_position_embeddings (sentences, not tokens);
+            # add_bos_token=False: lm-eval puts the BOS in front itself (as the rolling prefix)
+            model_args=f"pretrained={checkpoint},dtype=float32,max_length=1024,add_bos_token=False",
+            tasks=LM_EVAL_TASKS,
+            batch_size=batch_size,
+            device="cpu",
+            task_manager=TaskManager(include_path=str(TASKS)),
+            log_samples=True,
+        )
+
+
+@pytest.fixture(scope="module")
+def lm_eval_runs(checkpoint):
+    return {bs: run_lm_eval(checkpoint, bs) for bs in (1, 4)}
+
+
+def _responses(run, task):
+    """Per document, the numbers lm-eval got from the model (log-likelihoods or generated text)."""
+    out = []
+    for sample in sorted(run["samples"][task], key=lambda s: s["doc_id"]):
+        resps = [r[0] for r in sample["resps"]]
+        out.append([r[0] if isinstance(r, (tuple, list)) else r for r in resps])
+    return out
+
+
+def test_lm_eval_tasks_run(lm_eval_runs):
+    for run in lm_eval_runs.values():
+        res = run["results"]
+        assert set(LM_EVAL_TASKS) <= set(res)
+        assert math.isfinite(res["sentence_lm_ppl"]["word_perplexity,none"])
+        assert 0.0 <= res["sentence_lm_mc"]["acc,none"] <= 1.0
+        gens = _responses(run, "sentence_lm_gen")
+        assert len(gens) == 2 and all(isinstance(g[0], str) and "\n" not in g[0] for g in gens)
+
+
+def test_lm_eval_scores_independent_of_batch_size(lm_eval_runs):
+    one, four = lm_eval_runs[1], lm_eval_runs[4]
+    for task in ("sentence_lm_ppl", "sentence_lm_mc"):
+        a, b = _responses(one, task), _responses(four, task)
+        assert torch.allclose(torch.tensor(sum(a, [])), torch.tensor(sum(b, [])), rtol=1e-5, atol=1e-4), task
+    for metric in ("word_perplexity,none", "byte_perplexity,none", "bits_per_byte,none"):
+        assert one["results"]["sentence_lm_ppl"][metric] == pytest.approx(
+            four["results"]["sentence_lm_ppl"][metric], rel=1e-5
+        )
+    assert one["results"]["sentence_lm_mc"]["acc,none"] == four["results"]["sentence_lm_mc"]["acc,none"]
+    assert _responses(one, "sentence_lm_gen") == _responses(four, "sentence_lm_gen")
+
+
+def test_lm_eval_word_perplexity_is_the_models_causal_scores(lm_eval_runs, checkpoint):
+    """lm-eval's word perplexity is exp(-sum of log_softmax(logits) over the text's tokens / words),
+    the text scored after BOS: it sees the model's causal scores faithfully. Printed next to the
+    model's own exp(nll / words) (which also counts the end of the text)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
+    tok = AutoTokenizer.from_pretrained(checkpoint)
+    texts = [json.loads(line)["text"] for line in (TASKS / "data" / "ppl.jsonl").read_text().splitlines()]
+    ll_direct, nll_own, words = [], 0.0, 0
+    for text in texts:
+        ids = torch.tensor([[tok.bos_token_id] + tok(text, add_special_tokens=False)["input_ids"]])
+        with torch.no_grad():
+            out = model(input_ids=ids, labels=ids)
+        logp = out.logits[0, :-1].float().log_softmax(-1).gather(-1, ids[0, 1:, None])
+        ll_direct.append(logp.sum().item())
+        nll_own += float(out.nll.sum())
+        words += len(text.split())
+    expected = math.exp(-sum(ll_direct) / words)
+    ppl = {bs: run["results"]["sentence_lm_ppl"]["word_perplexity,none"] for bs, run in lm_eval_runs.items()}
+    own = math.exp(nll_own / words)
+    print(f"\nlm-eval word perplexity: batch 1 {ppl[1]:.6g}, batch 4 {ppl[4]:.6g}; "
+          f"from the logits directly {expected:.6g}; the model's own exp(nll/words) {own:.6g}")
+    for bs in (1, 4):
+        assert torch.allclose(torch.tensor(_responses(lm_eval_runs[bs], "sentence_lm_ppl")).flatten(),
+                              torch.tensor(ll_direct, dtype=torch.float64).float(), rtol=1e-5, atol=1e-3)
+        assert ppl[bs] == pytest.approx(expected, rel=1e-4)
+    assert math.isfinite(own)
+
+
+# ------------------------------------------------------------------ TRL
+
+
+def sentence_lm_sft_trainer_class():
+    """The README's SFTTrainer subclass: the model's own loss from ``labels`` (-100 = no loss)."""
+    from trl import SFTTrainer
+
+    class SentenceLMSFTTrainer(SFTTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            keep = ("input_ids", "attention_mask", "labels")
+            outputs = model(**{k: v for k, v in inputs.items() if k in keep}, use_cache=False)
+            return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    return SentenceLMSFTTrainer
+
+
+def test_trl_sft_trainer_completion_only(tokenizer, tmp_path):
+    pytest.importorskip("trl")
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+    from trl import SFTConfig
+
+    base = sentence_lm_sft_trainer_class()
+    batches = []
+
+    class Recording(base):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            batches.append(({k: v.detach().clone() for k, v in inputs.items()}, float(loss)))
+            return loss
+
+    pairs = [("What is returned?", " The value is returned."), ("Where is the list?", " The list is kept here.")]
+    data = Dataset.from_list([{"prompt": p, "completion": c} for p, c in pairs] * 4)
+    model = tiny_sentence_opt(tokenizer).train()
+    args = SFTConfig(
+        output_dir=str(tmp_path / "sft"), max_steps=6, per_device_train_batch_size=4, learning_rate=1e-2,
+        logging_steps=1, completion_only_loss=True, report_to=[], save_strategy="no", use_cpu=True,
+        bf16=False, seed=0,  # SFTConfig defaults to bf16 autocast; fp32 here so the reload compares exactly
+    )
+    trainer = Recording(model=model, args=args, train_dataset=data, processing_class=tokenizer)
+    trainer.train()
+
+    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    assert len(losses) == 6 and losses[-1] < losses[0] * 0.8, losses
+
+    # prompt tokens are out of the loss: -100 on every prompt token, the completion labelled
+    batch, _ = batches[0]
+    for row_ids, row_labels, row_mask in zip(batch["input_ids"], batch["labels"], batch["attention_mask"]):
+        ids = row_ids[row_mask.bool()].tolist()
+        labels = row_labels[row_mask.bool()].tolist()
+        for prompt, completion in pairs:
+            n_prompt = len(tokenizer(prompt)["input_ids"])  # BOS + prompt tokens
+            if ids[:n_prompt] == tokenizer(prompt)["input_ids"] and len(ids) > n_prompt:
+                break
+        else:
+            raise AssertionError(f"no prompt matches {ids}")
+        assert labels[:n_prompt] == [-100] * n_prompt
+        assert labels[n_prompt:] == ids[n_prompt:]
+        assert (row_labels[~row_mask.bool()] == -100).all()
+    # the trainer's loss is the model's own loss on those labels, which differs from the full-text loss
+    model.eval()
+    with torch.no_grad():
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+        masked = model(**inputs, labels=batch["labels"]).loss
+        full = model(**inputs, labels=torch.where(batch["attention_mask"].bool(), batch["input_ids"], -100)).loss
+    assert not torch.isclose(masked, full)
+
+    trainer.save_model(str(tmp_path / "final"))
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "final").eval()
+    assert type(reloaded).__name__ == type(model).__name__
+    with torch.no_grad():
+        a = model(**inputs).logits
+        b = reloaded(**inputs).logits
+    assert torch.allclose(a, b, atol=1e-5)
