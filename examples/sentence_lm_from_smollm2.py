@@ -13,7 +13,8 @@ Steps, each with its own wall-clock budget, progress bars and Trainer checkpoint
       accuracy and exact-sentence match on the evaluation text's sentences;
   (c) stage 2: the SentenceLM with SmolLM2's 30 layers as backbone and the stage-1 SentenceVAE,
       on text blocks (:func:`sentence_lm.training_sentence_opt.train_sentence_opt`); whole-text
-      NLL per original token (:func:`~sentence_lm.training_sentence_opt.text_nll`);
+      NLL per original token (:func:`~sentence_lm.training_sentence_opt.text_nll`), and the NLL of
+      its causal token scores (``out.logits`` log_softmax-ed, as perplexity tools read them);
   (d) the fair baseline: SmolLM2 fine-tuned on the same training blocks for the same wall time
       as stage 2 (:func:`sentence_lm.baseline.token_baseline_trainer`, started from SmolLM2's weights).
 
@@ -507,6 +508,7 @@ def markdown_report(report: dict) -> str:
         ("(a) as shipped, file as-is, windows", q.get("a_windows")),
         ("(a) as shipped, evaluation blocks", q.get("a_blocks")),
         ("(c) SentenceLM, whole-text NLL", q.get("c_sentence_lm")),
+        ("(c) SentenceLM, causal token scores (logits, log_softmax)", q.get("c_causal_scores")),
         ("(d) fine-tuned token model (same tokens, same wall time)", q.get("d_baseline")),
     ]
     lines = [
@@ -628,7 +630,8 @@ def main(argv: list[str] | None = None) -> dict:
         "environment": environment(args.device),
         "stages": previous.get("stages", {}),
         "quality": previous.get("quality", {}),
-        "wall_seconds": timings,
+        "wall_seconds": timings,  # this run's; a resumed run keeps the earlier runs' in "earlier_wall_seconds"
+        "earlier_wall_seconds": previous.get("earlier_wall_seconds", []) + [previous["wall_seconds"]] * bool(previous),
     }
 
     def save():
@@ -721,8 +724,11 @@ def main(argv: list[str] | None = None) -> dict:
     t = time.perf_counter()
     model.to(args.device)
     report["quality"]["c_sentence_lm"] = text_nll(model, eval_blocks, args.eval_batch_size)
+    # Its causal token scores (out.logits, log_softmax-ed as perplexity tools do): the same tokens,
+    # without the end of the text.
+    report["quality"]["c_causal_scores"] = token_nll(model, eval_blocks, context_id_of(tokenizer), args.eval_batch_size)
     timings["c_eval"] = round(time.perf_counter() - t, 1)
-    print("(c)", json.dumps(report["quality"]["c_sentence_lm"]))
+    print("(c)", json.dumps({k: report["quality"][k] for k in ("c_sentence_lm", "c_causal_scores")}))
     del model
     gc.collect()
     save()

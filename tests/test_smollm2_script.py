@@ -77,11 +77,13 @@ def test_script_end_to_end_on_a_tiny_llama(script, tokenizer, tmp_path):
     assert "= A Title =" in (out / "data" / "valid.txt").read_text() and " @-@ " not in (out / "data" / "train.txt").read_text()
     quality = report["quality"]
     # (a)(ii), (c) and (d) score the same tokens; (a)(i) the file as it is, in windows.
-    same = {quality[k]["num_tokens"] for k in ("a_blocks", "c_sentence_lm", "d_baseline")}
+    same = {quality[k]["num_tokens"] for k in ("a_blocks", "c_sentence_lm", "c_causal_scores", "d_baseline")}
     assert len(same) == 1 and same.pop() >= 300
     assert 0 < quality["a_windows"]["num_tokens"] <= 300
-    for key in ("a_windows", "a_blocks", "c_sentence_lm", "d_baseline"):
+    for key in ("a_windows", "a_blocks", "c_sentence_lm", "c_causal_scores", "d_baseline"):
         assert 0 < quality[key]["nll_per_token"] < 50
+    # Renormalised scores without the end of the text: never above the whole-text NLL.
+    assert quality["c_causal_scores"]["nll_per_token"] <= quality["c_sentence_lm"]["nll_per_token"] + 1e-4
     assert 0 <= quality["b_reconstruction"]["token_accuracy"] <= 1 and quality["b_reconstruction"]["num_sentences"] > 0
     for stage in ("stage1", "stage2", "baseline"):
         assert report["stages"][stage]["global_step"] >= 1 and report["stages"][stage]["tokens_seen"] > 0
