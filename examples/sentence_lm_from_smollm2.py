@@ -631,7 +631,7 @@ def main(argv: list[str] | None = None) -> dict:
         "stages": previous.get("stages", {}),
         "quality": previous.get("quality", {}),
         "wall_seconds": timings,  # this run's; a resumed run keeps the earlier runs' in "earlier_wall_seconds"
-        "earlier_wall_seconds": previous.get("earlier_wall_seconds", []) + [previous["wall_seconds"]] * bool(previous),
+        "earlier_wall_seconds": previous.get("earlier_wall_seconds", []) + [previous.get("wall_seconds")] * bool(previous),
     }
 
     def save():
