@@ -213,3 +213,28 @@ def test_trl_sft_trainer_completion_only(tokenizer, tmp_path):
         a = model(**inputs).logits
         b = reloaded(**inputs).logits
     assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_readme_lm_eval_command_runs(checkpoint, lm_eval_runs):
+    """The README's `lm_eval` command, as written (its checkpoint path swapped for the test's), in a
+    fresh process that never imports sentence_lm: the checkpoint loads through its saved code."""
+    import re
+    import shlex
+    import shutil
+    import subprocess
+    import sys
+
+    from test_readme import shell_commands
+
+    commands = [argv for _, argv in shell_commands() if argv[0] == "lm_eval"]
+    assert len(commands) == 1
+    exe = shutil.which("lm_eval")
+    argv = [exe] if exe else [sys.executable, "-m", "lm_eval"]
+    argv += [arg.replace("runs/my-sentence-lm", str(checkpoint)) for arg in commands[0][1:]]
+    env = dict(os.environ, HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1")
+    done = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"{shlex.join(argv)}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    match = re.search(r"\|\s*word_perplexity\s*\|[^|]*\|\s*([0-9.eE+]+)\s*\|", done.stdout)
+    assert match, done.stdout[-3000:]
+    expected = lm_eval_runs[1]["results"]["sentence_lm_ppl"]["word_perplexity,none"]
+    assert float(match.group(1)) == pytest.approx(expected, rel=1e-6)
