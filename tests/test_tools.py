@@ -43,9 +43,25 @@ def in_repo_root():
 
 @pytest.fixture(scope="module")
 def checkpoint(tokenizer, tmp_path_factory):
-    """A tiny SentenceOPT saved with its tokenizer, loadable by AutoModelForCausalLM/AutoTokenizer."""
+    """A tiny SentenceOPT, trained for a few seconds on the built-in corpus (so that its scores mean
+    something), saved with its tokenizer, loadable by AutoModelForCausalLM/AutoTokenizer."""
+    from sentence_lm.corpus import default_corpus
+
     path = tmp_path_factory.mktemp("lm_eval_ckpt")
-    model = tiny_sentence_opt(tokenizer)
+    model = tiny_sentence_opt(tokenizer).train()
+    texts = default_corpus()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(40):
+        pick = torch.randint(len(texts), (8,), generator=generator).tolist()
+        batch = tokenizer([texts[i] for i in pick], padding=True, truncation=True, max_length=60,
+                          return_tensors="pt", return_sentence_ids=False)
+        labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        loss = model(**batch, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
@@ -130,8 +146,8 @@ def test_lm_eval_word_perplexity_is_the_models_causal_scores(lm_eval_runs, check
     expected = math.exp(-sum(ll_direct) / words)
     ppl = {bs: run["results"]["sentence_lm_ppl"]["word_perplexity,none"] for bs, run in lm_eval_runs.items()}
     own = math.exp(nll_own / words)
-    print(f"\nlm-eval word perplexity: batch 1 {ppl[1]:.6g}, batch 4 {ppl[4]:.6g}; "
-          f"from the logits directly {expected:.6g}; the model's own exp(nll/words) {own:.6g}")
+    print(f"\nlm-eval word perplexity: batch 1 {ppl[1]:.10g}, batch 4 {ppl[4]:.10g}; "
+          f"from the logits directly {expected:.10g}; the model's own exp(nll/words) {own:.10g}")
     for bs in (1, 4):
         assert torch.allclose(torch.tensor(_responses(lm_eval_runs[bs], "sentence_lm_ppl")).flatten(),
                               torch.tensor(ll_direct, dtype=torch.float64).float(), rtol=1e-5, atol=1e-3)
