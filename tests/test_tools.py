@@ -254,3 +254,37 @@ def test_readme_lm_eval_command_runs(checkpoint, lm_eval_runs):
     assert match, done.stdout[-3000:]
     expected = lm_eval_runs[1]["results"]["sentence_lm_ppl"]["word_perplexity,none"]
     assert float(match.group(1)) == pytest.approx(expected, rel=1e-6)
+
+
+def test_trl_sft_trainer_with_peft_lora(tokenizer, tmp_path):
+    """The same subclass with `peft_config`: LoRA on the backbone's attention (by path, as in the
+    README), only the adapter trains, the adapter saves and loads back onto a fresh base."""
+    pytest.importorskip("trl")
+    peft = pytest.importorskip("peft")
+    from datasets import Dataset
+    from trl import SFTConfig
+
+    model = tiny_sentence_opt(tokenizer).train()
+    frozen = {k: v.clone() for k, v in model.state_dict().items()}
+    data = Dataset.from_list([{"prompt": "What is returned?", "completion": " The value is returned."}] * 8)
+    lora = peft.LoraConfig(r=4, target_modules=r".*backbone\.(decoder\.)?layers\.\d+\.self_attn\.(q_proj|v_proj)",
+                           task_type="CAUSAL_LM")
+    args = SFTConfig(output_dir=str(tmp_path / "sft"), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-2,
+                     logging_steps=1, completion_only_loss=True, report_to=[], save_strategy="no", use_cpu=True,
+                     bf16=False, seed=0)
+    trainer = sentence_lm_sft_trainer_class()(model=model, args=args, train_dataset=data, processing_class=tokenizer,
+                                              peft_config=lora)
+    trainer.train()
+    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    assert losses[-1] < losses[0], losses
+    trained = trainer.model
+    assert isinstance(trained, peft.PeftModel)
+    base = trained.get_base_model().state_dict()
+    shared = [k for k in frozen if k in base]
+    assert len(shared) > len(frozen) // 2 and all(torch.equal(base[k], frozen[k]) for k in shared)  # adapter only
+    trainer.save_model(str(tmp_path / "adapter"))
+    reloaded = peft.PeftModel.from_pretrained(tiny_sentence_opt(tokenizer), tmp_path / "adapter").eval()
+    trained.eval()
+    ids = tokenizer(["What is returned? The value is returned."], return_tensors="pt", return_sentence_ids=False)
+    with torch.no_grad():
+        assert torch.allclose(trained(**ids).logits, reloaded(**ids).logits, atol=1e-5)
