@@ -252,7 +252,7 @@ class SentenceGenerationMixin(GenerationMixin):
         criteria = _CheckedCriteria(criteria) if len(criteria) else None
         output_scores = bool(generation_config.return_dict_in_generate and generation_config.output_scores)
         output_logits = bool(generation_config.return_dict_in_generate and generation_config.output_logits)
-        result = self._generate_sentences(
+        new_tokens, cache, num_sentences, decoder_cache, scores, logits = self._generate_sentences(
             input_ids,
             mask,
             max_new,
@@ -267,13 +267,11 @@ class SentenceGenerationMixin(GenerationMixin):
             output_logits=output_logits,
             pad_token_id=pad,
         )
-        new_tokens, cache, num_sentences, decoder_cache = result[:4]
         if streamer is not None:
             streamer.end()
         new_tokens = torch.where(new_tokens < 0, pad, new_tokens)
         sequences = torch.cat([input_ids, new_tokens], dim=1)
         if generation_config.return_dict_in_generate:
-            scores, logits = result[4], result[5]
             return SentenceGenerateOutput(
                 sequences=sequences,
                 scores=tuple(scores.unbind(1)) if scores is not None else None,
@@ -295,10 +293,10 @@ class SentenceGenerationMixin(GenerationMixin):
         use_cache: bool,
         static_cache: bool,
         streamer,
+        pad_token_id: int,
         stopping_criteria=None,
         output_scores: bool = False,
         output_logits: bool = False,
-        pad_token_id: int | None = None,
     ) -> tuple:
         """The next-sentence loop; returns ``(batch, written)`` new tokens (``-1`` where none),
         the backbone's cache, the number of sentences written per row, the last decoder cache,
@@ -309,7 +307,7 @@ class SentenceGenerationMixin(GenerationMixin):
         Every round decodes all ``batch`` rows at once (finished rows with a budget of 0, so that
         they cost nothing), so that processors and criteria see the whole batch in order; their
         ``input_ids`` are each row's prompt and new tokens, left-padded to one width."""
-        pad = self.config.pad_token_id if pad_token_id is None else pad_token_id
+        pad = pad_token_id
         batch, device = input_ids.shape[0], input_ids.device
         vae, model = self.sentence_vae, self.model
         content = model.content_mask(input_ids, mask)
@@ -355,7 +353,6 @@ class SentenceGenerationMixin(GenerationMixin):
             if bool(done.all()):
                 break
             # All rows go to the decoder (the finished ones with no budget), in batch order.
-            rows = torch.arange(batch, device=device)
             writing = ~done
             has_prefix = prefix_ids.shape[1] > 0
             history = None
@@ -384,24 +381,23 @@ class SentenceGenerationMixin(GenerationMixin):
             width = out.sequences.shape[1]
             steps = torch.arange(width, device=device)
             keep = steps < out.lengths[:, None]
-            columns = torch.where(keep, count[rows, None] + steps, max_new)
-            written.index_put_((rows[:, None].expand_as(columns), columns), out.sequences)
+            columns = torch.where(keep, count[:, None] + steps, max_new)
+            written.scatter_(1, columns, out.sequences)  # the last column takes the block's padding
             if output_scores or output_logits:
                 chunks.append((columns, out.scores, out.logits))
             if streamer is not None and out.sequences.numel():
                 streamer.put(out.sequences[0, : int(out.lengths[0])].cpu())
-            count[rows] += out.lengths
+            count += out.lengths
             # The whole sentence (prefix included) is encoded and appended to the backbone.
             if has_prefix:
-                sentence, sentence_mask = _join_right(prefix_ids[rows], prefix_mask[rows], out.sequences, keep)
+                sentence, sentence_mask = _join_right(prefix_ids, prefix_mask, out.sequences, keep)
             else:
                 sentence, sentence_mask = out.sequences, keep
             sentence_len = sentence_mask.sum(dim=1)
             empty = (sentence_len == 0) | ~writing
-            sentences_written[rows] += (~empty).long()
-            done[rows[empty]] = True
-            done |= out.stopped  # a stopping criterion ends the text
-            slots_used[rows] += writing.long()
+            sentences_written += (~empty).long()
+            done |= empty | out.stopped  # a stopping criterion ends the text
+            slots_used += writing.long()
             done |= count >= max_new
             if self.config.max_position_embeddings is not None:
                 done |= slots_used >= self.config.max_position_embeddings
@@ -410,10 +406,8 @@ class SentenceGenerationMixin(GenerationMixin):
             if bool(done.all()):
                 break
             step = torch.zeros(batch, 1, self.config.hidden_size, dtype=inputs.dtype, device=device)
-            filled = rows
-            if bool(empty.any()):
-                filled, sentence_len = rows[~empty], sentence_len[~empty]
-                sentence, sentence_mask = sentence[~empty], sentence_mask[~empty]
+            filled = torch.nonzero(~empty).squeeze(1)
+            sentence, sentence_mask, sentence_len = sentence[filled], sentence_mask[filled], sentence_len[filled]
             if filled.numel():
                 sentence_width = int(sentence_len.max())
                 step[filled, 0] = vae.encoder(
@@ -438,7 +432,7 @@ class SentenceGenerationMixin(GenerationMixin):
             logits = blank if output_logits else None
             for columns, round_scores, round_logits in chunks:
                 kept = columns < width  # the others are the padding of the round's block
-                index = (rows[:, None].expand_as(columns)[kept], columns[kept])
+                index = (torch.nonzero(kept, as_tuple=True)[0], columns[kept])
                 if scores is not None:
                     scores.index_put_(index, round_scores[kept])
                 if logits is not None:
