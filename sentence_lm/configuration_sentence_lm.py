@@ -45,6 +45,31 @@ def check_decoder_only(backbone: PreTrainedConfig) -> None:
         raise ValueError(f"`transformers` has no base model (AutoModel) for the backbone {model_type!r}. {fix}")
 
 
+def _token_setting(name: str):
+    """Getter and setter of a token-level setting of `SentenceLMConfig`, kept in its
+    `sentence_vae`: writing checks the value (a non-negative int inside the vocabulary; a
+    one-element list is unpacked, as generation configs hold ids) and writes the SentenceVAE's."""
+
+    def get(config):
+        return getattr(config.sentence_vae, name)
+
+    def set_(config, value) -> None:
+        if isinstance(value, (list, tuple)) and len(value) == 1:
+            value = value[0]
+        if value == get(config):
+            return
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(
+                f"`{name}` must be a non-negative integer, got {value!r}: a SentenceLM always has one "
+                + ("vocabulary size." if name == "vocab_size" else "id for it (the end-of-sentence token ends every sentence).")
+            )
+        if name != "vocab_size" and value >= config.sentence_vae.vocab_size:
+            raise ValueError(f"`{name}`={value} is outside the vocabulary [0, {config.sentence_vae.vocab_size}).")
+        setattr(config.sentence_vae, name, value)
+
+    return get, set_
+
+
 class SentenceLMConfig(PreTrainedConfig):
     r"""Configuration of [`SentenceLMModel`] and [`SentenceLMForCausalLM`]: the layers of any
     decoder-only `transformers` model (the *backbone*) run over sentence vectors, one step per
@@ -133,7 +158,7 @@ class SentenceLMConfig(PreTrainedConfig):
             self.sentence_vae = SentenceVAEConfig(
                 hidden_size=backbone_width(self.backbone),
                 num_attention_heads=self.backbone.num_attention_heads,
-                ffn_dim=_ffn_dim(self.backbone),
+                ffn_dim=backbone_ffn_dim(self.backbone),
             )
         super().__post_init__(**kwargs)
         check_real(self, "stop_loss_weight")
@@ -168,51 +193,10 @@ class SentenceLMConfig(PreTrainedConfig):
 
     # Token-level settings live in the SentenceVAE; these keep the usual names working, and
     # writing them (as scripts, TRL and `resize_token_embeddings` do) writes the SentenceVAE's.
-    @property
-    def vocab_size(self) -> int:
-        return self.sentence_vae.vocab_size
-
-    @vocab_size.setter
-    def vocab_size(self, value: int) -> None:
-        self._set_token_setting("vocab_size", value)
-
-    @property
-    def pad_token_id(self) -> int:
-        return self.sentence_vae.pad_token_id
-
-    @pad_token_id.setter
-    def pad_token_id(self, value: int) -> None:
-        self._set_token_setting("pad_token_id", value)
-
-    @property
-    def bos_token_id(self) -> int:
-        return self.sentence_vae.bos_token_id
-
-    @bos_token_id.setter
-    def bos_token_id(self, value: int) -> None:
-        self._set_token_setting("bos_token_id", value)
-
-    @property
-    def eos_token_id(self) -> int:
-        return self.sentence_vae.eos_token_id
-
-    @eos_token_id.setter
-    def eos_token_id(self, value: int) -> None:
-        self._set_token_setting("eos_token_id", value)
-
-    def _set_token_setting(self, name: str, value) -> None:
-        if isinstance(value, (list, tuple)) and len(value) == 1:
-            value = value[0]
-        if value == getattr(self.sentence_vae, name):
-            return
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(
-                f"`{name}` must be a non-negative integer, got {value!r}: a SentenceLM always has one "
-                + ("vocabulary size." if name == "vocab_size" else "id for it (the end-of-sentence token ends every sentence).")
-            )
-        if name != "vocab_size" and value >= self.sentence_vae.vocab_size:
-            raise ValueError(f"`{name}`={value} is outside the vocabulary [0, {self.sentence_vae.vocab_size}).")
-        setattr(self.sentence_vae, name, value)
+    vocab_size = property(*_token_setting("vocab_size"))
+    pad_token_id = property(*_token_setting("pad_token_id"))
+    bos_token_id = property(*_token_setting("bos_token_id"))
+    eos_token_id = property(*_token_setting("eos_token_id"))
 
     # Shape settings live in the backbone.
     @property
@@ -226,7 +210,7 @@ class SentenceLMConfig(PreTrainedConfig):
         return getattr(self.backbone, "max_position_embeddings", None)
 
 
-def _ffn_dim(backbone: PreTrainedConfig) -> int:
+def backbone_ffn_dim(backbone: PreTrainedConfig) -> int:
     """The backbone's feed-forward width, whatever its family calls it."""
     for name in ("intermediate_size", "ffn_dim", "n_inner"):
         value = getattr(backbone, name, None)

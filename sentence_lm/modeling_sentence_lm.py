@@ -18,7 +18,7 @@ from transformers import AutoModel, Cache, DynamicCache, PreTrainedConfig, PreTr
 from transformers.utils import ModelOutput, logging
 
 from .checkpointing import SafeCheckpointMixin
-from .configuration_sentence_lm import SentenceLMConfig, _ffn_dim, backbone_width
+from .configuration_sentence_lm import SentenceLMConfig, backbone_ffn_dim, backbone_width
 from .configuration_sentence_vae import SentenceVAEConfig
 from .generation_sentence_lm import CONTINUE, STOP, SentenceGenerationMixin
 from .modeling_sentence_vae import SentenceVAEModel
@@ -759,7 +759,7 @@ def _sentence_vae_config_for(token_config, tokenizer, overrides) -> SentenceVAEC
         vocab_size=token_config.vocab_size,
         hidden_size=backbone_width(token_config),
         num_attention_heads=token_config.num_attention_heads,
-        ffn_dim=_ffn_dim(token_config),
+        ffn_dim=backbone_ffn_dim(token_config),
     )
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         value = getattr(tokenizer, name, None) if tokenizer is not None else None
