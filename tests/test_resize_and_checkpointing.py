@@ -102,7 +102,8 @@ def test_resize_sentence_lm_for_new_tokens(tokenizer, grown_tokenizer, tmp_path)
     for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), name
     with torch.no_grad():
-        assert torch.equal(loaded(**batch).logits, model(**batch).logits)
+        # Same weights, same code; float rounding may differ in the last bits between two models.
+        torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, rtol=1e-6, atol=1e-5)
 
 
 def test_resize_without_tokenizer_pads_to_multiple(tokenizer):
