@@ -188,28 +188,12 @@ def test_two_processes_see_different_data_and_end_with_identical_weights(backbon
         assert saved["model_type"] == "sentence_opt"
 
 
-def test_training_from_a_llama_token_model_uses_its_tokenizer_and_embeddings(text_file, tmp_path):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from sentence_lm.tokenization_sentence_lm import train_sentence_tokenizer
-
-    tokenizer = train_sentence_tokenizer(default_corpus(), vocab_size=512, max_sentence_len=16)
-    torch.manual_seed(0)
-    llama = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=128, bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        )
-    )  # fmt: skip
-    llama.save_pretrained(tmp_path / "llama")
-    tokenizer.save_pretrained(tmp_path / "llama")
-    args = [a for a in arguments(text_file, tmp_path / "run", "--max_steps", "4") if a != "num_hidden_layers=1,ffn_dim=128"]
-    args.remove("--backbone_config")
-    results = train_sentence_opt([*args, "--backbone_name_or_path", str(tmp_path / "llama")])
+def test_training_from_a_llama_token_model_uses_its_tokenizer(text_file, llama_dir, tmp_path):
+    results = train_sentence_opt(backbone_arguments(text_file, tmp_path / "run", llama_dir, "--max_steps", "4"))
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["model_type"] == "sentence_lm" and saved["backbone"]["model_type"] == "llama"
-    assert saved["base_model"] == str(tmp_path / "llama")
+    assert saved["base_model"] == str(llama_dir)
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "run")
     assert type(model.model.backbone).__name__ == "LlamaModel"
+    assert AutoTokenizer.from_pretrained(tmp_path / "run").get_vocab() == AutoTokenizer.from_pretrained(llama_dir).get_vocab()
     assert results["eval"]["num_tokens"] > 0
