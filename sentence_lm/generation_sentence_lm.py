@@ -24,7 +24,7 @@ from transformers import (
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 from transformers.utils import logging
 
-from .modeling_sentence_vae import SentenceVAEModel, pick_next_token
+from .modeling_sentence_vae import SentenceVAEModel, blank_token_scores, pick_next_token
 from .segmentation import pack_sentences
 from .validation import check_attention_mask, check_token_ids
 
@@ -426,10 +426,8 @@ class SentenceGenerationMixin(GenerationMixin):
             vocab = self.config.vocab_size
             # A column a row did not write: -inf but 0 at the pad it holds there (argmax = pad).
             # Sized by the columns written, not by the budget (which may be far larger).
-            blank = torch.full((batch, width, vocab), float("-inf"), device=device)
-            blank[..., pad] = 0.0
-            scores = blank.clone() if output_scores else None
-            logits = blank if output_logits else None
+            scores = blank_token_scores(batch, width, vocab, pad, device) if output_scores else None
+            logits = blank_token_scores(batch, width, vocab, pad, device) if output_logits else None
             for columns, round_scores, round_logits in chunks:
                 kept = columns < width  # the others are the padding of the round's block
                 index = (torch.nonzero(kept, as_tuple=True)[0], columns[kept])

@@ -26,6 +26,14 @@ def pick_next_token(scores: torch.Tensor, do_sample: bool) -> torch.Tensor:
     return torch.multinomial(scores.softmax(dim=-1), 1).squeeze(1) if do_sample else scores.argmax(dim=-1)
 
 
+def blank_token_scores(rows: int, width: int, vocab: int, pad: int, device) -> torch.Tensor:
+    """``(rows, width, vocab)`` scores of positions that hold no token: ``-inf`` everywhere but
+    ``0`` at ``pad``, so that their argmax is the padding returned there."""
+    blank = torch.full((rows, width, vocab), float("-inf"), device=device)
+    blank[..., pad] = 0.0
+    return blank
+
+
 def sinusoidal_positions(position_ids: torch.Tensor, dim: int, dtype: torch.dtype) -> torch.Tensor:
     """Fixed sine/cosine embeddings of ``position_ids``, shape ``position_ids.shape + (dim,)``."""
     half = dim // 2
@@ -732,11 +740,8 @@ class SentenceVAEModel(SentenceVAEPreTrainedModel):
         vocab = self.config.vocab_size
         kept_scores = kept_logits = None
         if output_scores or output_logits:
-            # A position without a token: -inf everywhere but 0 at pad (argmax = the pad returned).
-            blank = torch.full((n, steps, vocab), float("-inf"), device=device)
-            blank[..., pad] = 0.0
-            kept_scores = blank.clone() if output_scores else None
-            kept_logits = blank if output_logits else None
+            kept_scores = blank_token_scores(n, steps, vocab, pad, device) if output_scores else None
+            kept_logits = blank_token_scores(n, steps, vocab, pad, device) if output_logits else None
 
         # The loop works on the rows still writing (`active`, their indices into the n rows) and
         # drops a row as soon as its sentence is finished.
