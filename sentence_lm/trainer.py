@@ -73,6 +73,6 @@ def start_run(training_args: TrainingArguments) -> str | None:
     return resume
 
 
-def _loss_curve(log_history: list[dict]) -> list[tuple[int, float]]:
+def loss_curve(log_history: list[dict]) -> list[tuple[int, float]]:
     """The training loss curve ``[(step, loss)]`` of a Trainer's ``state.log_history``."""
     return [(int(e["step"]), float(e["loss"])) for e in log_history if "loss" in e and "step" in e]

@@ -26,8 +26,8 @@ from transformers import HfArgumentParser, TrainingArguments
 
 from .configuration_sentence_opt import SentenceOPTConfig
 from .data import DataArguments, PaddingCollator, load_texts, tokenize_texts
-from .trainer import SentenceVAETrainer, TimeBudgetCallback, _loss_curve, start_run
-from .training_sentence_vae import TINY_SENTENCE_VAE_CONFIG, _parse_overrides
+from .trainer import SentenceVAETrainer, TimeBudgetCallback, loss_curve, start_run
+from .training_sentence_vae import TINY_SENTENCE_VAE_CONFIG, parse_overrides
 
 logger = logging.getLogger(__name__)
 
@@ -191,7 +191,7 @@ def build_sentence_opt(model_args: SentenceOPTArguments, train_texts: Sequence[s
             )
         else:
             fields = dict(TINY_BACKBONE_CONFIG, hidden_size=vae.config.hidden_size)
-            fields.update(_parse_overrides(model_args.backbone_config or ""))
+            fields.update(parse_overrides(model_args.backbone_config or ""))
             fields.update(overrides)
             model = SentenceOPTForCausalLM(SentenceOPTConfig(sentence_vae=vae.config, **fields))
             model.model.sentence_vae = vae
@@ -256,7 +256,7 @@ def train_sentence_opt(args: Sequence[str] | None = None, callbacks: Sequence | 
         train_result = trainer.train(resume_from_checkpoint=resume)
         results["train"] = dict(train_result.metrics)
         results["global_step"] = trainer.state.global_step
-        results["loss_curve"] = _loss_curve(trainer.state.log_history)
+        results["loss_curve"] = loss_curve(trainer.state.log_history)
         trainer.log_metrics("train", results["train"])
         trainer.save_metrics("train", results["train"])
         trainer.save_state()

@@ -27,7 +27,7 @@ from .data import DataArguments, PaddingCollator, load_texts, split_into_sentenc
 from .metrics import reconstruct_sentences, reconstruction_metrics
 from .modeling_sentence_vae import SentenceVAEModel
 from .tokenization_sentence_lm import SentenceTokenizer, train_sentence_tokenizer
-from .trainer import SentenceVAETrainer, TimeBudgetCallback, _loss_curve, start_run
+from .trainer import SentenceVAETrainer, TimeBudgetCallback, loss_curve, start_run
 
 logger = logging.getLogger(__name__)
 
@@ -165,7 +165,7 @@ def parse_sentence_vae_args(args: Sequence[str] | None = None):
 # --------------------------------------------------------------------------------------------
 # Tokenizer, config, datasets of stage 1
 # --------------------------------------------------------------------------------------------
-def _parse_overrides(text: str) -> dict:
+def parse_overrides(text: str) -> dict:
     """Comma-separated ``key=value`` config overrides as a dict (also used by stage 2's
     ``--backbone_config``): a value is a Python literal when it parses as one, else a string."""
     values = {}
@@ -191,7 +191,7 @@ def _config_overrides(model_args: SentenceVAEArguments) -> tuple[SentenceVAEConf
         elif os.path.isfile(spec):
             base = SentenceVAEConfig.from_json_file(spec)
         else:
-            overrides.update(_parse_overrides(spec))
+            overrides.update(parse_overrides(spec))
     for name in _CONFIG_OVERRIDE_FIELDS:
         value = getattr(model_args, name)
         if value is not None:
@@ -363,7 +363,7 @@ def train_sentence_vae(args: Sequence[str] | None = None) -> dict:
         results["train"] = metrics
         results["global_step"] = trainer.state.global_step
         results["stopped_by_time_budget"] = budget is not None and budget.stopped_at_step is not None
-        results["loss_curve"] = _loss_curve(trainer.state.log_history)
+        results["loss_curve"] = loss_curve(trainer.state.log_history)
 
     if training_args.do_eval:
         metrics = trainer.evaluate()
