@@ -321,9 +321,20 @@ def _curve(log_history: list[dict]) -> list[dict]:
     ]
 
 
-def _trainer_state(output_dir: Path) -> dict:
-    path = output_dir / "trainer_state.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+def _stage_record(stage_dir: Path, argv: list[str], began: float, result: dict) -> tuple[dict, list[dict]]:
+    """What a library training run (stage 1 or 2) reports, read from its result and the
+    ``trainer_state.json`` it saved; and that state's log history."""
+    path = stage_dir / "trainer_state.json"
+    state = json.loads(path.read_text()) if path.is_file() else {}
+    record = {
+        "output_dir": str(stage_dir),
+        "args": argv,
+        "wall_seconds": round(time.perf_counter() - began, 1),
+        "train_runtime_seconds": result.get("train", {}).get("train_runtime"),
+        "global_step": state.get("global_step"),
+        "tokens_seen": state.get("num_input_tokens_seen"),
+    }
+    return record, state.get("log_history", [])
 
 
 # --------------------------------------------------------------------------------------------
@@ -378,17 +389,10 @@ def run_stage1(args, token_model, tokenizer, data: dict, out: Path) -> dict:
     argv += _resume_args(stage_dir) + shlex.split(args.stage1_args)
     began = time.perf_counter()
     result = train_sentence_vae(argv)
-    state = _trainer_state(stage_dir)
-    return {
-        "output_dir": str(stage_dir),
-        "args": argv,
-        "wall_seconds": round(time.perf_counter() - began, 1),
-        "train_runtime_seconds": result.get("train", {}).get("train_runtime"),
-        "global_step": state.get("global_step"),
-        "tokens_seen": state.get("num_input_tokens_seen"),
-        "eval_loss": [(e["step"], e["eval_loss"]) for e in state.get("log_history", []) if "eval_loss" in e],
-        "examples": result.get("examples", []),
-    }
+    record, history = _stage_record(stage_dir, argv, began, result)
+    record["eval_loss"] = [(e["step"], e["eval_loss"]) for e in history if "eval_loss" in e]
+    record["examples"] = result.get("examples", [])
+    return record
 
 
 def run_stage2(args, model_source: tuple[str, str | None], data: dict, curve_blocks, out: Path) -> dict:
@@ -412,16 +416,9 @@ def run_stage2(args, model_source: tuple[str, str | None], data: dict, curve_blo
     )
     began = time.perf_counter()
     result = train_sentence_opt(argv, callbacks=[curve])
-    state = _trainer_state(stage_dir)
-    return {
-        "output_dir": str(stage_dir),
-        "args": argv,
-        "wall_seconds": round(time.perf_counter() - began, 1),
-        "train_runtime_seconds": result.get("train", {}).get("train_runtime"),
-        "global_step": state.get("global_step"),
-        "tokens_seen": state.get("num_input_tokens_seen"),
-        "curve": _curve(state.get("log_history", [])),
-    }, result["model"]
+    record, history = _stage_record(stage_dir, argv, began, result)
+    record["curve"] = _curve(history)
+    return record, result["model"]
 
 
 def run_baseline(args, token_model, tokenizer, train_blocks, curve_blocks, out: Path) -> dict:
