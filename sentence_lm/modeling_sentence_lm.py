@@ -393,6 +393,15 @@ class SentenceLMForCausalLM(SentenceLMPreTrainedModel, SentenceGenerationMixin):
         prompt, the completion's tokens, its sentence ends and its final stop are trained, and
         the prompt is not. Without labels every term counts.
 
+        A text's last token may be the EOS id (``config.eos_token_id``), as TRL's ``SFTTrainer``
+        appends it to every completion and some tokenizers to every text: it is read as the end
+        of the text, not as a token (a SentenceLM ends a text with its last sentence's
+        end-of-sentence term and the stop decision). It is left out of the sentences, ``nll``
+        and ``num_tokens``, gets no score in ``logits`` (as padding), and when labelled it keeps
+        those end terms in ``loss`` and counts as one labelled item, as the Trainer counts it in
+        ``num_items_in_batch``. An EOS id anywhere else (or as a text's only token) is an
+        ordinary token.
+
         Returns:
             [`SentenceLMCausalLMOutput`]; its ``nll``, ``num_tokens``, ``sentence_loss``,
             ``end_loss`` and ``stop_loss`` always describe the whole texts.
@@ -400,6 +409,9 @@ class SentenceLMForCausalLM(SentenceLMPreTrainedModel, SentenceGenerationMixin):
         check_token_ids(input_ids, self.config.vocab_size)
         input_ids = input_ids.long()  # int32 (or other integer) ids work like int64 ones
         target = _labelled_tokens(input_ids, labels, shift_labels)
+        text_end = self._trailing_eos(input_ids, attention_mask)
+        if bool(text_end.any()):
+            attention_mask = check_attention_mask(attention_mask, input_ids) & ~text_end
         out = self.model(
             input_ids, attention_mask, output_hidden_states=output_hidden_states, output_attentions=output_attentions
         )
@@ -435,10 +447,11 @@ class SentenceLMForCausalLM(SentenceLMPreTrainedModel, SentenceGenerationMixin):
         if target is None:
             sentence_sum, stop_sum, items = sentence_nll.sum(), stop_nll.sum(), num_tokens.sum()
         else:
-            step_counted, slot_counted = _counted_terms(target, packed, first_slot, slot_mask.shape)
+            end_labelled = (target & text_end).any(dim=1)
+            step_counted, slot_counted = _counted_terms(target, packed, first_slot, slot_mask.shape, end_labelled)
             sentence_sum = (token_nll * step_counted).sum()
             stop_sum = (stop_nll * slot_counted).sum()
-            items = (target & (packed.token_sentence >= 0)).sum()
+            items = (target & ((packed.token_sentence >= 0) | text_end)).sum()
         if num_items_in_batch is not None:
             items = num_items_in_batch
         loss = (sentence_sum + self.config.stop_loss_weight * stop_sum) / items
@@ -465,6 +478,22 @@ class SentenceLMForCausalLM(SentenceLMPreTrainedModel, SentenceGenerationMixin):
             attentions=out.attentions,
         )
         return output if return_dict is not False else output.to_tuple()
+
+    def _trailing_eos(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """``(batch, seq_len)`` bool: each text's last token where it is the EOS id and follows
+        at least one text token (a leading BOS does not count), i.e. where it marks the end of the
+        text rather than being its only token (see `forward`)."""
+        mask = check_attention_mask(attention_mask, input_ids)
+        content = self.model.content_mask(input_ids, mask)
+        seq_len = input_ids.shape[1]
+        ends = torch.zeros_like(mask)
+        if seq_len == 0:
+            return ends
+        last = seq_len - 1 - torch.argmax(content.flip(1).long(), dim=1)
+        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+        is_end = content[rows, last] & (input_ids[rows, last] == self.config.eos_token_id) & (content.sum(1) > 1)
+        ends[rows[is_end], last[is_end]] = True
+        return ends
 
     def causal_scores(
         self,
@@ -694,17 +723,24 @@ def _labelled_tokens(
 
 
 def _counted_terms(
-    target: torch.Tensor, packed: PackedSentences, first_slot: torch.Tensor, slots: torch.Size
+    target: torch.Tensor,
+    packed: PackedSentences,
+    first_slot: torch.Tensor,
+    slots: torch.Size,
+    end_labelled: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Which loss terms the labelled tokens ``target`` keep: ``(num_sentences, max_len + 1)``
     decoder steps (a token's own, then the end of sentence: counted when the sentence's last
     token is) and ``(batch, slots)`` stop decisions (after a sentence: as its last token; at the
-    start state: as the text's first token)."""
+    start state: as the text's first token). ``end_labelled`` ``(batch,)``: the text's trailing
+    EOS is labelled, which also keeps its last sentence's end of sentence and the final stop."""
     in_sentence = packed.token_sentence >= 0
     steps = torch.zeros(packed.input_ids.shape[0], packed.input_ids.shape[1] + 1, dtype=torch.bool, device=target.device)
     steps[packed.token_sentence[in_sentence], packed.token_position[in_sentence]] = target[in_sentence]
     sentences = torch.arange(steps.shape[0], device=steps.device)
     last = steps[sentences, packed.lengths - 1]
+    final = packed.sentence_index == packed.num_sentences[packed.batch_index] - 1
+    last = last | (final & end_labelled[packed.batch_index])
     steps[sentences, packed.lengths] = last
     decisions = torch.zeros(slots, dtype=torch.bool, device=target.device)
     rows = packed.batch_index

@@ -1,6 +1,7 @@
 """Labels mean what they mean for every causal LM: -100 keeps a token (and the sentence-level
 decisions after it) out of the loss, `shift_labels` and `num_items_in_batch` work as in
-`transformers`, and bad labels are refused by name."""
+`transformers` (the Trainer's gradient accumulation included), a trailing EOS is the end of the
+text, and bad labels are refused by name."""
 
 import pytest
 import torch
@@ -13,6 +14,11 @@ VOCAB, PAD, BOS, EOS, PERIOD = 48, 0, 1, 2, 10
 
 @pytest.fixture(scope="module")
 def model():
+    return build_model()
+
+
+def build_model() -> SentenceLMForCausalLM:
+    """A tiny random SentenceLM (BOS 1, EOS 2, PERIOD ends a sentence), in eval mode."""
     torch.manual_seed(0)
     config = SentenceLMConfig(
         backbone=LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -109,6 +115,77 @@ def test_gradient_accumulation_normalises_like_the_full_batch(model):
         for i in range(2)
     ]
     torch.testing.assert_close(sum(parts), full.loss)
+
+
+def test_trainer_with_gradient_accumulation_takes_the_full_batch_step(tmp_path):
+    """The Trainer over both texts in one batch, or one text at a time with two accumulation
+    steps, logs the same loss and makes the same update (SGD: the step is the gradient)."""
+    from transformers import Trainer, TrainingArguments
+
+    labels = masked_labels()
+    rows = [{"input_ids": IDS[i], "attention_mask": MASK[i], "labels": labels[i]} for i in range(2)]
+    with torch.no_grad():
+        expected_loss = build_model()(IDS, attention_mask=MASK, labels=labels).loss.item()
+    runs = {}
+    for batch_size, accumulation in ((2, 1), (1, 2)):
+        model = build_model().train()
+        args = TrainingArguments(
+            output_dir=str(tmp_path / f"ga{accumulation}"), per_device_train_batch_size=batch_size,
+            gradient_accumulation_steps=accumulation, max_steps=1, optim="sgd", learning_rate=1.0, logging_steps=1,
+            report_to=[], save_strategy="no", use_cpu=True, seed=0,
+        )  # fmt: skip
+        trainer = Trainer(model=model, args=args, train_dataset=rows)
+        trainer.train()
+        runs[accumulation] = ([log["loss"] for log in trainer.state.log_history if "loss" in log], model)
+    (full_log, full), (accumulated_log, accumulated) = runs[1], runs[2]
+    assert full_log == pytest.approx([expected_loss], rel=1e-4)
+    assert accumulated_log == pytest.approx(full_log, rel=1e-4)
+    moved = 0
+    for (name, a), b, start in zip(full.named_parameters(), accumulated.parameters(), build_model().parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+        moved += int(not torch.equal(a, start))
+    assert moved > 0
+
+
+TEXT = [BOS, 5, 6, PERIOD, 7, 8, PERIOD]
+
+
+def test_a_trailing_eos_is_the_end_of_the_text(model):
+    """TRL appends the EOS to every completion: read as the end of the text, not as a
+    one-token sentence; its label keeps the end terms and counts as one item."""
+    plain, with_eos = torch.tensor([TEXT]), torch.tensor([TEXT + [EOS]])
+    with torch.no_grad():
+        a, b = model(plain), model(with_eos)
+        torch.testing.assert_close(b.nll, a.nll)
+        assert b.num_tokens.tolist() == a.num_tokens.tolist() == [len(TEXT) - 1]
+        torch.testing.assert_close(b.logits[:, : len(TEXT)], a.logits)
+        assert bool((b.logits[0, len(TEXT)] == 0).all())  # no prediction after the end, as padding
+        # Labelled: the same terms, one more item (the Trainer counts the EOS label too).
+        n = len(TEXT) - 1
+        torch.testing.assert_close(model(with_eos, labels=with_eos).loss * (n + 1), model(plain, labels=plain).loss * n)
+        # Only the EOS labelled: the last sentence's end and the final stop, i.e. what labelling
+        # the last token alone counts, less that token's own term (the decoder's step inside "7 8").
+        only_eos = torch.full_like(with_eos, -100)
+        only_eos[0, -1] = EOS
+        only_last = torch.full_like(plain, -100)
+        only_last[0, -1] = PERIOD
+        token_term = -a.logits[0, -2, PERIOD]
+        torch.testing.assert_close(
+            model(with_eos, labels=only_eos).loss, model(plain, labels=only_last).loss - token_term
+        )
+        # Left and right padding: the text's last real token is the one read as its end.
+        pad = [PAD, PAD]
+        batch = torch.tensor([pad + TEXT + [EOS], TEXT + [EOS] + pad])
+        mask = torch.tensor([[0, 0] + [1] * (len(TEXT) + 1), [1] * (len(TEXT) + 1) + [0, 0]])
+        torch.testing.assert_close(model(batch, attention_mask=mask).nll, a.nll.repeat(2))
+
+
+def test_an_eos_elsewhere_is_an_ordinary_token(model):
+    with torch.no_grad():
+        inside = model(torch.tensor([[BOS, 5, EOS, 6, PERIOD]]))
+        alone = model(torch.tensor([[BOS, EOS]]))  # the text's only token: nothing to end
+    assert inside.num_tokens.tolist() == [4] and alone.num_tokens.tolist() == [1]
+    assert torch.isfinite(alone.nll).all()
 
 
 def test_bad_labels_are_refused(model):

@@ -231,6 +231,39 @@ def test_trl_sft_trainer_completion_only(tokenizer, tmp_path):
     assert torch.allclose(a, b, atol=1e-5)
 
 
+def test_trl_appends_the_eos_and_the_model_reads_it_as_the_end_of_the_text(tokenizer, tmp_path):
+    """SFTTrainer appends the tokenizer's EOS (here ``</s>``, the same id as the BOS, as in OPT) to
+    every completion and labels it. The model takes it as the end of the text, not as a one-token
+    sentence: the same NLL as the text without it (the stop decision after the completion is
+    STOP), and the same loss terms with the EOS's label counted as one item."""
+    pytest.importorskip("trl")
+    from datasets import Dataset
+    from trl import SFTConfig
+
+    assert tokenizer.eos_token_id == tokenizer.bos_token_id
+    pairs = [("What is returned?", " The value is returned."), ("Where is the list?", " The list is kept. It is here.")]
+    data = Dataset.from_list([{"prompt": p, "completion": c} for p, c in pairs])
+    args = SFTConfig(output_dir=str(tmp_path / "sft"), per_device_train_batch_size=2, completion_only_loss=True,
+                     report_to=[], save_strategy="no", use_cpu=True, bf16=False)  # fmt: skip
+    model = tiny_sentence_opt(tokenizer)
+    trainer = sentence_lm_sft_trainer_class()(model=model, args=args, train_dataset=data, processing_class=tokenizer)
+    batch = next(iter(trainer.get_train_dataloader()))
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    last = mask.sum(1) - 1  # right padding
+    rows = torch.arange(len(ids))
+    assert (ids[rows, last] == tokenizer.eos_token_id).all() and (labels[rows, last] == tokenizer.eos_token_id).all()
+    without = mask.clone()
+    without[rows, last] = 0
+    model.eval()
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, labels=labels)
+        ref = model(input_ids=ids, attention_mask=without, labels=labels.masked_fill(without == 0, -100))
+    torch.testing.assert_close(out.nll, ref.nll)
+    assert out.num_tokens.tolist() == ref.num_tokens.tolist()
+    items = int((labels[:, 1:] != -100).sum())  # as the Trainer counts them: the EOS labels included
+    torch.testing.assert_close(out.loss * items, ref.loss * (items - len(ids)))
+
+
 def test_readme_lm_eval_command_runs(checkpoint, lm_eval_runs):
     """The README's `lm_eval` command, as written (its checkpoint path swapped for the test's), in a
     fresh process that never imports sentence_lm: the checkpoint loads through its saved code."""
