@@ -36,9 +36,10 @@ the corpus's sentence-length distribution (a logits processor forces the end-of-
 the SLLM pays for it). Without ``--token_checkpoint`` the token model has random weights; with a
 fixed generation length its speed does not depend on its weights.
 
-``--compile`` adds a second runtime: the token model with ``cache_implementation="static"`` and
-``torch.compile`` (what a user gets from `transformers` without changing the model) against the
-SLLM with ``torch.compile`` on its per-step modules.
+``--compile`` adds a second runtime: both models with ``cache_implementation="static"`` and a
+``compile_config`` (``torch.compile``; CUDA graphs on a GPU): for the token model what a user gets
+from `transformers` without changing the model, for the SLLM its static-shape runtime
+(`sentence_lm.generation_runtime`), whose steps compile once per shape bucket.
 
 Examples::
 
@@ -250,26 +251,34 @@ class CorpusSentenceLengths(LogitsProcessor):
     sentence-length distribution.
 
     A random Sentence Decoder would never choose the end-of-sentence token. This processor sees
-    the decoder's inputs ``[pad.., BOS, prefix.., written..]``; a sentence that holds ``t``
-    tokens ends now with the corpus's hazard ``P(L = t | L >= t)`` (drawn from a seeded
-    generator, reset by :meth:`reset` before each generation), and the end-of-sentence token is
-    forbidden otherwise."""
+    the running text (each row's prompt and new tokens, left-padded with ``pad_token_id``), once per
+    decoder step with every row: a row whose text grew since the previous call wrote a token of
+    its sentence, one whose text did not ended its sentence (or is finished). A sentence that holds
+    ``t`` tokens ends now with the corpus's hazard ``P(L = t | L >= t)`` (drawn from a seeded
+    generator; :meth:`reset` before each generation), and the end-of-sentence token is forbidden
+    otherwise. A prompt's unfinished last sentence counts from 0."""
 
-    def __init__(self, lengths: list[int], bos_token_id: int, eos_token_id: int, device, seed: int = 1234):
+    def __init__(self, lengths: list[int], pad_token_id: int, eos_token_id: int, device, seed: int = 1234):
         counts = torch.bincount(torch.tensor(lengths, dtype=torch.long)).double()
         at_least = counts.flip(0).cumsum(0).flip(0)
         hazard = torch.where(at_least > 0, counts / at_least.clamp(min=1), 1.0)
         self.hazard = torch.cat([hazard, torch.ones(1, dtype=hazard.dtype)]).float().to(device)
-        self.bos, self.eos, self.seed = bos_token_id, eos_token_id, seed
+        self.pad, self.eos, self.seed = pad_token_id, eos_token_id, seed
         self.generator = torch.Generator(device=device)
         self.reset()
 
     def reset(self) -> None:
         self.generator.manual_seed(self.seed)
+        self.previous = self.sentence = None
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        bos_index = (input_ids == self.bos).int().argmax(dim=1)
-        length = (input_ids.shape[1] - 1 - bos_index).clamp(max=self.hazard.shape[0] - 1)
+        text = input_ids.shape[1] - (input_ids != self.pad).int().argmax(dim=1)
+        if self.previous is None or self.previous.shape != text.shape:
+            self.sentence = torch.zeros_like(text)
+        else:
+            self.sentence = torch.where(text > self.previous, self.sentence + 1, 0)
+        self.previous = text
+        length = self.sentence.clamp(max=self.hazard.shape[0] - 1)
         draw = torch.rand(length.shape, generator=self.generator, device=scores.device)
         end = (draw < self.hazard[length]) & (length > 0)
         scores[:, self.eos] = torch.where(end, torch.finfo(scores.dtype).max, float("-inf"))
@@ -405,11 +414,13 @@ class Runner:
         self.name, self.model, self.runtime = name, model, runtime
         self.processors = processors
         self.kwargs = {}
-        if name == "token" and runtime == "compiled":
+        if runtime == "compiled":
+            # Both models: the static cache and `torch.compile` of `transformers`' convention
+            # (CUDA graphs on a GPU; inductor without them on a CPU, where it compiles only when told).
             from transformers import CompileConfig
 
             config = CompileConfig() if model.device.type == "cuda" else CompileConfig(mode="default")
-            config._compile_all_devices = True  # transformers compiles on CUDA only unless told
+            config._compile_all_devices = True
             self.kwargs = dict(cache_implementation="static", compile_config=config)
 
     def __call__(self, input_ids: torch.Tensor, new_tokens: int):
@@ -431,15 +442,6 @@ class Runner:
         )
 
 
-def prompt_slots(model: SentenceLMForCausalLM, prompts: torch.Tensor) -> torch.Tensor:
-    """Backbone slots each prompt fills: the start state and its closed sentences (an unfinished
-    last sentence is continued by the Sentence Decoder, and fed once complete)."""
-    content = model.model.content_mask(prompts, torch.ones_like(prompts, dtype=torch.bool))
-    sentence_ids, closed = model.sentence_vae.segment(prompts, content, return_closed=True)
-    count = (sentence_ids.amax(dim=1) + 1).clamp(min=0)
-    return 1 + count - (~closed & (count > 0)).long()
-
-
 def kv_figures(name: str, out, model, prompts: torch.Tensor, new_tokens: int) -> dict:
     """KV-cache bytes held at the end of generation, and per token of context (prompt + new)."""
     batch = prompts.shape[0]
@@ -456,11 +458,10 @@ def kv_figures(name: str, out, model, prompts: torch.Tensor, new_tokens: int) ->
         decoder_kv_bytes=decoder,
     )
     if out.cache is not None and backbone:
-        # The backbone cache is rectangular: rows whose prompts hold fewer sentences are
-        # left-padded. Without that padding (what each row itself needs):
-        slots = out.cache.get_seq_length()
-        valid = prompt_slots(model, prompts).to(out.num_sentences.device) + (out.num_sentences - 1).clamp(min=0)
-        figures["backbone_kv_bytes_unpadded"] = backbone * int(valid.sum()) / (slots * batch)
+        # The backbone cache is rectangular (left padding of the prompts, columns allocated ahead
+        # and, rows writing at their own pace, columns other rows have filled): the slots the rows
+        # hold, what each row itself needs.
+        figures["backbone_kv_bytes_unpadded"] = out.cache.slot_nbytes
         figures["backbone_kv_bytes_per_token_unpadded"] = figures["backbone_kv_bytes_unpadded"] / tokens
     return figures
 
@@ -640,7 +641,7 @@ def run_benchmark(argv: list[str] | None = None) -> dict:
         sentence_length_table = [min(n, sllm.config.sentence_vae.max_sentence_len) for n in lengths]
         if args.sentence_len != "corpus":
             sentence_length_table = [int(args.sentence_len)]
-        processors = [CorpusSentenceLengths(sentence_length_table, bos, sllm.config.sentence_vae.eos_token_id, device)]
+        processors = [CorpusSentenceLengths(sentence_length_table, sllm.config.pad_token_id, sllm.config.sentence_vae.eos_token_id, device)]
 
     # ----- throughput (and KV bytes at the end of each timed generation)
     for dtype_name in dtypes:
@@ -649,7 +650,7 @@ def run_benchmark(argv: list[str] | None = None) -> dict:
         token.to(device=device, dtype=dtype)
         for runtime in runtimes:
             runners = {
-                "sllm": make_sllm_runner(sllm, runtime, processors),
+                "sllm": Runner("sllm", sllm, runtime, processors),
                 "token": Runner("token", token, runtime),
             }
             for batch in batch_sizes:
@@ -763,25 +764,6 @@ def run_benchmark(argv: list[str] | None = None) -> dict:
     return results
 
 
-def make_sllm_runner(model, runtime: str, processors):
-    if runtime == "compiled":
-        compile_sllm(model)
-    return Runner("sllm", model, runtime, processors)
-
-
-def compile_sllm(model) -> None:
-    """The SLLM's compiled runtime: `torch.compile` (dynamic shapes) on the modules that run at
-    every step: the Sentence Decoder's and Encoder's layers, the backbone's layers, the output
-    layer. Idempotent."""
-    if getattr(model, "_bench_compiled", False):
-        return
-    vae = model.sentence_vae
-    modules = [*vae.decoder.layers, vae.decoder.layer_norm, vae.lm_head, *vae.encoder.layers]
-    for module in modules:
-        module.compile(dynamic=True)
-    model._bench_compiled = True
-
-
 # ---------------------------------------------------------------------------------- memory worker
 def _run_memory_worker(spec: dict) -> dict:
     """Measure one memory point in a fresh Python process (a clean resident set)."""
@@ -805,7 +787,7 @@ def memory_worker(spec: dict) -> dict:
     processors = None
     if spec.get("sentence_lengths"):
         c = model.config
-        processors = [CorpusSentenceLengths(spec["sentence_lengths"], c.bos_token_id, c.sentence_vae.eos_token_id, device)]
+        processors = [CorpusSentenceLengths(spec["sentence_lengths"], c.pad_token_id, c.sentence_vae.eos_token_id, device)]
     prompts = torch.tensor(spec["prompts"], dtype=torch.long, device=device)
     # A short generation first, so that the weights are paged in (safetensors maps them lazily) and
     # the measured growth is the generation's own working memory (activations and caches).

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 from transformers import (
-    Cache,
+    CompileConfig,
     GenerationConfig,
     GenerationMixin,
     LogitsProcessorList,
@@ -24,12 +24,11 @@ from transformers import (
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 from transformers.utils import logging
 
-from .modeling_sentence_vae import SentenceVAEModel, blank_token_scores, pick_next_token
+from .generation_runtime import ROW_ATTENTION, STOP, encode_by_length, generate_rows, left_align
+from .modeling_sentence_vae import blank_token_scores, pick_next_token
 from .segmentation import pack_sentences
 from .validation import check_attention_mask, check_token_ids
 
-CONTINUE, STOP = 0, 1
-"""The stop head's two classes: the text goes on with another sentence, or ends here."""
 logger = logging.get_logger(__name__)
 
 
@@ -189,7 +188,8 @@ class SentenceGenerationMixin(GenerationMixin):
                 f"cache_implementation={generation_config.cache_implementation!r} is not supported by sentence-level "
                 "generation; use 'dynamic' (the default) or 'static' (the backbone's cache preallocated)."
             )
-        static_cache = use_cache and generation_config.cache_implementation == "static"
+        static = generation_config.cache_implementation == "static"
+        runtime = self._pick_runtime(use_cache, static, generation_config)
         device = self.device
         if input_ids is None:
             input_ids = torch.full((1, 0), self.config.bos_token_id, dtype=torch.long, device=device)
@@ -252,21 +252,20 @@ class SentenceGenerationMixin(GenerationMixin):
         criteria = _CheckedCriteria(criteria) if len(criteria) else None
         output_scores = bool(generation_config.return_dict_in_generate and generation_config.output_scores)
         output_logits = bool(generation_config.return_dict_in_generate and generation_config.output_logits)
-        new_tokens, cache, num_sentences, decoder_cache, scores, logits = self._generate_sentences(
-            input_ids,
-            mask,
-            max_new,
-            min_new,
-            generation_config.do_sample,
-            processors,
-            use_cache,
-            static_cache,
-            streamer,
-            stopping_criteria=criteria,
-            output_scores=output_scores,
-            output_logits=output_logits,
-            pad_token_id=pad,
+        loop_arguments = dict(
+            stopping_criteria=criteria, output_scores=output_scores, output_logits=output_logits, pad_token_id=pad
         )
+        common = (input_ids, mask, max_new, min_new, generation_config.do_sample, processors)
+        if runtime == "lockstep":
+            outputs = self._generate_sentences(*common, use_cache, streamer, **loop_arguments)
+        else:
+            compile_config = None
+            if runtime == "compiled":
+                compile_config = generation_config.compile_config or CompileConfig()
+            outputs = generate_rows(
+                self, *common, streamer, static=static, compile_config=compile_config, **loop_arguments
+            )
+        new_tokens, cache, num_sentences, decoder_cache, scores, logits = outputs
         if streamer is not None:
             streamer.end()
         new_tokens = torch.where(new_tokens < 0, pad, new_tokens)
@@ -282,6 +281,28 @@ class SentenceGenerationMixin(GenerationMixin):
             )
         return sequences
 
+    def _pick_runtime(self, use_cache: bool, static: bool, generation_config: GenerationConfig) -> str:
+        """Which loop runs: ``"rows"`` (rows scheduled independently, :func:`generate_rows`; the
+        default), ``"compiled"`` (the same with static shapes, compiled: a static cache where
+        `transformers` would compile a token model's, on CUDA or with
+        ``compile_config._compile_all_devices``, unless ``disable_compile``), or ``"lockstep"``
+        (the reference loop: without a cache, or a backbone attention that takes no per-row mask)."""
+        attention = self.model.backbone.config._attn_implementation
+        if not use_cache or attention not in ROW_ATTENTION:
+            if static:
+                raise ValueError(
+                    "cache_implementation='static' needs use_cache=True and a backbone running eager or sdpa attention "
+                    f"(this one runs {attention!r}); call model.set_attn_implementation('sdpa') or drop the setting."
+                )
+            return "lockstep"
+        compile_config = generation_config.compile_config
+        can_compile = self.device.type == "cuda" or bool(
+            compile_config is not None and compile_config._compile_all_devices
+        )
+        if static and can_compile and not generation_config.disable_compile:
+            return "compiled"
+        return "rows"
+
     def _generate_sentences(
         self,
         input_ids: torch.Tensor,
@@ -291,7 +312,6 @@ class SentenceGenerationMixin(GenerationMixin):
         do_sample: bool,
         processors: LogitsProcessorList,
         use_cache: bool,
-        static_cache: bool,
         streamer,
         pad_token_id: int,
         stopping_criteria=None,
@@ -301,8 +321,9 @@ class SentenceGenerationMixin(GenerationMixin):
         """The next-sentence loop; returns ``(batch, written)`` new tokens (``-1`` where none),
         the backbone's cache, the number of sentences written per row, the last decoder cache,
         and the ``(batch, written, vocab)`` scores and logits of the new tokens (``None`` unless
-        asked for). With ``static_cache`` the backbone's cache holds every slot the loop can fill
-        from the start (each sentence has at least one token, so ``max_new`` sentences at most).
+        asked for). The reference loop, which the row-scheduled runtime (:func:`generate_rows`)
+        is tested against; `generate()` runs it without a cache or for a backbone attention that
+        takes no per-row mask.
 
         Every round decodes all ``batch`` rows at once (finished rows with a budget of 0, so that
         they cost nothing), so that processors and criteria see the whole batch in order; their
@@ -317,21 +338,16 @@ class SentenceGenerationMixin(GenerationMixin):
         num_sentences = sentence_ids.amax(dim=1) + 1 if sentence_ids.shape[1] else torch.zeros_like(closed, dtype=torch.long)
         is_open = ~closed & (num_sentences > 0)
         in_prefix = is_open[:, None] & (sentence_ids == (num_sentences - 1)[:, None])
-        prefix_ids, prefix_mask = _left_align(input_ids, in_prefix, self.config.pad_token_id)
+        prefix_ids, prefix_mask = left_align(input_ids, in_prefix, self.config.pad_token_id)
         sentence_ids = torch.where(in_prefix, -1, sentence_ids)
         packed = pack_sentences(input_ids, sentence_ids, self.config.pad_token_id)
         vectors = (
-            _encode_by_length(vae, packed.input_ids, packed.attention_mask)
+            encode_by_length(vae, packed.input_ids, packed.attention_mask)
             if packed.input_ids.shape[0]
             else torch.empty(0, self.config.hidden_size, device=device)
         )
         inputs, slot_mask = model.slot_inputs(vectors, packed)
-        cache = None
-        if use_cache:
-            slots = slot_mask.shape[1] + max_new
-            if self.config.max_position_embeddings is not None:
-                slots = min(slots, max(self.config.max_position_embeddings, slot_mask.shape[1]))
-            cache = model.new_cache(max_slots=slots if static_cache else None)
+        cache = model.new_cache() if use_cache else None
         all_inputs = inputs
         state = model.run_backbone(inputs, slot_mask, cache).last_hidden_state[:, -1]
 
@@ -359,7 +375,7 @@ class SentenceGenerationMixin(GenerationMixin):
             if need_history:
                 # Each row's prompt as given + its new tokens so far, left-padded to one width.
                 so_far = written[:, : int(count.max())]
-                history, _ = _left_align(
+                history, _ = left_align(
                     torch.cat([input_ids, so_far.clamp(min=0)], dim=1),
                     torch.cat([prompt_part, so_far >= 0], dim=1),
                     pad,
@@ -635,46 +651,6 @@ def _check_sampling_settings(config: GenerationConfig, overrides: dict | None = 
             f"num_return_sequences={copies} needs do_sample=True (greedy decoding would return identical "
             "copies); pass do_sample=True or num_return_sequences=1."
         )
-
-
-def _encode_by_length(
-    vae: SentenceVAEModel, input_ids: torch.Tensor, mask: torch.Tensor, max_tokens: int = 4096
-) -> torch.Tensor:
-    """``vae.encode`` of packed sentences, longest first, in chunks of at most ``max_tokens``
-    padded tokens: a long prompt's sentences are padded to their chunk's longest rather than
-    to the longest of all (less work, and transient memory bounded by ``max_tokens``)."""
-    lengths = mask.sum(dim=1)
-    if input_ids.shape[0] * input_ids.shape[1] <= max_tokens:
-        return vae.encode(input_ids, mask)
-    order = torch.argsort(lengths, descending=True, stable=True)
-    sorted_lengths = lengths[order].tolist()
-    vectors = None
-    start = 0
-    while start < len(order):
-        width = max(1, sorted_lengths[start])
-        stop = min(len(order), start + max(1, max_tokens // width))
-        rows = order[start:stop]
-        chunk = vae.encode(input_ids[rows, :width], mask[rows, :width])
-        if vectors is None:
-            vectors = chunk.new_empty(input_ids.shape[0], chunk.shape[1])
-        vectors[rows] = chunk
-        start = stop
-    return vectors
-
-
-def _left_align(input_ids: torch.Tensor, keep: torch.Tensor, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The tokens of each row where ``keep`` holds, left-padded into ``(batch, max_kept)``."""
-    counts = keep.sum(dim=1)
-    width = int(counts.max()) if counts.numel() else 0
-    out = torch.full((input_ids.shape[0], width), pad, dtype=input_ids.dtype, device=input_ids.device)
-    out_mask = torch.zeros(out.shape, dtype=torch.bool, device=input_ids.device)
-    if width:
-        # Column of each kept token: (width - count) + its rank among the row's kept tokens.
-        column = (width - counts)[:, None] + keep.long().cumsum(dim=1) - 1
-        rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(keep)
-        out[rows[keep], column[keep]] = input_ids[keep]
-        out_mask[rows[keep], column[keep]] = True
-    return out, out_mask
 
 
 def _join_right(

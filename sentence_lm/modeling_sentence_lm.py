@@ -14,13 +14,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModel, Cache, DynamicCache, PreTrainedConfig, PreTrainedModel, StaticCache
+from transformers import AutoModel, Cache, DynamicCache, PreTrainedConfig, PreTrainedModel
 from transformers.utils import ModelOutput, logging
 
 from .checkpointing import SafeCheckpointMixin
 from .configuration_sentence_lm import SentenceLMConfig, backbone_ffn_dim, backbone_width
 from .configuration_sentence_vae import SentenceVAEConfig
-from .generation_sentence_lm import CONTINUE, STOP, SentenceGenerationMixin
+from .generation_runtime import CONTINUE, STOP
+from .generation_sentence_lm import SentenceGenerationMixin
 from .modeling_sentence_vae import SentenceVAEModel
 from .segmentation import PackedSentences, boundary_states, pack_sentences, trails_after
 from .validation import check_attention_mask, check_token_ids
@@ -204,18 +205,9 @@ class SentenceLMModel(SentenceLMPreTrainedModel):
         slot_mask = torch.arange(slots, device=inputs.device) >= first_slot[:, None]
         return inputs, slot_mask
 
-    def new_cache(self, max_slots: int | None = None) -> Cache:
-        """An empty key/value cache for the backbone (over sentence slots): a `DynamicCache`, or
-        with ``max_slots`` a `StaticCache` preallocated for that many slots (for backbones that
-        `transformers` can compile with one: ``_can_compile_fullgraph``)."""
-        if max_slots is None:
-            return DynamicCache(config=self.config.backbone)
-        if not getattr(self.backbone, "_can_compile_fullgraph", False):
-            raise ValueError(
-                f"The {type(self.backbone).__name__} backbone does not support a static cache; generate with the "
-                "default cache_implementation instead."
-            )
-        return StaticCache(config=self.config.backbone, max_cache_len=max_slots)
+    def new_cache(self) -> Cache:
+        """An empty key/value cache for the backbone (over sentence slots)."""
+        return DynamicCache(config=self.config.backbone)
 
     def run_backbone(
         self, inputs_embeds: torch.Tensor, slot_mask: torch.Tensor, cache: Cache | None = None, **outputs

@@ -252,6 +252,19 @@ class SentenceDecoder(nn.Module):
             key_index = torch.arange(key_len, device=key_mask.device)[None, :]
             # Every query may see itself, so that padding rows never attend to nothing (NaN).
             mask = (key_mask[:, None, None, :] & (key_index <= query_index)) | (key_index == query_index)
+        return self.run_layers(hidden, mask, memory, cache, cross_states)
+
+    def run_layers(
+        self,
+        hidden: torch.Tensor,
+        mask: torch.Tensor | None,
+        memory: torch.Tensor | None = None,
+        cache=None,
+        cross_states: list[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """The decoder layers and final LayerNorm on embedded inputs ``hidden`` ``(n, q, H)`` (token
+        and position embeddings added) with a prepared boolean attention ``mask`` ``(n, 1, q, k)``
+        (``None``: every key visible); ``memory``, ``cache`` and ``cross_states`` as in :meth:`forward`."""
         if cross_states is None:
             memory = memory.unsqueeze(1)
             for layer in self.layers:

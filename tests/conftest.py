@@ -9,7 +9,11 @@ SentenceOPT that end-to-end tests build on the ``tokenizer`` fixture is
 from __future__ import annotations
 
 import pytest
+import torch
+from helpers import backbone_configs
+from transformers import AutoModelForCausalLM
 
+from sentence_lm import SentenceLMForCausalLM
 from sentence_lm.corpus import default_corpus
 from sentence_lm.tokenization_sentence_lm import train_sentence_tokenizer
 
@@ -26,3 +30,29 @@ def tokenizer():
 
     Shared by the whole session: do not modify it in a test (copy it with ``copy.deepcopy``)."""
     return train_sentence_tokenizer(default_corpus(), vocab_size=1024, max_sentence_len=16)
+
+
+@pytest.fixture(scope="module")
+def token_models(tokenizer):
+    """One tiny random token model per family, sharing the test tokenizer's vocabulary."""
+    configs = backbone_configs(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    models = {}
+    for family, config in configs.items():
+        torch.manual_seed(0)
+        models[family] = AutoModelForCausalLM.from_config(config).eval()
+    return models
+
+
+@pytest.fixture(scope="module")
+def sentence_lms(token_models, tokenizer):
+    """A SentenceLM on each of ``token_models`` (new random SentenceVAE, stop head biased to go on)."""
+    models = {}
+    for family, token_model in token_models.items():
+        torch.manual_seed(0)
+        model = SentenceLMForCausalLM.from_pretrained_backbone(
+            token_model, tokenizer=tokenizer, sentence_vae_config=dict(max_sentence_len=tokenizer.max_sentence_len)
+        ).eval()
+        with torch.no_grad():  # random weights would often stop at once; make texts run on
+            model.stop_head.bias.copy_(torch.tensor([3.0, -3.0]))
+        models[family] = model
+    return models

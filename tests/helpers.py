@@ -1,5 +1,6 @@
 """Reusable test helpers: the tiny SentenceOPT that the end-to-end tests share
-(:func:`tiny_sentence_opt`) and the tokenizer call that feeds it (:func:`encode`); for checkpoint
+(:func:`tiny_sentence_opt`) and the tokenizer call that feeds it (:func:`encode`); tiny token
+model configs of each backbone family (:func:`backbone_configs`); for checkpoint
 tests, running code in a fresh Python where ``sentence_lm`` cannot be imported, and laying a
 checkpoint out as a Hugging Face hub cache entry."""
 
@@ -14,8 +15,10 @@ import textwrap
 from pathlib import Path
 
 import torch
+from transformers import GemmaConfig, GPT2Config, LlamaConfig, MistralConfig, OPTConfig, PhiConfig, Qwen2Config
 
 TINY_HIDDEN = 32  # the width of tiny_sentence_opt's SentenceVAE and backbone
+WIDTH, HEADS = 32, 4  # the tiny token models of backbone_configs
 
 
 def tiny_sentence_opt(tokenizer, seed: int = 0, *, sentence_vae: dict | None = None, **config_overrides):
@@ -163,3 +166,22 @@ def make_hub_cache(
     (repo_dir / "refs").mkdir(exist_ok=True)
     (repo_dir / "refs" / "main").write_text(commit)
     return {"HF_HUB_CACHE": str(cache_root), "HF_HUB_OFFLINE": "1"}
+
+
+def backbone_configs(vocab_size: int, bos: int, eos: int, pad: int) -> dict:
+    """Tiny configs of each family, 2 layers of width 32 (positions count sentence slots)."""
+    ids = dict(vocab_size=vocab_size, bos_token_id=bos, eos_token_id=eos, pad_token_id=pad)
+    common = dict(hidden_size=WIDTH, num_hidden_layers=2, num_attention_heads=HEADS, max_position_embeddings=64)
+    llama_like = dict(common, intermediate_size=64, num_key_value_heads=2, **ids)
+    return {
+        "opt": OPTConfig(**common, ffn_dim=64, word_embed_proj_dim=WIDTH, **ids),
+        "gpt2": GPT2Config(n_embd=WIDTH, n_layer=2, n_head=HEADS, n_positions=64, **ids),
+        "llama": LlamaConfig(**llama_like),
+        "qwen2": Qwen2Config(**llama_like),
+        "mistral": MistralConfig(**llama_like, head_dim=WIDTH // HEADS),
+        "gemma": GemmaConfig(**llama_like, head_dim=WIDTH // HEADS),
+        "phi": PhiConfig(**common, intermediate_size=64, **ids),
+    }
+
+
+FAMILIES = ["opt", "gpt2", "llama", "qwen2", "mistral", "gemma", "phi"]

@@ -64,10 +64,8 @@ def test_throughput_rows_have_both_models_and_their_ratios(results):
         assert r["tokens_per_sentence"] > 0
         # The SLLM's memory is its backbone cache over sentences plus the decoder's cache.
         assert r["sllm_kv_bytes"] == r["sllm_backbone_kv_bytes"] + r["sllm_decoder_kv_bytes"]
-        # Left padding of rows with fewer sentences is all that separates the two backbone figures.
+        # The slots the rows hold, within the columns allocated.
         assert 0 < r["sllm_backbone_kv_bytes_unpadded"] <= r["sllm_backbone_kv_bytes"]
-        if r["batch"] == 1:
-            assert r["sllm_backbone_kv_bytes_unpadded"] == pytest.approx(r["sllm_backbone_kv_bytes"])
 
 
 def test_token_kv_cache_matches_its_analytic_size(results):
@@ -102,7 +100,10 @@ def test_memory_sweep_grows_with_context_for_the_token_model(results):
     for r in rows:
         assert r["sllm_peak_bytes"] > 0 and r["token_peak_bytes"] > 0
         assert r["peak_ratio"] == pytest.approx(r["sllm_peak_bytes"] / r["token_peak_bytes"])
-        assert r["sllm_kv_bytes"] < r["token_kv_bytes"]
+        assert r["sllm_backbone_kv_bytes"] < r["token_kv_bytes"]
+    # The decoder's cache is bounded by one sentence (here a long unfinished prompt sentence);
+    # with the context it falls behind the token model's.
+    assert rows[-1]["sllm_kv_bytes"] < rows[-1]["token_kv_bytes"]
 
 
 def test_json_table_and_plots_are_written(bench, results):

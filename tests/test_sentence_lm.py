@@ -7,19 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import check_run, run_without_package
+from helpers import FAMILIES, WIDTH, check_run, run_without_package
 from transformers import (
     AutoConfig,
     AutoModel,
     AutoModelForCausalLM,
     BertConfig,
-    GemmaConfig,
-    GPT2Config,
     LlamaConfig,
-    MistralConfig,
-    OPTConfig,
-    PhiConfig,
-    Qwen2Config,
     T5Config,
 )
 
@@ -31,54 +25,10 @@ from sentence_lm import (
     SentenceVAEConfig,
     SentenceVAEModel,
 )
+from sentence_lm.generation_runtime import SlotCache
 from sentence_lm.modeling_sentence_lm import NoTokenEmbeddings
 
 FIXTURE = Path(__file__).parent / "fixtures" / "sentence_opt_v1"
-WIDTH, HEADS = 32, 4
-
-
-def backbone_configs(vocab_size: int, bos: int, eos: int, pad: int) -> dict:
-    """Tiny configs of each family, 2 layers of width 32 (positions count sentence slots)."""
-    ids = dict(vocab_size=vocab_size, bos_token_id=bos, eos_token_id=eos, pad_token_id=pad)
-    common = dict(hidden_size=WIDTH, num_hidden_layers=2, num_attention_heads=HEADS, max_position_embeddings=64)
-    llama_like = dict(common, intermediate_size=64, num_key_value_heads=2, **ids)
-    return {
-        "opt": OPTConfig(**common, ffn_dim=64, word_embed_proj_dim=WIDTH, **ids),
-        "gpt2": GPT2Config(n_embd=WIDTH, n_layer=2, n_head=HEADS, n_positions=64, **ids),
-        "llama": LlamaConfig(**llama_like),
-        "qwen2": Qwen2Config(**llama_like),
-        "mistral": MistralConfig(**llama_like, head_dim=WIDTH // HEADS),
-        "gemma": GemmaConfig(**llama_like, head_dim=WIDTH // HEADS),
-        "phi": PhiConfig(**common, intermediate_size=64, **ids),
-    }
-
-
-FAMILIES = ["opt", "gpt2", "llama", "qwen2", "mistral", "gemma", "phi"]
-
-
-@pytest.fixture(scope="module")
-def token_models(tokenizer):
-    """One tiny random token model per family, sharing the test tokenizer's vocabulary."""
-    configs = backbone_configs(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
-    models = {}
-    for family, config in configs.items():
-        torch.manual_seed(0)
-        models[family] = AutoModelForCausalLM.from_config(config).eval()
-    return models
-
-
-@pytest.fixture(scope="module")
-def sentence_lms(token_models, tokenizer):
-    models = {}
-    for family, token_model in token_models.items():
-        torch.manual_seed(0)
-        model = SentenceLMForCausalLM.from_pretrained_backbone(
-            token_model, tokenizer=tokenizer, sentence_vae_config=dict(max_sentence_len=tokenizer.max_sentence_len)
-        ).eval()
-        with torch.no_grad():  # random weights would often stop at once; make texts run on
-            model.stop_head.bias.copy_(torch.tensor([3.0, -3.0]))
-        models[family] = model
-    return models
 
 
 TEXTS = ["The object is returned. Each argument of the call is evaluated.", "Hello, world!"]
@@ -309,15 +259,17 @@ def test_a_gguf_file_that_is_not_a_language_model_is_refused(tmp_path):
 
 @pytest.mark.parametrize("family", ["opt", "gpt2", "llama", "qwen2"])
 def test_static_backbone_cache_gives_the_dynamic_cache_output(family, sentence_lms, tokenizer):
-    from transformers import StaticCache
-
     model = sentence_lms[family]
     enc = tokenizer(["The object is returned.", "Each argument of the call", ""], padding=True, padding_side="left",
                     return_tensors="pt", return_sentence_ids=False)  # fmt: skip
-    dynamic = model.generate(**enc, max_new_tokens=14)
-    out = model.generate(**enc, max_new_tokens=14, cache_implementation="static", return_dict_in_generate=True)
-    assert isinstance(out.cache, StaticCache)
-    assert torch.equal(out.sequences, dynamic)
+    dynamic = model.generate(**enc, max_new_tokens=40, return_dict_in_generate=True)
+    out = model.generate(**enc, max_new_tokens=40, cache_implementation="static", return_dict_in_generate=True)
+    assert isinstance(out.cache, SlotCache)
+    # Preallocated for every slot the call can fill (2 prompt slots at most + one per new token);
+    # the dynamic one grows as the rows need.
+    assert out.cache.capacity == 2 + 40 > dynamic.cache.capacity >= dynamic.cache.get_seq_length()
+    assert dynamic.cache.get_seq_length() == out.cache.get_seq_length()
+    assert torch.equal(out.sequences, dynamic.sequences)
     with pytest.raises(ValueError, match="cache_implementation='offloaded' is not supported"):
         model.generate(**enc, max_new_tokens=4, cache_implementation="offloaded")
 

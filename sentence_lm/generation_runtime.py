@@ -1,0 +1,536 @@
+"""The row-scheduled runtime of next-sentence generation.
+
+Every row of a batch advances on its own. At each decoder step every unfinished row writes one
+token of its current sentence; the rows whose sentence ended at that step (and only those) are
+encoded and take one backbone step together, and start their next sentence at the following
+step. No row waits for the longest sentence of the batch, as it does in the lockstep loop
+(:meth:`SentenceGenerationMixin._generate_sentences`, the reference path), where each round runs
+as many decoder steps as the batch's longest sentence.
+
+The state lives in preallocated buffers updated in place: the backbone's key/value cache over
+sentence slots ([`SlotCache`], every row writing at its own slot), the Sentence Decoder's cache
+over the tokens of a sentence ([`RowDecoderCache`], every row at its own position), the sentence
+being written, masks and positions. With ``static=True`` (``cache_implementation="static"``)
+every shape is fixed in advance: the slot cache holds every slot the call can fill, the backbone
+step runs on the ready rows padded to a power of two, the encoder on sentences padded to a power
+of two; so that `torch.compile` compiles the decoder step once and the backbone and encoder steps
+once per bucket (at most ``log2(batch) + 1`` and ``log2(max_sentence_len) + 1`` graphs), without
+recompiling as generation proceeds.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import Cache, LogitsProcessorList
+from transformers.cache_utils import CacheLayerMixin
+
+from .modeling_sentence_vae import SentenceVAEModel, blank_token_scores, pick_next_token
+from .segmentation import pack_sentences
+
+CONTINUE, STOP = 0, 1
+"""The stop head's two classes: the text goes on with another sentence, or ends here."""
+GROWTH = 8
+"""Free slot columns the eager runtime's backbone cache allocates ahead when it grows."""
+ROW_ATTENTION = ("eager", "sdpa")
+"""Backbone attention implementations the row-scheduled runtime can hand a per-row mask to."""
+
+
+def _bucket(n: int, limit: int, smallest: int = 1) -> int:
+    """The smallest power of two ``>= n`` (and ``>= smallest``), at most ``limit``."""
+    size = smallest
+    while size < n:
+        size *= 2
+    return min(size, limit)
+
+
+class _SlotLayer(CacheLayerMixin):
+    """One backbone layer's keys and values, ``(rows, kv_heads, slots, head_dim)``."""
+
+    is_compileable = True
+    is_sliding = False
+
+    def __init__(self, owner: SlotCache):
+        super().__init__()
+        self.owner = owner
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        shape = (self.owner.valid.shape[0], key_states.shape[1], self.owner.capacity)
+        self.keys = key_states.new_zeros(shape + (key_states.shape[3],))
+        self.values = value_states.new_zeros(shape + (value_states.shape[3],))
+        self.is_initialized = True
+
+    def grow(self, capacity: int) -> None:
+        for name in ("keys", "values"):
+            old = getattr(self, name)
+            new = old.new_zeros(old.shape[:2] + (capacity,) + old.shape[3:])
+            new[:, :, : old.shape[2]] = old
+            setattr(self, name, new)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        rows, columns, width = self.owner.rows, self.owner.columns, self.owner.width
+        if rows is None:  # the prompt: columns 0.. of every row
+            length = key_states.shape[2]
+            self.keys[: key_states.shape[0], :, :length] = key_states
+            self.values[: key_states.shape[0], :, :length] = value_states
+            return key_states, value_states
+        self.keys[rows, :, columns] = key_states[:, :, 0]
+        self.values[rows, :, columns] = value_states[:, :, 0]
+        return self.keys[rows, :, :width], self.values[rows, :, :width]
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.owner.width, 0
+
+    def get_seq_length(self) -> int:
+        return self.owner.filled
+
+    def get_max_length(self) -> int:
+        return self.owner.capacity
+
+
+class SlotCache(Cache):
+    """The backbone's key/value cache over sentence slots when rows are scheduled independently:
+    each row writes its next sentence at its own slot column (``rows`` and ``columns`` point the
+    next step at them), and reads its columns ``[0, width)`` back under its own mask.
+
+    With ``scratch``, one more row than ``batch`` takes the writes of the padding rows of a
+    bucketed step (static shapes).
+
+    Attributes:
+        filled: the number of slot columns used so far (the longest row's).
+        capacity: the columns allocated (grown as rows need more, unless static).
+        valid: ``(rows, capacity)`` which columns of each row hold a slot.
+        nbytes: the bytes its key and value buffers hold.
+        slot_nbytes: the bytes of the slots the rows hold (without padding and free columns).
+    """
+
+    def __init__(self, num_layers: int, batch: int, capacity: int, device, scratch: bool = False):
+        self.batch, self.capacity, self.filled = batch, capacity, 0
+        self.rows = self.columns = None
+        self.width = capacity
+        self.valid = torch.zeros(batch + int(scratch), capacity, dtype=torch.bool, device=device)
+        if scratch:
+            self.valid[batch, 0] = True  # the scratch row attends to something (no NaN)
+        super().__init__(layers=[_SlotLayer(self) for _ in range(num_layers)])
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.filled
+
+    def grow(self, capacity: int) -> None:
+        for layer in self.layers:
+            if layer.is_initialized:
+                layer.grow(capacity)
+        self.valid = torch.cat([self.valid, self.valid.new_zeros(self.valid.shape[0], capacity - self.capacity)], dim=1)
+        self.capacity = capacity
+
+    @property
+    def nbytes(self) -> int:
+        return sum(
+            t.numel() * t.element_size() for layer in self.layers if layer.is_initialized for t in (layer.keys, layer.values)
+        )
+
+    @property
+    def slot_nbytes(self) -> int:
+        held = int(self.valid[: self.batch].sum())
+        return self.nbytes * held // (self.valid.numel()) if self.nbytes else 0
+
+
+class RowDecoderCache:
+    """The Sentence Decoder's self-attention cache when every row writes at its own position:
+    ``(batch, heads, width, head_dim)`` per layer, ``width`` at most ``max_sentence_len + 1``;
+    ``columns`` (one per row) points a one-token step at where each row writes; with
+    ``columns=None`` an input of ``q`` tokens fills columns ``0..q-1`` of every row.
+
+    Attributes:
+        width: the columns allocated (grown as sentences need more, unless static).
+        nbytes: the bytes its buffers hold.
+    """
+
+    def __init__(self, num_layers: int, batch: int, num_heads: int, width: int, head_dim: int, dtype, device):
+        shape = (batch, num_heads, width, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.width = width
+        self.columns: torch.Tensor | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+    def grow(self, width: int) -> None:
+        for buffers in (self.keys, self.values):
+            for i, old in enumerate(buffers):
+                buffers[i] = torch.cat([old, old.new_zeros(old.shape[:2] + (width - self.width,) + old.shape[3:])], dim=2)
+        self.width = width
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        if self.columns is None:
+            keys[:, :, : key.shape[2]] = key
+            values[:, :, : key.shape[2]] = value
+            return keys[:, :, : key.shape[2]], values[:, :, : key.shape[2]]
+        rows = torch.arange(keys.shape[0], device=keys.device)
+        keys[rows, :, self.columns] = key[:, :, 0]
+        values[rows, :, self.columns] = value[:, :, 0]
+        return keys, values
+
+
+class RowSteps:
+    """The three steps of the row-scheduled loop on preallocated state, as methods that
+    `torch.compile` can capture: :meth:`decoder_step` (all rows, one token each),
+    :meth:`encode` (finished sentences to vectors) and :meth:`backbone_step` (those vectors, one
+    slot each, for the rows that finished)."""
+
+    def __init__(self, model, batch: int, slot_capacity: int, dtype, device, static: bool):
+        vae = model.sentence_vae
+        config = vae.config
+        self.model, self.vae, self.static = model, vae, static
+        self.batch, self.device = batch, device
+        self.width = config.max_sentence_len + 1  # BOS + the tokens a sentence can feed
+        heads = config.num_attention_heads
+        self.decoder_cache = RowDecoderCache(
+            config.num_decoder_layers,
+            batch,
+            heads,
+            self.width if static else min(self.width, GROWTH + 1),
+            config.hidden_size // heads,
+            dtype,
+            device,
+        )
+        backbone_config = model.config.backbone.get_text_config()
+        self.slots = SlotCache(backbone_config.num_hidden_layers, batch, slot_capacity, device, scratch=static)
+        self.eager_mask = model.model.backbone.config._attn_implementation == "eager"
+        self.columns_index = torch.arange(self.width, device=device)
+
+    # ------------------------------------------------------------------ decoder
+    def decoder_step(
+        self, tokens: torch.Tensor, positions: torch.Tensor, cross: list[torch.Tensor]
+    ) -> torch.Tensor:
+        """Feed ``tokens`` ``(batch,)`` at ``positions`` of each row's sentence; the next-token
+        logits ``(batch, vocab)`` in float32."""
+        vae = self.vae
+        embeds = vae._decoder_embeddings()(tokens[:, None])
+        hidden = embeds + vae.decoder.embed_positions(positions[:, None], embeds.dtype)
+        index = self.columns_index[: self.decoder_cache.width]
+        mask = (index[None, :] <= positions[:, None])[:, None, None, :]
+        self.decoder_cache.columns = positions
+        hidden = vae.decoder.run_layers(hidden, mask, cache=self.decoder_cache, cross_states=cross)
+        return vae.lm_head(hidden[:, -1]).float()
+
+    def decoder_prefill(self, tokens: torch.Tensor, lengths: torch.Tensor, cross: list[torch.Tensor]) -> torch.Tensor:
+        """Feed ``[BOS, prefix..]`` ``(batch, q)`` (right-padded, ``lengths`` real tokens per row)
+        at positions ``0..``; the logits after each row's last real token."""
+        vae = self.vae
+        q = tokens.shape[1]
+        positions = torch.arange(q, device=tokens.device)
+        embeds = vae._decoder_embeddings()(tokens)
+        hidden = embeds + vae.decoder.embed_positions(positions[None, :], embeds.dtype)
+        causal = positions[None, :] <= positions[:, None]  # (q, q): key <= query
+        mask = causal[None, None]
+        self.decoder_cache.columns = None
+        hidden = vae.decoder.run_layers(hidden, mask, cache=self.decoder_cache, cross_states=cross)
+        rows = torch.arange(tokens.shape[0], device=tokens.device)
+        return vae.lm_head(hidden[rows, lengths - 1]).float()
+
+    # ------------------------------------------------------------------ encoder
+    def encode(self, sentences: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        vae = self.vae
+        return vae.encoder(vae.embed_tokens(sentences), mask)
+
+    # ------------------------------------------------------------------ backbone
+    def backbone_mask(self, valid: torch.Tensor, dtype) -> torch.Tensor:
+        mask = valid[:, None, None, :]
+        if self.eager_mask:
+            return torch.where(mask, 0.0, torch.finfo(dtype).min).to(dtype)
+        return mask
+
+    def backbone_step(
+        self, rows: torch.Tensor, columns: torch.Tensor, positions: torch.Tensor, vectors: torch.Tensor, width: int
+    ) -> torch.Tensor:
+        """Append one slot per row in ``rows`` (``vectors`` ``(b, hidden)`` at ``columns``, with
+        backbone position ids ``positions``) and return the backbone's new states ``(b, hidden)``."""
+        slots = self.slots
+        slots.valid[rows, columns] = True
+        slots.rows, slots.columns, slots.width = rows, columns, width
+        mask = self.backbone_mask(slots.valid[rows, :width], vectors.dtype)
+        out = self.model.model.backbone(
+            inputs_embeds=vectors[:, None],
+            attention_mask=mask,
+            position_ids=positions[:, None],
+            use_cache=True,
+            return_dict=True,
+            **{self.model.model._cache_argument: slots},
+        )
+        return out.last_hidden_state[:, -1]
+
+    def backbone_prefill(self, inputs: torch.Tensor, slot_mask: torch.Tensor) -> torch.Tensor:
+        """The prompts' slots ``(batch, p, hidden)`` (left-padded, ``slot_mask``) into columns
+        ``0..p-1``; the last slot's states ``(batch, hidden)``."""
+        p = inputs.shape[1]
+        slots = self.slots
+        slots.valid[: self.batch, :p] = slot_mask
+        slots.rows = slots.columns = None
+        index = torch.arange(p, device=inputs.device)
+        valid = slot_mask[:, None, :] & (index[None, None, :] <= index[None, :, None])  # (batch, q, k)
+        valid = valid | (index[None, None, :] == index[None, :, None])  # padding slots see themselves
+        mask = valid[:, None]
+        if self.eager_mask:
+            mask = torch.where(mask, 0.0, torch.finfo(inputs.dtype).min).to(inputs.dtype)
+        positions = (slot_mask.long().cumsum(dim=1) - 1).clamp(min=0)
+        out = self.model.model.backbone(
+            inputs_embeds=inputs,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            return_dict=True,
+            **{self.model.model._cache_argument: slots},
+        )
+        slots.filled = p
+        return out.last_hidden_state[:, -1]
+
+
+def compile_steps(steps: RowSteps, compile_config) -> None:
+    """Replace the steps' methods by `torch.compile`d ones (settings from a `CompileConfig`)."""
+    options = compile_config.to_dict() if compile_config is not None else {}
+    options = {k: v for k, v in options.items() if k in ("fullgraph", "dynamic", "backend", "mode", "options")}
+    options.setdefault("dynamic", False)
+    for name in ("decoder_step", "encode", "backbone_step"):
+        setattr(steps, name, torch.compile(getattr(steps, name), **options))
+
+
+def encode_by_length(
+    vae: SentenceVAEModel, input_ids: torch.Tensor, mask: torch.Tensor, max_tokens: int = 4096
+) -> torch.Tensor:
+    """``vae.encode`` of packed sentences, longest first, in chunks of at most ``max_tokens``
+    padded tokens: a long prompt's sentences are padded to their chunk's longest rather than
+    to the longest of all (less work, and transient memory bounded by ``max_tokens``)."""
+    lengths = mask.sum(dim=1)
+    if input_ids.shape[0] * input_ids.shape[1] <= max_tokens:
+        return vae.encode(input_ids, mask)
+    order = torch.argsort(lengths, descending=True, stable=True)
+    sorted_lengths = lengths[order].tolist()
+    vectors = None
+    start = 0
+    while start < len(order):
+        width = max(1, sorted_lengths[start])
+        stop = min(len(order), start + max(1, max_tokens // width))
+        rows = order[start:stop]
+        chunk = vae.encode(input_ids[rows, :width], mask[rows, :width])
+        if vectors is None:
+            vectors = chunk.new_empty(input_ids.shape[0], chunk.shape[1])
+        vectors[rows] = chunk
+        start = stop
+    return vectors
+
+
+def left_align(input_ids: torch.Tensor, keep: torch.Tensor, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tokens of each row where ``keep`` holds, left-padded into ``(batch, max_kept)``."""
+    counts = keep.sum(dim=1)
+    width = int(counts.max()) if counts.numel() else 0
+    out = torch.full((input_ids.shape[0], width), pad, dtype=input_ids.dtype, device=input_ids.device)
+    out_mask = torch.zeros(out.shape, dtype=torch.bool, device=input_ids.device)
+    if width:
+        # Column of each kept token: (width - count) + its rank among the row's kept tokens.
+        column = (width - counts)[:, None] + keep.long().cumsum(dim=1) - 1
+        rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(keep)
+        out[rows[keep], column[keep]] = input_ids[keep]
+        out_mask[rows[keep], column[keep]] = True
+    return out, out_mask
+
+
+def generate_rows(
+    model,
+    input_ids: torch.Tensor,
+    mask: torch.Tensor,
+    max_new: int,
+    min_new: int,
+    do_sample: bool,
+    processors: LogitsProcessorList | None,
+    streamer,
+    pad_token_id: int,
+    stopping_criteria=None,
+    output_scores: bool = False,
+    output_logits: bool = False,
+    static: bool = False,
+    compile_config=None,
+) -> tuple:
+    """The next-sentence loop with rows scheduled independently (see the module docstring); the
+    same contract and return value as the lockstep loop
+    (:meth:`SentenceGenerationMixin._generate_sentences`): ``(batch, written)`` new tokens
+    (``-1`` where none), the backbone's cache (a [`SlotCache`]), the sentences written per row,
+    the decoder cache (a [`RowDecoderCache`]) and the scores and logits of the new tokens (``None``
+    unless asked for). ``compile_config`` (with ``static``): compile the steps with these settings."""
+    pad = pad_token_id
+    batch, device = input_ids.shape[0], input_ids.device
+    vae, base = model.sentence_vae, model.model
+    config = vae.config
+    eos, bos, max_len = config.eos_token_id, config.bos_token_id, config.max_sentence_len
+    limit = model.config.max_position_embeddings
+
+    # The prompt: closed sentences feed the backbone, an unfinished last one is the decoder's prefix.
+    content = base.content_mask(input_ids, mask)
+    sentence_ids, closed = vae.segment(input_ids, content, return_closed=True)
+    num_sentences = sentence_ids.amax(dim=1) + 1 if sentence_ids.shape[1] else torch.zeros_like(closed, dtype=torch.long)
+    is_open = ~closed & (num_sentences > 0)
+    in_prefix = is_open[:, None] & (sentence_ids == (num_sentences - 1)[:, None])
+    packed = pack_sentences(input_ids, torch.where(in_prefix, -1, sentence_ids), model.config.pad_token_id)
+    vectors = (
+        encode_by_length(vae, packed.input_ids, packed.attention_mask)
+        if packed.input_ids.shape[0]
+        else torch.empty(0, model.config.hidden_size, device=device)
+    )
+    inputs, slot_mask = base.slot_inputs(vectors, packed)
+    prompt_slots = slot_mask.shape[1]
+    most_slots = prompt_slots + max_new
+    if limit is not None:
+        most_slots = min(most_slots, max(limit, prompt_slots))
+    capacity = most_slots if static else min(most_slots, prompt_slots + GROWTH)
+    dtype = vae._decoder_embeddings().weight.dtype
+    steps = RowSteps(model, batch, capacity, dtype, device, static)
+    if static and compile_config is not None:
+        compile_steps(steps, compile_config)
+    state = steps.backbone_prefill(inputs, slot_mask)
+
+    # Per-row state. `sentence` holds the sentence being written (prefix first), for the encoder.
+    rows_all = torch.arange(batch, device=device)
+    prefix_len = in_prefix.sum(dim=1)
+    sentence = torch.full((batch + 1, max_len), config.pad_token_id, dtype=torch.long, device=device)
+    prefix_column = in_prefix.long().cumsum(dim=1) - 1
+    sentence[rows_all[:, None].expand_as(in_prefix)[in_prefix], prefix_column[in_prefix]] = input_ids[in_prefix]
+    sentence_len = torch.cat([prefix_len, prefix_len.new_zeros(1)])
+    slot_column = slot_mask.new_full((batch,), prompt_slots - 1, dtype=torch.long)
+    slot_count = slot_mask.sum(dim=1)  # real slots per row (backbone positions)
+    written = torch.full((batch, max_new + 1), -1, dtype=torch.long, device=device)
+    count = torch.zeros(batch, dtype=torch.long, device=device)
+    sentences_written = torch.zeros(batch, dtype=torch.long, device=device)
+    done = count >= max_new
+    stop = pick_next_token(model.stop_head(state).float(), do_sample) == STOP
+    done |= stop & ~is_open & (count >= min_new)
+    cross = [c.to(dtype) for c in vae.decoder.cross_attention_states(state.to(dtype))]
+    prompt_part = torch.ones_like(input_ids, dtype=torch.bool)
+    need_history = processors is not None or stopping_criteria is not None
+    scores = logits_out = None
+    if output_scores:
+        scores = blank_token_scores(batch, max_new + 1, config.vocab_size, pad, device)
+    if output_logits:
+        logits_out = blank_token_scores(batch, max_new + 1, config.vocab_size, pad, device)
+
+    # The first decoder step feeds [BOS, prefix..] (right-padded) at positions 0..
+    first = torch.full((batch, 1 + int(prefix_len.max())), config.pad_token_id, dtype=torch.long, device=device)
+    first[:, 0] = bos
+    if first.shape[1] > 1:
+        first[:, 1:] = sentence[:batch, : first.shape[1] - 1]
+    position = prefix_len.clone()  # where each row's next input goes, minus one
+    host_position = prefix_len.tolist()  # the same, known on the host without a synchronisation
+    if first.shape[1] > steps.decoder_cache.width:
+        steps.decoder_cache.grow(min(steps.width, first.shape[1] + GROWTH))
+    logits = steps.decoder_prefill(first, prefix_len + 1, cross)
+    host_done = done.tolist()
+    while not all(host_done):
+        raw = logits
+        # A sentence holds at least one token: no end-of-sentence before it.
+        logits = logits.clone()
+        logits[:, eos] = torch.where(sentence_len[:batch] == 0, float("-inf"), logits[:, eos])
+        history = None
+        if need_history:
+            width = int(count.max())
+            history, _ = left_align(
+                torch.cat([input_ids, written[:, :width].clamp(min=0)], dim=1),
+                torch.cat([prompt_part, written[:, :width] >= 0], dim=1),
+                pad,
+            )
+        if processors is not None:
+            logits = processors(history, logits)
+        token = pick_next_token(logits, do_sample)
+        active = ~done
+        is_eos = (token == eos) & active
+        writes = active & ~is_eos
+        column = torch.where(writes, count, max_new)
+        written.scatter_(1, column[:, None], torch.where(writes, token, -1)[:, None])
+        if scores is not None:
+            scores[rows_all, column] = torch.where(writes[:, None], logits, scores[rows_all, column])
+        if logits_out is not None:
+            logits_out[rows_all, column] = torch.where(writes[:, None], raw, logits_out[rows_all, column])
+        if streamer is not None and bool(writes[0]):
+            streamer.put(token[:1].cpu())
+        count += writes.long()
+        sentence_column = torch.where(writes, sentence_len[:batch], max_len - 1)
+        sentence[rows_all[writes], sentence_column[writes]] = token[writes]
+        sentence_len[:batch] += writes.long()
+        finished = is_eos | (writes & ((sentence_len[:batch] >= max_len) | (count >= max_new)))
+        halted = torch.zeros_like(finished)
+        if stopping_criteria is not None and bool(writes.any()):
+            width = int(count.max())
+            running, _ = left_align(
+                torch.cat([input_ids, written[:, :width].clamp(min=0)], dim=1),
+                torch.cat([prompt_part, written[:, :width] >= 0], dim=1),
+                pad,
+            )
+            halted = stopping_criteria(running, logits) & writes
+            finished |= halted
+        # The rows whose sentence ended: count it, and end the text or feed the backbone. (An empty
+        # sentence, which only a processor that forces the end-of-sentence token can make, ends the text.)
+        empty = sentence_len[:batch] == 0
+        sentences_written += (finished & ~empty).long()
+        done |= halted | (finished & ((count >= max_new) | empty))
+        if limit is not None:
+            done |= finished & (slot_count + 1 >= limit)
+        ready = finished & ~done
+        flags = torch.cat([ready, done]).tolist()
+        ready_rows, host_done = [r for r in range(batch) if flags[r]], flags[batch:]
+        if ready_rows:
+            b = len(ready_rows)
+            rows = torch.tensor(ready_rows, dtype=torch.long, device=device)
+            lengths = sentence_len[rows]
+            if static:
+                size = _bucket(b, batch)
+                rows = torch.cat([rows, rows.new_full((size - b,), batch)])
+                sentence_width = _bucket(int(lengths.max()), max_len, smallest=8)
+            else:
+                sentence_width = int(lengths.max())
+            ids = sentence[rows, :sentence_width]
+            keep = torch.arange(sentence_width, device=device)[None, :] < sentence_len[rows][:, None]
+            keep[:, 0] = True  # the scratch row's empty sentence: one padding token, no NaN
+            vectors = steps.encode(ids, keep)
+            row_index = rows.clamp(max=batch - 1)
+            columns = torch.where(rows < batch, slot_column[row_index] + 1, 0)
+            if not static:
+                needed = int(columns.max()) + 1
+                if needed > steps.slots.capacity:
+                    steps.slots.grow(min(most_slots, needed + GROWTH))
+                slot_width = needed
+            else:
+                slot_width = steps.slots.capacity
+            positions = torch.where(rows < batch, slot_count[row_index], 0)
+            new_state = steps.backbone_step(rows, columns, positions, vectors.to(inputs.dtype), slot_width)[:b]
+            rows = rows[:b]
+            slot_column[rows] += 1
+            slot_count[rows] += 1
+            steps.slots.filled = max(steps.slots.filled, int(slot_column.max()) + 1)
+            stop = pick_next_token(model.stop_head(new_state).float(), do_sample) == STOP
+            done[rows] |= stop & (count[rows] >= min_new)
+            for layer_cross, new_cross in zip(cross, vae.decoder.cross_attention_states(new_state.to(dtype))):
+                layer_cross[rows] = new_cross.to(dtype)
+            sentence_len[rows] = 0
+            host_done = done.tolist()
+        # Rows that go on feed their token (a restarted row: BOS at position 0).
+        restart = finished & ~done
+        position = torch.where(restart, 0, (position + 1).clamp(max=max_len))  # (finished rows idle at the end)
+        restarted = set(ready_rows)
+        host_position = [0 if r in restarted else min(p + 1, max_len) for r, p in enumerate(host_position)]
+        feed = torch.where(restart, bos, token)
+        if all(host_done):
+            break
+        if max(host_position) >= steps.decoder_cache.width:
+            steps.decoder_cache.grow(min(steps.width, max(host_position) + 1 + GROWTH))
+        logits = steps.decoder_step(feed, position, cross)
+    width = int(count.max()) if batch else 0
+    return (
+        written[:, :width],
+        steps.slots,
+        sentences_written,
+        steps.decoder_cache,
+        scores[:, :width] if scores is not None else None,
+        logits_out[:, :width] if logits_out is not None else None,
+    )
