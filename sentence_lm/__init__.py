@@ -11,6 +11,7 @@ from .configuration_sentence_opt import SentenceOPTConfig
 from .configuration_sentence_vae import SentenceVAEConfig
 from .corpus import default_corpus, group_paragraphs, read_text_lines, split_train_validation
 from .metrics import reconstruction_metrics
+from .generation_runtime import RowDecoderCache, SlotCache
 from .generation_sentence_lm import SentenceGenerateOutput, SentenceGenerationMixin
 from .modeling_sentence_lm import (
     SentenceLMCausalLMOutput,
@@ -36,6 +37,7 @@ for _config, _models in (
 
 __all__ = [
     "PackedSentences",
+    "RowDecoderCache",
     "SentenceDecodeOutput",
     "SentenceDecoderCache",
     "SentenceGenerateOutput",
@@ -52,6 +54,7 @@ __all__ = [
     "SentenceVAEConfig",
     "SentenceVAEModel",
     "SentenceVAEOutput",
+    "SlotCache",
     "build_boundary_table",
     "default_corpus",
     "group_paragraphs",

@@ -36,14 +36,14 @@ logger = logging.get_logger(__name__)
 class SentenceGenerateOutput(GenerateDecoderOnlyOutput):
     """Output of [`SentenceGenerationMixin.generate`] with ``return_dict_in_generate=True``: a
     `GenerateDecoderOnlyOutput` (``sequences``; ``cache``: the backbone's key/value cache over
-    sentence slots at the end of generation, as a token model returns its cache over tokens)
-    plus:
+    sentence slots at the end of generation, as a token model returns its cache over tokens: a
+    [`SlotCache`], each row's slots in its own columns) plus:
 
     Attributes:
         num_sentences: ``(batch,)`` sentences written per row (a continued unfinished prompt
             sentence counts as one; a sentence cut by ``max_new_tokens`` counts too).
-        decoder_cache: the Sentence Decoder's key/value cache of the last sentence written (a
-            [`SentenceDecoderCache`]; ``decoder_cache.nbytes`` is the memory it held), when
+        decoder_cache: the Sentence Decoder's key/value cache (a [`RowDecoderCache`], one row per
+            text, holding its last sentence; ``decoder_cache.nbytes`` is its memory), when
             ``use_cache``.
     """
 
@@ -82,20 +82,27 @@ class SentenceGenerationMixin(GenerationMixin):
         a `GenerationConfig` and/or keyword overrides (``max_new_tokens``, ``min_new_tokens``,
         ``do_sample``, ``temperature``, ``top_k``, ``top_p``, ``repetition_penalty``,
         ``num_return_sequences``, ``pad_token_id``, ``return_dict_in_generate``,
-        ``cache_implementation``: ``"dynamic"`` by default, or ``"static"`` for a backbone cache
-        preallocated over every sentence slot the call can fill), a
-        ``streamer``; returns the prompts followed by the new tokens as one ``LongTensor``
+        ``cache_implementation``: ``"dynamic"`` by default, or ``"static"`` for fixed-shape buffers
+        preallocated over every sentence slot the call can fill, compiled with ``torch.compile``
+        where `transformers` compiles a token model with a static cache: on CUDA, or anywhere with
+        ``compile_config._compile_all_devices``, unless ``disable_compile``; ``compile_config``
+        gives the settings), a ``streamer``; returns the prompts followed by the new tokens as one ``LongTensor``
         (right-padded with ``pad_token_id``), or a [`SentenceGenerateOutput`] (a
         `GenerateDecoderOnlyOutput` with ``sequences``, the backbone's ``cache`` and
         ``num_sentences``) when ``return_dict_in_generate=True``.
 
-        Each step, for all unfinished rows at once: the stop head reads the backbone state and
-        decides whether the text ends (greedy, or sampled when ``do_sample``; never before
-        ``min_new_tokens``); the Sentence Decoder writes the next sentence with its own KV cache,
-        through the logits processors built from the generation config (which see the whole
-        running text, see below: ``repetition_penalty`` counts the prompt and every sentence
-        written, as for a token model); the sentence is encoded
-        and fed to the backbone, which keeps a KV cache over sentences. ``max_new_tokens`` is an
+        For each text: the stop head reads the backbone state and decides whether the text ends
+        (greedy, or sampled when ``do_sample``; never before ``min_new_tokens``); the Sentence
+        Decoder writes the next sentence with its own KV cache, through the logits processors
+        built from the generation config (which see the whole running text, see below:
+        ``repetition_penalty`` counts the prompt and every sentence written, as for a token
+        model); the sentence is encoded and fed to the backbone, which keeps a KV cache over
+        sentences. The rows of a batch advance independently (:mod:`.generation_runtime`): at
+        every decoder step each unfinished row writes one token or ends its sentence, and the
+        rows whose sentence ended take their backbone step together; no row waits for another's
+        longer sentence, and each row's greedy text is the one it gets alone. Without a cache
+        (``use_cache=False``), or for a backbone attention other than ``eager`` and ``sdpa``, the
+        reference loop runs instead: all rows write a sentence, then take one backbone step. ``max_new_tokens`` is an
         exact budget: a sentence is cut when it runs out. The end-of-sentence token is never
         returned. A prompt whose last sentence is unfinished is continued: that sentence's
         tokens are the decoder's prefix. An empty prompt (``input_ids=None`` or zero columns)
@@ -112,9 +119,10 @@ class SentenceGenerationMixin(GenerationMixin):
         padding included) followed by the tokens written so far, with every row of the batch in
         order at every decoder step. Rows that have written fewer tokens than the longest are
         padded on the left with ``pad_token_id`` (a token model writes the same number of tokens in
-        every row; here the sentences of the rows differ in length); a row that is not writing at
-        that step (its sentence or text is finished) has ``pad_token_id`` in the newest columns and
-        zero scores, and the processors' output for it is ignored. The end-of-sentence marker is
+        every row; here the rows end different numbers of sentences); a row that is not writing at
+        that step (its text is finished; in the reference loop also a row whose sentence is
+        finished while others write on, which has ``pad_token_id`` in the newest columns) is
+        there too, and the processors' output for it is ignored. The end-of-sentence marker is
         never part of ``input_ids``; it is one column of the scores (a processor that bans it makes
         sentences run to ``max_sentence_len``). ``stopping_criteria`` (``StoppingCriteria`` objects
         or callables ``(input_ids, scores) -> bool tensor``), ``max_time`` and ``stop_strings``
