@@ -408,7 +408,11 @@ class SentenceVAEPreTrainedModel(SafeCheckpointMixin, PreTrainedModel):
     base_model_prefix = "sentence_vae"
     main_input_name = "input_ids"
     supports_gradient_checkpointing = True  # its encoder and decoder layers are GradientCheckpointingLayers
-    _supports_sdpa = True  # its attention always runs on torch's scaled_dot_product_attention
+    # Its attention always runs on torch's scaled_dot_product_attention (one query per step, short
+    # sentences), whatever the setting: in a SentenceLM, `attn_implementation` picks the backbone's.
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
 
     def _init_weights(self, module):
         super()._init_weights(module)

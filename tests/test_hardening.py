@@ -541,6 +541,15 @@ BAD_CONFIGS = [
         dict(vocab_size=5),
         r"`vocab_size`=5 differs from the SentenceVAE's vocab_size \(1024\).*sentence_vae=dict\(vocab_size=...\)",
     ),
+    *(
+        (
+            f"opt-{name}-conflicts-with-vae",
+            SentenceOPTConfig,
+            {name: 7},
+            rf"`{name}`=7 differs from the SentenceVAE's {name} \(\d+\).*sentence_vae=dict\({name}=...\)",
+        )
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id")
+    ),
     ("opt-base-model-not-a-string", SentenceOPTConfig, dict(base_model=3), r"`base_model` must be a checkpoint name"),
     (
         "opt-sentence-vae-wrong-type",

@@ -159,6 +159,15 @@ def test_attention_implementation_reaches_the_backbone(sentence_lms, tokenizer, 
         torch.testing.assert_close(eager.eval()(**enc).logits, sdpa.eval()(**enc).logits, rtol=1e-5, atol=1e-5)
     sdpa.set_attn_implementation("eager")
     assert sdpa.model.backbone.config._attn_implementation == "eager"
+    # Whatever the backbone supports: flex attention (the SentenceVAE keeps its SDPA path) gives
+    # the same scores and text; a setting nobody supports is refused by transformers, by name.
+    flex = SentenceLMForCausalLM.from_pretrained(tmp_path / "ckpt", attn_implementation="flex_attention").eval()
+    assert flex.model.backbone.config._attn_implementation == "flex_attention"
+    with torch.no_grad():
+        torch.testing.assert_close(flex(**enc).logits, sdpa.eval()(**enc).logits, rtol=1e-5, atol=1e-5)
+    assert torch.equal(flex.generate(**enc, max_new_tokens=12), sdpa.generate(**enc, max_new_tokens=12))
+    with pytest.raises(ValueError, match='attn_implementation="bogus"` is not supported'):
+        SentenceLMForCausalLM.from_pretrained(tmp_path / "ckpt", attn_implementation="bogus")
 
 
 def test_no_split_modules_and_gradient_checkpointing_follow_the_backbone(sentence_lms, tokenizer):
