@@ -1,0 +1,54 @@
+"""benchmarks/side_by_side.py on tiny saved models: one table per prompt, every model's greedy
+and sampled continuation, prompts made of whole sentences from the text file."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import backbone_configs
+from transformers import AutoModelForCausalLM
+
+from sentence_lm import SentenceLMForCausalLM, default_corpus
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "side_by_side.py"
+
+
+@pytest.fixture(scope="module")
+def side_by_side():
+    spec = importlib.util.spec_from_file_location("side_by_side", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tables_hold_every_models_continuations(side_by_side, tokenizer, tmp_path):
+    config = backbone_configs(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)["llama"]
+    torch.manual_seed(0)
+    token_model = AutoModelForCausalLM.from_config(config).eval()
+    token_model.save_pretrained(tmp_path / "token")
+    tokenizer.save_pretrained(tmp_path / "token")
+    SentenceLMForCausalLM.from_pretrained_backbone(token_model, tokenizer=tokenizer).save_pretrained(tmp_path / "slm")
+    text = tmp_path / "text.txt"
+    text.write_text("= A heading =\n\n" + "\n\n".join(default_corpus()[:40]))
+
+    markdown = side_by_side.main([
+        "--checkpoint", str(tmp_path / "slm"), "--token_model", f"token model={tmp_path / 'token'}",
+        "--text", str(text), "--num_prompts", "2", "--min_words", "8", "--new_tokens", "6",
+        "--out", str(tmp_path / "side.md"),
+    ])  # fmt: skip
+    assert (tmp_path / "side.md").read_text() == markdown
+    sections = markdown.split("## Prompt ")[1:]
+    assert len(sections) == 2
+    for section in sections:
+        prompt = section.split("\n> ", 1)[1].split("\n", 1)[0]
+        assert len(prompt.split()) >= 8 and prompt[-1] in ".!?:" and "heading" not in prompt
+        rows = [line for line in section.splitlines() if line.startswith("| ") and "---" not in line][1:]
+        assert [row.split(" | ")[0] for row in rows] == ["| SentenceLM", "| token model"]
+        for row in rows:
+            greedy, sampled = row.split(" | ")[1:3]
+            assert greedy.strip() and sampled.strip()
+    # Prompts that a text cannot give are refused.
+    with pytest.raises(SystemExit, match="paragraphs"):
+        side_by_side.main(["--checkpoint", str(tmp_path / "slm"), "--text", str(text), "--num_prompts", "1000",
+                           "--out", str(tmp_path / "x.md")])  # fmt: skip
