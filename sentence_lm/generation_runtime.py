@@ -29,10 +29,20 @@ from .segmentation import pack_sentences
 
 CONTINUE, STOP = 0, 1
 """The stop head's two classes: the text goes on with another sentence, or ends here."""
+MAX_WAIT = 4
+"""Decoder steps a row whose sentence ended waits at most for others to share its backbone step."""
 GROWTH = 8
 """Free slot columns the eager runtime's backbone cache allocates ahead when it grows."""
 ROW_ATTENTION = ("eager", "sdpa")
 """Backbone attention implementations the row-scheduled runtime can hand a per-row mask to."""
+
+
+def rows_per_backbone_step(batch: int, device: torch.device) -> int:
+    """How many rows whose sentence ended the loop gathers for one backbone step (they wait for
+    each other at most ``MAX_WAIT`` decoder steps). A backbone step for a few rows costs nearly
+    what it costs for many where it is bound by reading the weights or launching kernels, so
+    fewer, fuller steps are cheaper; but a waiting row writes nothing."""
+    return 1
 
 
 def _bucket(n: int, limit: int, smallest: int = 1) -> int:
@@ -360,7 +370,10 @@ def generate_rows(
     (:meth:`SentenceGenerationMixin._generate_sentences`): ``(batch, written)`` new tokens
     (``-1`` where none), the backbone's cache (a [`SlotCache`]), the sentences written per row,
     the decoder cache (a [`RowDecoderCache`]) and the scores and logits of the new tokens (``None``
-    unless asked for). ``compile_config`` (with ``static``): compile the steps with these settings."""
+    unless asked for). ``compile_config`` (with ``static``): compile the steps with these settings.
+    The rows whose sentence ended wait (at most ``MAX_WAIT`` decoder steps, and never when no
+    other row is writing) until :func:`rows_per_backbone_step` of them take their backbone step
+    together."""
     pad = pad_token_id
     batch, device = input_ids.shape[0], input_ids.device
     vae, base = model.sentence_vae, model.model
@@ -426,6 +439,9 @@ def generate_rows(
     if first.shape[1] > steps.decoder_cache.width:
         steps.decoder_cache.grow(min(steps.width, first.shape[1] + GROWTH))
     logits = steps.decoder_prefill(first, prefix_len + 1, cross)
+    waiting = torch.zeros_like(done)  # sentence ended, backbone step to come
+    waited = [-1] * batch  # decoder steps each waiting row has waited (-1: not waiting)
+    min_ready = rows_per_backbone_step(batch, device)
     host_done = done.tolist()
     while not all(host_done):
         raw = logits
@@ -443,7 +459,7 @@ def generate_rows(
         if processors is not None:
             logits = processors(history, logits)
         token = pick_next_token(logits, do_sample)
-        active = ~done
+        active = ~done & ~waiting
         is_eos = (token == eos) & active
         writes = active & ~is_eos
         column = torch.where(writes, count, max_new)
@@ -456,7 +472,7 @@ def generate_rows(
             streamer.put(token[:1].cpu())
         count += writes.long()
         sentence_column = torch.where(writes, sentence_len[:batch], max_len - 1)
-        sentence[rows_all[writes], sentence_column[writes]] = token[writes]
+        sentence[torch.where(writes, rows_all, batch), sentence_column] = token  # (others: the scratch row)
         sentence_len[:batch] += writes.long()
         finished = is_eos | (writes & ((sentence_len[:batch] >= max_len) | (count >= max_new)))
         halted = torch.zeros_like(finished)
@@ -476,9 +492,16 @@ def generate_rows(
         done |= halted | (finished & ((count >= max_new) | empty))
         if limit is not None:
             done |= finished & (slot_count + 1 >= limit)
-        ready = finished & ~done
-        flags = torch.cat([ready, done]).tolist()
-        ready_rows, host_done = [r for r in range(batch) if flags[r]], flags[batch:]
+        waiting |= finished & ~done
+        flags = torch.cat([waiting, done]).tolist()
+        host_done = flags[batch:]
+        for r in range(batch):
+            waited[r] = waited[r] + 1 if flags[r] else -1
+        ready_rows = [r for r in range(batch) if flags[r]]
+        writing_left = any(not (flags[r] or host_done[r]) for r in range(batch))
+        if ready_rows and not (len(ready_rows) >= min_ready or max(waited) >= MAX_WAIT or not writing_left):
+            ready_rows = []  # they wait for more rows to end their sentences
+        restart = torch.zeros_like(done)
         if ready_rows:
             b = len(ready_rows)
             rows = torch.tensor(ready_rows, dtype=torch.long, device=device)
@@ -513,12 +536,19 @@ def generate_rows(
             for layer_cross, new_cross in zip(cross, vae.decoder.cross_attention_states(new_state.to(dtype))):
                 layer_cross[rows] = new_cross.to(dtype)
             sentence_len[rows] = 0
+            waiting[rows] = False
+            restart[rows] = ~done[rows]
             host_done = done.tolist()
-        # Rows that go on feed their token (a restarted row: BOS at position 0).
-        restart = finished & ~done
-        position = torch.where(restart, 0, (position + 1).clamp(max=max_len))  # (finished rows idle at the end)
+            for r in ready_rows:
+                waited[r] = -1
+        # Rows that go on feed their token (a restarted row: BOS at position 0; a waiting row and
+        # a finished one stay where they are).
+        position = torch.where(restart, 0, torch.where(waiting | done, position, (position + 1).clamp(max=max_len)))
         restarted = set(ready_rows)
-        host_position = [0 if r in restarted else min(p + 1, max_len) for r, p in enumerate(host_position)]
+        host_position = [
+            0 if r in restarted else p if flags[r] or host_done[r] else min(p + 1, max_len)
+            for r, p in enumerate(host_position)
+        ]
         feed = torch.where(restart, bos, token)
         if all(host_done):
             break

@@ -61,6 +61,32 @@ def test_no_row_waits_for_another(tokenizer, monkeypatch):
     assert int(written.min()) == NEW
 
 
+def test_rows_that_wait_to_share_a_backbone_step_write_the_same_text(tokenizer, monkeypatch):
+    """Gathering the rows whose sentence ended for fewer, fuller backbone steps changes no text."""
+    import sentence_lm.generation_runtime as runtime
+
+    model = tiny_sentence_opt(tokenizer)
+    enc = encode(tokenizer, PROMPTS)
+    reference = model.generate(**enc, max_new_tokens=NEW, use_cache=False)
+    sizes = []
+    step = RowSteps.backbone_step
+
+    def counted(self, rows, *args):
+        sizes.append(rows.shape[0])
+        return step(self, rows, *args)
+
+    monkeypatch.setattr(RowSteps, "backbone_step", counted)
+    alone = model.generate(**enc, max_new_tokens=NEW)
+    immediate = list(sizes)
+    sizes.clear()
+    monkeypatch.setattr(runtime, "rows_per_backbone_step", lambda batch, device: batch)
+    monkeypatch.setattr(runtime, "MAX_WAIT", 16)  # this model's rows end sentences up to 16 steps apart
+    grouped = model.generate(**enc, max_new_tokens=NEW)
+    assert torch.equal(alone, reference) and torch.equal(grouped, reference)
+    assert sum(sizes) == sum(immediate)  # one backbone step per sentence and row either way
+    assert len(sizes) < len(immediate) and max(sizes) > max(immediate)
+
+
 class StopAfter(StoppingCriteria):
     """Stops a row once its text holds ``length`` tokens."""
 
