@@ -1,11 +1,12 @@
 """The row-scheduled runtime of next-sentence generation.
 
 Every row of a batch advances on its own. At each decoder step every unfinished row writes one
-token of its current sentence; the rows whose sentence ended at that step (and only those) are
-encoded and take one backbone step together, and start their next sentence at the following
-step. No row waits for the longest sentence of the batch, as it does in the lockstep loop
+token of its current sentence; the rows whose sentence ended (and only those) are encoded and
+take one backbone step together, and start their next sentence at the following step. No row
+waits for the longest sentence of the batch, as it does in the lockstep loop
 (:meth:`SentenceGenerationMixin._generate_sentences`, the reference path), where each round runs
-as many decoder steps as the batch's longest sentence.
+as many decoder steps as the batch's longest sentence. (Rows whose sentence ended may wait a few
+steps for each other, so that backbone steps run fuller: :func:`rows_per_backbone_step`.)
 
 The state lives in preallocated buffers updated in place: the backbone's key/value cache over
 sentence slots ([`SlotCache`], every row writing at its own slot), the Sentence Decoder's cache
@@ -23,10 +24,12 @@ from __future__ import annotations
 import torch
 from transformers import Cache, LogitsProcessorList
 from transformers.cache_utils import CacheLayerMixin
+from transformers.utils import logging
 
 from .modeling_sentence_vae import SentenceVAEModel, blank_token_scores, pick_next_token
 from .segmentation import pack_sentences
 
+logger = logging.get_logger(__name__)
 CONTINUE, STOP = 0, 1
 """The stop head's two classes: the text goes on with another sentence, or ends here."""
 MAX_WAIT = 4
@@ -301,12 +304,44 @@ class RowSteps:
 
 
 def compile_steps(steps: RowSteps, compile_config) -> None:
-    """Replace the steps' methods by `torch.compile`d ones (settings from a `CompileConfig`)."""
+    """Replace the steps' methods by `torch.compile`d ones (settings from a `CompileConfig`;
+    ``dynamic=None`` becomes ``False``: the shapes are bucketed already).
+
+    Where compiling cannot work (dynamo unsupported on this platform, an unknown backend, or a
+    backend that fails, e.g. no C++ compiler for inductor on a CPU), a warning says so and the
+    steps run eagerly: the same results, without the speed-up."""
     options = compile_config.to_dict() if compile_config is not None else {}
     options = {k: v for k, v in options.items() if k in ("fullgraph", "dynamic", "backend", "mode", "options")}
-    options.setdefault("dynamic", False)
+    if options.get("dynamic") is None:
+        options["dynamic"] = False
+    if not torch._dynamo.is_dynamo_supported():
+        logger.warning_once("torch.compile is not supported on this platform; generating without compiling.")
+        return
     for name in ("decoder_step", "encode", "backbone_step"):
-        setattr(steps, name, torch.compile(getattr(steps, name), **options))
+        eager = getattr(steps, name)
+        try:
+            compiled = torch.compile(eager, **options)
+        except torch._dynamo.exc.InvalidBackend as err:
+            logger.warning_once(f"torch.compile cannot use this compile_config ({err}); generating without compiling.")
+            return
+        setattr(steps, name, _falls_back(steps, name, compiled, eager))
+
+
+def _falls_back(steps: RowSteps, name: str, compiled, eager):
+    """``compiled``, which puts ``eager`` in its place (with a warning) if its backend fails."""
+
+    def call(*args):
+        try:
+            return compiled(*args)
+        except torch._dynamo.exc.BackendCompilerFailed as err:
+            logger.warning_once(
+                f"torch.compile failed ({type(err.inner_exception).__name__}: {err.inner_exception}); "
+                "generating without compiling."
+            )
+            setattr(steps, name, eager)
+            return eager(*args)
+
+    return call
 
 
 def encode_by_length(

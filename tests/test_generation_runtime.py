@@ -3,8 +3,11 @@ lockstep reference loop (``use_cache=False``): the same greedy text for every ba
 attention implementation, rows independent of each other and of the batch, no row waiting for
 another's sentence; the static-shape runtime compiled with a bounded number of graphs."""
 
+import logging
+
 import pytest
 import torch
+import transformers
 from helpers import encode, tiny_sentence_opt
 from transformers import CompileConfig, StoppingCriteria, StoppingCriteriaList
 
@@ -161,3 +164,35 @@ def test_compiled_runtime_writes_the_eager_text_and_compiles_a_bounded_number_of
     assert torch.equal(again, eager)
     assert counters["stats"]["unique_graphs"] == graphs
     torch._dynamo.reset()
+
+
+def broken_backend(graph_module, example_inputs, **options):
+    raise RuntimeError("no C++ compiler found")
+
+
+@pytest.mark.parametrize("backend", ["no_such_backend", broken_backend], ids=["unknown", "failing"])
+def test_compiling_where_it_cannot_work_warns_and_generates_eagerly(backend, tokenizer, caplog):
+    model = tiny_sentence_opt(tokenizer)
+    enc = encode(tokenizer, PROMPTS)
+    eager = model.generate(**enc, max_new_tokens=20)
+    config = CompileConfig(backend=backend)
+    config._compile_all_devices = True
+    transformers.utils.logging.warning_once.cache_clear()
+    torch._dynamo.reset()
+    with caplog.at_level(logging.WARNING):
+        out = model.generate(**enc, max_new_tokens=20, cache_implementation="static", compile_config=config)
+    torch._dynamo.reset()
+    assert torch.equal(out, eager)
+    expected = "no C++ compiler found" if callable(backend) else "no_such_backend"
+    assert expected in caplog.text and "generating without compiling" in caplog.text
+
+
+def test_static_buffers_are_sized_per_call(tokenizer):
+    """No batch is too large for the static runtime's buffers: each call allocates its own (a
+    larger batch after a smaller one, or a longer budget, simply gets larger ones)."""
+    model = tiny_sentence_opt(tokenizer)
+    for prompts, new in ((PROMPTS[:2], 10), (PROMPTS * 3, 30)):
+        enc = encode(tokenizer, prompts)
+        out = model.generate(**enc, max_new_tokens=new, cache_implementation="static", return_dict_in_generate=True)
+        assert out.cache.valid.shape[0] == len(prompts) + 1  # the rows, and one scratch row
+        assert torch.equal(out.sequences, model.generate(**enc, max_new_tokens=new, use_cache=False))
