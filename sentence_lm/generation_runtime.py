@@ -252,11 +252,22 @@ class RowSteps:
         return vae.encoder(vae.embed_tokens(sentences), mask)
 
     # ------------------------------------------------------------------ backbone
-    def backbone_mask(self, valid: torch.Tensor, dtype) -> torch.Tensor:
-        mask = valid[:, None, None, :]
+    def _run_backbone(self, inputs: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The backbone on ``inputs`` ``(b, q, hidden)`` with a prepared ``(b, q, k)`` key mask
+        (boolean for sdpa, additive for eager) and position ids ``(b, q)``, writing to the slot
+        cache; the last query's states ``(b, hidden)``."""
+        mask = valid[:, None]
         if self.eager_mask:
-            return torch.where(mask, 0.0, torch.finfo(dtype).min).to(dtype)
-        return mask
+            mask = torch.where(mask, 0.0, torch.finfo(inputs.dtype).min).to(inputs.dtype)
+        out = self.model.model.backbone(
+            inputs_embeds=inputs,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            return_dict=True,
+            **{self.model.model._cache_argument: self.slots},
+        )
+        return out.last_hidden_state[:, -1]
 
     def backbone_step(
         self, rows: torch.Tensor, columns: torch.Tensor, positions: torch.Tensor, vectors: torch.Tensor, width: int
@@ -266,16 +277,7 @@ class RowSteps:
         slots = self.slots
         slots.valid[rows, columns] = True
         slots.rows, slots.columns, slots.width = rows, columns, width
-        mask = self.backbone_mask(slots.valid[rows, :width], vectors.dtype)
-        out = self.model.model.backbone(
-            inputs_embeds=vectors[:, None],
-            attention_mask=mask,
-            position_ids=positions[:, None],
-            use_cache=True,
-            return_dict=True,
-            **{self.model.model._cache_argument: slots},
-        )
-        return out.last_hidden_state[:, -1]
+        return self._run_backbone(vectors[:, None], slots.valid[rows, None, :width], positions[:, None])
 
     def backbone_prefill(self, inputs: torch.Tensor, slot_mask: torch.Tensor) -> torch.Tensor:
         """The prompts' slots ``(batch, p, hidden)`` (left-padded, ``slot_mask``) into columns
@@ -287,25 +289,22 @@ class RowSteps:
         index = torch.arange(p, device=inputs.device)
         valid = slot_mask[:, None, :] & (index[None, None, :] <= index[None, :, None])  # (batch, q, k)
         valid = valid | (index[None, None, :] == index[None, :, None])  # padding slots see themselves
-        mask = valid[:, None]
-        if self.eager_mask:
-            mask = torch.where(mask, 0.0, torch.finfo(inputs.dtype).min).to(inputs.dtype)
-        positions = (slot_mask.long().cumsum(dim=1) - 1).clamp(min=0)
-        out = self.model.model.backbone(
-            inputs_embeds=inputs,
-            attention_mask=mask,
-            position_ids=positions,
-            use_cache=True,
-            return_dict=True,
-            **{self.model.model._cache_argument: slots},
-        )
+        state = self._run_backbone(inputs, valid, (slot_mask.long().cumsum(dim=1) - 1).clamp(min=0))
         slots.filled = p
-        return out.last_hidden_state[:, -1]
+        return state
+
+    def buffers(self) -> list[torch.Tensor]:
+        """The tensors the steps update in place (for CUDA graphs: addresses that stay put)."""
+        layers = [t for layer in self.slots.layers if layer.is_initialized for t in (layer.keys, layer.values)]
+        return [*self.decoder_cache.keys, *self.decoder_cache.values, *layers, self.slots.valid]
 
 
 def compile_steps(steps: RowSteps, compile_config) -> None:
     """Replace the steps' methods by `torch.compile`d ones (settings from a `CompileConfig`;
     ``dynamic=None`` becomes ``False``: the shapes are bucketed already).
+
+    The buffers the steps update in place are marked as static addresses, so that on CUDA the
+    default ``mode="reduce-overhead"`` can capture the steps as CUDA graphs.
 
     Where compiling cannot work (dynamo unsupported on this platform, an unknown backend, or a
     backend that fails, e.g. no C++ compiler for inductor on a CPU), a warning says so and the
@@ -317,6 +316,8 @@ def compile_steps(steps: RowSteps, compile_config) -> None:
     if not torch._dynamo.is_dynamo_supported():
         logger.warning_once("torch.compile is not supported on this platform; generating without compiling.")
         return
+    for buffer in steps.buffers():
+        torch._dynamo.mark_static_address(buffer)
     for name in ("decoder_step", "encode", "backbone_step"):
         eager = getattr(steps, name)
         try:
@@ -436,9 +437,9 @@ def generate_rows(
     capacity = most_slots if static else min(most_slots, prompt_slots + GROWTH)
     dtype = vae._decoder_embeddings().weight.dtype
     steps = RowSteps(model, batch, capacity, dtype, device, static)
+    state = steps.backbone_prefill(inputs, slot_mask)  # (eager: prompts of any length; it allocates the slot cache)
     if static and compile_config is not None:
         compile_steps(steps, compile_config)
-    state = steps.backbone_prefill(inputs, slot_mask)
 
     # Per-row state. `sentence` holds the sentence being written (prefix first), for the encoder.
     rows_all = torch.arange(batch, device=device)

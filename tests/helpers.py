@@ -7,6 +7,7 @@ checkpoint out as a Hugging Face hub cache entry."""
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -15,7 +16,15 @@ import textwrap
 from pathlib import Path
 
 import torch
-from transformers import GemmaConfig, GPT2Config, LlamaConfig, MistralConfig, OPTConfig, PhiConfig, Qwen2Config
+from transformers import (
+    GemmaConfig,
+    GPT2Config,
+    LlamaConfig,
+    MistralConfig,
+    OPTConfig,
+    PhiConfig,
+    Qwen2Config,
+)
 
 TINY_HIDDEN = 32  # the width of tiny_sentence_opt's SentenceVAE and backbone
 WIDTH, HEADS = 32, 4  # the tiny token models of backbone_configs
@@ -185,3 +194,15 @@ def backbone_configs(vocab_size: int, bos: int, eos: int, pad: int) -> dict:
 
 
 FAMILIES = ["opt", "gpt2", "llama", "qwen2", "mistral", "gemma", "phi"]
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_script(relative_path: str):
+    """A script of the repository (``benchmarks/...py``, ``examples/...py``) imported as a module."""
+    path = REPO / relative_path
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,21 +1,15 @@
 """benchmarks/bench_generate.py end to end on a tiny random model: the figures it reports exist,
 are consistent with each other, and show what next-sentence prediction is about."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
-
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_generate.py"
+from helpers import load_script
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_generate", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/bench_generate.py")
 
 
 BACKBONES = {

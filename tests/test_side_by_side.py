@@ -1,25 +1,18 @@
 """benchmarks/side_by_side.py on tiny saved models: one table per prompt, every model's greedy
 and sampled continuation, prompts made of whole sentences from the text file."""
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 import torch
-from helpers import backbone_configs
+from helpers import backbone_configs, load_script
 from transformers import AutoModelForCausalLM
 
 from sentence_lm import SentenceLMForCausalLM, default_corpus
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "side_by_side.py"
-
 
 @pytest.fixture(scope="module")
 def side_by_side():
-    spec = importlib.util.spec_from_file_location("side_by_side", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/side_by_side.py")
 
 
 def test_tables_hold_every_models_continuations(side_by_side, tokenizer, tmp_path):

