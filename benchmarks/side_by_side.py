@@ -22,6 +22,11 @@ import shlex
 import sys
 from pathlib import Path
 
+try:
+    import sentence_lm  # noqa: F401
+except ImportError:  # a source checkout that is not installed: use the package next to this folder
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
