@@ -609,6 +609,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("give --train_file or --dataset_name, not both")
     if args.baseline_minutes is None:
         args.baseline_minutes = args.stage2_minutes
+    for name in ("stage1_minutes", "stage2_minutes", "baseline_minutes"):
+        if not getattr(args, name) > 0:
+            p.error(f"--{name} must be > 0 (each stage trains for at least one step within its budget)")
     return args
 
 

