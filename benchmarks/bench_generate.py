@@ -393,10 +393,10 @@ def synchronize(device: torch.device) -> None:
 
 
 def cache_nbytes(cache) -> int:
-    """Bytes of the key/value tensors of a `transformers` cache (or a SentenceDecoderCache)."""
+    """Bytes of the key/value tensors of a `transformers` cache, or of a cache of ours (``nbytes``)."""
     if cache is None:
         return 0
-    if hasattr(cache, "nbytes") and not hasattr(cache, "layers"):
+    if hasattr(cache, "nbytes"):
         return int(cache.nbytes)
     total = 0
     for layer in getattr(cache, "layers", []):

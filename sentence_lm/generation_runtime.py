@@ -132,7 +132,11 @@ class SlotCache(Cache):
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.filled
 
-    def grow(self, capacity: int) -> None:
+    def reserve(self, columns: int, limit: int) -> None:
+        """Hold at least ``columns`` slot columns: grown to ``GROWTH`` more (at most ``limit``) if short."""
+        if columns <= self.capacity:
+            return
+        capacity = min(limit, columns + GROWTH)
         for layer in self.layers:
             if layer.is_initialized:
                 layer.grow(capacity)
@@ -173,7 +177,11 @@ class RowDecoderCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
-    def grow(self, width: int) -> None:
+    def reserve(self, columns: int, limit: int) -> None:
+        """Hold at least ``columns`` columns: grown to ``GROWTH`` more (at most ``limit``) if short."""
+        if columns <= self.width:
+            return
+        width = min(limit, columns + GROWTH)
         for buffers in (self.keys, self.values):
             for i, old in enumerate(buffers):
                 buffers[i] = torch.cat([old, old.new_zeros(old.shape[:2] + (width - self.width,) + old.shape[3:])], dim=2)
@@ -200,8 +208,7 @@ class RowSteps:
     def __init__(self, model, batch: int, slot_capacity: int, dtype, device, static: bool):
         vae = model.sentence_vae
         config = vae.config
-        self.model, self.vae, self.static = model, vae, static
-        self.batch, self.device = batch, device
+        self.model, self.vae, self.batch = model, vae, batch
         self.width = config.max_sentence_len + 1  # BOS + the tokens a sentence can feed
         heads = config.num_attention_heads
         self.decoder_cache = RowDecoderCache(
@@ -387,6 +394,18 @@ def left_align(input_ids: torch.Tensor, keep: torch.Tensor, pad: int) -> tuple[t
     return out, out_mask
 
 
+def running_text(input_ids: torch.Tensor, written: torch.Tensor, count: torch.Tensor, pad: int) -> torch.Tensor:
+    """What logits processors and stopping criteria see: each row's prompt as given, then its new
+    tokens so far (``written``, ``-1`` where none; ``count`` per row), left-padded with ``pad``."""
+    so_far = written[:, : int(count.max())]
+    text, _ = left_align(
+        torch.cat([input_ids, so_far.clamp(min=0)], dim=1),
+        torch.cat([torch.ones_like(input_ids, dtype=torch.bool), so_far >= 0], dim=1),
+        pad,
+    )
+    return text
+
+
 def generate_rows(
     model,
     input_ids: torch.Tensor,
@@ -459,8 +478,6 @@ def generate_rows(
     stop = pick_next_token(model.stop_head(state).float(), do_sample) == STOP
     done |= stop & ~is_open & (count >= min_new)
     cross = [c.to(dtype) for c in vae.decoder.cross_attention_states(state.to(dtype))]
-    prompt_part = torch.ones_like(input_ids, dtype=torch.bool)
-    need_history = processors is not None or stopping_criteria is not None
     scores = logits_out = None
     if output_scores:
         scores = blank_token_scores(batch, max_new + 1, config.vocab_size, pad, device)
@@ -472,30 +489,23 @@ def generate_rows(
     first[:, 0] = bos
     if first.shape[1] > 1:
         first[:, 1:] = sentence[:batch, : first.shape[1] - 1]
-    position = prefix_len.clone()  # where each row's next input goes, minus one
-    host_position = prefix_len.tolist()  # the same, known on the host without a synchronisation
-    if first.shape[1] > steps.decoder_cache.width:
-        steps.decoder_cache.grow(min(steps.width, first.shape[1] + GROWTH))
+    steps.decoder_cache.reserve(first.shape[1], steps.width)
     logits = steps.decoder_prefill(first, prefix_len + 1, cross)
-    waiting = torch.zeros_like(done)  # sentence ended, backbone step to come
-    waited = [-1] * batch  # decoder steps each waiting row has waited (-1: not waiting)
+    # Kept on the host (decided from what each step reports, no further synchronisation): where
+    # each row's last decoder input went, and how many steps each row whose sentence ended has
+    # waited for its backbone step (-1: not waiting).
+    position = prefix_len.cpu()
+    waited = torch.full((batch,), -1)
+    waiting = torch.zeros_like(done)  # on the device: sentence ended, backbone step to come
     min_ready = rows_per_backbone_step(batch, device)
-    host_done = done.tolist()
-    while not all(host_done):
+    host_done = done.cpu()
+    while not bool(host_done.all()):
         raw = logits
         # A sentence holds at least one token: no end-of-sentence before it.
         logits = logits.clone()
         logits[:, eos] = torch.where(sentence_len[:batch] == 0, float("-inf"), logits[:, eos])
-        history = None
-        if need_history:
-            width = int(count.max())
-            history, _ = left_align(
-                torch.cat([input_ids, written[:, :width].clamp(min=0)], dim=1),
-                torch.cat([prompt_part, written[:, :width] >= 0], dim=1),
-                pad,
-            )
         if processors is not None:
-            logits = processors(history, logits)
+            logits = processors(running_text(input_ids, written, count, pad), logits)
         token = pick_next_token(logits, do_sample)
         active = ~done & ~waiting
         is_eos = (token == eos) & active
@@ -515,13 +525,7 @@ def generate_rows(
         finished = is_eos | (writes & ((sentence_len[:batch] >= max_len) | (count >= max_new)))
         halted = torch.zeros_like(finished)
         if stopping_criteria is not None and bool(writes.any()):
-            width = int(count.max())
-            running, _ = left_align(
-                torch.cat([input_ids, written[:, :width].clamp(min=0)], dim=1),
-                torch.cat([prompt_part, written[:, :width] >= 0], dim=1),
-                pad,
-            )
-            halted = stopping_criteria(running, logits) & writes
+            halted = stopping_criteria(running_text(input_ids, written, count, pad), logits) & writes
             finished |= halted
         # The rows whose sentence ended: count it, and end the text or feed the backbone. (An empty
         # sentence, which only a processor that forces the end-of-sentence token can make, ends the text.)
@@ -531,18 +535,17 @@ def generate_rows(
         if limit is not None:
             done |= finished & (slot_count + 1 >= limit)
         waiting |= finished & ~done
-        flags = torch.cat([waiting, done]).tolist()
-        host_done = flags[batch:]
-        for r in range(batch):
-            waited[r] = waited[r] + 1 if flags[r] else -1
-        ready_rows = [r for r in range(batch) if flags[r]]
-        writing_left = any(not (flags[r] or host_done[r]) for r in range(batch))
-        if ready_rows and not (len(ready_rows) >= min_ready or max(waited) >= MAX_WAIT or not writing_left):
-            ready_rows = []  # they wait for more rows to end their sentences
-        restart = torch.zeros_like(done)
-        if ready_rows:
-            b = len(ready_rows)
-            rows = torch.tensor(ready_rows, dtype=torch.long, device=device)
+        flags = torch.cat([waiting, done]).cpu()  # the step's one synchronisation
+        is_waiting, host_done = flags[:batch], flags[batch:]
+        waited = torch.where(is_waiting, waited + 1, -1)
+        ready = torch.nonzero(is_waiting).flatten()
+        writing_left = bool((~is_waiting & ~host_done).any())
+        if 0 < ready.numel() < min_ready and int(waited.max()) < MAX_WAIT and writing_left:
+            ready = ready[:0]  # they wait for more rows to end their sentences
+        restart = torch.zeros(batch, dtype=torch.bool)
+        if ready.numel():
+            b = ready.numel()
+            rows = ready.to(device)
             lengths = sentence_len[rows]
             if static:
                 size = _bucket(b, batch)
@@ -556,43 +559,33 @@ def generate_rows(
             vectors = steps.encode(ids, keep)
             row_index = rows.clamp(max=batch - 1)
             columns = torch.where(rows < batch, slot_column[row_index] + 1, 0)
+            needed = int(columns.max()) + 1
+            steps.slots.filled = max(steps.slots.filled, needed)
             if not static:
-                needed = int(columns.max()) + 1
-                if needed > steps.slots.capacity:
-                    steps.slots.grow(min(most_slots, needed + GROWTH))
-                slot_width = needed
-            else:
-                slot_width = steps.slots.capacity
+                steps.slots.reserve(needed, most_slots)
+            slot_width = steps.slots.capacity if static else needed
             positions = torch.where(rows < batch, slot_count[row_index], 0)
             new_state = steps.backbone_step(rows, columns, positions, vectors.to(inputs.dtype), slot_width)[:b]
             rows = rows[:b]
             slot_column[rows] += 1
             slot_count[rows] += 1
-            steps.slots.filled = max(steps.slots.filled, int(slot_column.max()) + 1)
             stop = pick_next_token(model.stop_head(new_state).float(), do_sample) == STOP
             done[rows] |= stop & (count[rows] >= min_new)
             for layer_cross, new_cross in zip(cross, vae.decoder.cross_attention_states(new_state.to(dtype))):
                 layer_cross[rows] = new_cross.to(dtype)
             sentence_len[rows] = 0
             waiting[rows] = False
-            restart[rows] = ~done[rows]
-            host_done = done.tolist()
-            for r in ready_rows:
-                waited[r] = -1
+            host_done = done.cpu()
+            restart[ready] = ~host_done[ready]
+            waited[ready] = -1
         # Rows that go on feed their token (a restarted row: BOS at position 0; a waiting row and
         # a finished one stay where they are).
-        position = torch.where(restart, 0, torch.where(waiting | done, position, (position + 1).clamp(max=max_len)))
-        restarted = set(ready_rows)
-        host_position = [
-            0 if r in restarted else p if flags[r] or host_done[r] else min(p + 1, max_len)
-            for r, p in enumerate(host_position)
-        ]
-        feed = torch.where(restart, bos, token)
-        if all(host_done):
+        position = torch.where(restart, 0, torch.where(is_waiting | host_done, position, (position + 1).clamp(max=max_len)))
+        if bool(host_done.all()):
             break
-        if max(host_position) >= steps.decoder_cache.width:
-            steps.decoder_cache.grow(min(steps.width, max(host_position) + 1 + GROWTH))
-        logits = steps.decoder_step(feed, position, cross)
+        steps.decoder_cache.reserve(int(position.max()) + 1, steps.width)
+        feed = torch.where(restart.to(device), bos, token)
+        logits = steps.decoder_step(feed, position.to(device), cross)
     width = int(count.max()) if batch else 0
     return (
         written[:, :width],

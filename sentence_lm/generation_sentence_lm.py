@@ -24,7 +24,7 @@ from transformers import (
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 from transformers.utils import logging
 
-from .generation_runtime import ROW_ATTENTION, STOP, encode_by_length, generate_rows, left_align
+from .generation_runtime import ROW_ATTENTION, STOP, encode_by_length, generate_rows, left_align, running_text
 from .modeling_sentence_vae import blank_token_scores, pick_next_token
 from .segmentation import pack_sentences
 from .validation import check_attention_mask, check_token_ids
@@ -367,7 +367,6 @@ class SentenceGenerationMixin(GenerationMixin):
         slots_used = slot_mask.sum(dim=1)
         decoder_cache = None
         need_history = processors is not None or stopping_criteria is not None
-        prompt_part = torch.ones_like(input_ids, dtype=torch.bool)
         chunks = []  # (columns, scores, logits) of each round, when asked for
         while not bool(done.all()):
             # The stop head may end a text only between sentences and after min_new_tokens.
@@ -379,15 +378,7 @@ class SentenceGenerationMixin(GenerationMixin):
             # All rows go to the decoder (the finished ones with no budget), in batch order.
             writing = ~done
             has_prefix = prefix_ids.shape[1] > 0
-            history = None
-            if need_history:
-                # Each row's prompt as given + its new tokens so far, left-padded to one width.
-                so_far = written[:, : int(count.max())]
-                history, _ = left_align(
-                    torch.cat([input_ids, so_far.clamp(min=0)], dim=1),
-                    torch.cat([prompt_part, so_far >= 0], dim=1),
-                    pad,
-                )
+            history = running_text(input_ids, written, count, pad) if need_history else None
             out = vae.decode(
                 state,
                 prefix_ids=prefix_ids if has_prefix else None,
