@@ -181,6 +181,14 @@ class SentenceVAEConfig(PreTrainedConfig):
         focal_gamma (`float`, defaults to 0.0):
             Focal-loss exponent of the reconstruction loss, a finite number >= 0; 0 is plain
             cross-entropy, the paper trains with 2.
+        loss_chunk_size (`int`, *optional*):
+            Training computes the reconstruction loss from the decoder states through the output
+            layer without building the logits (see `output_layer_nll`); it holds one
+            `(target steps, vocab)` tensor between the forward and backward passes. With a number
+            of rows here, no vocabulary-wide tensor outlives a chunk of that many rows (the
+            backward pass recomputes each chunk's logits: one more output-layer matmul for far
+            less memory; for large batches on a GPU). `None` (the default): one chunk. Applies to
+            a SentenceLM's loss too.
         layer_norm_eps (`float`, defaults to 1e-5):
             Epsilon of every LayerNorm; a finite number > 0.
         init_std (`float`, defaults to 0.02):
@@ -224,6 +232,7 @@ class SentenceVAEConfig(PreTrainedConfig):
     share_embeddings: bool = True
     tie_word_embeddings: bool = True
     focal_gamma: float = 0.0
+    loss_chunk_size: int | None = None
     layer_norm_eps: float = 1e-5
     init_std: float = 0.02
     pad_token_id: int = 1
@@ -258,6 +267,8 @@ class SentenceVAEConfig(PreTrainedConfig):
         check_choice("position_embedding", self.position_embedding, POSITION_EMBEDDINGS)
         check_choice("activation_function", self.activation_function, ACTIVATIONS)
         check_real(self, "focal_gamma")
+        if self.loss_chunk_size is not None:
+            check_positive(self, "loss_chunk_size")
         check_real(self, "layer_norm_eps", "init_std", strict=True)
         check_bool(self, "share_embeddings", "tie_word_embeddings")
         for name in ("pad_token_id", "bos_token_id", "eos_token_id"):

@@ -24,7 +24,7 @@ from .generation_runtime import CONTINUE, STOP
 from .generation_sentence_lm import SentenceGenerationMixin
 from .modeling_sentence_vae import SentenceVAEModel
 from .segmentation import PackedSentences, boundary_states, pack_sentences, trails_after
-from .validation import check_attention_mask, check_token_ids
+from .validation import check_attention_mask, check_token_ids, logit_positions
 
 logger = logging.get_logger(__name__)
 
@@ -356,6 +356,7 @@ class SentenceLMForCausalLM(SentenceLMPreTrainedModel, SentenceGenerationMixin):
         num_items_in_batch: int | torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
+        logits_to_keep: int | torch.Tensor | None = None,
         **kwargs,
     ) -> SentenceLMCausalLMOutput | tuple:
         """Score texts: the training loss (NLL per labelled token) and token-aligned logits.
@@ -377,6 +378,15 @@ class SentenceLMForCausalLM(SentenceLMPreTrainedModel, SentenceGenerationMixin):
                 model segments ``input_ids`` itself with the same rule.
             output_hidden_states, output_attentions: also return the backbone's (see
                 [`SentenceLMModel.forward`]).
+            logits_to_keep: which positions of the causal token scores ``logits`` to compute.
+                By default (``None``) all of them in evaluation mode and none in training mode:
+                the loss needs none, so a training step (Trainer, `accelerate`, a plain loop)
+                computes the loss terms only, straight from the Sentence Decoder's states
+                (:func:`~sentence_lm.cross_entropy.output_layer_nll`), and ``logits`` and
+                ``lm_loss`` are ``None``. ``0``: all positions in any mode; an int ``n > 0``:
+                the last ``n`` (as `transformers` causal LMs); a 1-D tensor of positions: those
+                (an empty one: none, for a fast ``nll`` in evaluation mode). ``lm_loss`` needs
+                all positions.
 
         Which terms a label keeps: a sentence token's term counts when the token is labelled;
         the end-of-sentence term of a sentence and the stop decision after it count when the
@@ -418,10 +428,13 @@ class SentenceLMForCausalLM(SentenceLMPreTrainedModel, SentenceGenerationMixin):
         states = self.sentence_vae.teacher_forced_states(packed.input_ids, mask, memory)
         targets = self.sentence_vae.reconstruction_targets(packed.input_ids, mask)
         has_target = targets != -100
-        step_logits = self.sentence_vae.lm_head(states[has_target])
-        step_index = has_target.long().flatten().cumsum(0).view(has_target.shape) - 1
         token_nll = torch.zeros(targets.shape, dtype=torch.float32, device=states.device)
-        token_nll[has_target] = F.cross_entropy(step_logits.float(), targets[has_target], reduction="none")
+        keep = logit_positions(logits_to_keep, self.training, input_ids.shape[1])
+        if keep is None:
+            token_nll[has_target] = self.sentence_vae.output_nll(states[has_target], targets[has_target])
+        else:
+            step_log_probs = F.log_softmax(self.sentence_vae.lm_head(states[has_target]).float(), dim=-1)
+            token_nll[has_target] = -step_log_probs.gather(1, targets[has_target][:, None]).squeeze(1)
 
         # Stop decisions: continue at every slot but the last, stop at the last.
         stop_logits = self.stop_head(hidden).float()
@@ -447,9 +460,11 @@ class SentenceLMForCausalLM(SentenceLMPreTrainedModel, SentenceGenerationMixin):
         if num_items_in_batch is not None:
             items = num_items_in_batch
         loss = (sentence_sum + self.config.stop_loss_weight * stop_sum) / items
-        logits = self.causal_scores(input_ids, attention_mask, out, step_logits, step_index)
-        lm_loss = None
-        if labels is not None or shift_labels is not None:
+        logits = lm_loss = None
+        if keep is not None:
+            step_index = has_target.long().flatten().cumsum(0).view(has_target.shape) - 1
+            logits = self.causal_scores(input_ids, attention_mask, out, step_log_probs, step_index, keep)
+        if logits is not None and isinstance(keep, slice) and (labels is not None or shift_labels is not None):
             if shift_labels is None:
                 shift_labels = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)
             lm_loss = F.cross_entropy(
@@ -492,12 +507,17 @@ class SentenceLMForCausalLM(SentenceLMPreTrainedModel, SentenceGenerationMixin):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None,
         out: SentenceLMModelOutput,
-        step_logits: torch.Tensor,
+        step_log_probs: torch.Tensor,
         step_index: torch.Tensor,
+        positions: torch.Tensor | slice = slice(None),
     ) -> torch.Tensor:
         """Causal next-token scores ``(batch, seq_len, vocab)``: ``logits[:, t]`` are the
         log-probabilities of token ``t + 1`` given tokens ``0..t`` only, with the sentence-boundary
         decision marginalised rather than read off token ``t + 1``.
+
+        ``step_log_probs`` are the Sentence Decoder's log-probabilities at its teacher-forced steps
+        and ``step_index`` ``(num_sentences, max_len + 1)`` the row of each step in them. With a
+        tensor of ``positions`` only those are computed: ``(batch, len(positions), vocab)``.
 
         After token ``t`` of the current sentence ``S`` (the sentence so far), ``P_dec`` the
         Sentence Decoder's next step after ``S``, ``P(continue)`` the stop head's and ``P_next``
@@ -534,14 +554,24 @@ class SentenceLMForCausalLM(SentenceLMPreTrainedModel, SentenceGenerationMixin):
         in_text = sentence >= 0
         first_slot = hidden.shape[1] - 1 - packed.num_sentences
         safe_sentence = sentence.clamp(min=0)
+        # The positions computed (sorted, each once) and, per position, its column in `scores`.
+        inverse = None
+        if isinstance(positions, slice):
+            columns = torch.arange(seq_len, device=device)
+        else:
+            columns, inverse = torch.unique(positions.to(device), sorted=True, return_inverse=True)
+        wanted = torch.zeros(seq_len, dtype=torch.bool, device=device)
+        wanted[columns] = True
+        column_of = torch.full((seq_len,), -1, dtype=torch.long, device=device)
+        column_of[columns] = torch.arange(len(columns), device=device)
 
         # P_dec(. | S): the decoder's step after token t in its sentence (its end step after the last).
-        step_rows = step_index[safe_sentence, position + 1]
-        scores = F.log_softmax(step_logits.float(), dim=-1)[step_rows]  # a new tensor: edited in place below
+        step_rows = step_index[safe_sentence, position + 1][:, columns]
+        scores = step_log_probs[step_rows]  # a new tensor: edited in place below
 
         # The states after a closed S: at the sentence's own slot when S is a whole sentence of the
         # text, else (S ended but the text trails it) from S's tokens encoded and put in that slot.
-        closing = in_text & (pending | full)
+        closing = in_text & (pending | full) & wanted
         whole = closing & (position + 1 == packed.lengths[safe_sentence])
         rows, cols = torch.nonzero(closing, as_tuple=True)
         sentences = sentence[rows, cols]
@@ -564,18 +594,19 @@ class SentenceLMForCausalLM(SentenceLMPreTrainedModel, SentenceGenerationMixin):
         # The start state predicts the first token after a leading BOS.
         first = torch.argmax(mask.long(), dim=1)
         batch_rows = torch.arange(batch, device=device)
-        has_bos = mask[batch_rows, first] & ~content[batch_rows, first]
+        has_bos = mask[batch_rows, first] & ~content[batch_rows, first] & wanted[first]
         start_rows = batch_rows[has_bos]
         all_states = torch.cat([states, hidden[start_rows, first_slot[start_rows]]])
         new_sentence = self._next_sentence_scores(all_states)
-        ended = scores[rows, cols, eos][:, None] + new_sentence[: len(rows)]
+        at = column_of[cols]
+        ended = scores[rows, at, eos][:, None] + new_sentence[: len(rows)]
         keep = trails_after(vae.boundary_table, input_ids[rows, cols]) & ~full[rows, cols][:, None]
-        scores[rows, cols] = torch.where(keep, scores[rows, cols], ended)
-        scores[start_rows, first[start_rows]] = new_sentence[len(rows) :]
+        scores[rows, at] = torch.where(keep, scores[rows, at], ended)
+        scores[start_rows, column_of[first[start_rows]]] = new_sentence[len(rows) :]
         scored = in_text.clone()
         scored[start_rows, first[start_rows]] = True
-        scores[~scored] = 0.0  # padding: no prediction
-        return scores
+        scores[~scored[:, columns]] = 0.0  # padding: no prediction
+        return scores if inverse is None else scores[:, inverse]
 
     def _next_sentence_scores(self, states: torch.Tensor) -> torch.Tensor:
         """``log P(continue) + log P_next(v)`` from backbone states ``(n, hidden)``: the stop head's

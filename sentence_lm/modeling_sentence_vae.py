@@ -16,8 +16,9 @@ from transformers.utils import ModelOutput
 
 from .checkpointing import SafeCheckpointMixin
 from .configuration_sentence_vae import SentenceVAEConfig
+from .cross_entropy import output_layer_nll
 from .segmentation import build_boundary_table, segment_sentences
-from .validation import check_attention_mask, check_budget, check_token_ids
+from .validation import check_attention_mask, check_budget, check_token_ids, logit_positions
 
 
 def pick_next_token(scores: torch.Tensor, do_sample: bool) -> torch.Tensor:
@@ -32,6 +33,54 @@ def blank_token_scores(rows: int, width: int, vocab: int, pad: int, device) -> t
     blank = torch.full((rows, width, vocab), float("-inf"), device=device)
     blank[..., pad] = 0.0
     return blank
+
+
+GROUP_LENGTH_RATIO = 4 / 3
+"""Sentences share a length group while the group's longest is at most this many times theirs."""
+
+GROUP_MAX_TOKENS = 8192
+"""Most padded tokens in one length group (bounds the transient memory of a long text's sentences)."""
+
+GROUP_MIN_TOKENS = 1024
+"""Sentences that fill at most this many padded tokens run as one group: too little work for
+padding to matter, and one call per layer is faster than several."""
+
+
+def length_groups(lengths: list[int], max_tokens: int = GROUP_MAX_TOKENS) -> list[tuple[list[int], int]]:
+    """Packed sentences grouped by length, longest first: ``[(rows, width)]`` where ``width`` is
+    the longest of ``rows``. A group takes sentences while its longest is at most
+    :data:`GROUP_LENGTH_RATIO` times theirs and it holds at most ``max_tokens`` padded tokens,
+    so padding costs at most a third more work than the sentences themselves (against up to
+    ``max_len / mean length`` times when every sentence is padded to the longest of the batch).
+    Sentences that fill at most :data:`GROUP_MIN_TOKENS` padded tokens form one group."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    if order and len(order) * lengths[order[0]] <= GROUP_MIN_TOKENS:
+        return [(order, lengths[order[0]])]
+    groups, start = [], 0
+    while start < len(order):
+        width = lengths[order[start]]
+        stop = start + 1
+        while (
+            stop < len(order)
+            and lengths[order[stop]] * GROUP_LENGTH_RATIO >= width
+            and (stop + 1 - start) * max(width, 1) <= max_tokens
+        ):
+            stop += 1
+        groups.append((order[start:stop], width))
+        start = stop
+    return groups
+
+
+def run_by_length(fn, lengths: torch.Tensor, min_width: int = 1) -> torch.Tensor:
+    """``fn(rows, width)`` over the :func:`length_groups` of packed sentences of ``lengths``
+    (``rows`` an index tensor, ``width`` at least ``min_width``), its per-row results put back in
+    row order; one call on every row when a single group holds them all."""
+    groups = length_groups(lengths.tolist())
+    if len(groups) <= 1:
+        return fn(slice(None), max(groups[0][1] if groups else 0, min_width))
+    order = torch.tensor([row for rows, _ in groups for row in rows], device=lengths.device)
+    results = [fn(torch.tensor(rows, device=lengths.device), max(width, min_width)) for rows, width in groups]
+    return torch.cat(results)[torch.argsort(order)]
 
 
 def sinusoidal_positions(position_ids: torch.Tensor, dim: int, dtype: torch.dtype) -> torch.Tensor:
@@ -390,11 +439,8 @@ class SentenceDecodeOutput(ModelOutput):
     logits: torch.Tensor | None = None
 
 
-def reconstruction_loss(logits: torch.Tensor, targets: torch.Tensor, gamma: float = 0.0) -> torch.Tensor:
-    """Mean cross-entropy over targets that are not ``-100``; focal loss when ``gamma > 0``."""
-    valid = targets != -100
-    log_probs = logits[valid].float().log_softmax(dim=-1)
-    nll = -log_probs.gather(1, targets[valid].unsqueeze(1)).squeeze(1)
+def focal_mean(nll: torch.Tensor, gamma: float = 0.0) -> torch.Tensor:
+    """Mean of per-token NLLs ``nll``; focal loss ``(1 - p) ** gamma * nll`` when ``gamma > 0``."""
     if gamma > 0:
         nll = (1 - torch.exp(-nll)).pow(gamma) * nll
     return nll.mean()
@@ -585,24 +631,62 @@ class SentenceVAEModel(SentenceVAEPreTrainedModel):
         return mask
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Encode packed sentences ``(n, max_len)`` into sentence vectors ``(n, hidden)``."""
+        """Encode packed sentences ``(n, max_len)`` into sentence vectors ``(n, hidden)``.
+
+        Sentences run in groups of similar length (see :func:`length_groups`), each padded to
+        its own longest rather than to the longest of all; the vectors do not depend on it."""
         mask = self._check_sentences(input_ids, attention_mask)
-        input_ids = input_ids[:, : int(mask.sum(dim=1).max())]
-        mask = mask[:, : input_ids.shape[1]]
-        return self.encoder(self.embed_tokens(input_ids), mask)
+        return self._encode(input_ids, mask)
+
+    def _encode(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        lengths = mask.sum(dim=1)
+        embeds = self.embed_tokens(input_ids[:, : int(lengths.max())])  # one lookup: one embedding gradient
+        return run_by_length(lambda rows, width: self.encoder(embeds[rows, :width], mask[rows, :width]), lengths)
 
     # ----------------------------------------------------------------------------- decoder
     def teacher_forced_states(
         self, input_ids: torch.Tensor, mask: torch.Tensor, sentence_vectors: torch.Tensor
     ) -> torch.Tensor:
         """Decoder output states ``(n, max_len + 1, hidden)`` when it is fed ``BOS + sentence``
-        (``lm_head`` turns them into logits)."""
+        (``lm_head`` turns them into logits); zeros past each sentence's end step.
+
+        Sentences run in groups of similar length, as in :meth:`encode`. The cross-attention to
+        the one sentence vector is computed once per sentence (its softmax weight is exactly 1),
+        unless attention dropout is on in training."""
+        lengths = mask.sum(dim=1)
+        width = input_ids.shape[1]
         bos = torch.full_like(input_ids[:, :1], self.config.bos_token_id)
         decoder_ids = torch.cat([bos, input_ids], dim=1)
         key_mask = torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1)
-        positions = torch.arange(decoder_ids.shape[1], device=input_ids.device).expand_as(decoder_ids)
-        embeds = self._decoder_embeddings()(decoder_ids)
-        return self.decoder(embeds, sentence_vectors.to(embeds.dtype), positions, key_mask)
+        embeds = self._decoder_embeddings()(decoder_ids)  # one lookup: one embedding gradient
+        vectors = sentence_vectors.to(embeds.dtype)
+        exact_cross = self.training and self.config.attention_dropout > 0
+        cross = None if exact_cross else self.decoder.cross_attention_states(vectors)
+        positions = torch.arange(width + 1, device=input_ids.device)
+
+        def run(rows: torch.Tensor | slice, group_width: int) -> torch.Tensor:
+            steps = group_width + 1
+            group_embeds = embeds[rows, :steps]
+            states = self.decoder(
+                group_embeds,
+                vectors[rows],
+                positions[:steps].expand(group_embeds.shape[0], steps),
+                key_mask[rows, :steps],
+                cross_states=None if cross is None else [c[rows] for c in cross],
+            )
+            return F.pad(states, (0, 0, 0, width - group_width))
+
+        return run_by_length(run, lengths, min_width=0)
+
+    def output_nll(self, states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Per-step NLL ``(n,)`` (float32) of ``targets`` from decoder states ``(n, hidden)``:
+        :func:`~sentence_lm.cross_entropy.output_layer_nll` on ``lm_head``'s weight (no logits
+        kept; ``config.loss_chunk_size`` rows at a time), or cross-entropy of ``lm_head``'s own
+        output when it is not a plain bias-free ``nn.Linear`` (an adapter or quantized layer)."""
+        head = self.lm_head
+        if type(head) is nn.Linear and head.bias is None:
+            return output_layer_nll(states, head.weight, targets, self.config.loss_chunk_size)
+        return F.cross_entropy(head(states).float(), targets, reduction="none")
 
     def teacher_forced_logits(
         self, input_ids: torch.Tensor, mask: torch.Tensor, sentence_vectors: torch.Tensor
@@ -622,6 +706,7 @@ class SentenceVAEModel(SentenceVAEPreTrainedModel):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         return_dict: bool | None = None,
+        logits_to_keep: int | torch.Tensor | None = None,
         **kwargs,
     ) -> SentenceVAEOutput | tuple:
         """Encode packed sentences and reconstruct them with teacher forcing.
@@ -629,17 +714,27 @@ class SentenceVAEModel(SentenceVAEPreTrainedModel):
         Args:
             input_ids: ``(n, max_len)`` packed sentences, right-padded.
             attention_mask: ``(n, max_len)``, 1 on real tokens.
+            logits_to_keep: whether to return the decoder's logits: by default (``None``) in
+                evaluation mode and not in training mode, where the loss is computed from the
+                decoder states directly (:func:`~sentence_lm.cross_entropy.output_layer_nll`:
+                the output layer runs on the steps that have a target only, and no
+                ``(n, max_len + 1, vocab)`` tensor is built); ``0`` always, an empty tensor
+                never.
 
         Returns:
-            [`SentenceVAEOutput`] with the reconstruction loss, the logits and the vectors.
+            [`SentenceVAEOutput`] with the reconstruction loss, the logits (see above) and the vectors.
         """
         mask = self._check_sentences(input_ids, attention_mask)
         width = int(mask.sum(dim=1).max())
         input_ids, mask = input_ids[:, :width].long(), mask[:, :width]
-        vectors = self.encoder(self.embed_tokens(input_ids), mask)
-        logits = self.teacher_forced_logits(input_ids, mask, vectors)
-        loss = reconstruction_loss(logits, self.reconstruction_targets(input_ids, mask), self.config.focal_gamma)
-        output = SentenceVAEOutput(loss=loss, logits=logits, sentence_vectors=vectors)
+        keep = logit_positions(logits_to_keep, self.training, width + 1, positions_supported=False)
+        vectors = self._encode(input_ids, mask)
+        states = self.teacher_forced_states(input_ids, mask, vectors)
+        targets = self.reconstruction_targets(input_ids, mask)
+        has_target = targets != -100
+        nll = self.output_nll(states[has_target], targets[has_target])
+        logits = None if keep is None else self.lm_head(states)
+        output = SentenceVAEOutput(loss=focal_mean(nll, self.config.focal_gamma), logits=logits, sentence_vectors=vectors)
         return output if return_dict is not False else output.to_tuple()
 
     @torch.no_grad()

@@ -64,3 +64,47 @@ def check_budget(max_new_tokens, n: int, name: str = "max_new_tokens") -> None:
         raise TypeError(f"`{name}` must be an int or an integer tensor of shape ({n},), got {max_new_tokens!r}.")
     if max_new_tokens < 0:
         raise ValueError(f"`{name}` must be >= 0, got {max_new_tokens}.")
+
+
+def logit_positions(
+    logits_to_keep, training: bool, seq_len: int, positions_supported: bool = True
+) -> torch.Tensor | slice | None:
+    """Which positions' logits a forward returns, from its ``logits_to_keep`` argument:
+    ``slice(None)`` for all, a 1-D tensor of positions (in ``[0, seq_len)``, in the order asked), or
+    ``None`` for none.
+
+    ``None`` (the default): all positions in evaluation mode, none in training mode (the loss does
+    not need them); ``0``: all (as in `transformers`); an int ``n > 0``: the last ``n``; a 1-D
+    integer tensor: those positions (negative ones count from the end; an empty tensor: none).
+    Without ``positions_supported`` only ``None``, ``0`` and an empty tensor are accepted."""
+    supported = (
+        "None (all logits in evaluation mode, none in training mode), 0 (all), an int n > 0 (the last n "
+        "positions) or a 1-D integer tensor of positions (empty: none)"
+        if positions_supported
+        else "None (all logits in evaluation mode, none in training mode), 0 (all) or an empty tensor (none)"
+    )
+    if logits_to_keep is None:
+        return None if training else slice(None)
+    if isinstance(logits_to_keep, torch.Tensor):
+        if logits_to_keep.dim() != 1 or logits_to_keep.is_floating_point() or logits_to_keep.dtype == torch.bool:
+            raise ValueError(
+                f"logits_to_keep as a tensor must be 1-D and hold integer positions, got shape "
+                f"{tuple(logits_to_keep.shape)} and dtype {logits_to_keep.dtype}; pass {supported}."
+            )
+        if logits_to_keep.numel() == 0:
+            return None
+        if not positions_supported:
+            raise ValueError(f"This model cannot return the logits of chosen positions; pass {supported}.")
+        if int(logits_to_keep.min()) < -seq_len or int(logits_to_keep.max()) >= seq_len:
+            raise ValueError(
+                f"logits_to_keep holds positions outside the {seq_len} positions of input_ids "
+                f"(min {int(logits_to_keep.min())}, max {int(logits_to_keep.max())})."
+            )
+        return logits_to_keep.long() % seq_len
+    if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, (int, np.integer)) or logits_to_keep < 0:
+        raise ValueError(f"logits_to_keep={logits_to_keep!r} is not supported; pass {supported}.")
+    if logits_to_keep == 0 or logits_to_keep >= seq_len:
+        return slice(None)
+    if not positions_supported:
+        raise ValueError(f"logits_to_keep={logits_to_keep} is not supported by this model; pass {supported}.")
+    return torch.arange(seq_len - int(logits_to_keep), seq_len)
