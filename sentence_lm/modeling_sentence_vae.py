@@ -401,7 +401,8 @@ class SentenceVAEOutput(ModelOutput):
         loss: reconstruction loss (cross-entropy, or focal loss when ``focal_gamma > 0``) over
             every sentence token and the end-of-sentence token.
         logits: ``(n, max_len + 1, vocab)`` decoder logits; step ``j`` predicts token ``j`` of
-            the sentence and step ``len`` the end-of-sentence token.
+            the sentence and step ``len`` the end-of-sentence token (no meaning after it). ``None`` in
+            training mode unless asked for (see ``logits_to_keep``).
         sentence_vectors: ``(n, hidden)`` encodings of the sentences.
     """
 
@@ -648,7 +649,7 @@ class SentenceVAEModel(SentenceVAEPreTrainedModel):
         self, input_ids: torch.Tensor, mask: torch.Tensor, sentence_vectors: torch.Tensor
     ) -> torch.Tensor:
         """Decoder output states ``(n, max_len + 1, hidden)`` when it is fed ``BOS + sentence``
-        (``lm_head`` turns them into logits); zeros past each sentence's end step.
+        (``lm_head`` turns them into logits); they mean nothing past each sentence's end step.
 
         Sentences run in groups of similar length, as in :meth:`encode`. The cross-attention to
         the one sentence vector is computed once per sentence (its softmax weight is exactly 1),
