@@ -561,7 +561,8 @@ def measure_memory_point(name: str, model, prompts: torch.Tensor, new_tokens: in
 
 
 # ---------------------------------------------------------------------------------- the run
-def _machine(device: torch.device) -> dict:
+def machine_info(device: torch.device) -> dict:
+    """The machine and library versions a benchmark ran on."""
     cpu = platform.processor() or ""
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -615,7 +616,7 @@ def run_benchmark(argv: list[str] | None = None) -> dict:
             command=" ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]) if argv is None else None,
             argv=list(sys.argv[1:]) if argv is None else list(argv),
             date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            machine=_machine(device),
+            machine=machine_info(device),
             sllm=dict(
                 source=built["sllm_label"],
                 trained=built["trained"],

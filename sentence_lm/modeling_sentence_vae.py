@@ -508,6 +508,14 @@ class SentenceVAEModel(SentenceVAEPreTrainedModel):
     def set_output_embeddings(self, value: nn.Linear) -> None:
         self.lm_head = value
 
+    def freeze_token_embeddings(self) -> None:
+        """Keep the token embeddings and the output layer fixed in training (they hold most of a
+        small SentenceVAE's parameters: no gradient, no optimizer state, and the output layer's
+        weight-gradient matmul is skipped)."""
+        for module in (self.embed_tokens, self.decoder_embed_tokens, self.lm_head):
+            if module is not None:
+                module.requires_grad_(False)
+
     def _decoder_embeddings(self) -> nn.Embedding:
         return self.embed_tokens if self.decoder_embed_tokens is None else self.decoder_embed_tokens
 

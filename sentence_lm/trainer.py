@@ -9,6 +9,7 @@ import os
 import sys
 import time
 
+import torch
 import transformers
 from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
@@ -28,6 +29,13 @@ class SentenceVAETrainer(Trainer):
         self.can_return_loss = True
         if not hasattr(self.accelerator.unwrap_model(self.model), "accepts_loss_kwargs"):
             self.model_accepts_loss_kwargs = False
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """As the Trainer's; with ``prediction_loss_only`` the model computes no logits
+        (``logits_to_keep`` empty: evaluation mode would otherwise build them for nothing)."""
+        if prediction_loss_only:
+            inputs = {**inputs, "logits_to_keep": torch.empty(0, dtype=torch.long)}
+        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
 
 
 class TimeBudgetCallback(TrainerCallback):

@@ -98,6 +98,10 @@ class SentenceOPTArguments:
     freeze_sentence_vae: bool = field(
         default=False, metadata={"help": "Keep the SentenceVAE's weights fixed and train the backbone only."}
     )
+    freeze_token_embeddings: bool = field(
+        default=False,
+        metadata={"help": "Keep the SentenceVAE's token embeddings and (tied) output layer fixed: a faster step."},
+    )
     stop_loss_weight: float | None = field(default=None, metadata={"help": "Weight of the stop head's loss."})
     vocab_size: int = field(default=2048, metadata={"help": "Vocabulary of a new tokenizer (no stage-1 model)."})
     max_sentence_len: int = field(default=32, metadata={"help": "Sentence cap of a new SentenceVAE."})
@@ -128,7 +132,11 @@ def text_nll(model, dataset, batch_size: int = 16, show_progress: bool = True) -
     batches = range(0, len(dataset), batch_size)
     for start in tqdm(batches, desc="Text NLL", disable=not show_progress):
         batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
-        out = model(batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+        out = model(
+            batch["input_ids"].to(device),
+            attention_mask=batch["attention_mask"].to(device),
+            logits_to_keep=torch.empty(0, dtype=torch.long),  # the NLL needs no logits
+        )
         total += float(out.nll.sum())
         tokens += int(out.num_tokens.sum())
     model.train(was_training)
@@ -199,6 +207,8 @@ def build_sentence_opt(model_args: SentenceOPTArguments, train_texts: Sequence[s
     model.tokenizer = tokenizer
     if model_args.freeze_sentence_vae:
         model.sentence_vae.requires_grad_(False)
+    if model_args.freeze_token_embeddings:
+        model.sentence_vae.freeze_token_embeddings()
     return model, tokenizer
 
 

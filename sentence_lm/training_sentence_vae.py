@@ -95,6 +95,10 @@ class SentenceVAEArguments:
     )
     dropout: float | None = field(default=None, metadata={"help": "Override: dropout."})
     fusion: str | None = field(default=None, metadata={"help": "Override: 'learnable', 'sum' or 'mean'."})
+    freeze_token_embeddings: bool = field(
+        default=False,
+        metadata={"help": "Keep the token embeddings and the (tied) output layer fixed: a faster step, fewer trained weights."},
+    )
     reconstruction_batch_size: int = field(
         default=256, metadata={"help": "Sentences per batch of the final reconstruction metrics."}
     )
@@ -320,6 +324,8 @@ def train_sentence_vae(args: Sequence[str] | None = None) -> dict:
     else:
         model = SentenceVAEModel(config)
     model.set_boundary_table(tokenizer)
+    if model_args.freeze_token_embeddings:
+        model.freeze_token_embeddings()
     n_params = sum(p.numel() for p in model.parameters())
     logger.info("SentenceVAE with %.2fM parameters: %s", n_params / 1e6, config.to_json_string(use_diff=True))
 

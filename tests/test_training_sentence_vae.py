@@ -110,3 +110,38 @@ def test_train_sentence_vae_end_to_end(text_file, tmp_path, capsys):
     )  # fmt: skip
     assert resumed["global_step"] == 32
     assert SentenceTokenizer.from_pretrained(out).get_vocab() == tokenizer.get_vocab()
+
+
+def test_frozen_token_embeddings_stay_as_they_were(text_file, tmp_path):
+    """--freeze_token_embeddings trains everything but the embeddings and the tied output layer."""
+    out = tmp_path / "frozen"
+    train_sentence_vae(
+        tiny_run_args(text_file, out, "--max_steps", "3", "--freeze_token_embeddings", "True", "--save_strategy", "no",
+                      "--do_eval", "False", "--max_reconstruction_sentences", "8")
+    )  # fmt: skip
+    trained = SentenceVAEModel.from_pretrained(out)
+    torch.manual_seed(0)  # the new model the run started from (same seed, same config)
+    start = SentenceVAEModel(trained.config)
+    assert torch.equal(trained.embed_tokens.weight, start.embed_tokens.weight)
+    assert not torch.equal(trained.encoder.layers[0].ffn.fc1.weight, start.encoder.layers[0].ffn.fc1.weight)
+
+
+def test_loss_only_evaluation_computes_no_logits_and_the_same_loss(tmp_path):
+    from transformers import TrainingArguments
+
+    from sentence_lm import SentenceVAEConfig
+    from sentence_lm.data import PaddingCollator
+    from sentence_lm.trainer import SentenceVAETrainer
+
+    torch.manual_seed(0)
+    model = SentenceVAEModel(SentenceVAEConfig(vocab_size=50, hidden_size=16, num_attention_heads=2, ffn_dim=32))
+    rows = [{"input_ids": torch.randint(3, 50, (n,)).tolist()} for n in (3, 7, 5, 9)]
+    seen = []
+    model.register_forward_hook(lambda module, args, kwargs, out: seen.append(out.logits), with_kwargs=True)
+    args = TrainingArguments(output_dir=str(tmp_path), remove_unused_columns=False, report_to=[])
+    trainer = SentenceVAETrainer(model=model.eval(), args=args)
+    batch = PaddingCollator(1)(rows)
+    loss_only, _, _ = trainer.prediction_step(model, batch, prediction_loss_only=True)
+    with_logits, logits, _ = trainer.prediction_step(model, batch, prediction_loss_only=False)
+    assert seen[0] is None and torch.equal(seen[1], logits[0])  # (logits, sentence_vectors)
+    torch.testing.assert_close(loss_only, with_logits)
