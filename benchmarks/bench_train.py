@@ -2,8 +2,9 @@
 """Training-cost benchmark: tokens/s of a training step of a SentenceLM (stage 2), of its
 SentenceVAE alone (stage 1) and of the same-shape token model, on the same batches, in one run.
 
-A step is what the Trainer does: forward with ``labels``, backward, ``AdamW.step()`` and
-``zero_grad()``, with the model in training mode (dropout as configured). The three models take
+A step is what the Trainer does: forward with ``labels``, backward, the fused ``AdamW.step()``
+(the Trainer's default optimizer) and ``zero_grad()``, with the model in training mode (dropout
+as configured). The three models take
 turns step by step after a warm-up step each, so that a change in the machine's load hits all of
 them; the median step time of ``--steps`` steps is reported, per dtype (``fp32``; ``bf16`` is
 bf16 autocast over fp32 weights, as the Trainer's ``--bf16``).
@@ -188,20 +189,23 @@ def counted_flops(step) -> int:
     return counter.get_total_flops()
 
 
-def matmul_rate(shapes: list[tuple[int, int, int]], dtype: torch.dtype, device: torch.device) -> float:
-    """The best matmul rate (FLOP/s) over ``(rows, in, out)`` shapes, forward-sized products."""
+def matmul_rate(shapes: list[tuple[int, int, int]], dtype: torch.dtype, device: torch.device, trials: int = 5) -> float:
+    """The best matmul rate (FLOP/s) over ``(rows, in, out)`` shapes: for each, the fastest of
+    ``trials`` products after two warm-up ones (a single slow trial, from another process's load,
+    must not lower the bound)."""
     best = 0.0
     for rows, inner, out in shapes:
         a = torch.randn(rows, inner, device=device, dtype=dtype)
         b = torch.randn(inner, out, device=device, dtype=dtype)
-        a @ b
-        synchronize(device)
-        start = time.perf_counter()
-        repeats = 3
-        for _ in range(repeats):
-            a @ b
-        synchronize(device)
-        best = max(best, 2.0 * rows * inner * out * repeats / (time.perf_counter() - start))
+        c = torch.empty(rows, out, device=device, dtype=dtype)  # written in place: no allocation timed
+        for _ in range(2):
+            torch.mm(a, b, out=c)
+        for _ in range(trials):
+            synchronize(device)
+            start = time.perf_counter()
+            torch.mm(a, b, out=c)
+            synchronize(device)
+            best = max(best, 2.0 * rows * inner * out / (time.perf_counter() - start))
     return best
 
 
@@ -216,7 +220,8 @@ class Trained:
 
     def __init__(self, name: str, model: torch.nn.Module, batch: dict, lr: float, autocast, device):
         self.name, self.model, self.batch = name, model.train(), batch
-        self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+        # The Trainer's default optimizer (`adamw_torch_fused`).
+        self.optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, fused=True)
         self.autocast, self.device = autocast, device
         self.times: list[float] = []
 

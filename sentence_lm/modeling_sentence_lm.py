@@ -37,12 +37,15 @@ class SentenceLMModelOutput(ModelOutput):
         last_hidden_state: ``(batch, slots, hidden)`` backbone states, left-padded: the last
             ``1 + num_sentences[b]`` slots of row ``b`` are its start state and its sentences.
             The state at a slot predicts the sentence in the next slot (or the end of text).
-        slot_mask: ``(batch, slots)`` which slots hold the start state or a sentence.
+            Padding slots hold zeros.
+        slot_mask: ``(batch, slots)`` which slots hold the start state or a sentence (``True``)
+            and which are padding: the mask of ``last_hidden_state`` and ``hidden_states``.
         sentence_vectors: ``(num_sentences, hidden)`` encodings of the packed sentences.
         packed: the batch's sentences, packed (see [`PackedSentences`]).
         cache: the backbone's key/value cache over sentence slots, when ``use_cache``.
         hidden_states: the backbone's states after its embedding and each layer, each
-            ``(batch, slots, hidden)``, when ``output_hidden_states``.
+            ``(batch, slots, hidden)``, when ``output_hidden_states``; padding slots (see
+            ``slot_mask``) hold zeros.
         attentions: the backbone's attention maps over sentence slots, one per layer, when
             ``output_attentions``.
     """
@@ -79,7 +82,10 @@ class SentenceLMCausalLMOutput(ModelOutput):
             decisions), in nats.
         num_tokens: ``(batch,)`` original tokens of each text (BOS and padding excluded).
         hidden_states, attentions: the backbone's, over sentence slots (see
-            [`SentenceLMModelOutput`]), when ``output_hidden_states`` / ``output_attentions``.
+            [`SentenceLMModelOutput`]), when ``output_hidden_states`` / ``output_attentions``;
+            padding slots of ``hidden_states`` hold zeros.
+        slot_mask: ``(batch, slots)``, with ``hidden_states``: which sentence slots are real
+            (the start state and each sentence) and which are padding.
     """
 
     loss: torch.Tensor | None = None
@@ -92,6 +98,7 @@ class SentenceLMCausalLMOutput(ModelOutput):
     num_tokens: torch.Tensor | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
+    slot_mask: torch.Tensor | None = None
 
 
 class NoTokenEmbeddings(nn.Module):
@@ -276,13 +283,16 @@ class SentenceLMModel(SentenceLMPreTrainedModel):
             output_hidden_states=bool(output_hidden_states),
             output_attentions=bool(output_attentions),
         )
+        padding = ~slot_mask[..., None]
         output = SentenceLMModelOutput(
-            last_hidden_state=backbone.last_hidden_state,
+            last_hidden_state=backbone.last_hidden_state.masked_fill(padding, 0.0),
             slot_mask=slot_mask,
             sentence_vectors=vectors,
             packed=packed,
             cache=cache,
-            hidden_states=backbone.hidden_states if output_hidden_states else None,
+            hidden_states=tuple(h.masked_fill(padding, 0.0) for h in backbone.hidden_states)
+            if output_hidden_states
+            else None,
             attentions=backbone.attentions if output_attentions else None,
         )
         return output if return_dict is not False else output.to_tuple()
@@ -483,6 +493,7 @@ class SentenceLMForCausalLM(SentenceLMPreTrainedModel, SentenceGenerationMixin):
             num_tokens=num_tokens,
             hidden_states=out.hidden_states,
             attentions=out.attentions,
+            slot_mask=slot_mask if output_hidden_states else None,
         )
         return output if return_dict is not False else output.to_tuple()
 

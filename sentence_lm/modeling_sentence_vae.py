@@ -163,7 +163,7 @@ class FeedForward(nn.Module):
 class SentenceEncoderLayer(GradientCheckpointingLayer):
     """Pre-LayerNorm Transformer encoder layer: bidirectional self-attention, feed-forward.
     Checkpointed (its activations recomputed in the backward pass) after
-    ``model.gradient_checkpointing_enable()``."""
+    ``model.activation_checkpointing_enable()``."""
 
     def __init__(self, config: SentenceVAEConfig):
         super().__init__()
@@ -183,7 +183,7 @@ class SentenceEncoderLayer(GradientCheckpointingLayer):
 class SentenceDecoderLayer(GradientCheckpointingLayer):
     """Pre-LayerNorm Transformer decoder layer: causal self-attention (cacheable),
     cross-attention to the sentence vector, feed-forward. Checkpointed after
-    ``model.gradient_checkpointing_enable()`` when it runs with gradients in training mode (then
+    ``model.activation_checkpointing_enable()`` when it runs with gradients in training mode (then
     without a cache: `GradientCheckpointingLayer` drops a ``cache`` passed by keyword)."""
 
     def __init__(self, config: SentenceVAEConfig, layer_idx: int):

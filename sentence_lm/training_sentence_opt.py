@@ -102,6 +102,10 @@ class SentenceOPTArguments:
         default=False,
         metadata={"help": "Keep the SentenceVAE's token embeddings and (tied) output layer fixed: a faster step."},
     )
+    loss_chunk_size: int | None = field(
+        default=None,
+        metadata={"help": "Compute the loss over the vocabulary this many rows at a time (less memory, a little slower)."},
+    )
     stop_loss_weight: float | None = field(default=None, metadata={"help": "Weight of the stop head's loss."})
     vocab_size: int = field(default=2048, metadata={"help": "Vocabulary of a new tokenizer (no stage-1 model)."})
     max_sentence_len: int = field(default=32, metadata={"help": "Sentence cap of a new SentenceVAE."})
@@ -209,6 +213,8 @@ def build_sentence_opt(model_args: SentenceOPTArguments, train_texts: Sequence[s
         model.sentence_vae.requires_grad_(False)
     if model_args.freeze_token_embeddings:
         model.sentence_vae.freeze_token_embeddings()
+    if model_args.loss_chunk_size is not None:
+        model.config.sentence_vae.loss_chunk_size = model_args.loss_chunk_size
     return model, tokenizer
 
 

@@ -95,6 +95,10 @@ class SentenceVAEArguments:
     )
     dropout: float | None = field(default=None, metadata={"help": "Override: dropout."})
     fusion: str | None = field(default=None, metadata={"help": "Override: 'learnable', 'sum' or 'mean'."})
+    loss_chunk_size: int | None = field(
+        default=None,
+        metadata={"help": "Override: compute the loss over the vocabulary this many rows at a time (less memory)."},
+    )
     freeze_token_embeddings: bool = field(
         default=False,
         metadata={"help": "Keep the token embeddings and the (tied) output layer fixed: a faster step, fewer trained weights."},
@@ -127,6 +131,7 @@ _CONFIG_OVERRIDE_FIELDS = (
     "focal_gamma",
     "dropout",
     "fusion",
+    "loss_chunk_size",
 )
 
 STAGE1_TRAINING_DEFAULTS = {

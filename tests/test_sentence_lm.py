@@ -173,14 +173,14 @@ def test_attention_implementation_reaches_the_backbone(sentence_lms, tokenizer, 
 def test_no_split_modules_and_gradient_checkpointing_follow_the_backbone(sentence_lms, tokenizer):
     model = sentence_lms["llama"]
     assert "LlamaDecoderLayer" in model._no_split_modules
-    model.gradient_checkpointing_enable()
+    model.activation_checkpointing_enable()
     try:
         model.train()
         enc = tokenizer(TEXTS, padding=True, return_tensors="pt")
         model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).loss.backward()
         assert model.model.backbone.gradient_checkpointing
     finally:
-        model.gradient_checkpointing_disable()
+        model.activation_checkpointing_disable()
         model.zero_grad(set_to_none=True)
         model.eval()
 
@@ -303,3 +303,26 @@ def test_hidden_states_and_attentions_are_the_backbones_over_sentence_slots(fami
     assert torch.all(torch.triu(out.attentions[0][0, 0], diagonal=1) == 0)
     torch.testing.assert_close(out.logits, plain.logits)
     torch.testing.assert_close(base.hidden_states[1], out.hidden_states[1])
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("family", ["opt", "llama"])
+def test_hidden_states_come_with_their_slot_mask_and_zeros_on_padding(family, side, sentence_lms, tokenizer, tmp_path):
+    """Eager and SDPA attention agree on every slot, padding included (zeros there), so that
+    comparisons and pooling over slots are safe; ``slot_mask`` says which slots are real."""
+    sentence_lms[family].save_pretrained(tmp_path / "ckpt")
+    texts = ["The object is returned. Each argument of the call is evaluated, in order; then the body runs.", "Yes."]
+    enc = tokenizer(texts, padding=True, padding_side=side, return_tensors="pt", return_sentence_ids=False)
+    outputs = {}
+    for implementation in ("eager", "sdpa"):
+        model = SentenceLMForCausalLM.from_pretrained(tmp_path / "ckpt", attn_implementation=implementation)
+        with torch.no_grad():
+            outputs[implementation] = model(**enc, output_hidden_states=True)
+    eager, sdpa = outputs["eager"], outputs["sdpa"]
+    mask = eager.slot_mask
+    assert mask.dtype == torch.bool and torch.equal(mask, sdpa.slot_mask)
+    assert bool((~mask).any())  # the texts hold different numbers of sentences: padding slots
+    for e, s in zip(eager.hidden_states, sdpa.hidden_states):
+        torch.testing.assert_close(e, s, atol=1e-5, rtol=1e-4)
+        assert not e[~mask].any() and not s[~mask].any()
+    assert model(**enc).slot_mask is None  # only with the states it describes

@@ -112,6 +112,23 @@ def test_output_layer_nll_equals_the_cross_entropy_of_the_logits():
         torch.testing.assert_close(output_layer_nll(hidden, weight, targets), expected)
 
 
+def test_output_layer_nll_reuses_its_buffer_safely():
+    """Two graphs alive at once, and batches of changing size, each get the right gradient
+    (the CPU buffer a backward pass gives back serves the next forward pass only)."""
+    torch.manual_seed(0)
+    weight = torch.randn(30, 8, requires_grad=True)
+    for rows in ((10, 10), (12, 5), (3, 40)):
+        hiddens = [torch.randn(n, 8, requires_grad=True) for n in rows]
+        targets = [torch.randint(0, 30, (n,)) for n in rows]
+        fast = sum((i + 1) * output_layer_nll(h, weight, t).sum() for i, (h, t) in enumerate(zip(hiddens, targets)))
+        got = torch.autograd.grad(fast, [*hiddens, weight])
+        reference = sum(
+            (i + 1) * F.cross_entropy(h @ weight.t(), t, reduction="sum") for i, (h, t) in enumerate(zip(hiddens, targets))
+        )
+        for g, r in zip(got, torch.autograd.grad(reference, [*hiddens, weight])):
+            torch.testing.assert_close(g, r)
+
+
 def test_output_layer_nll_frozen_weight_bf16_and_misuse():
     torch.manual_seed(0)
     hidden = torch.randn(12, 16, requires_grad=True)
@@ -277,9 +294,9 @@ def test_gradient_checkpointing_and_a_frozen_output_layer(tokenizer, groups_alwa
     model = tiny_sentence_opt(tokenizer).train()
     batch = encode(tokenizer, TEXTS)
     plain = gradients(model, model(**batch).loss)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.activation_checkpointing_enable()
     checkpointed = gradients(model, model(**batch).loss)
-    model.gradient_checkpointing_disable()
+    model.activation_checkpointing_disable()
     for name, grad in plain.items():
         if grad is None:
             assert checkpointed[name] is None, name
@@ -307,12 +324,20 @@ def test_bf16_autocast_training_step(tokenizer):
     assert all(g is None or (g.dtype == torch.float32 and torch.isfinite(g).all()) for g in grads.values())
 
 
-def test_loss_chunk_size_gives_the_same_loss_and_gradients(tokenizer):
+def test_loss_chunk_size_gives_the_same_loss_and_gradients(tokenizer, monkeypatch):
     model = tiny_sentence_opt(tokenizer).train()
     batch = encode(tokenizer, TEXTS)
     whole = gradients(model, model(**batch).loss)
+    chunk_sizes = []
+
+    def spy(hidden, weight, targets, chunk_size=None):
+        chunk_sizes.append(chunk_size)
+        return output_layer_nll(hidden, weight, targets, chunk_size)
+
+    monkeypatch.setattr(modeling_sentence_vae, "output_layer_nll", spy)
     model.config.sentence_vae.loss_chunk_size = 7
     chunked = gradients(model, model(**batch).loss)
+    assert chunk_sizes == [7]
     for name, grad in whole.items():
         if grad is not None:
             torch.testing.assert_close(chunked[name], grad, msg=name)

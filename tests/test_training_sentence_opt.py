@@ -111,6 +111,26 @@ def test_frozen_sentence_vae_stays_unchanged(text_file, tmp_path):
         torch.testing.assert_close(tensor, vae_before[name], msg=name)
 
 
+
+def test_frozen_token_embeddings_and_a_chunked_loss(text_file, tmp_path):
+    """--freeze_token_embeddings keeps the embeddings and the tied output layer as they were and
+    trains the rest; --loss_chunk_size reaches the SentenceVAE config the loss reads."""
+    stage1 = tmp_path / "first"
+    first = train_sentence_opt(arguments(text_file, stage1, "--max_steps", "2", "--do_eval", "false"))
+    before = first["model"].state_dict()
+    before = {k: v.clone() for k, v in before.items()}
+    second = train_sentence_opt(
+        arguments(text_file, tmp_path / "second", "--max_steps", "3", "--do_eval", "false",
+                  "--freeze_token_embeddings", "True", "--loss_chunk_size", "8")
+        + ["--model_name_or_path", str(stage1)]
+    )  # fmt: skip
+    model = second["model"]
+    assert model.config.sentence_vae.loss_chunk_size == 8 == model.sentence_vae.config.loss_chunk_size
+    after = model.state_dict()
+    torch.testing.assert_close(after["model.sentence_vae.embed_tokens.weight"], before["model.sentence_vae.embed_tokens.weight"])
+    assert not torch.equal(after["stop_head.weight"], before["stop_head.weight"])
+
+
 DISTRIBUTED = """
 import hashlib, json, os, sys
 import torch
