@@ -32,10 +32,13 @@ that the models train and are scored on ordinary English text. Headings (`` = Ti
 ``== Section ==``; ``<unk>`` (tokenised training split only) stays as it is.
 
 Outputs in ``--output_dir``: ``report.json``, ``report.md``, ``nll_curve.png`` (matplotlib
-permitting), ``data/`` (the texts used), ``stage1/``, ``stage2/``, ``baseline/`` (models and
-checkpoints; never commit them). ``--resume`` skips the stages that finished (their
-``summary.json``) and continues an interrupted one from its last checkpoint (with its whole time
-budget again: note it in the report when comparing (c) with (d)).
+permitting), ``data/`` (the texts used), ``stage1/``, ``stage2/``, ``baseline/`` (the trained
+models, about 0.15, 0.6 and 0.55 GB in fp32 for SmolLM2; never commit them). While a stage trains,
+its folder also holds its last Trainer checkpoint (weights and optimizer state, about three times
+the model), which is what ``--resume`` needs; it is deleted once the stage has finished, as is
+``stage1_init/`` (the SentenceVAE stage 1 starts from). ``--resume`` skips the stages that
+finished (their ``summary.json``) and continues an interrupted one from its last checkpoint (with
+its whole time budget again: note it in the report when comparing (c) with (d)).
 
 Examples:
 
@@ -64,6 +67,7 @@ import os
 import platform
 import re
 import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -90,7 +94,7 @@ from sentence_lm.data import (
 )
 from sentence_lm.metrics import reconstruction_metrics
 from sentence_lm.tokenization_sentence_lm import SentenceTokenizer
-from sentence_lm.trainer import TimeBudgetCallback
+from sentence_lm.trainer import TimeBudgetCallback, show_time_budget
 from sentence_lm.training_sentence_opt import text_nll, train_sentence_opt
 from sentence_lm.training_sentence_vae import train_sentence_vae
 
@@ -358,6 +362,14 @@ def _common_training_args(args, output_dir: Path, lr: float, batch_size: int) ->
     return values
 
 
+def _finish_stage(stage_dir: Path, record: dict, *leftovers: Path) -> None:
+    """Write a finished stage's ``summary.json`` and delete what only resuming it needed: its
+    Trainer checkpoints and ``leftovers``."""
+    (stage_dir / "summary.json").write_text(json.dumps(record, indent=1))
+    for path in [*stage_dir.glob("checkpoint-*"), *leftovers]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def _resume_args(output_dir: Path) -> list[str]:
     has_checkpoint = output_dir.is_dir() and get_last_checkpoint(str(output_dir)) is not None
     return ["--resume_from_checkpoint", "latest"] if has_checkpoint else []
@@ -436,6 +448,7 @@ def run_baseline(args, token_model, tokenizer, train_blocks, curve_blocks, out: 
         return token_nll(model, curve_blocks, context_id, args.eval_batch_size, show_progress=False)["nll_per_token"]
 
     trainer.add_callback(EvalCurveCallback(60 * args.baseline_minutes, evaluate, args.eval_steps))
+    show_time_budget(trainer)
     resume = get_last_checkpoint(str(stage_dir)) if stage_dir.is_dir() else None
     began = time.perf_counter()
     train_result = trainer.train(resume_from_checkpoint=resume)
@@ -701,7 +714,7 @@ def main(argv: list[str] | None = None) -> dict:
     # (b) stage 1.
     if not finished("stage1"):
         report["stages"]["stage1"] = run_stage1(args, token_model, raw_tokenizer, data, out)
-        (out / "stage1" / "summary.json").write_text(json.dumps(report["stages"]["stage1"], indent=1))
+        _finish_stage(out / "stage1", report["stages"]["stage1"], out / "stage1_init")
         save()
     if "b_reconstruction" not in report["quality"]:
         t = time.perf_counter()
@@ -717,7 +730,7 @@ def main(argv: list[str] | None = None) -> dict:
     # (c) stage 2.
     if not finished("stage2"):
         report["stages"]["stage2"], model = run_stage2(args, source, data, curve_blocks, out)
-        (out / "stage2" / "summary.json").write_text(json.dumps(report["stages"]["stage2"], indent=1))
+        _finish_stage(out / "stage2", report["stages"]["stage2"])
         save()
     else:
         model = SentenceLMForCausalLM.from_pretrained(out / "stage2")
@@ -738,7 +751,7 @@ def main(argv: list[str] | None = None) -> dict:
         report["stages"]["baseline"], baseline = run_baseline(
             args, token_model, tokenizer, blocks["train"], curve_blocks, out
         )
-        (out / "baseline" / "summary.json").write_text(json.dumps(report["stages"]["baseline"], indent=1))
+        _finish_stage(out / "baseline", report["stages"]["baseline"])
         save()
     else:
         baseline = AutoModelForCausalLM.from_pretrained(out / "baseline")

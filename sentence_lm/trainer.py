@@ -11,12 +11,13 @@ import time
 
 import torch
 import transformers
-from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+from tqdm.auto import tqdm
+from transformers import ProgressCallback, Trainer, TrainerCallback, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SentenceVAETrainer", "TimeBudgetCallback", "start_run"]
+__all__ = ["BudgetProgressCallback", "SentenceVAETrainer", "TimeBudgetCallback", "show_time_budget", "start_run"]
 
 
 class SentenceVAETrainer(Trainer):
@@ -29,6 +30,12 @@ class SentenceVAETrainer(Trainer):
         self.can_return_loss = True
         if not hasattr(self.accelerator.unwrap_model(self.model), "accepts_loss_kwargs"):
             self.model_accepts_loss_kwargs = False
+
+    def train(self, *args, **kwargs):
+        """As the Trainer's; under a :class:`TimeBudgetCallback` the progress bar counts the
+        budget's seconds (see :func:`show_time_budget`)."""
+        show_time_budget(self)
+        return super().train(*args, **kwargs)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         """As the Trainer's; with ``prediction_loss_only`` the model computes no logits
@@ -58,6 +65,42 @@ class TimeBudgetCallback(TrainerCallback):
             control.should_training_stop = True
             control.should_save = True
         return control
+
+
+class BudgetProgressCallback(ProgressCallback):
+    """The Trainer's progress display (evaluation bars and logs as usual) whose training bar
+    counts the seconds of ``budget``, a :class:`TimeBudgetCallback`, with the step reached beside
+    it: when a time budget ends training, ``max_steps`` is only a ceiling (often 10**7) and a bar
+    towards it would show a meaningless total and ETA."""
+
+    def __init__(self, budget: TimeBudgetCallback):
+        super().__init__()
+        self.budget = budget
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            minutes = self.budget.max_seconds / 60
+            self.training_bar = tqdm(
+                total=round(self.budget.max_seconds), unit="s", dynamic_ncols=True, desc=f"training ({minutes:g} min)"
+            )
+        self.current_step = 0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.training_bar is not None and self.budget.start is not None:
+            elapsed = min(round(time.monotonic() - self.budget.start), self.training_bar.total)
+            self.training_bar.set_postfix(step=state.global_step, refresh=False)
+            self.training_bar.update(elapsed - self.training_bar.n)
+
+
+def show_time_budget(trainer: Trainer) -> None:
+    """When ``trainer`` has a :class:`TimeBudgetCallback` (the tightest, if several) and shows
+    progress bars, replace its step bar by a :class:`BudgetProgressCallback`."""
+    callbacks = trainer.callback_handler.callbacks
+    budgets = [cb for cb in callbacks if isinstance(cb, TimeBudgetCallback)]
+    if not budgets or any(isinstance(cb, BudgetProgressCallback) for cb in callbacks):
+        return
+    if trainer.pop_callback(ProgressCallback) is not None:
+        trainer.add_callback(BudgetProgressCallback(min(budgets, key=lambda cb: cb.max_seconds)))
 
 
 def start_run(training_args: TrainingArguments) -> str | None:

@@ -92,6 +92,9 @@ def test_script_end_to_end_on_a_tiny_llama(script, tokenizer, tmp_path):
         assert [p["num_input_tokens_seen"] for p in curve] == sorted(p["num_input_tokens_seen"] for p in curve)
     assert (out / "report.md").read_text().count("|") > 10
     assert json.loads((out / "report.json").read_text())["quality"]["d_baseline"] == quality["d_baseline"]
+    # A finished run keeps the trained models, not what resuming a stage needed.
+    assert not list(out.glob("*/checkpoint-*")) and not (out / "stage1_init").exists()
+    assert all((out / stage / "config.json").is_file() for stage in ("stage1", "stage2", "baseline"))
     pytest.importorskip("matplotlib")
     assert (out / "nll_curve.png").stat().st_size > 0
 

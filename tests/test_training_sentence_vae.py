@@ -145,3 +145,15 @@ def test_loss_only_evaluation_computes_no_logits_and_the_same_loss(tmp_path):
     with_logits, logits, _ = trainer.prediction_step(model, batch, prediction_loss_only=False)
     assert seen[0] is None and torch.equal(seen[1], logits[0])  # (logits, sentence_vectors)
     torch.testing.assert_close(loss_only, with_logits)
+
+
+def test_a_time_budget_shows_a_bar_of_its_seconds(text_file, tmp_path, capsys):
+    """With --max_train_minutes the progress bar counts the budget's seconds, not max_steps."""
+    train_sentence_vae(
+        tiny_run_args(text_file, tmp_path / "budget", "--max_steps", "3", "--max_train_minutes", "10",
+                      "--disable_tqdm", "False", "--do_eval", "False", "--save_strategy", "no",
+                      "--max_reconstruction_sentences", "8")
+    )  # fmt: skip
+    err = capsys.readouterr().err
+    assert "training (10 min)" in err and "/600" in err
+    assert "/3 [" not in err  # no bar towards max_steps
