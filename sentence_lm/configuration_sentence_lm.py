@@ -172,12 +172,20 @@ class SentenceLMConfig(PreTrainedConfig):
                     f"token-level settings are read from `sentence_vae`: set it there "
                     f"(sentence_vae=dict({key}=...)) instead."
                 )
+        self.check_consistency()
+
+    def check_consistency(self) -> None:
+        """Raise a ``ValueError`` naming the fields when the nested configs disagree: the
+        SentenceVAE's width must be the backbone's, and the backbone needs at least two sentence
+        slots. Checked when the config is built and again when a model is built from it (a
+        config changed in between, e.g. ``config.backbone.hidden_size = ...``)."""
         width = backbone_width(self.backbone)
         if self.sentence_vae.hidden_size != width:
             raise ValueError(
                 f"The SentenceVAE's hidden_size ({self.sentence_vae.hidden_size}) differs from the backbone's "
                 f"hidden_size ({width}); sentence vectors must have the backbone's width. "
-                "Train or pick a SentenceVAE with the same hidden_size."
+                "Train or pick a SentenceVAE with the same hidden_size (or set both: config.backbone.hidden_size "
+                "and config.sentence_vae.hidden_size)."
             )
         if self.max_position_embeddings is not None and self.max_position_embeddings < 2:
             raise ValueError(

@@ -160,6 +160,7 @@ class SentenceLMModel(SentenceLMPreTrainedModel):
     """
 
     def __init__(self, config: SentenceLMConfig):
+        config.check_consistency()  # the config may have been changed since it was built
         super().__init__(config)
         self.sentence_vae = SentenceVAEModel(config.sentence_vae)
         self.start_embedding = nn.Parameter(torch.zeros(config.hidden_size))

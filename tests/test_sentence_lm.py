@@ -326,3 +326,23 @@ def test_hidden_states_come_with_their_slot_mask_and_zeros_on_padding(family, si
         torch.testing.assert_close(e, s, atol=1e-5, rtol=1e-4)
         assert not e[~mask].any() and not s[~mask].any()
     assert model(**enc).slot_mask is None  # only with the states it describes
+
+
+def test_a_config_changed_into_disagreement_is_refused_when_a_model_is_built():
+    """Widening the backbone after the config was built leaves the SentenceVAE narrower: building
+    a model names the fields, instead of a matrix-shape error later in generate()."""
+    from sentence_lm import SentenceLMConfig
+
+    config = SentenceLMConfig(
+        sentence_vae=dict(vocab_size=64, hidden_size=16, num_attention_heads=2, ffn_dim=32),
+        backbone=dict(model_type="llama", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, vocab_size=64),
+    )  # fmt: skip
+    SentenceLMForCausalLM(config)  # consistent: builds
+    config.backbone.hidden_size = 32
+    with pytest.raises(ValueError, match=r"SentenceVAE's hidden_size \(16\) differs from the backbone's hidden_size \(32\)"):
+        SentenceLMForCausalLM(config)
+    config.sentence_vae.hidden_size = 32
+    config.backbone.max_position_embeddings = 1
+    with pytest.raises(ValueError, match="max_position_embeddings \\(1\\) must be at least 2"):
+        SentenceLMForCausalLM(config)
