@@ -26,7 +26,7 @@ from transformers import Cache, LogitsProcessorList
 from transformers.cache_utils import CacheLayerMixin
 from transformers.utils import logging
 
-from .modeling_sentence_vae import SentenceVAEModel, blank_token_scores, pick_next_token
+from .modeling_sentence_vae import blank_token_scores, pick_next_token
 from .segmentation import pack_sentences
 
 logger = logging.get_logger(__name__)
@@ -354,31 +354,6 @@ def _falls_back(steps: RowSteps, name: str, compiled, eager):
     return call
 
 
-def encode_by_length(
-    vae: SentenceVAEModel, input_ids: torch.Tensor, mask: torch.Tensor, max_tokens: int = 4096
-) -> torch.Tensor:
-    """``vae.encode`` of packed sentences, longest first, in chunks of at most ``max_tokens``
-    padded tokens: a long prompt's sentences are padded to their chunk's longest rather than
-    to the longest of all (less work, and transient memory bounded by ``max_tokens``)."""
-    lengths = mask.sum(dim=1)
-    if input_ids.shape[0] * input_ids.shape[1] <= max_tokens:
-        return vae.encode(input_ids, mask)
-    order = torch.argsort(lengths, descending=True, stable=True)
-    sorted_lengths = lengths[order].tolist()
-    vectors = None
-    start = 0
-    while start < len(order):
-        width = max(1, sorted_lengths[start])
-        stop = min(len(order), start + max(1, max_tokens // width))
-        rows = order[start:stop]
-        chunk = vae.encode(input_ids[rows, :width], mask[rows, :width])
-        if vectors is None:
-            vectors = chunk.new_empty(input_ids.shape[0], chunk.shape[1])
-        vectors[rows] = chunk
-        start = stop
-    return vectors
-
-
 def left_align(input_ids: torch.Tensor, keep: torch.Tensor, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The tokens of each row where ``keep`` holds, left-padded into ``(batch, max_kept)``."""
     counts = keep.sum(dim=1)
@@ -446,7 +421,7 @@ def generate_rows(
     in_prefix = is_open[:, None] & (sentence_ids == (num_sentences - 1)[:, None])
     packed = pack_sentences(input_ids, torch.where(in_prefix, -1, sentence_ids), model.config.pad_token_id)
     vectors = (
-        encode_by_length(vae, packed.input_ids, packed.attention_mask)
+        vae.encode(packed.input_ids, packed.attention_mask)
         if packed.input_ids.shape[0]
         else torch.empty(0, model.config.hidden_size, device=device)
     )

@@ -24,7 +24,7 @@ from transformers import (
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 from transformers.utils import logging
 
-from .generation_runtime import ROW_ATTENTION, STOP, encode_by_length, generate_rows, left_align, running_text
+from .generation_runtime import ROW_ATTENTION, STOP, generate_rows, left_align, running_text
 from .modeling_sentence_vae import blank_token_scores, pick_next_token
 from .segmentation import pack_sentences
 from .validation import check_attention_mask, check_token_ids
@@ -350,7 +350,7 @@ class SentenceGenerationMixin(GenerationMixin):
         sentence_ids = torch.where(in_prefix, -1, sentence_ids)
         packed = pack_sentences(input_ids, sentence_ids, self.config.pad_token_id)
         vectors = (
-            encode_by_length(vae, packed.input_ids, packed.attention_mask)
+            vae.encode(packed.input_ids, packed.attention_mask)
             if packed.input_ids.shape[0]
             else torch.empty(0, self.config.hidden_size, device=device)
         )

@@ -38,8 +38,9 @@ def blank_token_scores(rows: int, width: int, vocab: int, pad: int, device) -> t
 GROUP_LENGTH_RATIO = 4 / 3
 """Sentences share a length group while the group's longest is at most this many times theirs."""
 
-GROUP_MAX_TOKENS = 8192
-"""Most padded tokens in one length group (bounds the transient memory of a long text's sentences)."""
+GROUP_MAX_TOKENS = 4096
+"""Most padded tokens in one length group: bounds the transient memory of encoding a long prompt's
+sentences (its encoder feed-forward materialises ``tokens x ffn_dim`` at once)."""
 
 GROUP_MIN_TOKENS = 1024
 """Sentences that fill at most this many padded tokens run as one group: too little work for
@@ -741,8 +742,11 @@ class SentenceVAEModel(SentenceVAEPreTrainedModel):
         states = self.teacher_forced_states(input_ids, mask, vectors)
         targets = self.reconstruction_targets(input_ids, mask)
         has_target = targets != -100
-        nll = self.output_nll(states[has_target], targets[has_target])
-        logits = None if keep is None else self.lm_head(states)
+        if keep is None:
+            logits, nll = None, self.output_nll(states[has_target], targets[has_target])
+        else:  # the output layer once: the loss from the logits returned
+            logits = self.lm_head(states)
+            nll = F.cross_entropy(logits[has_target].float(), targets[has_target], reduction="none")
         output = SentenceVAEOutput(loss=focal_mean(nll, self.config.focal_gamma), logits=logits, sentence_vectors=vectors)
         return output if return_dict is not False else output.to_tuple()
 
