@@ -66,6 +66,7 @@ def _token_setting(name: str):
         if name != "vocab_size" and value >= config.sentence_vae.vocab_size:
             raise ValueError(f"`{name}`={value} is outside the vocabulary [0, {config.sentence_vae.vocab_size}).")
         setattr(config.sentence_vae, name, value)
+        config.mirror_token_settings()
 
     return get, set_
 
@@ -102,7 +103,11 @@ class SentenceLMConfig(PreTrainedConfig):
 
     The token-level fields `vocab_size`, `pad_token_id`, `bos_token_id` and `eos_token_id` are
     read from `sentence_vae` (a value passed here that differs from the SentenceVAE's is
-    refused); `hidden_size` and `max_position_embeddings` are read from `backbone`. Every field is
+    refused) and mirrored into `backbone`; `hidden_size` and `max_position_embeddings` are read
+    from `backbone`. All six can be written on this config and reach the nested ones (`hidden_size`
+    both, so that they keep one width); a value that would leave them disagreeing is refused.
+    `get_text_config()` returns the backbone's config, as `transformers` composites return their
+    text model's: tools find the decoder's layers, heads and cache settings there. Every field is
     checked when the configuration is built: a value of the wrong type or range, a backbone that
     is not decoder-only, or an unknown key raises a `ValueError` that names the field.
     """
@@ -172,7 +177,24 @@ class SentenceLMConfig(PreTrainedConfig):
                     f"token-level settings are read from `sentence_vae`: set it there "
                     f"(sentence_vae=dict({key}=...)) instead."
                 )
+        self.mirror_token_settings()
         self.check_consistency()
+
+    def mirror_token_settings(self) -> None:
+        """Write the SentenceVAE's vocabulary size and special token ids into the backbone's
+        config, so that tools reading them through `get_text_config()` get the model's own (the
+        backbone's token-embedding table, the only part of it they size, is never built)."""
+        for key in _DERIVED_KEYS:
+            setattr(self.backbone, key, getattr(self.sentence_vae, key))
+
+    def get_text_config(self, decoder=None, encoder=None) -> PreTrainedConfig:
+        """The backbone's config, the decoder over sentence slots (its layers, heads, positions and
+        cache settings; token-level fields mirrored from the SentenceVAE). With ``encoder=True``
+        alone, this config itself (a SentenceLM has no separate text encoder config)."""
+        if encoder and not decoder:
+            return self
+        self.mirror_token_settings()
+        return self.backbone
 
     def check_consistency(self) -> None:
         """Raise a ``ValueError`` naming the fields when the nested configs disagree: the
@@ -209,13 +231,46 @@ class SentenceLMConfig(PreTrainedConfig):
     # Shape settings live in the backbone.
     @property
     def hidden_size(self) -> int:
-        """Width of the sentence vectors and of the backbone's states."""
+        """Width of the sentence vectors and of the backbone's states. Writing it sets the width of
+        both the backbone and the SentenceVAE (and the fields derived from it: the backbone's
+        ``head_dim``, OPT's ``word_embed_proj_dim``), for a model to be built from this config."""
         return backbone_width(self.backbone)
+
+    @hidden_size.setter
+    def hidden_size(self, value: int) -> None:
+        old = self.hidden_size
+        if value == old:
+            return
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"`hidden_size` must be a positive integer, got {value!r}.")
+        backbone, vae = self.backbone, self.sentence_vae
+        heads = {"the backbone's": backbone.num_attention_heads, "the SentenceVAE's": vae.num_attention_heads}
+        for owner, count in heads.items():
+            if value % count:
+                raise ValueError(
+                    f"`hidden_size`={value} is not divisible by {owner} num_attention_heads ({count}); pick a "
+                    "multiple of it, or change the heads too (config.backbone / config.sentence_vae) first."
+                )
+        if getattr(backbone, "head_dim", None) == backbone.hidden_size // backbone.num_attention_heads:
+            backbone.head_dim = value // backbone.num_attention_heads
+        if getattr(backbone, "word_embed_proj_dim", None) == old:
+            backbone.word_embed_proj_dim = value
+        backbone.hidden_size = vae.hidden_size = value
 
     @property
     def max_position_embeddings(self) -> int | None:
-        """Sentence slots in one context, start state included (``None``: the backbone sets no limit)."""
+        """Sentence slots in one context, start state included (``None``: the backbone sets no
+        limit). Writing it sets the backbone's (at least 2: the start state and one sentence)."""
         return getattr(self.backbone, "max_position_embeddings", None)
+
+    @max_position_embeddings.setter
+    def max_position_embeddings(self, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 2:
+            raise ValueError(
+                f"`max_position_embeddings` must be an integer >= 2 (the start state and one slot per sentence), "
+                f"got {value!r}."
+            )
+        self.backbone.max_position_embeddings = value
 
 
 def backbone_ffn_dim(backbone: PreTrainedConfig) -> int:

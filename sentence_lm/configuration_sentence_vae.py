@@ -181,6 +181,27 @@ class SentenceVAEConfig(PreTrainedConfig):
         focal_gamma (`float`, defaults to 0.0):
             Focal-loss exponent of the reconstruction loss, a finite number >= 0; 0 is plain
             cross-entropy, the paper trains with 2.
+        num_memory_vectors (`int`, defaults to 1):
+            How many vectors the Sentence Decoder reads the sentence vector as (at least 1). With 1
+            (the paper's design) every decoder position cross-attends to the sentence vector itself,
+            which adds the same vector to every position: the decoder has to pull the token of
+            each position out of one sum. With `m > 1` a `Linear(hidden, m * hidden)` widens it into
+            `m` vectors and each position attends over them with its own query, so positions can
+            read different parts of the sentence vector (more conditioning, a little more work per
+            token). The interface (one vector per sentence) is the same.
+        bag_of_words_weight (`float`, defaults to 0.0):
+            Weight of an auxiliary loss, a finite number >= 0, added to the reconstruction loss in
+            training and evaluation: the sentence vector alone (through a `Linear(hidden, hidden)`
+            and the output layer, one softmax per sentence) must give every token of its
+            sentence, whatever its position (a bag-of-words loss). It makes the encoder put the
+            sentence's words into the vector from the first steps, before the decoder has learned
+            to read it. 0 (the default) leaves it out (and the layer is not built).
+        word_dropout (`float`, defaults to 0.0):
+            Probability, in [0, 1), that a token the Sentence Decoder is fed in stage-1 training
+            (teacher forcing) is blanked (its embedding replaced by the padding embedding; its
+            position kept), so that the decoder has to take the words from the sentence vector
+            rather than guess them from the words before. Not applied in evaluation, in
+            generation or in a SentenceLM's loss.
         loss_chunk_size (`int`, *optional*):
             Training computes the reconstruction loss from the decoder states through the output
             layer without building the logits (see `output_layer_nll`); it holds one
@@ -232,6 +253,9 @@ class SentenceVAEConfig(PreTrainedConfig):
     share_embeddings: bool = True
     tie_word_embeddings: bool = True
     focal_gamma: float = 0.0
+    num_memory_vectors: int = 1
+    bag_of_words_weight: float = 0.0
+    word_dropout: float = 0.0
     loss_chunk_size: int | None = None
     layer_norm_eps: float = 1e-5
     init_std: float = 0.02
@@ -255,18 +279,18 @@ class SentenceVAEConfig(PreTrainedConfig):
         reject_unknown_keys(type(self), kwargs)
         check_config_version(self)
         check_positive(self, "vocab_size", "hidden_size", "num_attention_heads", "ffn_dim")
-        check_positive(self, "num_encoder_layers", "num_decoder_layers")
+        check_positive(self, "num_encoder_layers", "num_decoder_layers", "num_memory_vectors")
         check_positive(self, "max_sentence_len", minimum=2)
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"`num_attention_heads` ({self.num_attention_heads}) must divide `hidden_size` "
                 f"({self.hidden_size})."
             )
-        check_probability(self, "dropout", "attention_dropout")
+        check_probability(self, "dropout", "attention_dropout", "word_dropout")
         check_choice("fusion", self.fusion, FUSIONS)
         check_choice("position_embedding", self.position_embedding, POSITION_EMBEDDINGS)
         check_choice("activation_function", self.activation_function, ACTIVATIONS)
-        check_real(self, "focal_gamma")
+        check_real(self, "focal_gamma", "bag_of_words_weight")
         if self.loss_chunk_size is not None:
             check_positive(self, "loss_chunk_size")
         check_real(self, "layer_norm_eps", "init_std", strict=True)

@@ -138,6 +138,10 @@ class SentenceGenerationMixin(GenerationMixin):
         ``j``-th token (it finished earlier, and holds ``pad_token_id`` there) the row is
         ``-inf`` except ``0`` at ``pad_token_id``, so the argmax of every score row is the token
         returned. The end-of-sentence steps have no column (the marker is not part of the text).
+        ``output_hidden_states`` / ``output_attentions`` with ``return_dict_in_generate=True`` are
+        refused with a ``ValueError`` (the backbone runs once per sentence, not per token: call the
+        model on the returned sequences for its states over sentence slots); without
+        ``return_dict_in_generate`` they change nothing, as for a token model.
 
         What next-sentence decoding cannot do raises a ``ValueError`` that names the setting:
         beam search (``num_beams > 1``, ``num_beam_groups``, ``diversity_penalty``,
@@ -181,6 +185,17 @@ class SentenceGenerationMixin(GenerationMixin):
             )
         _check_sampling_settings(generation_config)
         generation_config.validate()
+        if generation_config.return_dict_in_generate:
+            for name in ("output_hidden_states", "output_attentions"):
+                if getattr(generation_config, name, False) or model_kwargs.get(name):
+                    raise ValueError(
+                        f"{name}=True with return_dict_in_generate=True is not supported: a token model returns its "
+                        "states per generated token, but a SentenceLM's backbone runs once per sentence (over sentence "
+                        f"slots) and its decoder once per token, so there is no per-token tuple to return. Drop {name} "
+                        f"and run `model(output.sequences, {name}=True)` on the generated text: the backbone's "
+                        + ("states over sentence slots, with `slot_mask` telling real slots from padding."
+                           if name == "output_hidden_states" else "attention maps over sentence slots (eager attention).")
+                    )
         user_criteria = _check_stopping_criteria(stopping_criteria)
         if prefix_allowed_tokens_fn is not None and not callable(prefix_allowed_tokens_fn):
             raise TypeError(

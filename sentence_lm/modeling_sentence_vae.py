@@ -136,11 +136,16 @@ class SentenceAttention(nn.Module):
         key_value_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         cache: DynamicCache | None = None,
+        projected_keys_values: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        source = hidden_states if key_value_states is None else key_value_states
+        """``projected_keys_values``: ``(n, k, 2 * hidden)`` keys and values already projected
+        (from :meth:`project_keys_values`), instead of projecting ``key_value_states``."""
         query = self._heads(self.q_proj(hidden_states))
-        key = self._heads(self.k_proj(source))
-        value = self._heads(self.v_proj(source))
+        if projected_keys_values is None:
+            source = hidden_states if key_value_states is None else key_value_states
+            key, value = self._heads(self.k_proj(source)), self._heads(self.v_proj(source))
+        else:
+            key, value = (self._heads(x) for x in projected_keys_values.chunk(2, dim=-1))
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
         out = F.scaled_dot_product_attention(
@@ -148,6 +153,10 @@ class SentenceAttention(nn.Module):
         )
         out = out.transpose(1, 2).reshape(hidden_states.shape)
         return self.out_proj(out)
+
+    def project_keys_values(self, source: torch.Tensor) -> torch.Tensor:
+        """Keys and values of ``source`` ``(n, k, hidden)`` as one ``(n, k, 2 * hidden)`` tensor."""
+        return torch.cat([self.k_proj(source), self.v_proj(source)], dim=-1)
 
 
 class FeedForward(nn.Module):
@@ -205,25 +214,31 @@ class SentenceDecoderLayer(GradientCheckpointingLayer):
         cache: DynamicCache | None = None,
         cross_states: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``cross_states``: this layer's cross-attention output from :meth:`cross_attention_state`
-        (``(n, 1, H)``), used instead of recomputing it from ``memory``."""
+        """``memory``: ``(n, m, H)`` the sentence vector as the decoder reads it (see
+        :meth:`SentenceDecoder.memory`). ``cross_states``: this layer's per-sentence state from
+        :meth:`cross_attention_state`, used instead of ``memory``."""
         hidden_states = hidden_states + self.dropout(
             self.self_attn(self.self_attn_layer_norm(hidden_states), attention_mask=attention_mask, cache=cache)
         )
-        if cross_states is None:
-            cross_states = self.cross_attn(self.cross_attn_layer_norm(hidden_states), key_value_states=memory)
+        if cross_states is None or cross_states.shape[1] > 1:
+            cross_states = self.cross_attn(
+                self.cross_attn_layer_norm(hidden_states), key_value_states=memory, projected_keys_values=cross_states
+            )
         hidden_states = hidden_states + self.dropout(cross_states)
         return hidden_states + self.dropout(self.ffn(self.final_layer_norm(hidden_states)))
 
     def cross_attention_state(self, memory: torch.Tensor) -> torch.Tensor:
-        """The cross-attention output for sentence vectors ``memory`` ``(n, H)``, as ``(n, 1, H)``.
+        """What this layer's cross-attention needs of memory ``(n, m, H)``, computed once per sentence.
 
-        Cross-attention attends to a single key (the sentence vector), whose softmax weight is
-        exactly 1 whatever the query: the output is ``out_proj(v_proj(memory))`` at every decoder
-        position. Inference computes it once per sentence instead of once per token (without
-        attention dropout, so only in eval mode)."""
+        With one memory vector (``m = 1``) cross-attention attends to a single key, whose softmax
+        weight is exactly 1 whatever the query: the output is ``out_proj(v_proj(memory))`` at
+        every decoder position, returned as ``(n, 1, H)`` and added to every position instead of
+        being recomputed per token (without attention dropout: not in training with it). With
+        ``m > 1`` the attention depends on the query: its keys and values, ``(n, m, 2H)``."""
         attn = self.cross_attn
-        return attn.out_proj(attn.v_proj(memory)).unsqueeze(1)
+        if memory.shape[1] == 1:
+            return attn.out_proj(attn.v_proj(memory))
+        return attn.project_keys_values(memory)
 
 
 class SentenceEncoder(nn.Module):
@@ -263,6 +278,12 @@ class SentenceDecoder(nn.Module):
     def __init__(self, config: SentenceVAEConfig):
         super().__init__()
         self.embed_positions = SentencePositions(config)
+        self.num_memory_vectors = config.num_memory_vectors
+        self.memory_proj = (
+            nn.Linear(config.hidden_size, config.num_memory_vectors * config.hidden_size)
+            if config.num_memory_vectors > 1
+            else None
+        )
         self.layers = nn.ModuleList(SentenceDecoderLayer(config, i) for i in range(config.num_decoder_layers))
         self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.dropout)
@@ -316,7 +337,7 @@ class SentenceDecoder(nn.Module):
         and position embeddings added) with a prepared boolean attention ``mask`` ``(n, 1, q, k)``
         (``None``: every key visible); ``memory``, ``cache`` and ``cross_states`` as in :meth:`forward`."""
         if cross_states is None:
-            memory = memory.unsqueeze(1)
+            memory = self.memory(memory)
             for layer in self.layers:
                 hidden = layer(hidden, memory, mask, cache=cache)
         else:
@@ -324,9 +345,17 @@ class SentenceDecoder(nn.Module):
                 hidden = layer(hidden, None, mask, cache=cache, cross_states=cross)
         return self.layer_norm(hidden)
 
-    def cross_attention_states(self, memory: torch.Tensor) -> list[torch.Tensor]:
-        """Per-layer cross-attention outputs ``(n, 1, H)`` for sentence vectors ``(n, H)``; see
-        :meth:`SentenceDecoderLayer.cross_attention_state`."""
+    def memory(self, sentence_vectors: torch.Tensor) -> torch.Tensor:
+        """What the layers cross-attend to: sentence vectors ``(n, H)`` as ``(n, m, H)``, the
+        vector itself when ``num_memory_vectors`` is 1, else ``memory_proj``'s ``m`` vectors."""
+        if self.memory_proj is None:
+            return sentence_vectors.unsqueeze(1)
+        return self.memory_proj(sentence_vectors).view(sentence_vectors.shape[0], self.num_memory_vectors, -1)
+
+    def cross_attention_states(self, sentence_vectors: torch.Tensor) -> list[torch.Tensor]:
+        """Per-layer cross-attention states for sentence vectors ``(n, H)``, computed once per
+        sentence; see :meth:`SentenceDecoderLayer.cross_attention_state`."""
+        memory = self.memory(sentence_vectors)
         return [layer.cross_attention_state(memory) for layer in self.layers]
 
 
@@ -399,17 +428,24 @@ class SentenceVAEOutput(ModelOutput):
     """Output of [`SentenceVAEModel.forward`].
 
     Attributes:
-        loss: reconstruction loss (cross-entropy, or focal loss when ``focal_gamma > 0``) over
-            every sentence token and the end-of-sentence token.
+        loss: the reconstruction loss (cross-entropy, or focal loss when ``focal_gamma > 0``) over
+            every sentence token and the end-of-sentence token; plus ``bag_of_words_weight`` times
+            ``bag_of_words_loss`` when the config has that auxiliary loss.
         logits: ``(n, max_len + 1, vocab)`` decoder logits; step ``j`` predicts token ``j`` of
             the sentence and step ``len`` the end-of-sentence token (no meaning after it). ``None`` in
             training mode unless asked for (see ``logits_to_keep``).
         sentence_vectors: ``(n, hidden)`` encodings of the sentences.
+        reconstruction_loss: with ``bag_of_words_weight > 0``, the reconstruction part of
+            ``loss`` (without it, ``loss`` is the reconstruction loss and this is ``None``).
+        bag_of_words_loss: with ``bag_of_words_weight > 0``, the mean NLL of the sentence's tokens
+            from its vector alone (see `SentenceVAEModel.bag_of_words_loss`); else ``None``.
     """
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     sentence_vectors: torch.Tensor | None = None
+    reconstruction_loss: torch.Tensor | None = None
+    bag_of_words_loss: torch.Tensor | None = None
 
 
 @dataclass
@@ -492,6 +528,9 @@ class SentenceVAEModel(SentenceVAEPreTrainedModel):
         self.encoder = SentenceEncoder(config)
         self.decoder = SentenceDecoder(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.bag_of_words_proj = (
+            nn.Linear(config.hidden_size, config.hidden_size) if config.bag_of_words_weight > 0 else None
+        )
         self.register_buffer("boundary_table", torch.zeros(config.vocab_size, dtype=torch.uint8))
         source = "embed_tokens.weight" if config.share_embeddings else "decoder_embed_tokens.weight"
         self._tied_weights_keys = {"lm_head.weight": source}
@@ -655,10 +694,16 @@ class SentenceVAEModel(SentenceVAEPreTrainedModel):
 
     # ----------------------------------------------------------------------------- decoder
     def teacher_forced_states(
-        self, input_ids: torch.Tensor, mask: torch.Tensor, sentence_vectors: torch.Tensor
+        self,
+        input_ids: torch.Tensor,
+        mask: torch.Tensor,
+        sentence_vectors: torch.Tensor,
+        word_dropout: float = 0.0,
     ) -> torch.Tensor:
         """Decoder output states ``(n, max_len + 1, hidden)`` when it is fed ``BOS + sentence``
         (``lm_head`` turns them into logits); they mean nothing past each sentence's end step.
+        With ``word_dropout``, each fed token after BOS is replaced by the padding token with that
+        probability (stage-1 training, see ``SentenceVAEConfig.word_dropout``).
 
         Sentences run in groups of similar length, as in :meth:`encode`. The cross-attention to
         the one sentence vector is computed once per sentence (its softmax weight is exactly 1),
@@ -667,6 +712,10 @@ class SentenceVAEModel(SentenceVAEPreTrainedModel):
         width = input_ids.shape[1]
         bos = torch.full_like(input_ids[:, :1], self.config.bos_token_id)
         decoder_ids = torch.cat([bos, input_ids], dim=1)
+        if word_dropout > 0:
+            blanked = torch.rand(decoder_ids.shape, device=decoder_ids.device) < word_dropout
+            blanked[:, 0] = False
+            decoder_ids = decoder_ids.masked_fill(blanked, self.config.pad_token_id)
         key_mask = torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1)
         embeds = self._decoder_embeddings()(decoder_ids)  # one lookup: one embedding gradient
         vectors = sentence_vectors.to(embeds.dtype)
@@ -697,6 +746,12 @@ class SentenceVAEModel(SentenceVAEPreTrainedModel):
         if type(head) is nn.Linear and head.bias is None:
             return output_layer_nll(states, head.weight, targets, self.config.loss_chunk_size)
         return F.cross_entropy(head(states).float(), targets, reduction="none")
+
+    def bag_of_words_loss(self, sentence_vectors: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Mean NLL of every sentence token under one softmax per sentence read from its vector
+        alone (``bag_of_words_proj``, then the output layer); see ``SentenceVAEConfig.bag_of_words_weight``."""
+        log_probs = self.lm_head(self.bag_of_words_proj(sentence_vectors)).float().log_softmax(dim=-1)
+        return -log_probs.gather(1, input_ids)[mask].mean()
 
     def teacher_forced_logits(
         self, input_ids: torch.Tensor, mask: torch.Tensor, sentence_vectors: torch.Tensor
@@ -739,7 +794,8 @@ class SentenceVAEModel(SentenceVAEPreTrainedModel):
         input_ids, mask = input_ids[:, :width].long(), mask[:, :width]
         keep = logit_positions(logits_to_keep, self.training, width + 1, positions_supported=False)
         vectors = self._encode(input_ids, mask)
-        states = self.teacher_forced_states(input_ids, mask, vectors)
+        word_dropout = self.config.word_dropout if self.training else 0.0
+        states = self.teacher_forced_states(input_ids, mask, vectors, word_dropout)
         targets = self.reconstruction_targets(input_ids, mask)
         has_target = targets != -100
         if keep is None:
@@ -747,7 +803,18 @@ class SentenceVAEModel(SentenceVAEPreTrainedModel):
         else:  # the output layer once: the loss from the logits returned
             logits = self.lm_head(states)
             nll = F.cross_entropy(logits[has_target].float(), targets[has_target], reduction="none")
-        output = SentenceVAEOutput(loss=focal_mean(nll, self.config.focal_gamma), logits=logits, sentence_vectors=vectors)
+        loss = focal_mean(nll, self.config.focal_gamma)
+        reconstruction = bag_of_words = None
+        if self.bag_of_words_proj is not None:
+            reconstruction, bag_of_words = loss, self.bag_of_words_loss(vectors, input_ids, mask)
+            loss = loss + self.config.bag_of_words_weight * bag_of_words
+        output = SentenceVAEOutput(
+            loss=loss,
+            logits=logits,
+            sentence_vectors=vectors,
+            reconstruction_loss=reconstruction,
+            bag_of_words_loss=bag_of_words,
+        )
         return output if return_dict is not False else output.to_tuple()
 
     @torch.no_grad()

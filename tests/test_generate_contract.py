@@ -367,6 +367,25 @@ def test_without_return_dict_no_scores_are_kept(tokenizer, model):
     assert out.scores is None and out.logits is None
 
 
+@pytest.mark.parametrize("name", ["output_hidden_states", "output_attentions"])
+def test_per_token_states_in_dict_outputs_are_refused_by_name_and_the_model_gives_them(tokenizer, model, opt, name):
+    enc = encode(tokenizer, PROMPTS)
+    # OPT returns a tuple of per-layer states per generated token; a SentenceLM has none per token.
+    opt_out = opt.generate(**token_inputs(enc), max_new_tokens=3, return_dict_in_generate=True, **{name: True})
+    per_token = opt_out.hidden_states if name == "output_hidden_states" else opt_out.attentions
+    assert isinstance(per_token, tuple) and len(per_token) == 3
+    with pytest.raises(ValueError, match=f"{name}=True with return_dict_in_generate=True is not supported.*model\\(output.sequences"):
+        model.generate(**enc, max_new_tokens=3, return_dict_in_generate=True, **{name: True})
+    # Without the dict output the setting changes nothing, as for a token model.
+    plain = model.generate(**enc, max_new_tokens=6)
+    assert torch.equal(model.generate(**enc, max_new_tokens=6, **{name: True}), plain)
+    if name == "output_hidden_states":  # what the message points at works
+        new = plain[:, enc["input_ids"].shape[1]:]
+        mask = torch.cat([enc["attention_mask"], (new != tokenizer.pad_token_id).long()], dim=1)
+        out = model(plain, attention_mask=mask, output_hidden_states=True)
+        assert out.hidden_states is not None and out.slot_mask is not None
+
+
 # ---------------------------------------------------------------------------- unsupported
 UNSUPPORTED = [
     ("num_beams", 2),

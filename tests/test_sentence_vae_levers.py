@@ -1,0 +1,201 @@
+"""The SentenceVAE's quality levers (issue 17): several memory vectors, the bag-of-words loss and
+word dropout; each against a reference written here, through save/load and through generation;
+and benchmarks/sentence_vae_levers.py run for a few steps on a tiny Llama."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import encode, load_script, tiny_sentence_opt
+
+from sentence_lm import SentenceVAEConfig, SentenceVAEModel
+from sentence_lm.corpus import default_corpus
+
+TINY = dict(vocab_size=97, hidden_size=32, num_attention_heads=4, ffn_dim=64, max_sentence_len=12, dropout=0.0)
+
+
+def tiny_vae(**fields) -> SentenceVAEModel:
+    torch.manual_seed(0)
+    return SentenceVAEModel(SentenceVAEConfig(**{**TINY, "init_std": 0.3, **fields})).eval()
+
+
+def packed(n: int = 6, width: int = 9, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 97, (n, width), generator=generator)
+    lengths = torch.randint(1, width + 1, (n,), generator=generator)
+    mask = torch.arange(width)[None, :] < lengths[:, None]
+    return ids.masked_fill(~mask, 1), mask
+
+
+def reference_memory_logits(model: SentenceVAEModel, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Teacher-forced logits with the decoder's cross-attention written out: every position
+    attends over the m memory vectors with its own query (plain softmax attention)."""
+    vectors = model.encode(ids, mask)
+    memory = model.decoder.memory_proj(vectors).view(len(ids), model.config.num_memory_vectors, -1)
+    bos = torch.full_like(ids[:, :1], model.config.bos_token_id)
+    inputs = torch.cat([bos, ids], dim=1)
+    steps = inputs.shape[1]
+    hidden = model.embed_tokens(inputs) + model.decoder.embed_positions.table(torch.arange(steps))
+    heads = model.config.num_attention_heads
+    split = lambda x: x.view(x.shape[0], x.shape[1], heads, -1).transpose(1, 2)  # noqa: E731
+    causal = torch.ones(steps, steps, dtype=torch.bool).tril()
+    for layer in model.decoder.layers:
+        h = layer.self_attn_layer_norm(hidden)
+        a = layer.self_attn
+        scores = split(a.q_proj(h)) @ split(a.k_proj(h)).transpose(-1, -2) / (32 // heads) ** 0.5
+        out = (scores.masked_fill(~causal, float("-inf")).softmax(-1) @ split(a.v_proj(h))).transpose(1, 2)
+        hidden = hidden + a.out_proj(out.reshape(hidden.shape))
+        c = layer.cross_attn
+        q = split(c.q_proj(layer.cross_attn_layer_norm(hidden)))
+        weights = (q @ split(c.k_proj(memory)).transpose(-1, -2) / (32 // heads) ** 0.5).softmax(-1)
+        hidden = hidden + c.out_proj((weights @ split(c.v_proj(memory))).transpose(1, 2).reshape(hidden.shape))
+        hidden = hidden + layer.ffn(layer.final_layer_norm(hidden))
+    return model.lm_head(model.decoder.layer_norm(hidden))
+
+
+def test_memory_vectors_match_a_written_out_cross_attention():
+    model = tiny_vae(num_memory_vectors=4, num_decoder_layers=2)
+    assert model.decoder.memory_proj.out_features == 4 * 32
+    ids, mask = packed()
+    with torch.no_grad():
+        logits = model(ids, mask).logits
+        expected = reference_memory_logits(model, ids, mask)
+    real = torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1)  # BOS + the sentence's steps
+    torch.testing.assert_close(logits[real], expected[real], rtol=1e-4, atol=1e-4)
+    # The keys/values precomputed once per sentence give what attending to the memory at every
+    # position gives (the path of training with attention dropout).
+    vectors = model.encode(ids, mask)
+    cross = model.decoder.cross_attention_states(vectors)
+    assert [tuple(c.shape) for c in cross] == [(6, 4, 64)] * 2
+    torch.testing.assert_close(model.teacher_forced_states(ids, mask, vectors), expected_states(model, ids, mask))
+
+
+def expected_states(model, ids, mask):
+    vectors = model.encode(ids, mask)
+    bos = torch.full_like(ids[:, :1], model.config.bos_token_id)
+    inputs = torch.cat([bos, ids], dim=1)
+    positions = torch.arange(inputs.shape[1]).expand(len(ids), -1)
+    key_mask = torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1)
+    return model.decoder(model.embed_tokens(inputs), vectors, positions, key_mask)
+
+
+@pytest.mark.parametrize("memory_vectors", [1, 3])
+def test_greedy_decoding_with_and_without_cache_follows_the_teacher_forced_argmax(memory_vectors):
+    model = tiny_vae(num_memory_vectors=memory_vectors)
+    ids, mask = packed()
+    vectors = model.encode(ids, mask)
+    cached = model.decode(vectors, max_new_tokens=8)
+    uncached = model.decode(vectors, max_new_tokens=8, use_cache=False)
+    assert torch.equal(cached.sequences, uncached.sequences)
+    written = cached.sequences
+    written_mask = torch.arange(written.shape[1])[None, :] < cached.lengths[:, None]
+    with torch.no_grad():
+        logits = model.teacher_forced_logits(written, written_mask, vectors)
+    logits[:, 0, model.config.eos_token_id] = float("-inf")  # decode writes one token before EOS
+    for row in range(len(ids)):
+        steps = int(cached.lengths[row])
+        assert torch.equal(logits[row, :steps].argmax(-1), written[row, :steps])
+
+
+def test_memory_vectors_save_load_and_sentence_lm_generation(tokenizer, tmp_path):
+    model = tiny_sentence_opt(tokenizer, sentence_vae=dict(num_memory_vectors=3))
+    enc = encode(tokenizer, ["The cat sat on the mat. It was warm", "Once upon a time"])
+    out = model.generate(**enc, max_new_tokens=20, do_sample=False)
+    reference = model.generate(**enc, max_new_tokens=20, do_sample=False, use_cache=False)
+    assert torch.equal(out, reference) and out.shape[1] > enc["input_ids"].shape[1]
+    model.save_pretrained(tmp_path)
+    loaded = type(model).from_pretrained(tmp_path).eval()
+    assert loaded.config.sentence_vae.num_memory_vectors == 3
+    assert torch.equal(loaded.generate(**enc, max_new_tokens=20, do_sample=False), out)
+
+
+def test_bag_of_words_loss_is_the_mean_token_nll_from_the_vector_alone():
+    model = tiny_vae(bag_of_words_weight=0.5)
+    plain = tiny_vae()
+    ids, mask = packed()
+    out = model(ids, mask)
+    vectors = model.encode(ids, mask)
+    log_probs = F.log_softmax(model.lm_head(model.bag_of_words_proj(vectors)), dim=-1)
+    expected = -torch.cat([log_probs[i, ids[i][mask[i]]] for i in range(len(ids))]).mean()
+    torch.testing.assert_close(out.bag_of_words_loss, expected)
+    torch.testing.assert_close(out.loss, out.reconstruction_loss + 0.5 * expected)
+    plain_out = plain(ids, mask)
+    assert plain.bag_of_words_proj is None and plain_out.bag_of_words_loss is None and plain_out.reconstruction_loss is None
+    # It trains the encoder: its gradient reaches the encoder's layers even with the decoder's loss left out.
+    model.train()
+    model(ids, mask).bag_of_words_loss.backward()
+    assert model.encoder.layers[0].ffn.fc1.weight.grad.abs().sum() > 0
+    assert model.decoder.layers[0].ffn.fc1.weight.grad is None
+
+
+def test_word_dropout_blanks_decoder_inputs_in_training_only():
+    model = tiny_vae(word_dropout=0.5)
+    plain = tiny_vae()
+    ids = torch.randint(3, 97, (40, 10), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids, dtype=torch.bool)  # no padding: every fed position after BOS is a word
+    with torch.no_grad():
+        # Evaluation: no word dropout, the same loss as without the setting.
+        assert model(ids, mask).loss == plain(ids, mask).loss
+        model.train()
+        plain.train()
+        fed = []
+        original = model.decoder.forward
+
+        def spy(inputs_embeds, *args, **kwargs):
+            fed.append(inputs_embeds)
+            return original(inputs_embeds, *args, **kwargs)
+
+        model.decoder.forward = spy
+        model(ids, mask)
+    blank = model.embed_tokens.weight[model.config.pad_token_id]
+    blanked = torch.cat([(e == blank).all(-1) for e in fed], dim=0)
+    assert not blanked[:, 0].any()  # BOS is always fed
+    share = blanked[:, 1:].float().mean()
+    assert 0.35 < share < 0.65
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (dict(num_memory_vectors=0), "num_memory_vectors"),
+        (dict(word_dropout=1.0), "word_dropout"),
+        (dict(bag_of_words_weight=-1.0), "bag_of_words_weight"),
+        (dict(bag_of_words_weight=float("nan")), "bag_of_words_weight"),
+    ],
+)
+def test_bad_lever_values_are_refused_by_name(fields, message):
+    with pytest.raises(ValueError, match=message):
+        SentenceVAEConfig(**TINY, **fields)
+
+
+def test_levers_benchmark_runs_on_a_tiny_llama(tokenizer, tmp_path):
+    from test_smollm2_script import _wikitext_like, tiny_llama
+
+    levers = load_script("benchmarks/sentence_vae_levers.py")
+    paragraphs = [p for p in default_corpus() if p.strip()]
+    (tmp_path / "train.txt").write_text(_wikitext_like(paragraphs), encoding="utf-8")
+    tiny_llama(tmp_path / "tiny", tokenizer)
+    results = levers.main([
+        "--model", str(tmp_path / "tiny"), "--train_file", str(tmp_path / "train.txt"), "--device", "cpu",
+        "--minutes", "0.01", "--curve_minutes", "0.005", "--train_paragraphs", str(len(paragraphs) - 10),
+        "--selection_paragraphs", "10", "--selection_sentences", "12", "--curve_sentences", "4", "--batch", "4",
+        "--block_size", "64", "--max_sentence_len", "16", "--output_dir", str(tmp_path / "runs"),
+        "--json", str(tmp_path / "levers.json"),
+        "--variants", "baseline:;levers:num_memory_vectors=2,bag_of_words_weight=1.0,word_dropout=0.2,lr=1e-3,batch=2",
+    ])  # fmt: skip
+    saved = json.loads((tmp_path / "levers.json").read_text())
+    assert [v["name"] for v in saved["variants"]] == ["baseline", "levers"]
+    levers_run = saved["variants"][1]
+    assert levers_run["config"] == {"num_memory_vectors": 2, "bag_of_words_weight": 1.0, "word_dropout": 0.2}
+    assert (levers_run["lr"], levers_run["batch"]) == (1e-3, 2)
+    for run in saved["variants"]:
+        assert run["steps"] >= 1 and run["tokens"] > 0
+        assert 0 <= run["selection"]["greedy_accuracy"] <= 1 and run["selection"]["nll"] > 0
+        assert run["curve"][0]["step"] == 0 and run["curve"][-1]["step"] == run["steps"]
+    assert saved["data"]["selection_sentences"] == 12
+    assert "| levers |" in levers.markdown(results)
+    with pytest.raises(SystemExit, match="distinct"):
+        levers.parse_variants("a:;a:lr=1", 1e-3, 4)
