@@ -17,7 +17,8 @@ the final figures of the chosen recipe, so that no lever is picked on the number
 
 A variant is ``name:key=value,key=value``: keys are `SentenceVAEConfig` fields
 (``num_memory_vectors``, ``bag_of_words_weight``, ``word_dropout``, ``num_decoder_layers``...)
-plus ``lr`` and ``batch`` (sentences per step). ``--variants`` takes several, separated by ``;``.
+plus ``lr``, ``batch`` (sentences per step) and ``freeze_embeddings`` (``True``: the token embeddings
+and tied output layer stay the token model's, see `SentenceVAEModel.freeze_token_embeddings`). ``--variants`` takes several, separated by ``;``.
 
 Example (the recorded ablation, one CPU core per run)::
 
@@ -64,7 +65,7 @@ DEFAULT_VARIANTS = ";".join(
         "all:num_memory_vectors=8,bag_of_words_weight=1.0,word_dropout=0.3",
     ]
 )
-TRAINING_KEYS = {"lr": float, "batch": int}
+TRAINING_KEYS = {"lr": float, "batch": int, "freeze_embeddings": bool}
 
 
 def parse_variants(spec: str, lr: float, batch: int) -> list[dict]:
@@ -75,7 +76,8 @@ def parse_variants(spec: str, lr: float, batch: int) -> list[dict]:
         config = parse_overrides(fields) if fields.strip() else {}
         training = {key: cast(config.pop(key)) for key, cast in TRAINING_KEYS.items() if key in config}
         variants.append({"name": name.strip(), "config": config, "lr": training.get("lr", lr),
-                         "batch": training.get("batch", batch)})
+                         "batch": training.get("batch", batch),
+                         "freeze_embeddings": training.get("freeze_embeddings", False)})
     if len({v["name"] for v in variants}) != len(variants):
         raise SystemExit(f"Variant names must be distinct: {[v['name'] for v in variants]}")
     return variants
@@ -145,6 +147,8 @@ def run_variant(variant: dict, args, token_model, raw_tokenizer, train, selectio
     )
     model = built.sentence_vae
     del built
+    if variant["freeze_embeddings"]:
+        model.freeze_token_embeddings()
     training_args = TrainingArguments(
         output_dir=str(Path(args.output_dir) / variant["name"]), max_steps=10**7, learning_rate=variant["lr"],
         lr_scheduler_type="constant_with_warmup", warmup_steps=args.warmup_steps,
@@ -170,13 +174,14 @@ def run_variant(variant: dict, args, token_model, raw_tokenizer, train, selectio
 
 def markdown(results: dict) -> str:
     lines = [
-        "| variant | config | lr | batch | steps | sentence tokens | greedy acc | teacher-forced acc | exact | NLL |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| variant | config | lr | batch | frozen embeddings | steps | sentence tokens | greedy acc | teacher-forced acc | exact | NLL |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results["variants"]:
         s = r["selection"]
         config = ", ".join(f"{k}={v}" for k, v in r["config"].items()) or "(defaults)"
-        lines.append(f"| {r['name']} | {config} | {r['lr']:g} | {r['batch']} | {r['steps']} | {r['tokens']:,} | "
+        lines.append(f"| {r['name']} | {config} | {r['lr']:g} | {r['batch']} | {'yes' if r['freeze_embeddings'] else 'no'} | "
+                     f"{r['steps']} | {r['tokens']:,} | "
                      f"{s['greedy_accuracy']:.3f} | {s['teacher_forced_accuracy']:.3f} | {s['exact_match']:.3f} | "
                      f"{s['nll']:.3f} |")
     return "\n".join(lines)

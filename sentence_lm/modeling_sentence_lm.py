@@ -368,6 +368,7 @@ class SentenceLMForCausalLM(SentenceLMPreTrainedModel, SentenceGenerationMixin):
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
         logits_to_keep: int | torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
         **kwargs,
     ) -> SentenceLMCausalLMOutput | tuple:
         """Score texts: the training loss (NLL per labelled token) and token-aligned logits.
@@ -387,6 +388,15 @@ class SentenceLMForCausalLM(SentenceLMPreTrainedModel, SentenceGenerationMixin):
                 instead of this batch's count, as `transformers`' causal LMs do.
             sentence_ids: accepted so that ``model(**tokenizer(...))`` works, and ignored: the
                 model segments ``input_ids`` itself with the same rule.
+            position_ids: optional ``(batch, seq_len)``, as padding-free packing collators give
+                them (TRL's ``packing=True``, `DataCollatorWithFlattening`): where they restart at 0
+                after a row's first token, a new text begins, and each text of the row is scored on
+                its own, from the start state, as if it were a row of its own (its trailing EOS is
+                its end; see below). ``logits`` keep the row's layout (no score at a text's last
+                token for the next text's first: that belongs to no text); ``nll`` and
+                ``num_tokens`` add up each row's texts; ``hidden_states``, ``attentions`` and
+                ``slot_mask`` have one row per text, in order. Positions that count up through
+                the row (or padding) change nothing: sentence positions are the model's own.
             output_hidden_states, output_attentions: also return the backbone's (see
                 [`SentenceLMModel.forward`]).
             logits_to_keep: which positions of the causal token scores ``logits`` to compute.
@@ -421,6 +431,13 @@ class SentenceLMForCausalLM(SentenceLMPreTrainedModel, SentenceGenerationMixin):
         """
         check_token_ids(input_ids, self.config.vocab_size)
         input_ids = input_ids.long()  # int32 (or other integer) ids work like int64 ones
+        if position_ids is not None:
+            texts = _packed_texts(position_ids, check_attention_mask(attention_mask, input_ids))
+            if texts is not None:
+                return self._forward_packed(
+                    texts, input_ids, labels, shift_labels, num_items_in_batch, logits_to_keep, return_dict,
+                    output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+                )  # fmt: skip
         target = _labelled_tokens(input_ids, labels, shift_labels)
         text_end = self._trailing_eos(input_ids, attention_mask)
         if bool(text_end.any()):
@@ -498,6 +515,48 @@ class SentenceLMForCausalLM(SentenceLMPreTrainedModel, SentenceGenerationMixin):
         )
         return output if return_dict is not False else output.to_tuple()
 
+    def _forward_packed(
+        self, texts, input_ids, labels, shift_labels, num_items_in_batch, logits_to_keep, return_dict, **outputs
+    ):
+        """`forward` on rows that hold several texts (``texts``, from :func:`_packed_texts`): each
+        text becomes a row of its own, and what is per position or per row is put back."""
+        rows, starts, lengths = texts
+        batch, seq_len = input_ids.shape
+        width = int(lengths.max())
+        columns = starts[:, None] + torch.arange(width, device=input_ids.device)
+        inside = torch.arange(width, device=input_ids.device) < lengths[:, None]
+        columns = torch.where(inside, columns, 0)
+
+        def unpack(values: torch.Tensor | None, fill: int) -> torch.Tensor | None:
+            if values is None:
+                return None
+            taken = values.to(input_ids.device)[rows[:, None], columns]
+            return torch.where(inside, taken, fill)
+
+        text_labels = unpack(labels, -100)
+        text_shift_labels = unpack(shift_labels, -100)
+        if text_shift_labels is not None:  # a text's last token predicts nothing of the next text
+            text_shift_labels[torch.arange(len(rows)), lengths - 1] = -100
+        keep = logit_positions(logits_to_keep, self.training, seq_len)
+        out = self(
+            unpack(input_ids, self.config.pad_token_id),
+            attention_mask=inside.long(),
+            labels=text_labels,
+            shift_labels=text_shift_labels,
+            num_items_in_batch=num_items_in_batch,
+            logits_to_keep=None if keep is None else 0,
+            **outputs,
+        )
+        logits = None
+        if out.logits is not None:
+            logits = out.logits.new_zeros(batch, seq_len, out.logits.shape[-1])
+            logits[rows[:, None].expand_as(columns)[inside], columns[inside]] = out.logits[inside]
+            logits = logits[:, keep]
+        out.logits = logits
+        out.nll = out.nll.new_zeros(batch).index_add_(0, rows, out.nll)
+        out.num_tokens = out.num_tokens.new_zeros(batch).index_add_(0, rows, out.num_tokens)
+        return out if return_dict is not False else out.to_tuple()
+
     def _trailing_eos(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """``(batch, seq_len)`` bool: each text's last token where it is the EOS id and follows
         at least one text token (a leading BOS does not count), i.e. where it marks the end of the
@@ -545,15 +604,18 @@ class SentenceLMForCausalLM(SentenceLMPreTrainedModel, SentenceGenerationMixin):
           second form);
         * at a leading BOS (the start state): ``P(v) = P(continue) * P_next(v)``.
 
-        The EOS id is scored like any token (inside a sentence it gets the decoder's
-        end-of-sentence probability: the text ending there). The scores are *not* renormalised:
+        The EOS id stands for the end of the text (as a trailing EOS is read, see `forward`): once
+        ``S`` has ended (or is full) it gets ``P_dec(end-of-sentence | S) * P(stop)``, the text
+        ending there, which is what ``nll`` charges for the text's end; inside a sentence that has
+        not ended it gets ``P_dec(end-of-sentence | S)`` (the stop decision after an unfinished
+        sentence would need the backbone run on every prefix). The scores are *not* renormalised:
         ``exp(logsumexp(logits[:, t]))`` is 1 inside a sentence and ``1`` minus the mass no next
         token can express after a sentence end: continuations the segmentation rules out (a word
-        that would glue onto the ended sentence) and the text ending there
-        (``P_dec(end) * P(stop)``). So the sum of ``-logits[t, token t + 1]`` over a text plus its
-        end terms (the last sentence's end and the stop decision) is ``nll``; tools that
-        ``log_softmax`` the logits (``lm_loss``, lm-evaluation-harness) get the distribution
-        renormalised over the next tokens.
+        that would glue onto the ended sentence) and an empty next sentence. So the sum of
+        ``-logits[t, token t + 1]`` over a text plus its end terms (the last sentence's end and
+        the stop decision; the EOS score when the text ends with a closed sentence and an EOS)
+        is ``nll``; tools that ``log_softmax`` the logits (``lm_loss``, lm-evaluation-harness) get
+        the distribution renormalised over the next tokens.
         """
         vae, model = self.sentence_vae, self.model
         packed, hidden = out.packed, out.last_hidden_state
@@ -611,9 +673,12 @@ class SentenceLMForCausalLM(SentenceLMPreTrainedModel, SentenceGenerationMixin):
         all_states = torch.cat([states, hidden[start_rows, first_slot[start_rows]]])
         new_sentence = self._next_sentence_scores(all_states)
         at = column_of[cols]
-        ended = scores[rows, at, eos][:, None] + new_sentence[: len(rows)]
+        sentence_end = scores[rows, at, eos]
         keep = trails_after(vae.boundary_table, input_ids[rows, cols]) & ~full[rows, cols][:, None]
-        scores[rows, at] = torch.where(keep, scores[rows, at], ended)
+        closed = torch.where(keep, scores[rows, at], sentence_end[:, None] + new_sentence[: len(rows)])
+        # The EOS id after a closed sentence is the text ending there (as a trailing EOS is read).
+        closed[:, eos] = sentence_end + F.log_softmax(self.stop_head(states).float(), dim=-1)[:, STOP]
+        scores[rows, at] = closed
         scores[start_rows, column_of[first[start_rows]]] = new_sentence[len(rows) :]
         scored = in_text.clone()
         scored[start_rows, first[start_rows]] = True
@@ -727,6 +792,33 @@ class SentenceLMForCausalLM(SentenceLMPreTrainedModel, SentenceGenerationMixin):
             )
         self.sentence_vae.set_boundary_table(tokenizer)
         self.tokenizer = tokenizer
+
+
+def _packed_texts(position_ids: torch.Tensor, mask: torch.Tensor):
+    """The texts of rows that pack several, from ``position_ids`` that restart at 0 after a row's
+    first real token: ``(row, start column, length)`` tensors of every text of the batch (one text
+    per row that packs none), or ``None`` when no row packs several texts."""
+    if not isinstance(position_ids, torch.Tensor) or position_ids.shape != mask.shape:
+        raise ValueError(
+            f"position_ids has shape {tuple(getattr(position_ids, 'shape', ()))} but input_ids has "
+            f"{tuple(mask.shape)}; pass one position per token (or none)."
+        )
+    position_ids = position_ids.to(mask.device)
+    first = mask & (mask.long().cumsum(dim=1) == 1)
+    starts = first | (mask & (position_ids == 0))
+    if bool((starts.sum(dim=1) <= 1).all()):
+        return None
+    row_end = mask.shape[1] - torch.argmax(mask.flip(1).long(), dim=1)  # one past each row's last real token
+    if bool((row_end - torch.argmax(mask.long(), dim=1) != mask.sum(dim=1)).any()):
+        raise ValueError(
+            "A row that packs several texts (position_ids restarting at 0) has padding between its tokens; pack "
+            "the texts into one run of unmasked tokens (padding only before or after it)."
+        )
+    rows, start_columns = torch.nonzero(starts, as_tuple=True)
+    text_ends = torch.cat([start_columns[1:], start_columns.new_zeros(1)])
+    last_of_row = torch.cat([rows[1:] != rows[:-1], rows.new_ones(1, dtype=torch.bool)])
+    text_ends = torch.where(last_of_row, row_end[rows], text_ends)
+    return rows, start_columns, text_ends - start_columns
 
 
 def _labelled_tokens(

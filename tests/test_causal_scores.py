@@ -93,3 +93,62 @@ def test_padding_and_batch_change_no_score(model):
         for row, (t, single) in enumerate(zip(texts, alone)):
             cols = slice(width - len(t), width) if side == "left" else slice(0, len(t))
             torch.testing.assert_close(batch[row, cols], single, rtol=1e-5, atol=1e-5)
+
+
+def test_eos_after_a_closed_sentence_is_the_text_ending_there(model):
+    """A trailing EOS (TRL's completions) is read as the end of the text; its score after a closed
+    sentence is the end of that sentence times the stop decision, so the token scores of a text
+    with its EOS add up to the text's whole NLL and `lm_loss` is its mean."""
+    ids = torch.tensor([TEXT + [EOS]])
+    with torch.no_grad():
+        out = model(ids, labels=ids)
+    next_tokens = ids[0, 1:]
+    token_nll = -out.logits[0, :-1].gather(1, next_tokens[:, None]).squeeze(1)
+    torch.testing.assert_close(token_nll.sum(), out.nll[0], rtol=1e-5, atol=1e-4)
+    assert out.num_tokens[0] == len(TEXT) - 1  # the EOS is not a token of the text
+    renormalised = -F.log_softmax(out.logits[0, :-1], dim=-1).gather(1, next_tokens[:, None]).mean()
+    torch.testing.assert_close(out.lm_loss, renormalised)
+    # The EOS score at a closed sentence's end is P(end of sentence) * P(stop), at every such position
+    # (here after "5 6 ." and after its trailing quote), and depends on nothing that follows.
+    with torch.no_grad():
+        base = model.model(torch.tensor([TEXT[:5]]))
+        first = base.packed.input_ids[:1, :4]  # 5 6 . "
+        steps = model.sentence_vae.teacher_forced_logits(first, torch.ones_like(first, dtype=torch.bool), base.last_hidden_state[:, -2])
+        stop = F.log_softmax(model.stop_head(base.last_hidden_state[:, -1]).float(), dim=-1)[0, STOP]
+        end_after_quote = F.log_softmax(steps[0, 4].float(), dim=-1)[EOS]
+    torch.testing.assert_close(out.logits[0, 4, EOS], end_after_quote + stop, rtol=1e-5, atol=1e-5)
+    # Inside a sentence that has not ended, EOS keeps the decoder's end-of-sentence score.
+    inside = scores(model, [TEXT]).logits[0]
+    assert torch.equal(out.logits[0, 1], inside[1])
+
+
+def test_texts_packed_with_position_ids_are_scored_each_on_its_own(model):
+    """Padding-free packing (`DataCollatorWithFlattening`, TRL's packing=True): position_ids that
+    restart at 0 start a new text, scored from the start state as if it were a row of its own."""
+    from transformers import DataCollatorWithFlattening
+
+    first, second = TEXT + [EOS], [BOS, 7, 8, PERIOD, QUOTE, 9, EOS]
+    packed = DataCollatorWithFlattening(return_tensors="pt")([{"input_ids": first}, {"input_ids": second}])
+    assert packed["position_ids"][0, len(first)] == 0  # the collator marks where the second text starts
+    with torch.no_grad():
+        out = model(packed["input_ids"], labels=packed["labels"], position_ids=packed["position_ids"])
+        alone = [model(torch.tensor([t]), labels=torch.tensor([[-100] + t[1:]])) for t in (first, second)]
+        ignored = model(packed["input_ids"])  # without position_ids: one text, EOS a token inside it
+    torch.testing.assert_close(out.nll[0], alone[0].nll[0] + alone[1].nll[0])
+    assert out.num_tokens[0] == alone[0].num_tokens[0] + alone[1].num_tokens[0]
+    torch.testing.assert_close(out.logits[0, : len(first)], alone[0].logits[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.logits[0, len(first) :], alone[1].logits[0], rtol=1e-5, atol=1e-5)
+    items = sum(len(t) - 1 for t in (first, second))  # labelled tokens, as the Trainer counts them
+    sums = sum(a.loss * (len(t) - 1) for a, t in zip(alone, (first, second)))
+    torch.testing.assert_close(out.loss, sums / items, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(ignored.nll[0], out.nll[0])
+    # Counting positions (no restart) change nothing; padding inside a packed row is refused.
+    counting = torch.arange(len(first))[None]
+    with torch.no_grad():
+        torch.testing.assert_close(model(torch.tensor([first]), position_ids=counting).nll, alone[0].nll * 0 + model(torch.tensor([first])).nll)
+    holes = torch.ones(1, len(first) + len(second), dtype=torch.long)
+    holes[0, 3] = 0
+    with pytest.raises(ValueError, match="padding between its tokens"):
+        model(packed["input_ids"], attention_mask=holes, position_ids=packed["position_ids"])
+    with pytest.raises(ValueError, match="position_ids has shape"):
+        model(packed["input_ids"], position_ids=packed["position_ids"][:, 1:])

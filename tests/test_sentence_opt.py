@@ -80,8 +80,8 @@ def test_forward_rows_are_independent_of_batch_and_padding_side(model):
 def test_causal_logits_match_a_reference_built_sentence_by_sentence(model):
     """The scores of [BOS, 5, 6, ., 7, 8, 9, .] (every token after `.` starts a new sentence here)
     assembled from the model's parts: the decoder's steps inside a sentence; after a sentence
-    end, end-of-sentence x continue x the next sentence's first step (tests/test_causal_scores.py
-    checks the general properties)."""
+    end, end-of-sentence x continue x the next sentence's first step, and for the EOS id
+    end-of-sentence x stop (tests/test_causal_scores.py checks the general properties)."""
     prompt = torch.tensor([PROMPTS[0]])
     out = model(prompt)
     vae = model.sentence_vae
@@ -94,17 +94,25 @@ def test_causal_logits_match_a_reference_built_sentence_by_sentence(model):
         for i, s in enumerate(sentences)
     ]
     first = F.log_softmax(vae.teacher_forced_logits(torch.tensor([[PAD]]), torch.zeros(1, 1, dtype=torch.bool), hidden[2:3])[0, 0], -1)
-    cont = F.log_softmax(model.stop_head(hidden), -1)[:, 0]
+    cont, stop = F.log_softmax(model.stop_head(hidden), -1).unbind(-1)
     eos = model.config.eos_token_id
+
+    def after_end(sentence_end, slot, next_first):
+        """After a sentence end: it ends and the text goes on with the next sentence's first
+        token, or (the EOS id) it ends and the text ends there."""
+        scores = sentence_end + cont[slot] + next_first
+        scores[eos] = sentence_end + stop[slot]
+        return scores
+
     expected = [
         cont[0] + steps[0][0],  # BOS: a sentence follows, and its first token
         steps[0][1],
         steps[0][2],
-        steps[0][3, eos] + cont[1] + steps[1][0],  # after ".": the sentence ends, the text goes on
+        after_end(steps[0][3, eos], 1, steps[1][0]),  # after "."
         steps[1][1],
         steps[1][2],
         steps[1][3],
-        steps[1][4, eos] + cont[2] + first,  # after the last ".": the same, from the last slot
+        after_end(steps[1][4, eos], 2, first),  # after the last ".": the same, from the last slot
     ]
     torch.testing.assert_close(out.logits[0], torch.stack(expected), rtol=1e-5, atol=1e-5)
 

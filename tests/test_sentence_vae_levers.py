@@ -184,13 +184,14 @@ def test_levers_benchmark_runs_on_a_tiny_llama(tokenizer, tmp_path):
         "--selection_paragraphs", "10", "--selection_sentences", "12", "--curve_sentences", "4", "--batch", "4",
         "--block_size", "64", "--max_sentence_len", "16", "--output_dir", str(tmp_path / "runs"),
         "--json", str(tmp_path / "levers.json"),
-        "--variants", "baseline:;levers:num_memory_vectors=2,bag_of_words_weight=1.0,word_dropout=0.2,lr=1e-3,batch=2",
+        "--variants", "baseline:;levers:num_memory_vectors=2,bag_of_words_weight=1.0,word_dropout=0.2,lr=1e-3,batch=2,freeze_embeddings=True",
     ])  # fmt: skip
     saved = json.loads((tmp_path / "levers.json").read_text())
     assert [v["name"] for v in saved["variants"]] == ["baseline", "levers"]
     levers_run = saved["variants"][1]
     assert levers_run["config"] == {"num_memory_vectors": 2, "bag_of_words_weight": 1.0, "word_dropout": 0.2}
-    assert (levers_run["lr"], levers_run["batch"]) == (1e-3, 2)
+    assert (levers_run["lr"], levers_run["batch"], levers_run["freeze_embeddings"]) == (1e-3, 2, True)
+    assert not saved["variants"][0]["freeze_embeddings"]
     for run in saved["variants"]:
         assert run["steps"] >= 1 and run["tokens"] > 0
         assert 0 <= run["selection"]["greedy_accuracy"] <= 1 and run["selection"]["nll"] > 0

@@ -164,7 +164,7 @@ def sentence_lm_sft_trainer_class():
 
     class SentenceLMSFTTrainer(SFTTrainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            keep = ("input_ids", "attention_mask", "labels")
+            keep = ("input_ids", "attention_mask", "labels", "position_ids")
             outputs = model(**{k: v for k, v in inputs.items() if k in keep}, use_cache=False)
             return (outputs.loss, outputs) if return_outputs else outputs.loss
 
@@ -321,3 +321,31 @@ def test_trl_sft_trainer_with_peft_lora(tokenizer, tmp_path):
     ids = tokenizer(["What is returned? The value is returned."], return_tensors="pt", return_sentence_ids=False)
     with torch.no_grad():
         assert torch.allclose(trained(**ids).logits, reloaded(**ids).logits, atol=1e-5)
+
+
+def test_trl_packing_scores_each_packed_text_on_its_own(tokenizer, tmp_path):
+    """SFTTrainer(packing=True) packs texts padding-free, with position_ids restarting at each text;
+    the README's subclass passes them on and the model scores every text as a row of its own."""
+    pytest.importorskip("trl")
+    from datasets import Dataset
+    from trl import SFTConfig
+
+    texts = ["The value is returned. It is kept.", "Where is the list? It is here.", "One more text is here."]
+    data = Dataset.from_list([{"text": t} for t in texts])
+    args = SFTConfig(output_dir=str(tmp_path / "sft"), per_device_train_batch_size=3, packing=True, max_length=64,
+                     report_to=[], save_strategy="no", use_cpu=True, bf16=False)  # fmt: skip
+    model = tiny_sentence_opt(tokenizer)
+    trainer = sentence_lm_sft_trainer_class()(model=model, args=args, train_dataset=data, processing_class=tokenizer)
+    batch = next(iter(trainer.get_train_dataloader()))
+    starts = torch.nonzero(batch["position_ids"][0] == 0).flatten().tolist()
+    assert batch["input_ids"].shape[0] == 1 and len(starts) == len(texts)  # one row holding every text
+    model.eval()
+    with torch.no_grad():
+        loss = trainer.compute_loss(model, batch)
+        packed = model(**{k: v for k, v in batch.items() if k != "labels"})
+        ends = starts[1:] + [batch["input_ids"].shape[1]]
+        pieces = [batch["input_ids"][:, a:b] for a, b in zip(starts, ends)]
+        alone = [model(piece, labels=batch["labels"][:, a:b]) for piece, a, b in zip(pieces, starts, ends)]
+    torch.testing.assert_close(packed.nll[0], sum(a.nll[0] for a in alone))
+    items = [int((batch["labels"][:, a + 1 : b] != -100).sum()) for a, b in zip(starts, ends)]
+    torch.testing.assert_close(loss, sum(a.loss * n for a, n in zip(alone, items)) / sum(items))
