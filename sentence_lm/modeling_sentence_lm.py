@@ -247,6 +247,7 @@ class SentenceLMModel(SentenceLMPreTrainedModel):
         return_dict: bool | None = None,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
+        position_ids: torch.Tensor | None = None,
         **kwargs,
     ) -> SentenceLMModelOutput | tuple:
         """Segment, encode and run the backbone over a batch of texts.
@@ -259,12 +260,21 @@ class SentenceLMModel(SentenceLMPreTrainedModel):
                 each layer, over sentence slots (as `last_hidden_state`).
             output_attentions: also return the backbone's attention maps over sentence slots
                 (the backbone must run with ``attn_implementation="eager"``, as in `transformers`).
+            position_ids: accepted and ignored (sentence positions are the model's own), unless
+                they restart at 0 inside a row, marking several packed texts: those are refused
+                here (one text per row; `SentenceLMForCausalLM` scores packed texts).
         """
         check_token_ids(input_ids, self.config.vocab_size)
         if input_ids.shape[0] == 0:
             raise ValueError("input_ids holds no text (batch size 0); pass at least one row.")
         input_ids = input_ids.long()
         mask = check_attention_mask(attention_mask, input_ids)
+        if position_ids is not None and _packed_texts(position_ids, mask) is not None:
+            raise ValueError(
+                "position_ids restart at 0 inside a row: the row packs several texts, which SentenceLMModel does not "
+                "split (its states are over one text's sentence slots). Pass one text per row, or use "
+                "SentenceLMForCausalLM, which scores packed texts each on its own."
+            )
         content = self.content_mask(input_ids, mask)
         empty = ~content.any(dim=1)
         if bool(empty.any()):

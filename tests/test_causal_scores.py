@@ -150,5 +150,7 @@ def test_texts_packed_with_position_ids_are_scored_each_on_its_own(model):
     holes[0, 3] = 0
     with pytest.raises(ValueError, match="padding between its tokens"):
         model(packed["input_ids"], attention_mask=holes, position_ids=packed["position_ids"])
+    with pytest.raises(ValueError, match="packs several texts, which SentenceLMModel does not split"):
+        model.model(packed["input_ids"], position_ids=packed["position_ids"])
     with pytest.raises(ValueError, match="position_ids has shape"):
         model(packed["input_ids"], position_ids=packed["position_ids"][:, 1:])
