@@ -26,6 +26,7 @@ from transformers import HfArgumentParser, TrainingArguments
 
 from .configuration_sentence_opt import SentenceOPTConfig
 from .data import DataArguments, PaddingCollator, load_texts, tokenize_texts
+from .distillation import DistillationTrainer, FrozenBackboneWarmup
 from .trainer import SentenceVAETrainer, TimeBudgetCallback, loss_curve, start_run
 from .training_sentence_vae import TINY_SENTENCE_VAE_CONFIG, parse_overrides
 
@@ -107,6 +108,22 @@ class SentenceOPTArguments:
         metadata={"help": "Compute the loss over the vocabulary this many rows at a time (less memory, a little slower)."},
     )
     stop_loss_weight: float | None = field(default=None, metadata={"help": "Weight of the stop head's loss."})
+    freeze_backbone_steps: int = field(
+        default=0,
+        metadata={"help": "Keep the backbone fixed for this many optimizer steps first (the SentenceVAE, start "
+                  "state and stop head adapt to a pretrained backbone before it moves)."},
+    )
+    distill_from: str | None = field(
+        default=None,
+        metadata={"help": "A token model (path or Hub id; `backbone` for --backbone_name_or_path) whose next-token "
+                  "distributions the SentenceLM's token scores are pulled towards (KL, on the fly); it must share "
+                  "the SentenceLM's vocabulary."},
+    )
+    distill_gguf_file: str | None = field(
+        default=None, metadata={"help": "A GGUF file in --distill_from (default: --backbone_gguf_file for `backbone`)."}
+    )
+    distill_weight: float = field(default=1.0, metadata={"help": "Weight of the distillation term."})
+    distill_temperature: float = field(default=1.0, metadata={"help": "Temperature of both distributions in it."})
     vocab_size: int = field(default=2048, metadata={"help": "Vocabulary of a new tokenizer (no stage-1 model)."})
     max_sentence_len: int = field(default=32, metadata={"help": "Sentence cap of a new SentenceVAE."})
     max_train_minutes: float | None = field(
@@ -218,6 +235,19 @@ def build_sentence_opt(model_args: SentenceOPTArguments, train_texts: Sequence[s
     return model, tokenizer
 
 
+def load_teacher(model_args: SentenceOPTArguments):
+    """The token model of ``--distill_from`` (``backbone``: the one ``--backbone_name_or_path`` names)."""
+    from transformers import AutoModelForCausalLM
+
+    source, gguf_file = model_args.distill_from, model_args.distill_gguf_file
+    if source == "backbone":
+        if model_args.backbone_name_or_path is None:
+            raise ValueError("--distill_from backbone needs --backbone_name_or_path (the token model to distil from).")
+        source, gguf_file = model_args.backbone_name_or_path, gguf_file or model_args.backbone_gguf_file
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    return AutoModelForCausalLM.from_pretrained(source, **kwargs)
+
+
 def train_sentence_opt(args: Sequence[str] | None = None, callbacks: Sequence | None = None) -> dict:
     """Stage 2: train a SentenceLM with the Trainer, save it (with tokenizer and model card) to
     ``output_dir``, and report the held-out whole-text NLL per token.
@@ -255,7 +285,15 @@ def train_sentence_opt(args: Sequence[str] | None = None, callbacks: Sequence | 
     trainable = model.num_parameters(only_trainable=True)
     logger.info("SentenceLM with %.2fM parameters (%.2fM trainable)", n_params / 1e6, trainable / 1e6)
 
-    trainer = SentenceVAETrainer(
+    trainer_class, levers = SentenceVAETrainer, {}
+    if model_args.distill_from is not None:
+        trainer_class = DistillationTrainer
+        levers = dict(
+            teacher=load_teacher(model_args),
+            distill_weight=model_args.distill_weight,
+            temperature=model_args.distill_temperature,
+        )
+    trainer = trainer_class(
         model=model,
         args=training_args,
         train_dataset=texts["train"] if training_args.do_train else None,
@@ -263,7 +301,10 @@ def train_sentence_opt(args: Sequence[str] | None = None, callbacks: Sequence | 
         data_collator=PaddingCollator(tokenizer.pad_token_id),
         processing_class=tokenizer,
         callbacks=list(callbacks or []),
+        **levers,
     )
+    if model_args.freeze_backbone_steps:
+        trainer.add_callback(FrozenBackboneWarmup(model_args.freeze_backbone_steps))
     if model_args.max_train_minutes is not None:
         trainer.add_callback(TimeBudgetCallback(60 * model_args.max_train_minutes))
 

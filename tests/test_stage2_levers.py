@@ -1,0 +1,106 @@
+"""Stage-2 levers (issue 17): distillation of a token model's next-token distributions into the
+SentenceLM's token scores, and a warm-up with the backbone frozen; through the Trainer and
+through the stage-2 command line (`train_sentence_opt`)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_training_sentence_opt import backbone_arguments, llama_dir, text_file  # noqa: F401 (fixtures)
+from transformers import AutoModelForCausalLM, TrainingArguments
+
+from sentence_lm import SentenceLMForCausalLM
+from sentence_lm.data import PaddingCollator, tokenize_texts
+from sentence_lm.distillation import DistillationTrainer, FrozenBackboneWarmup, token_distillation_loss
+from sentence_lm.trainer import SentenceVAETrainer
+from sentence_lm.training_sentence_opt import train_sentence_opt
+
+
+def test_distillation_loss_is_the_mean_kl_at_the_scored_positions():
+    torch.manual_seed(0)
+    student, teacher = torch.randn(2, 5, 11), torch.randn(2, 5, 11)
+    mask = torch.tensor([[1, 1, 0, 1, 0], [0, 1, 1, 1, 1]], dtype=torch.bool)
+    p = F.softmax(teacher / 2, -1)
+    kl = (p * (p.log() - F.log_softmax(student / 2, -1))).sum(-1)
+    torch.testing.assert_close(token_distillation_loss(student, teacher, mask, temperature=2.0), kl[mask].mean() * 4)
+    assert token_distillation_loss(teacher, teacher, mask).abs() < 1e-6
+    assert token_distillation_loss(student, teacher, torch.zeros_like(mask)) == 0
+
+
+@pytest.fixture()
+def setup(llama_dir):  # noqa: F811
+    teacher = AutoModelForCausalLM.from_pretrained(llama_dir).eval()
+    torch.manual_seed(0)
+    model = SentenceLMForCausalLM.from_pretrained_backbone(llama_dir, sentence_vae_config=dict(max_sentence_len=16))
+    from datasets import Dataset
+
+    from sentence_lm.corpus import default_corpus
+
+    texts = tokenize_texts(Dataset.from_dict({"text": default_corpus()[:40]}), model.tokenizer, 64, 16)
+    return teacher, model, texts
+
+
+def trainer_of(cls, model, texts, tmp_path, steps, **levers):
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=4, learning_rate=3e-3,
+                             logging_steps=1, report_to="none", save_strategy="no", use_cpu=True, seed=0)  # fmt: skip
+    return cls(model=model, args=args, train_dataset=texts, data_collator=PaddingCollator(model.config.pad_token_id), **levers)
+
+
+def distillation_gap(model, teacher, batch) -> float:
+    model.eval()
+    with torch.no_grad():
+        student = model(**batch, logits_to_keep=0).logits
+        target = teacher(**batch).logits
+    mask = batch["attention_mask"].bool()
+    scored = torch.zeros_like(mask)
+    scored[:, :-1] = mask[:, :-1] & mask[:, 1:]
+    model.train()
+    return float(token_distillation_loss(student, target, scored))
+
+
+def test_distillation_pulls_the_token_scores_towards_the_teacher(setup, tmp_path):
+    teacher, model, texts = setup
+    batch = PaddingCollator(model.config.pad_token_id)([texts[i] for i in range(4)])
+    batch.pop("length", None)
+    before = distillation_gap(model, teacher, batch)
+    trainer = trainer_of(DistillationTrainer, model, texts, tmp_path, 8, teacher=teacher, distill_weight=5.0)
+    trainer.train()
+    logs = [e for e in trainer.state.log_history if "loss" in e]
+    assert len(logs) == 8 and all(e["distill_loss"] >= 0 for e in logs)
+    assert distillation_gap(model, teacher, batch) < 0.8 * before
+    assert all(not p.requires_grad for p in trainer.teacher.parameters())
+
+
+def test_a_teacher_with_another_vocabulary_is_refused(setup, tmp_path):
+    teacher, model, texts = setup
+    teacher.resize_token_embeddings(teacher.config.vocab_size + 8)
+    with pytest.raises(ValueError, match="Cannot distil from a token model with .* output tokens into a SentenceLM"):
+        trainer_of(DistillationTrainer, model, texts, tmp_path, 1, teacher=teacher)
+
+
+def test_frozen_backbone_warmup_moves_the_backbone_only_after_its_steps(setup, tmp_path):
+    _, model, texts = setup
+    backbone = model.model.backbone
+    kept = next(backbone.parameters())
+    kept.requires_grad_(False)  # frozen on purpose (as a PEFT base): must stay frozen after the warm-up
+    snapshot = lambda: {n: p.detach().clone() for n, p in model.named_parameters()}  # noqa: E731
+    start = snapshot()
+    trainer_of(SentenceVAETrainer, model, texts, tmp_path, 3, callbacks=[FrozenBackboneWarmup(3)]).train()
+    after_warmup = snapshot()
+    assert all(torch.equal(after_warmup[n], start[n]) for n in start if n.startswith("model.backbone."))
+    assert any(not torch.equal(after_warmup[n], start[n]) for n in start if n.startswith("model.sentence_vae."))
+    assert all(p.requires_grad for p in backbone.parameters() if p is not kept) and not kept.requires_grad
+    trainer_of(SentenceVAETrainer, model, texts, tmp_path, 2).train()
+    assert any(not torch.equal(p, after_warmup[n]) for n, p in model.named_parameters() if n.startswith("model.backbone."))
+    with pytest.raises(ValueError, match="number of steps >= 0"):
+        FrozenBackboneWarmup(-1)
+
+
+def test_command_line_levers(text_file, llama_dir, tmp_path):  # noqa: F811
+    args = backbone_arguments(text_file, tmp_path / "out", llama_dir, "--max_steps", "3", "--do_eval", "false",
+                              "--distill_from", "backbone", "--distill_weight", "0.5", "--freeze_backbone_steps", "2")  # fmt: skip
+    results = train_sentence_opt(args)
+    assert results["global_step"] == 3 and len(results["loss_curve"]) == 3
+    with pytest.raises(ValueError, match="--distill_from backbone needs --backbone_name_or_path"):
+        train_sentence_opt([*args[: args.index("--backbone_name_or_path")], "--distill_from", "backbone"])
