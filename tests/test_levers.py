@@ -1,6 +1,6 @@
 """The SentenceVAE's quality levers (issue 17): several memory vectors, the bag-of-words loss and
 word dropout; each against a reference written here, through save/load and through generation;
-and benchmarks/sentence_vae_levers.py run for a few steps on a tiny Llama."""
+and benchmarks/levers.py (both stages) run for a few steps on a tiny Llama."""
 
 from __future__ import annotations
 
@@ -171,32 +171,52 @@ def test_bad_lever_values_are_refused_by_name(fields, message):
         SentenceVAEConfig(**TINY, **fields)
 
 
-def test_levers_benchmark_runs_on_a_tiny_llama(tokenizer, tmp_path):
+def test_levers_benchmark_runs_both_stages_on_a_tiny_llama(tokenizer, tmp_path):
     from test_smollm2_script import _wikitext_like, tiny_llama
 
-    levers = load_script("benchmarks/sentence_vae_levers.py")
+    levers = load_script("benchmarks/levers.py")
     paragraphs = [p for p in default_corpus() if p.strip()]
     (tmp_path / "train.txt").write_text(_wikitext_like(paragraphs), encoding="utf-8")
     tiny_llama(tmp_path / "tiny", tokenizer)
-    results = levers.main([
+    common = [
         "--model", str(tmp_path / "tiny"), "--train_file", str(tmp_path / "train.txt"), "--device", "cpu",
         "--minutes", "0.01", "--curve_minutes", "0.005", "--train_paragraphs", str(len(paragraphs) - 10),
-        "--selection_paragraphs", "10", "--selection_sentences", "12", "--curve_sentences", "4", "--batch", "4",
-        "--block_size", "64", "--max_sentence_len", "16", "--output_dir", str(tmp_path / "runs"),
-        "--json", str(tmp_path / "levers.json"),
+        "--selection_paragraphs", "10", "--block_size", "64", "--max_sentence_len", "16",
+        "--output_dir", str(tmp_path / "runs"),
+    ]  # fmt: skip
+    stage1 = levers.main([
+        *common, "--stage", "1", "--selection_sentences", "12", "--curve_sentences", "4", "--batch", "4",
+        "--json", str(tmp_path / "stage1.json"), "--save_dir", str(tmp_path / "vaes"),
         "--variants", "baseline:;levers:num_memory_vectors=2,bag_of_words_weight=1.0,word_dropout=0.2,lr=1e-3,batch=2,freeze_embeddings=True",
     ])  # fmt: skip
-    saved = json.loads((tmp_path / "levers.json").read_text())
+    saved = json.loads((tmp_path / "stage1.json").read_text())
     assert [v["name"] for v in saved["variants"]] == ["baseline", "levers"]
     levers_run = saved["variants"][1]
     assert levers_run["config"] == {"num_memory_vectors": 2, "bag_of_words_weight": 1.0, "word_dropout": 0.2}
-    assert (levers_run["lr"], levers_run["batch"], levers_run["freeze_embeddings"]) == (1e-3, 2, True)
-    assert not saved["variants"][0]["freeze_embeddings"]
+    assert levers_run["training"] == {"lr": 1e-3, "batch": 2, "freeze_embeddings": True}
+    assert saved["variants"][0]["training"] == {"lr": 5e-4, "batch": 4, "freeze_embeddings": False}
     for run in saved["variants"]:
         assert run["steps"] >= 1 and run["tokens"] > 0
         assert 0 <= run["selection"]["greedy_accuracy"] <= 1 and run["selection"]["nll"] > 0
         assert run["curve"][0]["step"] == 0 and run["curve"][-1]["step"] == run["steps"]
-    assert saved["data"]["selection_sentences"] == 12
-    assert "| levers |" in levers.markdown(results)
+    assert saved["data"]["selection_examples"] == 12
+    assert "| levers |" in levers.markdown(stage1)
+    assert SentenceVAEModel.from_pretrained(tmp_path / "vaes" / "levers").config.num_memory_vectors == 2
+
+    stage2 = levers.main([
+        *common, "--stage", "2", "--sentence_vae", str(tmp_path / "vaes" / "levers"), "--selection_tokens", "200",
+        "--curve_tokens", "60", "--batch", "2", "--json", str(tmp_path / "stage2.json"),
+        "--variants", "plain:;levers:freeze_backbone_steps=1,distill_weight=0.5,freeze_sentence_vae=True",
+    ])  # fmt: skip
+    runs = {r["name"]: r for r in stage2["variants"]}
+    assert runs["levers"]["training"]["distill_weight"] == 0.5 and runs["levers"]["training"]["freeze_backbone_steps"] == 1
+    for run in runs.values():
+        assert run["steps"] >= 1 and run["selection"]["nll"] > 0 and run["curve"][0]["step"] == 0
+    assert stage2["data"]["selection_tokens"] >= 200
+    assert "NLL/token" in levers.markdown(stage2)
     with pytest.raises(SystemExit, match="distinct"):
-        levers.parse_variants("a:;a:lr=1", 1e-3, 4)
+        levers.parse_variants("a:;a:lr=1", 1, 1e-3, 4)
+    with pytest.raises(SystemExit, match="unknown stage-2 key"):
+        levers.parse_variants("a:num_memory_vectors=2", 2, 1e-3, 4)
+    with pytest.raises(SystemExit):
+        levers.parse_args(["--stage", "2"])
