@@ -5,6 +5,7 @@ and benchmarks/levers.py (both stages) run for a few steps on a tiny Llama."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -220,3 +221,35 @@ def test_levers_benchmark_runs_both_stages_on_a_tiny_llama(tokenizer, tmp_path):
         levers.parse_variants("a:num_memory_vectors=2", 2, 1e-3, 4)
     with pytest.raises(SystemExit):
         levers.parse_args(["--stage", "2"])
+
+
+def test_from_scratch_comparison_runs_and_fits_its_curves(tmp_path):
+    from test_smollm2_script import _wikitext_like
+
+    script = load_script("benchmarks/from_scratch.py")
+    paragraphs = [p for p in default_corpus() if p.strip()]
+    (tmp_path / "train.txt").write_text(_wikitext_like(paragraphs[:-15]), encoding="utf-8")
+    (tmp_path / "valid.txt").write_text("\n\n".join(paragraphs[-15:]), encoding="utf-8")
+    results = script.main([
+        "--train_file", str(tmp_path / "train.txt"), "--validation_file", str(tmp_path / "valid.txt"),
+        "--minutes", "0.04", "--curve_minutes", "0.01", "--eval_tokens", "400", "--curve_tokens", "100",
+        "--vocab_size", "512", "--hidden_size", "32", "--num_layers", "1", "--ffn_dim", "64", "--block_size", "64",
+        "--max_sentence_len", "16", "--batch", "4", "--stage1_batch", "16", "--device", "cpu",
+        "--sentence_vae_config", "num_memory_vectors=2", "--output_dir", str(tmp_path / "runs"),
+        "--json", str(tmp_path / "r.json"), "--report", str(tmp_path / "r.md"),
+    ])  # fmt: skip
+    models = results["models"]
+    assert set(models) == {"token model", "SentenceLM"}
+    for record in models.values():
+        assert record["steps"] >= 1 and 0 < record["nll"] < 20 and record["curve"][0]["nll"] > 0
+    assert models["SentenceLM"]["stage1_tokens"] > 0
+    assert all(p["seconds"] >= 0.04 * 60 * 0.25 for p in models["SentenceLM"]["curve"])  # after stage 1
+    assert json.loads((tmp_path / "r.json").read_text())["eval_tokens"] >= 400
+    assert "| SentenceLM |" in (tmp_path / "r.md").read_text()
+    fit = script.power_law([{"tokens": 10, "nll": 4.0}, {"tokens": 100, "nll": 2.0}], "tokens")
+    assert fit["b"] == pytest.approx(math.log10(2)) and fit["a"] * 10 ** -fit["b"] == pytest.approx(4.0)
+    crossing = script.meeting({"a": 8.0, "b": 0.2}, {"a": 4.0, "b": 0.1}, budget=10.0)
+    assert crossing["cross"] == pytest.approx(2 ** 10) and crossing["gap_at_10x"] > 0  # 10x = 100: not there yet
+    assert script.meeting({"a": 8.0, "b": 0.2}, {"a": 4.0, "b": 0.1}, budget=1000.0)["cross"] is None  # behind us
+    with pytest.raises(SystemExit):
+        script.parse_args(["--stage1_share", "1"])

@@ -1,0 +1,301 @@
+#!/usr/bin/env python
+"""From scratch at equal wall time: a small SentenceLM against its same-shape token model.
+
+Both models have a Llama backbone of the same shape (``--hidden_size``, ``--num_layers``,
+``--num_heads``, ``--ffn_dim``) and one byte-level BPE of ``--vocab_size`` tokens trained here on
+the training text; both train on the same text blocks (WikiText-2 train, detokenised, in blocks of
+``--block_size`` tokens with a BOS) for the same ``--minutes`` of training time (evaluations not
+counted). The token model is `LlamaForCausalLM` (:func:`sentence_lm.baseline.token_config_like`),
+trained with the Trainer and the causal-LM collator. The SentenceLM spends ``--stage1_share`` of
+its minutes on stage 1 (its SentenceVAE on the training sentences) and the rest on stage 2 (the
+whole model, SentenceVAE included, on the blocks).
+
+Both are scored on the same blocks of WikiText-2 raw valid (the first ``--eval_tokens`` tokens) in
+NLL per token: the token model's NLL of every token after the BOS, the SentenceLM's whole-text NLL
+(tokens, sentence ends and stop decisions) over the same tokens
+(:func:`~sentence_lm.training_sentence_opt.text_nll`). During training both are scored every
+``--curve_minutes`` on the first ``--curve_tokens`` of them; the report fits a power law
+``NLL = a * x ** -b`` to each curve (against training tokens and against training seconds, from the
+second curve point on) and says where the two would meet, or the gap at ten times the budget.
+
+Example (the recorded comparison)::
+
+    python benchmarks/from_scratch.py --minutes 30 --json benchmarks/results/from_scratch_cpu.json \\
+        --report benchmarks/results/from_scratch_cpu.md --plot benchmarks/results/from_scratch_cpu.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import shlex
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path[:0] = [str(HERE), str(HERE.parent / "examples")]
+try:
+    import sentence_lm  # noqa: F401
+except ImportError:  # a source checkout that is not installed
+    sys.path.insert(0, str(HERE.parent))
+
+import torch
+from levers import CurveCallback, blocks_of, wikitext_paragraphs
+from transformers import LlamaConfig, TrainingArguments, set_seed
+
+from sentence_lm import SentenceLMConfig, SentenceLMForCausalLM, SentenceVAEModel
+from sentence_lm.baseline import token_baseline_trainer, token_config_like
+from sentence_lm.data import PaddingCollator, split_into_sentences
+from sentence_lm.tokenization_sentence_lm import train_sentence_tokenizer
+from sentence_lm.trainer import SentenceVAETrainer, show_time_budget
+from sentence_lm.training_sentence_opt import text_nll
+from sentence_lm.training_sentence_vae import parse_overrides
+
+SHARED = HERE.parents[1] / "shared" / "data"
+
+
+def training_arguments(args, name: str, lr: float, batch: int) -> TrainingArguments:
+    return TrainingArguments(
+        output_dir=str(Path(args.output_dir) / name), max_steps=10**7, learning_rate=lr,
+        lr_scheduler_type="constant_with_warmup", warmup_steps=args.warmup_steps, weight_decay=0.01,
+        per_device_train_batch_size=batch, logging_steps=25, save_strategy="no", report_to="none", seed=args.seed,
+        use_cpu=args.device == "cpu", bf16=args.bf16, disable_tqdm=False, dataloader_drop_last=True,
+        remove_unused_columns=False,
+    )  # fmt: skip
+
+
+@torch.no_grad()
+def token_model_nll(model, blocks, batch_size: int = 8) -> float:
+    """NLL per token of a token model on text blocks (BOS first): every token after the BOS."""
+    from sentence_lm_from_smollm2 import token_nll
+
+    return token_nll(model, blocks, None, batch_size, show_progress=False)["nll_per_token"]
+
+
+def sentence_lm_nll(model, blocks, batch_size: int = 8) -> float:
+    return text_nll(model, blocks, batch_size, show_progress=False)["nll_per_token"]
+
+
+def power_law(points: list[dict], key: str) -> dict | None:
+    """``NLL = a * x ** -b`` fitted by least squares in log-log space on the points with ``x > 0``."""
+    xs = [(math.log(p[key]), math.log(p["nll"])) for p in points if p[key] > 0]
+    if len(xs) < 2:
+        return None
+    mean_x, mean_y = sum(x for x, _ in xs) / len(xs), sum(y for _, y in xs) / len(xs)
+    var = sum((x - mean_x) ** 2 for x, _ in xs)
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in xs) / var if var else 0.0
+    return {"a": math.exp(mean_y - slope * mean_x), "b": -slope, "points": len(xs)}
+
+
+def meeting(fit_1: dict | None, fit_2: dict | None, budget: float) -> dict:
+    """Where two power laws cross (``x``, if ahead), and their gap (first minus second) at ten times ``budget``."""
+    if not fit_1 or not fit_2:
+        return {}
+    at = lambda fit, x: fit["a"] * x ** -fit["b"]  # noqa: E731
+    result = {"gap_at_10x": at(fit_1, 10 * budget) - at(fit_2, 10 * budget), "ten_times": 10 * budget}
+    if fit_1["b"] != fit_2["b"]:
+        cross = (fit_1["a"] / fit_2["a"]) ** (1 / (fit_1["b"] - fit_2["b"]))
+        result["cross"] = cross if cross > budget else None
+    return result
+
+
+def train_token_model(args, config, tokenizer, blocks, curve_blocks):
+    set_seed(args.seed)
+    trainer = token_baseline_trainer(token_config_like(config, args.block_size + 8), tokenizer, blocks["train"],
+                                     training_arguments(args, "token_model", args.lr, args.batch))
+    curve = CurveCallback(60 * args.minutes, 60 * args.curve_minutes,
+                          lambda m: {"nll": token_model_nll(m, curve_blocks)})
+    trainer.add_callback(curve)
+    show_time_budget(trainer)
+    trainer.train()
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    return model, {"steps": trainer.state.global_step, "tokens": int(trainer.state.num_input_tokens_seen),
+                   "curve": curve.points, "parameters": model.num_parameters()}
+
+
+def train_sentence_lm(args, config, tokenizer, blocks, curve_blocks):
+    stage1_seconds = 60 * args.minutes * args.stage1_share
+    set_seed(args.seed)
+    vae = SentenceVAEModel(config.sentence_vae)
+    vae.set_boundary_table(tokenizer)
+    sentences = split_into_sentences(blocks["train"], tokenizer, config.sentence_vae.max_sentence_len)
+    stage1 = SentenceVAETrainer(model=vae, args=training_arguments(args, "stage1", args.stage1_lr, args.stage1_batch),
+                                train_dataset=sentences, data_collator=PaddingCollator(tokenizer.pad_token_id),
+                                callbacks=[CurveCallback(stage1_seconds, stage1_seconds, lambda m: {})])
+    stage1.train()
+    stage1_tokens = int(stage1.state.num_input_tokens_seen)
+
+    set_seed(args.seed)
+    model = SentenceLMForCausalLM(config)
+    model.model.sentence_vae.load_state_dict(stage1.accelerator.unwrap_model(stage1.model).state_dict())
+    curve = CurveCallback(60 * args.minutes - stage1_seconds, 60 * args.curve_minutes,
+                          lambda m: {"nll": sentence_lm_nll(m, curve_blocks)})
+    stage2 = SentenceVAETrainer(model=model, args=training_arguments(args, "stage2", args.lr, args.batch),
+                                train_dataset=blocks["train"], data_collator=PaddingCollator(tokenizer.pad_token_id),
+                                callbacks=[curve])
+    stage2.train()
+    model = stage2.accelerator.unwrap_model(stage2.model)
+    points = [{**p, "seconds": p["seconds"] + stage1_seconds, "stage2_tokens": p["tokens"],
+               "tokens": p["tokens"] + stage1_tokens} for p in curve.points]
+    return model, {"steps": stage2.state.global_step, "stage1_steps": stage1.state.global_step,
+                   "tokens": int(stage2.state.num_input_tokens_seen), "stage1_tokens": stage1_tokens,
+                   "curve": points, "parameters": model.num_parameters()}
+
+
+def sentence_lm_config(args, tokenizer) -> SentenceLMConfig:
+    backbone = LlamaConfig(
+        hidden_size=args.hidden_size, intermediate_size=args.ffn_dim, num_hidden_layers=args.num_layers,
+        num_attention_heads=args.num_heads, num_key_value_heads=args.num_heads,
+        max_position_embeddings=args.block_size + 8, tie_word_embeddings=True,
+    )  # fmt: skip
+    vae = dict(
+        vocab_size=len(tokenizer), hidden_size=args.hidden_size, num_attention_heads=args.num_heads,
+        ffn_dim=args.ffn_dim, max_sentence_len=args.max_sentence_len, dropout=0.0, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    vae.update(parse_overrides(args.sentence_vae_config or ""))
+    return SentenceLMConfig(backbone=backbone, sentence_vae=vae)
+
+
+def markdown(results: dict) -> str:
+    rows = results["models"]
+    lines = [
+        f"Trained {results['minutes']} minutes each ({results['machine'].get('cpu', results['device'])}, "
+        f"{results['threads']} threads); scored on {results['eval_tokens']:,} tokens of WikiText-2 raw valid.",
+        "",
+        "| model | parameters | steps | training tokens | NLL/token | perplexity | fit vs tokens (a, b) | fit vs seconds (a, b) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, r in rows.items():
+        fits = [r["fit_tokens"], r["fit_seconds"]]
+        text = [f"{f['a']:.3g}, {f['b']:.3f}" if f else "-" for f in fits]
+        tokens = f"{r['tokens']:,}" + (f" (+{r['stage1_tokens']:,} stage 1)" if "stage1_tokens" in r else "")
+        lines.append(f"| {name} | {r['parameters'] / 1e6:.2f}M | {r['steps']} | {tokens} | {r['nll']:.4f} | "
+                     f"{math.exp(r['nll']):.1f} | {text[0]} | {text[1]} |")
+    for axis, outlook in results["outlook"].items():
+        if not outlook:
+            continue
+        cross = outlook.get("cross")
+        said = f"the fits cross at {cross:,.0f} {axis}" if cross else "the fits do not cross past the budget"
+        lines.append(f"- Against {axis}: {said}; at {outlook['ten_times']:,.0f} {axis} (10x) the SentenceLM's NLL "
+                     f"minus the token model's is {outlook['gap_at_10x']:+.3f}.")
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, label in zip(axes, ("tokens", "seconds"), ("training tokens", "training seconds")):
+        for name, r in results["models"].items():
+            points = [p for p in r["curve"] if p[key] > 0]
+            ax.loglog([p[key] for p in points], [p["nll"] for p in points], "o-", label=name)
+            fit = r[f"fit_{key}"]
+            if fit:
+                xs = [points[0][key] * (10 * points[-1][key] / points[0][key]) ** (i / 50) for i in range(51)]
+                ax.loglog(xs, [fit["a"] * x ** -fit["b"] for x in xs], "--", alpha=0.6)
+        ax.set_xlabel(label)
+        ax.set_ylabel("validation NLL per token")
+        ax.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--train_file", default=str(SHARED / "wikitext-2" / "train.txt"))
+    p.add_argument("--validation_file", default=str(SHARED / "wikitext-2-raw" / "valid.txt"))
+    p.add_argument("--train_paragraphs", type=int, help="Train on the first N paragraphs only (smoke runs).")
+    p.add_argument("--minutes", type=float, default=30.0, help="Training minutes of each model.")
+    p.add_argument("--stage1_share", type=float, default=0.25, help="Share of the SentenceLM's minutes spent in stage 1.")
+    p.add_argument("--curve_minutes", type=float, default=3.0)
+    p.add_argument("--eval_tokens", type=int, default=20000)
+    p.add_argument("--curve_tokens", type=int, default=4000)
+    p.add_argument("--vocab_size", type=int, default=8192)
+    p.add_argument("--hidden_size", type=int, default=256)
+    p.add_argument("--num_layers", type=int, default=4)
+    p.add_argument("--num_heads", type=int, default=4)
+    p.add_argument("--ffn_dim", type=int, default=1024)
+    p.add_argument("--max_sentence_len", type=int, default=48)
+    p.add_argument("--sentence_vae_config", help="SentenceVAE overrides key=value,... (levers).")
+    p.add_argument("--block_size", type=int, default=256)
+    p.add_argument("--batch", type=int, default=16, help="Text blocks per step (both models).")
+    p.add_argument("--lr", type=float, default=1e-3, help="Learning rate of the token model and of stage 2.")
+    p.add_argument("--stage1_batch", type=int, default=64)
+    p.add_argument("--stage1_lr", type=float, default=1e-3)
+    p.add_argument("--warmup_steps", type=int, default=20)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--bf16", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output_dir", default="runs/from_scratch", help="The Trainer's folders (it saves nothing there).")
+    p.add_argument("--json")
+    p.add_argument("--report")
+    p.add_argument("--plot")
+    args = p.parse_args(argv)
+    if not 0 < args.stage1_share < 1:
+        p.error("--stage1_share must be between 0 and 1 (both stages need time)")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from bench_generate import machine_info
+    from sentence_lm_from_smollm2 import first_tokens
+
+    began = time.perf_counter()
+    paragraphs = wikitext_paragraphs(Path(args.train_file))[: args.train_paragraphs]
+    tokenizer = train_sentence_tokenizer(paragraphs, vocab_size=args.vocab_size, max_sentence_len=args.max_sentence_len)
+    valid = [p.strip() for p in Path(args.validation_file).read_text(encoding="utf-8").split("\n\n") if p.strip()]
+    blocks = {
+        "train": blocks_of(paragraphs, tokenizer, args.block_size, args.max_sentence_len, "training text"),
+        "valid": blocks_of(valid, tokenizer, args.block_size, args.max_sentence_len, "validation text"),
+    }
+    eval_blocks = first_tokens(blocks["valid"], args.eval_tokens)
+    curve_blocks = first_tokens(eval_blocks, args.curve_tokens)
+    config = sentence_lm_config(args, tokenizer)
+
+    models = {}
+    for name, train, score in (("token model", train_token_model, token_model_nll),
+                               ("SentenceLM", train_sentence_lm, sentence_lm_nll)):  # fmt: skip
+        model, record = train(args, config, tokenizer, blocks, curve_blocks)
+        record["nll"] = score(model, eval_blocks)
+        later = record["curve"][1:]
+        record["fit_tokens"], record["fit_seconds"] = power_law(later, "tokens"), power_law(later, "seconds")
+        models[name] = record
+        del model
+    sentence, token = models["SentenceLM"], models["token model"]
+    results = {
+        "command": shlex.join(["python", "benchmarks/from_scratch.py", *(sys.argv[1:] if argv is None else argv)]),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine_info(torch.device(args.device)), "device": args.device, "threads": torch.get_num_threads(),
+        "minutes": args.minutes, "settings": vars(args), "vocab_size": len(tokenizer),
+        "eval_tokens": sum(eval_blocks["length"]) - len(eval_blocks), "models": models,
+        "outlook": {
+            "tokens": meeting(sentence["fit_tokens"], token["fit_tokens"], max(token["tokens"], sentence["tokens"])),
+            "seconds": meeting(sentence["fit_seconds"], token["fit_seconds"], 60 * args.minutes),
+        },
+        "wall_seconds": round(time.perf_counter() - began, 1),
+    }
+    report = markdown(results)
+    print(report)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    if args.report:
+        Path(args.report).write_text(report + "\n")
+    if args.plot:
+        plot(results, args.plot)
+    return results
+
+
+if __name__ == "__main__":
+    main()
