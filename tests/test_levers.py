@@ -250,6 +250,6 @@ def test_from_scratch_comparison_runs_and_fits_its_curves(tmp_path):
     assert fit["b"] == pytest.approx(math.log10(2)) and fit["a"] * 10 ** -fit["b"] == pytest.approx(4.0)
     crossing = script.meeting({"a": 8.0, "b": 0.2}, {"a": 4.0, "b": 0.1}, budget=10.0)
     assert crossing["cross"] == pytest.approx(2 ** 10) and crossing["gap_at_10x"] > 0  # 10x = 100: not there yet
-    assert script.meeting({"a": 8.0, "b": 0.2}, {"a": 4.0, "b": 0.1}, budget=1000.0)["cross"] is None  # behind us
+    assert script.meeting({"a": 8.0, "b": 0.2}, {"a": 4.0, "b": 0.1}, budget=2000.0)["cross"] is None  # behind us
     with pytest.raises(SystemExit):
         script.parse_args(["--stage1_share", "1"])
