@@ -196,6 +196,13 @@ class SentenceVAEConfig(PreTrainedConfig):
             sentence, whatever its position (a bag-of-words loss). It makes the encoder put the
             sentence's words into the vector from the first steps, before the decoder has learned
             to read it. 0 (the default) leaves it out (and the layer is not built).
+        parallel_readout_weight (`float`, defaults to 0.0):
+            Weight of an auxiliary loss, a finite number >= 0: a one-layer *parallel readout*
+            (a learned query per position attending over the decoder's memory vectors, a
+            feed-forward block, then the output layer) must give every token of the sentence, and
+            its end, from the sentence vector alone, all positions at once, without the tokens
+            before them. It makes the vector say which token sits where. 0 (the default) leaves it
+            out (and its layers are not built).
         word_dropout (`float`, defaults to 0.0):
             Probability, in [0, 1), that a token the Sentence Decoder is fed in stage-1 training
             (teacher forcing) is blanked (its embedding replaced by the padding embedding; its
@@ -255,6 +262,7 @@ class SentenceVAEConfig(PreTrainedConfig):
     focal_gamma: float = 0.0
     num_memory_vectors: int = 1
     bag_of_words_weight: float = 0.0
+    parallel_readout_weight: float = 0.0
     word_dropout: float = 0.0
     loss_chunk_size: int | None = None
     layer_norm_eps: float = 1e-5
@@ -290,7 +298,7 @@ class SentenceVAEConfig(PreTrainedConfig):
         check_choice("fusion", self.fusion, FUSIONS)
         check_choice("position_embedding", self.position_embedding, POSITION_EMBEDDINGS)
         check_choice("activation_function", self.activation_function, ACTIVATIONS)
-        check_real(self, "focal_gamma", "bag_of_words_weight")
+        check_real(self, "focal_gamma", "bag_of_words_weight", "parallel_readout_weight")
         if self.loss_chunk_size is not None:
             check_positive(self, "loss_chunk_size")
         check_real(self, "layer_norm_eps", "init_std", strict=True)

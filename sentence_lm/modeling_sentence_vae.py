@@ -359,6 +359,29 @@ class SentenceDecoder(nn.Module):
         return [layer.cross_attention_state(memory) for layer in self.layers]
 
 
+class ParallelReadout(nn.Module):
+    """Every position of a sentence read from its sentence vector at once, without the tokens
+    before it: a learned query per position cross-attends over the decoder's memory vectors, then
+    a feed-forward block and a LayerNorm; the output layer turns the states into token logits
+    (see ``SentenceVAEConfig.parallel_readout_weight``)."""
+
+    def __init__(self, config: SentenceVAEConfig):
+        super().__init__()
+        self.queries = nn.Embedding(config.max_sentence_len + 1, config.hidden_size)
+        self.attn = SentenceAttention(config)
+        self.attn_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.ffn = FeedForward(config)
+        self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+    def forward(self, memory: torch.Tensor, steps: int) -> torch.Tensor:
+        """States ``(n, steps, H)`` of positions ``0..steps-1`` from memory ``(n, m, H)``."""
+        queries = self.queries.weight[:steps].to(memory.dtype).expand(memory.shape[0], steps, -1)
+        hidden = queries + self.attn(self.attn_layer_norm(queries), key_value_states=memory)
+        hidden = hidden + self.ffn(self.final_layer_norm(hidden))
+        return self.layer_norm(hidden)
+
+
 class SentenceDecoderCache:
     """Key/value cache of the Sentence Decoder's self-attention, written in place.
 
@@ -430,15 +453,18 @@ class SentenceVAEOutput(ModelOutput):
     Attributes:
         loss: the reconstruction loss (cross-entropy, or focal loss when ``focal_gamma > 0``) over
             every sentence token and the end-of-sentence token; plus ``bag_of_words_weight`` times
-            ``bag_of_words_loss`` when the config has that auxiliary loss.
+            ``bag_of_words_loss`` and ``parallel_readout_weight`` times ``parallel_readout_loss``
+            when the config has those auxiliary losses.
         logits: ``(n, max_len + 1, vocab)`` decoder logits; step ``j`` predicts token ``j`` of
             the sentence and step ``len`` the end-of-sentence token (no meaning after it). ``None`` in
             training mode unless asked for (see ``logits_to_keep``).
         sentence_vectors: ``(n, hidden)`` encodings of the sentences.
-        reconstruction_loss: with ``bag_of_words_weight > 0``, the reconstruction part of
-            ``loss`` (without it, ``loss`` is the reconstruction loss and this is ``None``).
+        reconstruction_loss: with an auxiliary loss, the reconstruction part of ``loss``
+            (without one, ``loss`` is the reconstruction loss and this is ``None``).
         bag_of_words_loss: with ``bag_of_words_weight > 0``, the mean NLL of the sentence's tokens
             from its vector alone (see `SentenceVAEModel.bag_of_words_loss`); else ``None``.
+        parallel_readout_loss: with ``parallel_readout_weight > 0``, the mean NLL of every
+            target (tokens and end) read by the :class:`ParallelReadout`; else ``None``.
     """
 
     loss: torch.Tensor | None = None
@@ -446,6 +472,7 @@ class SentenceVAEOutput(ModelOutput):
     sentence_vectors: torch.Tensor | None = None
     reconstruction_loss: torch.Tensor | None = None
     bag_of_words_loss: torch.Tensor | None = None
+    parallel_readout_loss: torch.Tensor | None = None
 
 
 @dataclass
@@ -531,6 +558,7 @@ class SentenceVAEModel(SentenceVAEPreTrainedModel):
         self.bag_of_words_proj = (
             nn.Linear(config.hidden_size, config.hidden_size) if config.bag_of_words_weight > 0 else None
         )
+        self.parallel_readout = ParallelReadout(config) if config.parallel_readout_weight > 0 else None
         self.register_buffer("boundary_table", torch.zeros(config.vocab_size, dtype=torch.uint8))
         source = "embed_tokens.weight" if config.share_embeddings else "decoder_embed_tokens.weight"
         self._tied_weights_keys = {"lm_head.weight": source}
@@ -753,6 +781,13 @@ class SentenceVAEModel(SentenceVAEPreTrainedModel):
         log_probs = self.lm_head(self.bag_of_words_proj(sentence_vectors)).float().log_softmax(dim=-1)
         return -log_probs.gather(1, input_ids)[mask].mean()
 
+    def parallel_readout_nll(self, sentence_vectors: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Per-target NLL (float32) of the :class:`ParallelReadout` at every step that has a target
+        in ``targets`` ``(n, steps)`` (from :meth:`reconstruction_targets`)."""
+        states = self.parallel_readout(self.decoder.memory(sentence_vectors), targets.shape[1])
+        has_target = targets != -100
+        return self.output_nll(states[has_target], targets[has_target])
+
     def teacher_forced_logits(
         self, input_ids: torch.Tensor, mask: torch.Tensor, sentence_vectors: torch.Tensor
     ) -> torch.Tensor:
@@ -803,17 +838,23 @@ class SentenceVAEModel(SentenceVAEPreTrainedModel):
         else:  # the output layer once: the loss from the logits returned
             logits = self.lm_head(states)
             nll = F.cross_entropy(logits[has_target].float(), targets[has_target], reduction="none")
-        loss = focal_mean(nll, self.config.focal_gamma)
-        reconstruction = bag_of_words = None
+        loss = reconstruction = focal_mean(nll, self.config.focal_gamma)
+        bag_of_words = readout = None
         if self.bag_of_words_proj is not None:
-            reconstruction, bag_of_words = loss, self.bag_of_words_loss(vectors, input_ids, mask)
+            bag_of_words = self.bag_of_words_loss(vectors, input_ids, mask)
             loss = loss + self.config.bag_of_words_weight * bag_of_words
+        if self.parallel_readout is not None:
+            readout = self.parallel_readout_nll(vectors, targets).mean()
+            loss = loss + self.config.parallel_readout_weight * readout
+        if bag_of_words is None and readout is None:
+            reconstruction = None
         output = SentenceVAEOutput(
             loss=loss,
             logits=logits,
             sentence_vectors=vectors,
             reconstruction_loss=reconstruction,
             bag_of_words_loss=bag_of_words,
+            parallel_readout_loss=readout,
         )
         return output if return_dict is not False else output.to_tuple()
 

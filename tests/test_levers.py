@@ -132,6 +132,29 @@ def test_bag_of_words_loss_is_the_mean_token_nll_from_the_vector_alone():
     assert model.decoder.layers[0].ffn.fc1.weight.grad is None
 
 
+def test_parallel_readout_reads_every_position_from_the_vector_alone():
+    model = tiny_vae(parallel_readout_weight=0.25, num_memory_vectors=2)
+    ids, mask = packed()
+    out = model(ids, mask)
+    vectors = model.encode(ids, mask)
+    targets = model.reconstruction_targets(ids, mask)
+    # Written out: a query per position attends over the memory vectors, feed-forward, LayerNorm, logits.
+    readout = model.parallel_readout
+    memory = model.decoder.memory_proj(vectors).view(len(ids), 2, -1)
+    queries = readout.queries.weight[: targets.shape[1]].expand(len(ids), -1, -1)
+    hidden = queries + readout.attn(readout.attn_layer_norm(queries), key_value_states=memory)
+    hidden = readout.layer_norm(hidden + readout.ffn(readout.final_layer_norm(hidden)))
+    logits = model.lm_head(hidden)
+    expected = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+    torch.testing.assert_close(out.parallel_readout_loss, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.loss, out.reconstruction_loss + 0.25 * expected, rtol=1e-5, atol=1e-5)
+    model.train()
+    model(ids, mask).parallel_readout_loss.backward()
+    assert model.encoder.layers[0].ffn.fc1.weight.grad.abs().sum() > 0
+    assert model.decoder.layers[0].ffn.fc1.weight.grad is None  # the decoder plays no part in it
+    assert tiny_vae().parallel_readout is None
+
+
 def test_word_dropout_blanks_decoder_inputs_in_training_only():
     model = tiny_vae(word_dropout=0.5)
     plain = tiny_vae()
@@ -165,6 +188,7 @@ def test_word_dropout_blanks_decoder_inputs_in_training_only():
         (dict(word_dropout=1.0), "word_dropout"),
         (dict(bag_of_words_weight=-1.0), "bag_of_words_weight"),
         (dict(bag_of_words_weight=float("nan")), "bag_of_words_weight"),
+        (dict(parallel_readout_weight=-0.5), "parallel_readout_weight"),
     ],
 )
 def test_bad_lever_values_are_refused_by_name(fields, message):
