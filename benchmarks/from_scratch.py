@@ -43,28 +43,18 @@ except ImportError:  # a source checkout that is not installed
     sys.path.insert(0, str(HERE.parent))
 
 import torch
-from levers import CurveCallback, blocks_of, wikitext_paragraphs
-from transformers import LlamaConfig, TrainingArguments, set_seed
+from levers import CurveCallback, blocks_of, training_arguments, wikitext_paragraphs
+from transformers import LlamaConfig, set_seed
 
 from sentence_lm import SentenceLMConfig, SentenceLMForCausalLM, SentenceVAEModel
 from sentence_lm.baseline import token_baseline_trainer, token_config_like
 from sentence_lm.data import PaddingCollator, split_into_sentences
 from sentence_lm.tokenization_sentence_lm import train_sentence_tokenizer
-from sentence_lm.trainer import SentenceVAETrainer, show_time_budget
+from sentence_lm.trainer import SentenceVAETrainer, TimeBudgetCallback, show_time_budget
 from sentence_lm.training_sentence_opt import text_nll
 from sentence_lm.training_sentence_vae import parse_overrides
 
 SHARED = HERE.parents[1] / "shared" / "data"
-
-
-def training_arguments(args, name: str, lr: float, batch: int) -> TrainingArguments:
-    return TrainingArguments(
-        output_dir=str(Path(args.output_dir) / name), max_steps=10**7, learning_rate=lr,
-        lr_scheduler_type="constant_with_warmup", warmup_steps=args.warmup_steps, weight_decay=0.01,
-        per_device_train_batch_size=batch, logging_steps=25, save_strategy="no", report_to="none", seed=args.seed,
-        use_cpu=args.device == "cpu", bf16=args.bf16, disable_tqdm=False, dataloader_drop_last=True,
-        remove_unused_columns=False,
-    )  # fmt: skip
 
 
 @torch.no_grad()
@@ -105,7 +95,7 @@ def meeting(fit_1: dict | None, fit_2: dict | None, budget: float) -> dict:
 def train_token_model(args, config, tokenizer, blocks, curve_blocks):
     set_seed(args.seed)
     trainer = token_baseline_trainer(token_config_like(config, args.block_size + 8), tokenizer, blocks["train"],
-                                     training_arguments(args, "token_model", args.lr, args.batch))
+                                     training_arguments(args, "token_model", args.lr, args.batch, weight_decay=0.01))
     curve = CurveCallback(60 * args.minutes, 60 * args.curve_minutes,
                           lambda m: {"nll": token_model_nll(m, curve_blocks)})
     trainer.add_callback(curve)
@@ -122,9 +112,10 @@ def train_sentence_lm(args, config, tokenizer, blocks, curve_blocks):
     vae = SentenceVAEModel(config.sentence_vae)
     vae.set_boundary_table(tokenizer)
     sentences = split_into_sentences(blocks["train"], tokenizer, config.sentence_vae.max_sentence_len)
-    stage1 = SentenceVAETrainer(model=vae, args=training_arguments(args, "stage1", args.stage1_lr, args.stage1_batch),
-                                train_dataset=sentences, data_collator=PaddingCollator(tokenizer.pad_token_id),
-                                callbacks=[CurveCallback(stage1_seconds, stage1_seconds, lambda m: {})])
+    stage1_args = training_arguments(args, "stage1", args.stage1_lr, args.stage1_batch, weight_decay=0.01)
+    stage1 = SentenceVAETrainer(model=vae, args=stage1_args, train_dataset=sentences,
+                                data_collator=PaddingCollator(tokenizer.pad_token_id),
+                                callbacks=[TimeBudgetCallback(stage1_seconds)])
     stage1.train()
     stage1_tokens = int(stage1.state.num_input_tokens_seen)
 
@@ -133,7 +124,7 @@ def train_sentence_lm(args, config, tokenizer, blocks, curve_blocks):
     model.model.sentence_vae.load_state_dict(stage1.accelerator.unwrap_model(stage1.model).state_dict())
     curve = CurveCallback(60 * args.minutes - stage1_seconds, 60 * args.curve_minutes,
                           lambda m: {"nll": sentence_lm_nll(m, curve_blocks)})
-    stage2 = SentenceVAETrainer(model=model, args=training_arguments(args, "stage2", args.lr, args.batch),
+    stage2 = SentenceVAETrainer(model=model, args=training_arguments(args, "stage2", args.lr, args.batch, weight_decay=0.01),
                                 train_dataset=blocks["train"], data_collator=PaddingCollator(tokenizer.pad_token_id),
                                 callbacks=[curve])
     stage2.train()

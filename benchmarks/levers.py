@@ -162,7 +162,6 @@ class CurveCallback(TimeBudgetCallback):
         self.next_mark = trained + self.every
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        args.include_num_input_tokens_seen = "non_padding"
         super().on_train_begin(args, state, control, **kwargs)
         self._score(state, model)
 
@@ -174,6 +173,18 @@ class CurveCallback(TimeBudgetCallback):
     def on_train_end(self, args, state, control, model=None, **kwargs):
         if not self.points or self.points[-1]["step"] != state.global_step:
             self._score(state, model)
+
+
+def training_arguments(args, name: str, lr: float, batch: int, **overrides) -> TrainingArguments:
+    """The Trainer settings of a run under a time budget: ``max_steps`` only a ceiling, a constant
+    learning rate after ``--warmup_steps``, nothing saved, the text's tokens counted (not padding)."""
+    return TrainingArguments(
+        output_dir=str(Path(args.output_dir) / name), max_steps=10**7, learning_rate=lr,
+        lr_scheduler_type="constant_with_warmup", warmup_steps=args.warmup_steps, per_device_train_batch_size=batch,
+        logging_steps=25, save_strategy="no", report_to="none", seed=args.seed, use_cpu=args.device == "cpu",
+        bf16=args.bf16, disable_tqdm=False, dataloader_drop_last=True, remove_unused_columns=False,
+        include_num_input_tokens_seen="non_padding", **overrides,
+    )  # fmt: skip
 
 
 def reconstruction_scores(model, sentences, batch_size: int = 64) -> dict:
@@ -215,13 +226,7 @@ def run_variant(stage: int, variant: dict, args, token_model, raw_tokenizer, tok
     set_seed(args.seed)
     model = build_model(stage, variant, args, token_model, raw_tokenizer, tokenizer)
     training = variant["training"]
-    training_args = TrainingArguments(
-        output_dir=str(Path(args.output_dir) / variant["name"]), max_steps=10**7, learning_rate=training["lr"],
-        lr_scheduler_type="constant_with_warmup", warmup_steps=args.warmup_steps,
-        per_device_train_batch_size=training["batch"], logging_steps=25, save_strategy="no", report_to="none",
-        seed=args.seed, use_cpu=args.device == "cpu", bf16=args.bf16, disable_tqdm=False,
-        dataloader_drop_last=True, remove_unused_columns=False,
-    )
+    training_args = training_arguments(args, variant["name"], training["lr"], training["batch"])
     score = reconstruction_scores if stage == 1 else text_scores
     curve = CurveCallback(60 * args.minutes, 60 * args.curve_minutes, lambda m: score(m, data["curve"]))
     callbacks = [curve]

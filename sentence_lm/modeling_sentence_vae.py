@@ -733,9 +733,10 @@ class SentenceVAEModel(SentenceVAEPreTrainedModel):
         With ``word_dropout``, each fed token after BOS is replaced by the padding token with that
         probability (stage-1 training, see ``SentenceVAEConfig.word_dropout``).
 
-        Sentences run in groups of similar length, as in :meth:`encode`. The cross-attention to
-        the one sentence vector is computed once per sentence (its softmax weight is exactly 1),
-        unless attention dropout is on in training."""
+        Sentences run in groups of similar length, as in :meth:`encode`. What cross-attention
+        needs of the sentence vector is computed once per sentence (see
+        :meth:`SentenceDecoderLayer.cross_attention_state`), unless attention dropout is on in
+        training."""
         lengths = mask.sum(dim=1)
         width = input_ids.shape[1]
         bos = torch.full_like(input_ids[:, :1], self.config.bos_token_id)
@@ -838,16 +839,16 @@ class SentenceVAEModel(SentenceVAEPreTrainedModel):
         else:  # the output layer once: the loss from the logits returned
             logits = self.lm_head(states)
             nll = F.cross_entropy(logits[has_target].float(), targets[has_target], reduction="none")
-        loss = reconstruction = focal_mean(nll, self.config.focal_gamma)
-        bag_of_words = readout = None
+        loss = focal_mean(nll, self.config.focal_gamma)
+        reconstruction = bag_of_words = readout = None
+        if self.bag_of_words_proj is not None or self.parallel_readout is not None:
+            reconstruction = loss
         if self.bag_of_words_proj is not None:
             bag_of_words = self.bag_of_words_loss(vectors, input_ids, mask)
             loss = loss + self.config.bag_of_words_weight * bag_of_words
         if self.parallel_readout is not None:
             readout = self.parallel_readout_nll(vectors, targets).mean()
             loss = loss + self.config.parallel_readout_weight * readout
-        if bag_of_words is None and readout is None:
-            reconstruction = None
         output = SentenceVAEOutput(
             loss=loss,
             logits=logits,
