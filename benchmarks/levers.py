@@ -24,7 +24,10 @@ A variant is ``name:key=value,key=value``; ``--variants`` takes several, separat
 of both stages: ``lr``, ``batch`` (sentences per step in stage 1, text blocks in stage 2) and
 ``freeze_embeddings`` (``True``: the token embeddings and tied output layer stay the token
 model's, see `SentenceVAEModel.freeze_token_embeddings`). Stage 1: any `SentenceVAEConfig` field
-(``num_memory_vectors``, ``bag_of_words_weight``, ``word_dropout``, ``num_decoder_layers``...).
+(``num_memory_vectors``, ``bag_of_words_weight``, ``word_dropout``, ``num_decoder_layers``,
+``gated_ffn``...) and ``copy_layers`` (``True``: the encoder and decoder layers start from the
+token model's first layers, see :mod:`sentence_lm.pretrained_layers`; compare it with
+``gated_ffn=True,activation_function=silu``, new layers of the same shape, on a Llama-style model).
 Stage 2: ``freeze_sentence_vae`` (``True``: the SentenceVAE stays fixed),
 ``freeze_backbone_steps`` (:class:`~sentence_lm.distillation.FrozenBackboneWarmup`),
 ``distill_weight`` and ``distill_temperature`` (distillation from the token model,
@@ -90,6 +93,7 @@ DEFAULT_VARIANTS = {
     ),
 }
 COMMON_KEYS = {"lr": float, "batch": int, "freeze_embeddings": bool}
+STAGE1_KEYS = {"copy_layers": bool}
 STAGE2_KEYS = {
     "freeze_sentence_vae": bool,
     "freeze_backbone_steps": int,
@@ -103,7 +107,7 @@ def parse_variants(spec: str, stage: int, lr: float, batch: int) -> list[dict]:
     """``name:key=value,...;...`` into ``[{"name", "config", "training"}]``: ``config`` the
     SentenceVAE fields (stage 1), ``training`` the other keys (defaults filled in)."""
     variants = []
-    keys = COMMON_KEYS | (STAGE2_KEYS if stage == 2 else {})
+    keys = COMMON_KEYS | (STAGE2_KEYS if stage == 2 else STAGE1_KEYS)
     for item in filter(None, (part.strip() for part in spec.split(";"))):
         name, _, fields = item.partition(":")
         config = parse_overrides(fields) if fields.strip() else {}
@@ -203,7 +207,7 @@ def build_model(stage: int, variant: dict, args, token_model, raw_tokenizer, tok
     training = variant["training"]
     if stage == 1:
         built = SentenceLMForCausalLM.from_pretrained_backbone(
-            token_model, tokenizer=raw_tokenizer,
+            token_model, tokenizer=raw_tokenizer, copy_layers=training.get("copy_layers", False),
             sentence_vae_config=dict(max_sentence_len=args.max_sentence_len, **variant["config"]),
         )
         model = built.sentence_vae

@@ -382,7 +382,8 @@ def run_stage1(args, token_model, tokenizer, data: dict, out: Path) -> dict:
         # from_pretrained_backbone makes the SentenceVAE that fits the token model (its width, heads,
         # feed-forward size, vocabulary, special tokens) and copies its token embeddings into it.
         built = SentenceLMForCausalLM.from_pretrained_backbone(
-            token_model, tokenizer=tokenizer, sentence_vae_config=dict(max_sentence_len=args.max_sentence_len)
+            token_model, tokenizer=tokenizer, sentence_vae_config=dict(max_sentence_len=args.max_sentence_len),
+            copy_layers=args.copy_layers,
         )
         built.sentence_vae.save_pretrained(init_dir)
         built.tokenizer.save_pretrained(init_dir)
@@ -607,6 +608,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stage2_lr", type=float, default=2e-4)
     p.add_argument("--baseline_lr", type=float, default=5e-5)
     p.add_argument("--warmup_steps", type=int, default=10)
+    p.add_argument("--copy_layers", action="store_true",
+                   help="Start the SentenceVAE's encoder and decoder layers from the token model's first layers.")
     p.add_argument("--freeze_sentence_vae", action="store_true", help="Keep the stage-1 SentenceVAE fixed in stage 2.")
     p.add_argument("--stage1_args", default="", help="Extra arguments of train_sentence_vae (quoted).")
     p.add_argument("--stage2_args", default="", help="Extra arguments of train_sentence_opt (quoted).")

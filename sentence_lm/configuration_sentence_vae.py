@@ -156,6 +156,10 @@ class SentenceVAEConfig(PreTrainedConfig):
             Width of each layer's feed-forward block.
         activation_function (`str`, defaults to `"relu"`):
             Feed-forward activation: one of `"relu"`, `"gelu"`, `"gelu_new"`, `"silu"`.
+        gated_ffn (`bool`, defaults to `False`):
+            Whether each feed-forward block is gated as Llama's is, `fc2(act(gate_proj(x)) * fc1(x))`
+            (one more `Linear(hidden, ffn_dim)` per layer), instead of `fc2(act(fc1(x)))`. Set by
+            `from_pretrained_backbone(..., copy_layers=True)` when the token model's layers are gated.
         dropout (`float`, defaults to 0.1):
             Dropout on embeddings and residual branches, in [0, 1).
         attention_dropout (`float`, defaults to 0.0):
@@ -252,6 +256,7 @@ class SentenceVAEConfig(PreTrainedConfig):
     num_attention_heads: int = 12
     ffn_dim: int = 3072
     activation_function: str = "relu"
+    gated_ffn: bool = False
     dropout: float = 0.1
     attention_dropout: float = 0.0
     max_sentence_len: int = 64
@@ -302,7 +307,7 @@ class SentenceVAEConfig(PreTrainedConfig):
         if self.loss_chunk_size is not None:
             check_positive(self, "loss_chunk_size")
         check_real(self, "layer_norm_eps", "init_std", strict=True)
-        check_bool(self, "share_embeddings", "tie_word_embeddings")
+        check_bool(self, "share_embeddings", "tie_word_embeddings", "gated_ffn")
         for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < self.vocab_size:

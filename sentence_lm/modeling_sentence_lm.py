@@ -23,6 +23,7 @@ from .configuration_sentence_vae import SentenceVAEConfig
 from .generation_runtime import CONTINUE, STOP
 from .generation_sentence_lm import SentenceGenerationMixin
 from .modeling_sentence_vae import SentenceVAEModel
+from .pretrained_layers import copy_token_model_layers, layer_settings
 from .segmentation import PackedSentences, boundary_states, pack_sentences, trails_after
 from .validation import check_attention_mask, check_token_ids, logit_positions
 
@@ -713,6 +714,7 @@ class SentenceLMForCausalLM(SentenceLMPreTrainedModel, SentenceGenerationMixin):
         tokenizer=None,
         sentence_vae_config: SentenceVAEConfig | dict | None = None,
         gguf_file: str | None = None,
+        copy_layers: bool = False,
         **config_overrides,
     ) -> "SentenceLMForCausalLM":
         """Build a SentenceLM whose backbone (layers, norms, positions) comes from a pretrained
@@ -734,6 +736,11 @@ class SentenceLMForCausalLM(SentenceLMPreTrainedModel, SentenceGenerationMixin):
             sentence_vae_config: fields of the new SentenceVAE (see above).
             gguf_file: the name of a GGUF file in ``model_or_path`` to load the token model (and
                 its tokenizer) from, as `from_pretrained(..., gguf_file=...)` does.
+            copy_layers: start the new SentenceVAE's encoder and decoder layers from the token
+                model's first layers (encoder and decoder layer ``i`` from token layer ``i``:
+                attention, norms' scales, feed-forward; Llama-, OPT- and GPT-2-style layers; see
+                :mod:`sentence_lm.pretrained_layers`), with the token model's activation and, for
+                gated feed-forward blocks, ``gated_ffn=True``. Only with a new SentenceVAE.
             config_overrides: `SentenceLMConfig` fields (e.g. ``stop_loss_weight=0.5``) and
                 backbone config fields (e.g. ``max_position_embeddings=256`` sentence slots,
                 ``dropout=0.0``).
@@ -759,7 +766,16 @@ class SentenceLMForCausalLM(SentenceLMPreTrainedModel, SentenceGenerationMixin):
         if isinstance(sentence_vae, (str, os.PathLike)):
             sentence_vae = SentenceVAEModel.from_pretrained(sentence_vae)
         new_vae = sentence_vae is None
+        if copy_layers and not new_vae:
+            raise ValueError(
+                "copy_layers=True starts a new SentenceVAE's layers from the token model's, but a SentenceVAE was "
+                "given; pass sentence_vae=None (and its settings as sentence_vae_config) or drop copy_layers."
+            )
         if new_vae:
+            if copy_layers:
+                if isinstance(sentence_vae_config, SentenceVAEConfig):
+                    sentence_vae_config = sentence_vae_config.to_dict()
+                sentence_vae_config = {**layer_settings(token_model), **(sentence_vae_config or {})}
             sentence_vae = SentenceVAEModel(_sentence_vae_config_for(token_config, tokenizer, sentence_vae_config))
         lm_fields.setdefault("base_model", token_model.name_or_path or None)
         config = cls.config_class(sentence_vae=sentence_vae.config, backbone=backbone_config, **lm_fields)
@@ -777,6 +793,8 @@ class SentenceLMForCausalLM(SentenceLMPreTrainedModel, SentenceGenerationMixin):
             )
         if new_vae:
             _copy_token_embeddings(token_model, sentence_vae)
+        if copy_layers:
+            copy_token_model_layers(token_model, sentence_vae)
         if tokenizer is not None:
             model.attach_tokenizer(tokenizer)
         else:

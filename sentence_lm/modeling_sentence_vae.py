@@ -163,11 +163,14 @@ class FeedForward(nn.Module):
     def __init__(self, config: SentenceVAEConfig):
         super().__init__()
         self.fc1 = nn.Linear(config.hidden_size, config.ffn_dim)
+        self.gate_proj = nn.Linear(config.hidden_size, config.ffn_dim) if config.gated_ffn else None
         self.fc2 = nn.Linear(config.ffn_dim, config.hidden_size)
         self.act = ACT2FN[config.activation_function]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        if self.gate_proj is None:
+            return self.fc2(self.act(self.fc1(x)))
+        return self.fc2(self.act(self.gate_proj(x)) * self.fc1(x))
 
 
 class SentenceEncoderLayer(GradientCheckpointingLayer):

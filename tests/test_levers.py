@@ -212,13 +212,14 @@ def test_levers_benchmark_runs_both_stages_on_a_tiny_llama(tokenizer, tmp_path):
     stage1 = levers.main([
         *common, "--stage", "1", "--selection_sentences", "12", "--curve_sentences", "4", "--batch", "4",
         "--json", str(tmp_path / "stage1.json"), "--save_dir", str(tmp_path / "vaes"),
-        "--variants", "baseline:;levers:num_memory_vectors=2,bag_of_words_weight=1.0,word_dropout=0.2,lr=1e-3,batch=2,freeze_embeddings=True",
+        "--variants", "baseline:;levers:num_memory_vectors=2,bag_of_words_weight=1.0,word_dropout=0.2,lr=1e-3,batch=2,freeze_embeddings=True,"
+        "copy_layers=True",
     ])  # fmt: skip
     saved = json.loads((tmp_path / "stage1.json").read_text())
     assert [v["name"] for v in saved["variants"]] == ["baseline", "levers"]
     levers_run = saved["variants"][1]
     assert levers_run["config"] == {"num_memory_vectors": 2, "bag_of_words_weight": 1.0, "word_dropout": 0.2}
-    assert levers_run["training"] == {"lr": 1e-3, "batch": 2, "freeze_embeddings": True}
+    assert levers_run["training"] == {"lr": 1e-3, "batch": 2, "freeze_embeddings": True, "copy_layers": True}
     assert saved["variants"][0]["training"] == {"lr": 5e-4, "batch": 4, "freeze_embeddings": False}
     for run in saved["variants"]:
         assert run["steps"] >= 1 and run["tokens"] > 0
@@ -226,7 +227,8 @@ def test_levers_benchmark_runs_both_stages_on_a_tiny_llama(tokenizer, tmp_path):
         assert run["curve"][0]["step"] == 0 and run["curve"][-1]["step"] == run["steps"]
     assert saved["data"]["selection_examples"] == 12
     assert "| levers |" in levers.markdown(stage1)
-    assert SentenceVAEModel.from_pretrained(tmp_path / "vaes" / "levers").config.num_memory_vectors == 2
+    saved_vae = SentenceVAEModel.from_pretrained(tmp_path / "vaes" / "levers").config
+    assert saved_vae.num_memory_vectors == 2 and saved_vae.gated_ffn and saved_vae.activation_function == "silu"
 
     stage2 = levers.main([
         *common, "--stage", "2", "--sentence_vae", str(tmp_path / "vaes" / "levers"), "--selection_tokens", "200",

@@ -69,6 +69,7 @@ def test_script_end_to_end_on_a_tiny_llama(script, tokenizer, tmp_path):
         "--stage1_minutes", "0.02", "--stage2_minutes", "0.02", "--eval_tokens", "300", "--anchor_tokens", "300", "--curve_eval_tokens", "100",
         "--eval_window", "64", "--eval_steps", "1", "--save_steps", "2", "--block_size", "64", "--max_sentence_len", "16",
         "--batch_size", "2", "--stage1_batch_size", "8", "--reconstruction_sentences", "16", "--stage1_eval_sentences", "16",
+        "--copy_layers",
     ]
     report = script.main(argv)
 
@@ -95,6 +96,7 @@ def test_script_end_to_end_on_a_tiny_llama(script, tokenizer, tmp_path):
     # A finished run keeps the trained models, not what resuming a stage needed.
     assert not list(out.glob("*/checkpoint-*")) and not (out / "stage1_init").exists()
     assert all((out / stage / "config.json").is_file() for stage in ("stage1", "stage2", "baseline"))
+    assert json.loads((out / "stage1" / "config.json").read_text())["gated_ffn"]  # --copy_layers: the token model's layers
     pytest.importorskip("matplotlib")
     assert (out / "nll_curve.png").stat().st_size > 0
 

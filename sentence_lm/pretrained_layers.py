@@ -1,0 +1,153 @@
+"""Start a SentenceVAE's encoder and decoder layers from a pretrained token model's first layers.
+
+A quality lever of stage 1 (``SentenceLMForCausalLM.from_pretrained_backbone(..., copy_layers=True)``):
+the token model's layers already turn token embeddings into contextual states, so a SentenceVAE
+whose layers start from them has less to learn than one whose layers are new. The SentenceVAE's
+layers are pre-norm Transformer layers; what maps onto them is copied, per family of layer:
+
+* Llama-style layers (Llama, SmolLM2, Qwen2, Mistral, ...): ``q/k/v/o_proj``, ``input_layernorm``
+  and ``post_attention_layernorm`` (RMSNorm scales, copied as LayerNorm scales with zero bias),
+  the gated ``mlp`` (``gate/up/down_proj``, which needs ``gated_ffn=True``);
+* OPT layers: the same names as the SentenceVAE's (``self_attn``, ``fc1``/``fc2``, both norms);
+* GPT-2 layers: ``attn.c_attn`` (split into queries, keys, values), ``attn.c_proj``, ``mlp``, ``ln_1``, ``ln_2``.
+
+Grouped key/value heads are repeated to one per query head (what the token model's attention
+computes). Encoder layer ``i`` and decoder layer ``i`` both start from token layer ``i``; the
+decoder's cross-attention and the SentenceVAE's own position embeddings stay new (the token
+model's rotary or learned positions are not carried over), as do the fusion and final norms.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .configuration_sentence_vae import ACTIVATIONS
+
+_LLAMA = {
+    "q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+    "norm1": "input_layernorm", "norm2": "post_attention_layernorm",
+    "up": "mlp.up_proj", "gate": "mlp.gate_proj", "down": "mlp.down_proj",
+}
+_OPT = {
+    "q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.out_proj",
+    "norm1": "self_attn_layer_norm", "norm2": "final_layer_norm", "up": "fc1", "down": "fc2",
+}
+_GPT2 = {"qkv": "attn.c_attn", "o": "attn.c_proj", "norm1": "ln_1", "norm2": "ln_2", "up": "mlp.c_fc", "down": "mlp.c_proj"}
+
+
+def _layout(layer: nn.Module) -> dict[str, str] | None:
+    for layout in (_LLAMA, _OPT, _GPT2):
+        if all(_has(layer, path) for path in layout.values()):
+            return layout
+    return None
+
+
+def _has(module: nn.Module, path: str) -> bool:
+    try:
+        module.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
+
+def token_model_layers(token_model: nn.Module) -> nn.ModuleList:
+    """The token model's stack of Transformer layers (the ``ModuleList`` of its base model with one
+    entry per ``num_hidden_layers``)."""
+    base = getattr(token_model, "base_model", token_model)
+    count = getattr(base.config, "num_hidden_layers", None)
+    for module in base.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == count and _layout(module[0]) is not None:
+            return module
+    raise ValueError(
+        f"Cannot copy layers from a {type(token_model).__name__}: its layers are not Llama-, OPT- or GPT-2-style "
+        "(attention projections, two norms and a feed-forward block under the names those families use). "
+        "Build the SentenceVAE without copy_layers."
+    )
+
+
+def layer_settings(token_model: nn.Module) -> dict:
+    """The SentenceVAE config fields that copied layers need: ``gated_ffn`` and ``activation_function``."""
+    config = token_model.config
+    activation = getattr(config, "hidden_act", None) or getattr(config, "activation_function", None)
+    if activation not in ACTIVATIONS:
+        raise ValueError(
+            f"The token model's feed-forward activation {activation!r} is not one the SentenceVAE has "
+            f"({', '.join(ACTIVATIONS)}); its layers cannot be copied. Build the SentenceVAE without copy_layers."
+        )
+    return {"gated_ffn": _layout(token_model_layers(token_model)[0]) is _LLAMA, "activation_function": activation}
+
+
+def _linear(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(weight (out, in), bias)`` of a ``Linear`` or of GPT-2's transposed ``Conv1D``."""
+    weight = module.weight.t() if isinstance(module, Conv1D) else module.weight
+    return weight, getattr(module, "bias", None)
+
+
+def _parts(layer: nn.Module, num_heads: int, num_kv_heads: int) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+    """The layer's weights under family-neutral names, keys and values repeated to ``num_heads`` heads."""
+    layout = _layout(layer)
+    parts = {name: _linear(layer.get_submodule(path)) if name not in ("norm1", "norm2") else
+             (layer.get_submodule(path).weight, getattr(layer.get_submodule(path), "bias", None))
+             for name, path in layout.items()}
+    if "qkv" in parts:
+        weight, bias = parts.pop("qkv")
+        for name, w, b in zip("qkv", weight.chunk(3, dim=0), bias.chunk(3) if bias is not None else (None,) * 3):
+            parts[name] = (w, b)
+    if num_kv_heads != num_heads:
+        repeat = num_heads // num_kv_heads
+        for name in "kv":
+            weight, bias = parts[name]
+            weight = weight.reshape(num_kv_heads, -1, weight.shape[-1]).repeat_interleave(repeat, 0).flatten(0, 1)
+            bias = bias.reshape(num_kv_heads, -1).repeat_interleave(repeat, 0).flatten() if bias is not None else None
+            parts[name] = (weight, bias)
+    return parts
+
+
+def _assign(target: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None, what: str) -> None:
+    if target.weight.shape != weight.shape:
+        raise ValueError(
+            f"The token model's {what} has shape {tuple(weight.shape)} but the SentenceVAE's has "
+            f"{tuple(target.weight.shape)}: copied layers need the token model's width, heads and feed-forward "
+            "size (build the SentenceVAE with from_pretrained_backbone's defaults for them)."
+        )
+    target.weight.copy_(weight)
+    if target.bias is not None:
+        target.bias.copy_(bias if bias is not None else torch.zeros_like(target.bias))
+
+
+@torch.no_grad()
+def copy_token_model_layers(token_model: nn.Module, sentence_vae: nn.Module) -> None:
+    """Copy the token model's first layers into ``sentence_vae``'s encoder and decoder layers (see the module's docstring)."""
+    layers = token_model_layers(token_model)
+    config, vae_config = token_model.config, sentence_vae.config
+    needed = max(vae_config.num_encoder_layers, vae_config.num_decoder_layers)
+    if needed > len(layers):
+        raise ValueError(
+            f"The SentenceVAE has {needed} encoder or decoder layers but the token model only {len(layers)} to copy "
+            "from; use at most that many layers."
+        )
+    num_heads = config.num_attention_heads
+    if num_heads != vae_config.num_attention_heads:
+        raise ValueError(
+            f"The token model has {num_heads} attention heads and the SentenceVAE {vae_config.num_attention_heads}; "
+            "copied layers need the same number of heads."
+        )
+    num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
+    for stack in (sentence_vae.encoder.layers, sentence_vae.decoder.layers):
+        for index, target in enumerate(stack):
+            parts = _parts(layers[index], num_heads, num_kv_heads)
+            if ("gate" in parts) != (target.ffn.gate_proj is not None):
+                raise ValueError(
+                    "The token model's feed-forward is " + ("gated" if "gate" in parts else "not gated")
+                    + f" but the SentenceVAE has gated_ffn={vae_config.gated_ffn}; set gated_ffn to match."
+                )
+            attention = target.self_attn
+            destinations = {
+                "q": attention.q_proj, "k": attention.k_proj, "v": attention.v_proj, "o": attention.out_proj,
+                "norm1": target.self_attn_layer_norm, "norm2": target.final_layer_norm,
+                "up": target.ffn.fc1, "down": target.ffn.fc2, "gate": target.ffn.gate_proj,
+            }
+            for name, (weight, bias) in parts.items():
+                _assign(destinations[name], weight, bias, f"layer {index} {name}")

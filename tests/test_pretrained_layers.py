@@ -1,0 +1,123 @@
+"""Stage-1 lever (issue 17): a new SentenceVAE's encoder and decoder layers started from the token
+model's first layers (`from_pretrained_backbone(..., copy_layers=True)`), checked against what the
+token model's own modules compute, on every family whose layers map, and the refusals."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sentence_lm import SentenceLMForCausalLM, SentenceVAEModel
+
+MAPPED = ["opt", "gpt2", "llama", "qwen2", "mistral"]
+
+
+def copied(token_model, tokenizer, **vae_fields):
+    torch.manual_seed(1)
+    return SentenceLMForCausalLM.from_pretrained_backbone(
+        token_model, tokenizer=tokenizer, copy_layers=True,
+        sentence_vae_config=dict(max_sentence_len=tokenizer.max_sentence_len, **vae_fields),
+    ).sentence_vae
+
+
+def token_layers(token_model):
+    base = token_model.base_model
+    return base.decoder.layers if hasattr(base, "decoder") else (base.h if hasattr(base, "h") else base.layers)
+
+
+def reference_projections(family: str, layer, x: torch.Tensor, heads: int):
+    """Queries, keys and values ``(n, heads, q, head_dim)`` as the token model's own modules make
+    them, grouped key/value heads repeated as its attention does (no positions)."""
+    if family == "gpt2":
+        q, k, v = layer.attn.c_attn(x).split(x.shape[-1], dim=-1)
+    else:
+        q, k, v = (getattr(layer.self_attn, f"{n}_proj")(x) for n in "qkv")
+    n, length, width = x.shape
+    head_dim = width // heads
+    split = [t.view(n, length, -1, head_dim).transpose(1, 2) for t in (q, k, v)]
+    repeat = heads // split[1].shape[1]
+    return split[0], split[1].repeat_interleave(repeat, 1), split[2].repeat_interleave(repeat, 1)
+
+
+def reference_mlp(family: str, layer, x: torch.Tensor) -> torch.Tensor:
+    return layer.fc2(F.relu(layer.fc1(x))) if family == "opt" else layer.mlp(x)
+
+
+@pytest.mark.parametrize("family", MAPPED)
+def test_copied_layers_compute_what_the_token_model_layers_compute(family, token_models, tokenizer):
+    token_model = token_models[family]
+    vae = copied(token_model, tokenizer, num_encoder_layers=2, num_decoder_layers=2)
+    heads = token_model.config.num_attention_heads
+    layers = token_layers(token_model)
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, token_model.config.hidden_size)
+    with torch.no_grad():
+        for stack in (vae.encoder.layers, vae.decoder.layers):
+            for index, layer in enumerate(stack):
+                source = layers[index]
+                torch.testing.assert_close(layer.ffn(x), reference_mlp(family, source, x))
+                q, k, v = reference_projections(family, source, x, heads)
+                attention = F.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), -1) @ v
+                expected = attention.transpose(1, 2).reshape(x.shape)
+                out = source.attn.c_proj if family == "gpt2" else getattr(source.self_attn, "o_proj", None)
+                expected = (out or source.self_attn.out_proj)(expected)
+                mask = torch.ones(2, 1, 1, 5, dtype=torch.bool)
+                torch.testing.assert_close(layer.self_attn(x, attention_mask=mask), expected)
+        norm = layers[0].ln_1 if family == "gpt2" else getattr(layers[0], "input_layernorm", None)
+        norm = norm or layers[0].self_attn_layer_norm
+        torch.testing.assert_close(vae.encoder.layers[0].self_attn_layer_norm.weight, norm.weight)
+        if getattr(norm, "bias", None) is None:
+            assert not vae.encoder.layers[0].self_attn_layer_norm.bias.any()
+    assert vae.config.gated_ffn == (family in ("llama", "qwen2", "mistral"))
+
+
+def test_copied_layers_train_save_and_load(token_models, tokenizer, tmp_path):
+    vae = copied(token_models["llama"], tokenizer)
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 1]])
+    mask = ids != 1
+    vae.train()
+    vae(input_ids=ids, attention_mask=mask).loss.backward()
+    assert vae.encoder.layers[0].ffn.gate_proj.weight.grad.abs().sum() > 0
+    vae.eval().save_pretrained(tmp_path)
+    loaded = SentenceVAEModel.from_pretrained(tmp_path).eval()
+    assert loaded.config.gated_ffn and loaded.config.activation_function == "silu"
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids, attention_mask=mask).loss, vae(input_ids=ids, attention_mask=mask).loss)
+
+
+def test_new_layers_are_not_copied(token_models, tokenizer):
+    token_model = token_models["llama"]
+    torch.manual_seed(1)
+    vae = SentenceLMForCausalLM.from_pretrained_backbone(
+        token_model, tokenizer=tokenizer, sentence_vae_config=dict(max_sentence_len=16, gated_ffn=True,
+                                                                    activation_function="silu")
+    ).sentence_vae
+    x = torch.randn(1, 3, 32)
+    with torch.no_grad():
+        assert not torch.allclose(vae.encoder.layers[0].ffn(x), token_layers(token_model)[0].mlp(x))
+
+
+@pytest.mark.parametrize(
+    "family, fields, message",
+    [
+        ("gemma", {}, "activation"),
+        ("phi", {}, "Llama-, OPT- or GPT-2-style"),
+        ("llama", {"num_encoder_layers": 3}, "only 2 to copy"),
+        ("llama", {"gated_ffn": False}, "set gated_ffn to match"),
+        ("llama", {"num_attention_heads": 8}, "same number of heads"),
+        ("llama", {"ffn_dim": 48}, "feed-forward size"),
+    ],
+)
+def test_layers_that_cannot_be_copied_are_refused(family, fields, message, token_models, tokenizer):
+    with pytest.raises(ValueError, match=message):
+        copied(token_models[family], tokenizer, **fields)
+
+
+def test_copy_layers_needs_a_new_sentence_vae(token_models, tokenizer, sentence_lms):
+    with pytest.raises(ValueError, match="copy_layers"):
+        SentenceLMForCausalLM.from_pretrained_backbone(
+            token_models["llama"], tokenizer=tokenizer, sentence_vae=sentence_lms["llama"].sentence_vae, copy_layers=True
+        )
