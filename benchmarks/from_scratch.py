@@ -49,6 +49,7 @@ from transformers import LlamaConfig, set_seed
 from sentence_lm import SentenceLMConfig, SentenceLMForCausalLM, SentenceVAEModel
 from sentence_lm.baseline import token_baseline_trainer, token_config_like
 from sentence_lm.data import PaddingCollator, split_into_sentences
+from sentence_lm.learning_curves import meeting, outlook_lines, plot_curves, power_law
 from sentence_lm.tokenization_sentence_lm import train_sentence_tokenizer
 from sentence_lm.trainer import SentenceVAETrainer, TimeBudgetCallback, show_time_budget
 from sentence_lm.training_sentence_opt import text_nll
@@ -67,29 +68,6 @@ def token_model_nll(model, blocks, batch_size: int = 8) -> float:
 
 def sentence_lm_nll(model, blocks, batch_size: int = 8) -> float:
     return text_nll(model, blocks, batch_size, show_progress=False)["nll_per_token"]
-
-
-def power_law(points: list[dict], key: str) -> dict | None:
-    """``NLL = a * x ** -b`` fitted by least squares in log-log space on the points with ``x > 0``."""
-    xs = [(math.log(p[key]), math.log(p["nll"])) for p in points if p[key] > 0]
-    if len(xs) < 2:
-        return None
-    mean_x, mean_y = sum(x for x, _ in xs) / len(xs), sum(y for _, y in xs) / len(xs)
-    var = sum((x - mean_x) ** 2 for x, _ in xs)
-    slope = sum((x - mean_x) * (y - mean_y) for x, y in xs) / var if var else 0.0
-    return {"a": math.exp(mean_y - slope * mean_x), "b": -slope, "points": len(xs)}
-
-
-def meeting(fit_1: dict | None, fit_2: dict | None, budget: float) -> dict:
-    """Where two power laws cross (``x``, if ahead), and their gap (first minus second) at ten times ``budget``."""
-    if not fit_1 or not fit_2:
-        return {}
-    at = lambda fit, x: fit["a"] * x ** -fit["b"]  # noqa: E731
-    result = {"gap_at_10x": at(fit_1, 10 * budget) - at(fit_2, 10 * budget), "ten_times": 10 * budget}
-    if fit_1["b"] != fit_2["b"]:
-        cross = (fit_1["a"] / fit_2["a"]) ** (1 / (fit_1["b"] - fit_2["b"]))
-        result["cross"] = cross if cross > budget else None
-    return result
 
 
 def train_token_model(args, config, tokenizer, blocks, curve_blocks):
@@ -166,36 +144,8 @@ def markdown(results: dict) -> str:
         tokens = f"{r['tokens']:,}" + (f" (+{r['stage1_tokens']:,} stage 1)" if "stage1_tokens" in r else "")
         lines.append(f"| {name} | {r['parameters'] / 1e6:.2f}M | {r['steps']} | {tokens} | {r['nll']:.4f} | "
                      f"{math.exp(r['nll']):.1f} | {text[0]} | {text[1]} |")
-    for axis, outlook in results["outlook"].items():
-        if not outlook:
-            continue
-        cross = outlook.get("cross")
-        said = f"the fits cross at {cross:,.0f} {axis}" if cross else "the fits do not cross past the budget"
-        lines.append(f"- Against {axis}: {said}; at {outlook['ten_times']:,.0f} {axis} (10x) the SentenceLM's NLL "
-                     f"minus the token model's is {outlook['gap_at_10x']:+.3f}.")
+    lines += outlook_lines(results["outlook"], "the SentenceLM", "the token model")
     return "\n".join(lines)
-
-
-def plot(results: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, key, label in zip(axes, ("tokens", "seconds"), ("training tokens", "training seconds")):
-        for name, r in results["models"].items():
-            points = [p for p in r["curve"] if p[key] > 0]
-            ax.loglog([p[key] for p in points], [p["nll"] for p in points], "o-", label=name)
-            fit = r[f"fit_{key}"]
-            if fit:
-                xs = [points[0][key] * (10 * points[-1][key] / points[0][key]) ** (i / 50) for i in range(51)]
-                ax.loglog(xs, [fit["a"] * x ** -fit["b"] for x in xs], "--", alpha=0.6)
-        ax.set_xlabel(label)
-        ax.set_ylabel("validation NLL per token")
-        ax.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
 
 
 def parse_args(argv=None):
@@ -284,7 +234,9 @@ def main(argv=None) -> dict:
     if args.report:
         Path(args.report).write_text(report + "\n")
     if args.plot:
-        plot(results, args.plot)
+        plot_curves({name: r["curve"] for name, r in models.items()},
+                    {name: {"tokens": r["fit_tokens"], "seconds": r["fit_seconds"]} for name, r in models.items()},
+                    args.plot)
     return results
 
 

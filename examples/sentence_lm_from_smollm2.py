@@ -23,7 +23,8 @@ exactly as the training text (``--block_size`` tokens, BOS first), limited to th
 ``--eval_tokens`` tokens; (a)(ii), (c) and (d) score the same tokens in the same blocks.
 During (c) and (d) the NLL on the first ``--curve_eval_tokens`` of them is logged every
 ``--eval_steps`` optimizer steps together with the training tokens seen (the evaluation time is not
-charged to the stage's budget); the report plots both curves.
+charged to the stage's budget); the report fits a power law to each curve (against training tokens and training seconds)
+and plots both, log-log.
 
 WikiText: files holding WikiText's markup (`` @-@ ``, `` @,@ ``, `` @.@ ``) are detokenised
 (``--detokenize auto``, see :func:`detokenize_wikitext`), training and validation text alike, so
@@ -92,6 +93,7 @@ from sentence_lm.data import (
     split_into_sentences,
     tokenize_texts,
 )
+from sentence_lm.learning_curves import AXES, meeting, outlook_lines, plot_curves, power_law
 from sentence_lm.metrics import reconstruction_metrics
 from sentence_lm.tokenization_sentence_lm import SentenceTokenizer
 from sentence_lm.trainer import TimeBudgetCallback, show_time_budget
@@ -294,9 +296,10 @@ class EvalCurveCallback(TimeBudgetCallback):
         began = time.monotonic()
         nll = self.evaluate(model)
         spent = time.monotonic() - began
+        trained = 0.0 if self.start is None else began - self.start
         state.log_history.append(
             {"step": state.global_step, "num_input_tokens_seen": int(state.num_input_tokens_seen), "val_nll": nll,
-             "eval_seconds": round(spent, 1)}
+             "train_seconds": round(trained, 1), "eval_seconds": round(spent, 1)}
         )
         print(f"\n[step {state.global_step}, {state.num_input_tokens_seen} tokens seen] validation NLL {nll:.4f}")
         if self.start is not None:
@@ -319,10 +322,30 @@ class EvalCurveCallback(TimeBudgetCallback):
 
 def _curve(log_history: list[dict]) -> list[dict]:
     return [
-        {k: e[k] for k in ("step", "num_input_tokens_seen", "val_nll")}
+        {k: e[k] for k in ("step", "num_input_tokens_seen", "train_seconds", "val_nll") if k in e}
         for e in log_history
         if "val_nll" in e
     ]
+
+
+CURVE_LABELS = {"stage2": "(c) SentenceLM (stage 2)", "baseline": "(d) SmolLM2 fine-tuned"}
+
+
+def learning_curves(report: dict) -> tuple[dict, dict, dict]:
+    """Stage 2's and the baseline's curves as ``{"tokens", "seconds", "nll"}`` points, their
+    power-law fits (from the second point on) and where the fits meet (``meeting``; the budget:
+    the larger token count, the stage-2 minutes)."""
+    curves, fits = {}, {}
+    for key, label in CURVE_LABELS.items():
+        curve = report["stages"].get(key, {}).get("curve") or []
+        curves[label] = [{"tokens": p["num_input_tokens_seen"], "seconds": p.get("train_seconds", 0.0),
+                          "nll": p["val_nll"]} for p in curve]
+        fits[label] = {axis: power_law(curves[label][1:], axis) for axis, _ in AXES}
+    first, second = (fits[label] for label in CURVE_LABELS.values())
+    tokens = max((c[-1]["tokens"] for c in curves.values() if c), default=0)
+    outlook = {"tokens": meeting(first["tokens"], second["tokens"], tokens),
+               "seconds": meeting(first["seconds"], second["seconds"], 60 * report["settings"]["stage2_minutes"])}
+    return curves, fits, outlook
 
 
 def _stage_record(stage_dir: Path, argv: list[str], began: float, result: dict) -> tuple[dict, list[dict]]:
@@ -486,33 +509,6 @@ def environment(device: str) -> dict:
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
 
-def plot_curves(report: dict, path: Path) -> str | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for key, label in (("stage2", "(c) SentenceLM (stage 2)"), ("baseline", "(d) SmolLM2 fine-tuned")):
-        curve = report["stages"].get(key, {}).get("curve") or []
-        if curve:
-            ax.plot([p["num_input_tokens_seen"] for p in curve], [p["val_nll"] for p in curve], "o-", label=label)
-    baseline = report["stages"].get("baseline", {}).get("curve") or []
-    if baseline and baseline[0]["step"] == 0:  # the baseline before its first step is the model as shipped
-        ax.axhline(baseline[0]["val_nll"], color="gray", linestyle="--", label="(a) SmolLM2 as shipped")
-    ax.set_xlabel("training tokens seen")
-    ax.set_ylabel(f"validation NLL per token (nats, first {report['settings']['curve_eval_tokens']} tokens)")
-    ax.set_title("Validation NLL against training tokens")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return str(path)
-
-
 def markdown_report(report: dict) -> str:
     q, s = report["quality"], report["stages"]
     rows = [
@@ -564,8 +560,16 @@ def markdown_report(report: dict) -> str:
             for original, rebuilt in examples:
                 cell = lambda text: repr(text)[1:-1].replace("|", "\\|")[:160]  # noqa: E731
                 lines.append(f"| {cell(original)} | {cell(rebuilt)} |")
+    if report.get("fits"):
+        lines += ["", "| curve (first evaluation tokens) | fit vs tokens (a, b) | fit vs seconds (a, b) |", "|---|---|---|"]
+        for label, fit in report["fits"].items():
+            text = [f"{f['a']:.3g}, {f['b']:.3f}" if f else "-" for f in (fit["tokens"], fit["seconds"])]
+            lines.append(f"| {label} | {text[0]} | {text[1]} |")
+        lines += ["", "Power laws `NLL = a * x ** -b` fitted from the second curve point on:",
+                  *outlook_lines(report["outlook"], "the SentenceLM", "the fine-tuned token model")]
     if report.get("plot"):
-        lines += ["", f"Validation NLL against training tokens: `{Path(report['plot']).name}`."]
+        lines += ["", f"Validation NLL against training tokens and seconds (log-log, with the fits): "
+                      f"`{Path(report['plot']).name}`."]
     lines += ["", "Timings (s): " + ", ".join(f"{k} {v}" for k, v in report["wall_seconds"].items()), ""]
     return "\n".join(lines)
 
@@ -765,7 +769,8 @@ def main(argv: list[str] | None = None) -> dict:
     print("(d)", json.dumps(report["quality"]["d_baseline"]))
 
     timings["total"] = round(time.perf_counter() - began, 1)
-    report["plot"] = plot_curves(report, out / "nll_curve.png")
+    curves, report["fits"], report["outlook"] = learning_curves(report)
+    report["plot"] = plot_curves(curves, report["fits"], out / "nll_curve.png")
     save()
     (out / "report.md").write_text(markdown_report(report), encoding="utf-8")
     print(markdown_report(report))

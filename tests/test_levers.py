@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from helpers import encode, load_script, tiny_sentence_opt
 
-from sentence_lm import SentenceVAEConfig, SentenceVAEModel
+from sentence_lm import SentenceVAEConfig, SentenceVAEModel, learning_curves
 from sentence_lm.corpus import default_corpus
 
 TINY = dict(vocab_size=97, hidden_size=32, num_attention_heads=4, ffn_dim=64, max_sentence_len=12, dropout=0.0)
@@ -272,10 +272,10 @@ def test_from_scratch_comparison_runs_and_fits_its_curves(tmp_path):
     assert all(p["seconds"] >= 0.04 * 60 * 0.25 for p in models["SentenceLM"]["curve"])  # after stage 1
     assert json.loads((tmp_path / "r.json").read_text())["eval_tokens"] >= 400
     assert "| SentenceLM |" in (tmp_path / "r.md").read_text()
-    fit = script.power_law([{"tokens": 10, "nll": 4.0}, {"tokens": 100, "nll": 2.0}], "tokens")
+    fit = learning_curves.power_law([{"tokens": 10, "nll": 4.0}, {"tokens": 100, "nll": 2.0}], "tokens")
     assert fit["b"] == pytest.approx(math.log10(2)) and fit["a"] * 10 ** -fit["b"] == pytest.approx(4.0)
-    crossing = script.meeting({"a": 8.0, "b": 0.2}, {"a": 4.0, "b": 0.1}, budget=10.0)
+    crossing = learning_curves.meeting({"a": 8.0, "b": 0.2}, {"a": 4.0, "b": 0.1}, budget=10.0)
     assert crossing["cross"] == pytest.approx(2 ** 10) and crossing["gap_at_10x"] > 0  # 10x = 100: not there yet
-    assert script.meeting({"a": 8.0, "b": 0.2}, {"a": 4.0, "b": 0.1}, budget=2000.0)["cross"] is None  # behind us
+    assert learning_curves.meeting({"a": 8.0, "b": 0.2}, {"a": 4.0, "b": 0.1}, budget=2000.0)["cross"] is None  # behind us
     with pytest.raises(SystemExit):
         script.parse_args(["--stage1_share", "1"])

@@ -91,6 +91,10 @@ def test_script_end_to_end_on_a_tiny_llama(script, tokenizer, tmp_path):
         curve = report["stages"][stage]["curve"]
         assert curve[0]["step"] == 0 and curve[-1]["step"] == report["stages"][stage]["global_step"]
         assert [p["num_input_tokens_seen"] for p in curve] == sorted(p["num_input_tokens_seen"] for p in curve)
+        assert [p["train_seconds"] for p in curve] == sorted(p["train_seconds"] for p in curve) and curve[-1]["train_seconds"] > 0
+    assert set(report["fits"]) == {"(c) SentenceLM (stage 2)", "(d) SmolLM2 fine-tuned"}
+    assert all(fit["tokens"] is None or fit["tokens"]["a"] > 0 for fit in report["fits"].values())
+    assert set(report["outlook"]) == {"tokens", "seconds"}
     assert (out / "report.md").read_text().count("|") > 10
     assert json.loads((out / "report.json").read_text())["quality"]["d_baseline"] == quality["d_baseline"]
     # A finished run keeps the trained models, not what resuming a stage needed.
