@@ -49,7 +49,7 @@ from transformers import LlamaConfig, set_seed
 from sentence_lm import SentenceLMConfig, SentenceLMForCausalLM, SentenceVAEModel
 from sentence_lm.baseline import token_baseline_trainer, token_config_like
 from sentence_lm.data import PaddingCollator, split_into_sentences
-from sentence_lm.learning_curves import meeting, outlook_lines, plot_curves, power_law
+from sentence_lm.learning_curves import fit_text, meeting, outlook_lines, plot_curves, power_law
 from sentence_lm.tokenization_sentence_lm import train_sentence_tokenizer
 from sentence_lm.trainer import SentenceVAETrainer, TimeBudgetCallback, show_time_budget
 from sentence_lm.training_sentence_opt import text_nll
@@ -139,11 +139,9 @@ def markdown(results: dict) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for name, r in rows.items():
-        fits = [r["fit_tokens"], r["fit_seconds"]]
-        text = [f"{f['a']:.3g}, {f['b']:.3f}" if f else "-" for f in fits]
         tokens = f"{r['tokens']:,}" + (f" (+{r['stage1_tokens']:,} stage 1)" if "stage1_tokens" in r else "")
         lines.append(f"| {name} | {r['parameters'] / 1e6:.2f}M | {r['steps']} | {tokens} | {r['nll']:.4f} | "
-                     f"{math.exp(r['nll']):.1f} | {text[0]} | {text[1]} |")
+                     f"{math.exp(r['nll']):.1f} | {fit_text(r['fit_tokens'])} | {fit_text(r['fit_seconds'])} |")
     lines += outlook_lines(results["outlook"], "the SentenceLM", "the token model")
     return "\n".join(lines)
 

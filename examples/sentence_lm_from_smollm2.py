@@ -93,7 +93,7 @@ from sentence_lm.data import (
     split_into_sentences,
     tokenize_texts,
 )
-from sentence_lm.learning_curves import AXES, meeting, outlook_lines, plot_curves, power_law
+from sentence_lm.learning_curves import AXES, fit_text, meeting, outlook_lines, plot_curves, power_law
 from sentence_lm.metrics import reconstruction_metrics
 from sentence_lm.tokenization_sentence_lm import SentenceTokenizer
 from sentence_lm.trainer import TimeBudgetCallback, show_time_budget
@@ -331,7 +331,7 @@ def _curve(log_history: list[dict]) -> list[dict]:
 CURVE_LABELS = {"stage2": "(c) SentenceLM (stage 2)", "baseline": "(d) SmolLM2 fine-tuned"}
 
 
-def learning_curves(report: dict) -> tuple[dict, dict, dict]:
+def curves_and_fits(report: dict) -> tuple[dict, dict, dict]:
     """Stage 2's and the baseline's curves as ``{"tokens", "seconds", "nll"}`` points, their
     power-law fits (from the second point on) and where the fits meet (``meeting``; the budget:
     the larger token count, the stage-2 minutes)."""
@@ -563,8 +563,7 @@ def markdown_report(report: dict) -> str:
     if report.get("fits"):
         lines += ["", "| curve (first evaluation tokens) | fit vs tokens (a, b) | fit vs seconds (a, b) |", "|---|---|---|"]
         for label, fit in report["fits"].items():
-            text = [f"{f['a']:.3g}, {f['b']:.3f}" if f else "-" for f in (fit["tokens"], fit["seconds"])]
-            lines.append(f"| {label} | {text[0]} | {text[1]} |")
+            lines.append(f"| {label} | {fit_text(fit['tokens'])} | {fit_text(fit['seconds'])} |")
         lines += ["", "Power laws `NLL = a * x ** -b` fitted from the second curve point on:",
                   *outlook_lines(report["outlook"], "the SentenceLM", "the fine-tuned token model")]
     if report.get("plot"):
@@ -769,7 +768,7 @@ def main(argv: list[str] | None = None) -> dict:
     print("(d)", json.dumps(report["quality"]["d_baseline"]))
 
     timings["total"] = round(time.perf_counter() - began, 1)
-    curves, report["fits"], report["outlook"] = learning_curves(report)
+    curves, report["fits"], report["outlook"] = curves_and_fits(report)
     report["plot"] = plot_curves(curves, report["fits"], out / "nll_curve.png")
     save()
     (out / "report.md").write_text(markdown_report(report), encoding="utf-8")

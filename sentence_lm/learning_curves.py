@@ -37,6 +37,11 @@ def meeting(fit_1: dict | None, fit_2: dict | None, budget: float) -> dict:
     return result
 
 
+def fit_text(fit: dict | None) -> str:
+    """A fit as ``"a, b"`` for a table (``"-"`` when there is none)."""
+    return f"{fit['a']:.3g}, {fit['b']:.3f}" if fit else "-"
+
+
 def outlook_lines(outlook: dict, first: str, second: str) -> list[str]:
     """Markdown lines saying, per axis of ``outlook`` (``{axis: meeting(...)}``), where ``first``'s
     and ``second``'s fits meet or their gap at ten times the budget."""

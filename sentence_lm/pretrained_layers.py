@@ -79,18 +79,15 @@ def layer_settings(token_model: nn.Module) -> dict:
     return {"gated_ffn": _layout(token_model_layers(token_model)[0]) is _LLAMA, "activation_function": activation}
 
 
-def _linear(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(weight (out, in), bias)`` of a ``Linear`` or of GPT-2's transposed ``Conv1D``."""
+def _weights(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(weight, bias)`` of a norm or a ``Linear`` (``(out, in)``; GPT-2's ``Conv1D`` transposed to that)."""
     weight = module.weight.t() if isinstance(module, Conv1D) else module.weight
     return weight, getattr(module, "bias", None)
 
 
 def _parts(layer: nn.Module, num_heads: int, num_kv_heads: int) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
     """The layer's weights under family-neutral names, keys and values repeated to ``num_heads`` heads."""
-    layout = _layout(layer)
-    parts = {name: _linear(layer.get_submodule(path)) if name not in ("norm1", "norm2") else
-             (layer.get_submodule(path).weight, getattr(layer.get_submodule(path), "bias", None))
-             for name, path in layout.items()}
+    parts = {name: _weights(layer.get_submodule(path)) for name, path in _layout(layer).items()}
     if "qkv" in parts:
         weight, bias = parts.pop("qkv")
         for name, w, b in zip("qkv", weight.chunk(3, dim=0), bias.chunk(3) if bias is not None else (None,) * 3):

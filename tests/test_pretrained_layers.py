@@ -23,6 +23,11 @@ def copied(token_model, tokenizer, **vae_fields):
     ).sentence_vae
 
 
+# Where each family keeps its attention output projection and its first norm.
+OUTPUT_PROJECTION = {"gpt2": "attn.c_proj", "opt": "self_attn.out_proj"}
+FIRST_NORM = {"gpt2": "ln_1", "opt": "self_attn_layer_norm"}
+
+
 def token_layers(token_model):
     base = token_model.base_model
     return base.decoder.layers if hasattr(base, "decoder") else (base.h if hasattr(base, "h") else base.layers)
@@ -62,12 +67,10 @@ def test_copied_layers_compute_what_the_token_model_layers_compute(family, token
                 q, k, v = reference_projections(family, source, x, heads)
                 attention = F.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), -1) @ v
                 expected = attention.transpose(1, 2).reshape(x.shape)
-                out = source.attn.c_proj if family == "gpt2" else getattr(source.self_attn, "o_proj", None)
-                expected = (out or source.self_attn.out_proj)(expected)
+                expected = source.get_submodule(OUTPUT_PROJECTION.get(family, "self_attn.o_proj"))(expected)
                 mask = torch.ones(2, 1, 1, 5, dtype=torch.bool)
                 torch.testing.assert_close(layer.self_attn(x, attention_mask=mask), expected)
-        norm = layers[0].ln_1 if family == "gpt2" else getattr(layers[0], "input_layernorm", None)
-        norm = norm or layers[0].self_attn_layer_norm
+        norm = layers[0].get_submodule(FIRST_NORM.get(family, "input_layernorm"))
         torch.testing.assert_close(vae.encoder.layers[0].self_attn_layer_norm.weight, norm.weight)
         if getattr(norm, "bias", None) is None:
             assert not vae.encoder.layers[0].self_attn_layer_norm.bias.any()
