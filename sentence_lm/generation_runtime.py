@@ -26,6 +26,7 @@ from transformers import Cache, LogitsProcessorList
 from transformers.cache_utils import CacheLayerMixin
 from transformers.utils import logging
 
+from .drafting import verify_draft
 from .modeling_sentence_vae import blank_token_scores, pick_next_token
 from .segmentation import pack_sentences
 
@@ -157,9 +158,10 @@ class SlotCache(Cache):
 
 class RowDecoderCache:
     """The Sentence Decoder's self-attention cache when every row writes at its own position:
-    ``(batch, heads, width, head_dim)`` per layer, ``width`` at most ``max_sentence_len + 1``;
-    ``columns`` (one per row) points a one-token step at where each row writes; with
-    ``columns=None`` an input of ``q`` tokens fills columns ``0..q-1`` of every row.
+    ``(batch, heads, width, head_dim)`` per layer, ``width`` at most ``max_sentence_len + 1``
+    (plus the drafted tokens a verification step feeds past it); ``columns`` ``(batch, q)`` points
+    a step of ``q`` tokens per row at where each row writes them; with ``columns=None`` an input
+    of ``q`` tokens fills columns ``0..q-1`` of every row.
 
     Attributes:
         width: the columns allocated (grown as sentences need more, unless static).
@@ -193,29 +195,32 @@ class RowDecoderCache:
             keys[:, :, : key.shape[2]] = key
             values[:, :, : key.shape[2]] = value
             return keys[:, :, : key.shape[2]], values[:, :, : key.shape[2]]
-        rows = torch.arange(keys.shape[0], device=keys.device)
-        keys[rows, :, self.columns] = key[:, :, 0]
-        values[rows, :, self.columns] = value[:, :, 0]
+        rows = torch.arange(keys.shape[0], device=keys.device)[:, None]
+        keys[rows, :, self.columns] = key.transpose(1, 2)
+        values[rows, :, self.columns] = value.transpose(1, 2)
         return keys, values
 
 
 class RowSteps:
     """The three steps of the row-scheduled loop on preallocated state, as methods that
-    `torch.compile` can capture: :meth:`decoder_step` (all rows, one token each),
-    :meth:`encode` (finished sentences to vectors) and :meth:`backbone_step` (those vectors, one
-    slot each, for the rows that finished)."""
+    `torch.compile` can capture: :meth:`decoder_step` (all rows, one token each, or one token and
+    ``draft`` drafted ones), :meth:`encode` (finished sentences to vectors) and
+    :meth:`backbone_step` (those vectors, one slot each, for the rows that finished); with
+    ``draft > 0`` also the draft head's states of each row's sentence (:meth:`start_drafts`,
+    :meth:`draft_logits`)."""
 
-    def __init__(self, model, batch: int, slot_capacity: int, dtype, device, static: bool):
+    def __init__(self, model, batch: int, slot_capacity: int, dtype, device, static: bool, draft: int = 0):
         vae = model.sentence_vae
         config = vae.config
-        self.model, self.vae, self.batch = model, vae, batch
+        self.model, self.vae, self.batch, self.draft = model, vae, batch, draft
         self.width = config.max_sentence_len + 1  # BOS + the tokens a sentence can feed
+        self.cache_limit = self.width + draft  # drafted tokens past a full sentence are fed, never kept
         heads = config.num_attention_heads
         self.decoder_cache = RowDecoderCache(
             config.num_decoder_layers,
             batch,
             heads,
-            self.width if static else min(self.width, GROWTH + 1),
+            self.cache_limit if static else min(self.cache_limit, GROWTH + 1 + draft),
             config.hidden_size // heads,
             dtype,
             device,
@@ -223,22 +228,28 @@ class RowSteps:
         backbone_config = model.config.backbone.get_text_config()
         self.slots = SlotCache(backbone_config.num_hidden_layers, batch, slot_capacity, device, scratch=static)
         self.eager_mask = model.model.backbone.config._attn_implementation == "eager"
-        self.columns_index = torch.arange(self.width, device=device)
+        self.columns_index = torch.arange(self.cache_limit, device=device)
+        self.draft_states = (
+            torch.zeros(batch, self.width, config.hidden_size, dtype=dtype, device=device) if draft else None
+        )
 
     # ------------------------------------------------------------------ decoder
     def decoder_step(
         self, tokens: torch.Tensor, positions: torch.Tensor, cross: list[torch.Tensor]
     ) -> torch.Tensor:
-        """Feed ``tokens`` ``(batch,)`` at ``positions`` of each row's sentence; the next-token
-        logits ``(batch, vocab)`` in float32."""
+        """Feed ``tokens`` ``(batch, q)`` at positions ``positions, positions + 1, ..`` of each
+        row's sentence (``positions``: ``(batch,)``); the next-token logits after each,
+        ``(batch, q, vocab)`` in float32."""
         vae = self.vae
-        embeds = vae._decoder_embeddings()(tokens[:, None])
-        hidden = embeds + vae.decoder.embed_positions(positions[:, None], embeds.dtype)
+        at = positions[:, None] + self.columns_index[: tokens.shape[1]]
+        embeds = vae._decoder_embeddings()(tokens)
+        # Drafted tokens past a full sentence get its last position: their logits are never used.
+        hidden = embeds + vae.decoder.embed_positions(at.clamp(max=self.width - 1), embeds.dtype)
         index = self.columns_index[: self.decoder_cache.width]
-        mask = (index[None, :] <= positions[:, None])[:, None, None, :]
-        self.decoder_cache.columns = positions
+        mask = (index[None, None, :] <= at[:, :, None])[:, None]
+        self.decoder_cache.columns = at
         hidden = vae.decoder.run_layers(hidden, mask, cache=self.decoder_cache, cross_states=cross)
-        return vae.lm_head(hidden[:, -1]).float()
+        return vae.lm_head(hidden).float()
 
     def decoder_prefill(self, tokens: torch.Tensor, lengths: torch.Tensor, cross: list[torch.Tensor]) -> torch.Tensor:
         """Feed ``[BOS, prefix..]`` ``(batch, q)`` (right-padded, ``lengths`` real tokens per row)
@@ -254,6 +265,21 @@ class RowSteps:
         hidden = vae.decoder.run_layers(hidden, mask, cache=self.decoder_cache, cross_states=cross)
         rows = torch.arange(tokens.shape[0], device=tokens.device)
         return vae.lm_head(hidden[rows, lengths - 1]).float()
+
+    # ------------------------------------------------------------------ draft head
+    def start_drafts(self, rows: torch.Tensor, states: torch.Tensor) -> None:
+        """The draft head's states of every position of the sentences that ``rows`` start from
+        backbone states ``states`` ``(b, hidden)``."""
+        vae = self.vae
+        memory = vae.decoder.memory(states.to(self.draft_states.dtype))
+        self.draft_states[rows] = vae.parallel_readout(memory, self.width)
+
+    def draft_logits(self, positions: torch.Tensor) -> torch.Tensor:
+        """The draft head's logits ``(batch, draft, vocab)`` (float32) for sentence indices
+        ``positions, positions + 1, ..`` of each row (past the sentence's end: its last index)."""
+        at = (positions[:, None] + self.columns_index[: self.draft]).clamp(max=self.width - 1)
+        rows = torch.arange(self.batch, device=positions.device)[:, None]
+        return self.vae.lm_head(self.draft_states[rows, at]).float()
 
     # ------------------------------------------------------------------ encoder
     def encode(self, sentences: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -396,16 +422,26 @@ def generate_rows(
     output_logits: bool = False,
     static: bool = False,
     compile_config=None,
+    draft_tokens: int = 0,
 ) -> tuple:
     """The next-sentence loop with rows scheduled independently (see the module docstring); the
     same contract and return value as the lockstep loop
     (:meth:`SentenceGenerationMixin._generate_sentences`): ``(batch, written)`` new tokens
     (``-1`` where none), the backbone's cache (a [`SlotCache`]), the sentences written per row,
     the decoder cache (a [`RowDecoderCache`]) and the scores and logits of the new tokens (``None``
-    unless asked for). ``compile_config`` (with ``static``): compile the steps with these settings.
-    The rows whose sentence ended wait (at most ``MAX_WAIT`` decoder steps, and never when no
-    other row is writing) until :func:`rows_per_backbone_step` of them take their backbone step
-    together."""
+    unless asked for), and one more: the decoder passes each row took. ``compile_config`` (with
+    ``static``): compile the steps with these settings. The rows whose sentence ended wait (at most
+    ``MAX_WAIT`` decoder steps, and never when no other row is writing) until
+    :func:`rows_per_backbone_step` of them take their backbone step together.
+
+    ``draft_tokens > 0`` (the model's SentenceVAE has a draft head, its ``parallel_readout``):
+    each decoder pass feeds a row's last token followed by the ``draft_tokens`` tokens the draft
+    head reads for the next sentence indices from the sentence's backbone state, and the row
+    keeps, in order, every token its own logits choose while the drafted token before it was the
+    one chosen (:func:`~sentence_lm.drafting.verify_draft`: exact for greedy decoding, speculative
+    sampling's acceptance rule when sampling). Processors, stopping criteria, the streamer and
+    the scores see each kept token as they would without drafts: the text is the same for greedy
+    decoding, and sampled from the same distribution."""
     pad = pad_token_id
     batch, device = input_ids.shape[0], input_ids.device
     vae, base = model.sentence_vae, model.model
@@ -432,7 +468,7 @@ def generate_rows(
         most_slots = min(most_slots, max(limit, prompt_slots))
     capacity = most_slots if static else min(most_slots, prompt_slots + GROWTH)
     dtype = vae._decoder_embeddings().weight.dtype
-    steps = RowSteps(model, batch, capacity, dtype, device, static)
+    steps = RowSteps(model, batch, capacity, dtype, device, static, draft_tokens)
     state = steps.backbone_prefill(inputs, slot_mask)  # (eager: prompts of any length; it allocates the slot cache)
     if static and compile_config is not None:
         compile_steps(steps, compile_config)
@@ -453,6 +489,8 @@ def generate_rows(
     stop = pick_next_token(model.stop_head(state).float(), do_sample) == STOP
     done |= stop & ~is_open & (count >= min_new)
     cross = [c.to(dtype) for c in vae.decoder.cross_attention_states(state.to(dtype))]
+    if draft_tokens:
+        steps.start_drafts(rows_all, state)
     scores = logits_out = None
     if output_scores:
         scores = blank_token_scores(batch, max_new + 1, config.vocab_size, pad, device)
@@ -465,53 +503,72 @@ def generate_rows(
     if first.shape[1] > 1:
         first[:, 1:] = sentence[:batch, : first.shape[1] - 1]
     steps.decoder_cache.reserve(first.shape[1], steps.width)
-    logits = steps.decoder_prefill(first, prefix_len + 1, cross)
+    logits = steps.decoder_prefill(first, prefix_len + 1, cross)[:, None]
+    drafts = draft_probs = None
     # Kept on the host (decided from what each step reports, no further synchronisation): where
     # each row's last decoder input went, and how many steps each row whose sentence ended has
     # waited for its backbone step (-1: not waiting).
     position = prefix_len.cpu()
     waited = torch.full((batch,), -1)
     waiting = torch.zeros_like(done)  # on the device: sentence ended, backbone step to come
+    token = torch.zeros(batch, dtype=torch.long, device=device)  # each row's last token (fed next)
+    passes = torch.zeros(batch, dtype=torch.long, device=device)
     min_ready = rows_per_backbone_step(batch, device)
     host_done = done.cpu()
     while not bool(host_done.all()):
-        raw = logits
-        # A sentence holds at least one token: no end-of-sentence before it.
-        logits = logits.clone()
-        logits[:, eos] = torch.where(sentence_len[:batch] == 0, float("-inf"), logits[:, eos])
-        if processors is not None:
-            logits = processors(running_text(input_ids, written, count, pad), logits)
-        token = pick_next_token(logits, do_sample)
-        active = ~done & ~waiting
-        is_eos = (token == eos) & active
-        writes = active & ~is_eos
-        column = torch.where(writes, count, max_new)
-        written.scatter_(1, column[:, None], torch.where(writes, token, -1)[:, None])
-        if scores is not None:
-            scores[rows_all, column] = torch.where(writes[:, None], logits, scores[rows_all, column])
-        if logits_out is not None:
-            logits_out[rows_all, column] = torch.where(writes[:, None], raw, logits_out[rows_all, column])
-        if streamer is not None and bool(writes[0]):
-            streamer.put(token[:1].cpu())
-        count += writes.long()
-        sentence_column = torch.where(writes, sentence_len[:batch], max_len - 1)
-        sentence[torch.where(writes, rows_all, batch), sentence_column] = token  # (others: the scratch row)
-        sentence_len[:batch] += writes.long()
-        finished = is_eos | (writes & ((sentence_len[:batch] >= max_len) | (count >= max_new)))
-        halted = torch.zeros_like(finished)
-        if stopping_criteria is not None and bool(writes.any()):
-            halted = stopping_criteria(running_text(input_ids, written, count, pad), logits) & writes
-            finished |= halted
-        # The rows whose sentence ended: count it, and end the text or feed the backbone. (An empty
-        # sentence, which only a processor that forces the end-of-sentence token can make, ends the text.)
-        empty = sentence_len[:batch] == 0
-        sentences_written += (finished & ~empty).long()
-        done |= halted | (finished & ((count >= max_new) | empty))
-        if limit is not None:
-            done |= finished & (slot_count + 1 >= limit)
-        waiting |= finished & ~done
-        flags = torch.cat([waiting, done]).cpu()  # the step's one synchronisation
-        is_waiting, host_done = flags[:batch], flags[batch:]
+        # One decoder pass: logits after the fed token and after each drafted one. A row takes the
+        # token its logits choose at each column, as long as the drafted tokens before were chosen.
+        live = ~done & ~waiting
+        passes += live.long()
+        wrote = torch.zeros_like(count)
+        for j in range(logits.shape[1]):
+            raw = logits[:, j]
+            # A sentence holds at least one token: no end-of-sentence before it.
+            chosen = raw.clone()
+            chosen[:, eos] = torch.where(sentence_len[:batch] == 0, float("-inf"), chosen[:, eos])
+            if processors is not None:
+                chosen = processors(running_text(input_ids, written, count, pad), chosen)
+            if drafts is not None and j < drafts.shape[1]:
+                pick, accepted = verify_draft(chosen, drafts[:, j], draft_probs[:, j] if do_sample else None)
+            else:
+                pick, accepted = pick_next_token(chosen, do_sample), None
+            active = live
+            token = torch.where(active, pick, token)
+            is_eos = (pick == eos) & active
+            writes = active & ~is_eos
+            column = torch.where(writes, count, max_new)
+            written.scatter_(1, column[:, None], torch.where(writes, pick, -1)[:, None])
+            if scores is not None:
+                scores[rows_all, column] = torch.where(writes[:, None], chosen, scores[rows_all, column])
+            if logits_out is not None:
+                logits_out[rows_all, column] = torch.where(writes[:, None], raw, logits_out[rows_all, column])
+            if streamer is not None and bool(writes[0]):
+                streamer.put(pick[:1].cpu())
+            count += writes.long()
+            wrote += writes.long()
+            sentence_column = torch.where(writes, sentence_len[:batch], max_len - 1)
+            sentence[torch.where(writes, rows_all, batch), sentence_column] = pick  # (others: the scratch row)
+            sentence_len[:batch] += writes.long()
+            finished = is_eos | (writes & ((sentence_len[:batch] >= max_len) | (count >= max_new)))
+            halted = torch.zeros_like(finished)
+            if stopping_criteria is not None and bool(writes.any()):
+                halted = stopping_criteria(running_text(input_ids, written, count, pad), chosen) & writes
+                finished |= halted
+            # The rows whose sentence ended: count it, and end the text or feed the backbone. (An empty
+            # sentence, which only a processor that forces the end-of-sentence token can make, ends the text.)
+            empty = sentence_len[:batch] == 0
+            sentences_written += (finished & ~empty).long()
+            done |= halted | (finished & ((count >= max_new) | empty))
+            if limit is not None:
+                done |= finished & (slot_count + 1 >= limit)
+            waiting |= finished & ~done
+            if accepted is None:
+                break
+            live = active & accepted & ~finished
+            if not bool(live.any()):
+                break
+        flags = torch.cat([waiting, done, wrote]).cpu()  # the pass's one synchronisation
+        is_waiting, host_done, host_wrote = flags[:batch].bool(), flags[batch : 2 * batch].bool(), flags[2 * batch :]
         waited = torch.where(is_waiting, waited + 1, -1)
         ready = torch.nonzero(is_waiting).flatten()
         writing_left = bool((~is_waiting & ~host_done).any())
@@ -548,19 +605,32 @@ def generate_rows(
             done[rows] |= stop & (count[rows] >= min_new)
             for layer_cross, new_cross in zip(cross, vae.decoder.cross_attention_states(new_state.to(dtype))):
                 layer_cross[rows] = new_cross.to(dtype)
+            if draft_tokens:
+                steps.start_drafts(rows, new_state)
             sentence_len[rows] = 0
             waiting[rows] = False
             host_done = done.cpu()
             restart[ready] = ~host_done[ready]
             waited[ready] = -1
-        # Rows that go on feed their token (a restarted row: BOS at position 0; a waiting row and
-        # a finished one stay where they are).
-        position = torch.where(restart, 0, torch.where(is_waiting | host_done, position, (position + 1).clamp(max=max_len)))
+        # Rows that go on feed their last token after the tokens they wrote (a restarted row: BOS
+        # at position 0; a waiting row and a finished one stay where they are).
+        moved = (position + host_wrote).clamp(max=max_len)
+        position = torch.where(restart, 0, torch.where(is_waiting | host_done, position, moved))
         if bool(host_done.all()):
             break
-        steps.decoder_cache.reserve(int(position.max()) + 1, steps.width)
-        feed = torch.where(restart.to(device), bos, token)
-        logits = steps.decoder_step(feed, position.to(device), cross)
+        at = position.to(device)
+        feed = torch.where(restart.to(device), bos, token)[:, None]
+        if draft_tokens:
+            draft_logits = steps.draft_logits(at)
+            draft_probs = draft_logits.softmax(dim=-1) if do_sample else None
+            drafts = (
+                torch.multinomial(draft_probs.flatten(0, 1), 1).view(batch, -1)
+                if do_sample
+                else draft_logits.argmax(dim=-1)
+            )
+            feed = torch.cat([feed, drafts], dim=1)
+        steps.decoder_cache.reserve(int(position.max()) + feed.shape[1], steps.cache_limit)
+        logits = steps.decoder_step(feed, at, cross)
     width = int(count.max()) if batch else 0
     return (
         written[:, :width],
@@ -569,4 +639,5 @@ def generate_rows(
         steps.decoder_cache,
         scores[:, :width] if scores is not None else None,
         logits_out[:, :width] if logits_out is not None else None,
+        passes,
     )

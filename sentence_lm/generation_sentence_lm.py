@@ -45,10 +45,13 @@ class SentenceGenerateOutput(GenerateDecoderOnlyOutput):
         decoder_cache: the Sentence Decoder's key/value cache (a [`RowDecoderCache`], one row per
             text, holding its last sentence; ``decoder_cache.nbytes`` is its memory), when
             ``use_cache``.
+        decoder_passes: ``(batch,)`` Sentence Decoder passes each row took (one per token and
+            end-of-sentence marker without drafts; fewer with ``draft_tokens``), when ``use_cache``.
     """
 
     num_sentences: torch.Tensor | None = None
     decoder_cache: object | None = None
+    decoder_passes: torch.Tensor | None = None
 
 
 class SentenceGenerationMixin(GenerationMixin):
@@ -143,6 +146,16 @@ class SentenceGenerationMixin(GenerationMixin):
         model on the returned sequences for its states over sentence slots); without
         ``return_dict_in_generate`` they change nothing, as for a token model.
 
+        ``draft_tokens`` (a `GenerationConfig` field or keyword, ``0`` by default: off) drafts
+        each sentence: a model whose SentenceVAE has a draft head (its ``parallel_readout``; add one
+        to a trained model with :func:`sentence_lm.training_draft_head.train_draft_head`) reads
+        ``draft_tokens`` tokens of the sentence at once, and one decoder pass checks them and
+        keeps those the decoder itself chooses (:mod:`sentence_lm.drafting`): greedy text is
+        token for token the same, sampled text comes from the same distribution, and everything
+        above (processors, criteria, streamer, scores) sees the same tokens; only the number of
+        decoder passes (``decoder_passes`` of the output) falls. A model without a draft head, or
+        ``use_cache=False``, refuses it with a ``ValueError``.
+
         What next-sentence decoding cannot do raises a ``ValueError`` that names the setting:
         beam search (``num_beams > 1``, ``num_beam_groups``, ``diversity_penalty``,
         ``constraints``, ``force_words_ids``), assisted and speculative decoding
@@ -165,7 +178,10 @@ class SentenceGenerationMixin(GenerationMixin):
         """
         # Checked before the library merges and validates them: clearer messages, and no raw TypeError.
         _check_sampling_settings(generation_config if generation_config is not None else self.generation_config, kwargs)
+        draft_tokens = kwargs.pop("draft_tokens", None)
         generation_config, model_kwargs = self._prepare_generation_config(generation_config, **kwargs)
+        if draft_tokens is None:
+            draft_tokens = getattr(generation_config, "draft_tokens", 0)
         _refuse_unsupported(
             generation_config,
             dict(
@@ -213,6 +229,7 @@ class SentenceGenerationMixin(GenerationMixin):
             )
         static = generation_config.cache_implementation == "static"
         runtime = self._pick_runtime(use_cache, static, generation_config)
+        self._check_drafting(draft_tokens, runtime)
         device = self.device
         if input_ids is None:
             input_ids = torch.full((1, 0), self.config.bos_token_id, dtype=torch.long, device=device)
@@ -286,9 +303,15 @@ class SentenceGenerationMixin(GenerationMixin):
             if runtime == "compiled":
                 compile_config = generation_config.compile_config or CompileConfig()
             outputs = generate_rows(
-                self, *common, streamer, static=static, compile_config=compile_config, **loop_arguments
+                self,
+                *common,
+                streamer,
+                static=static,
+                compile_config=compile_config,
+                draft_tokens=draft_tokens,
+                **loop_arguments,
             )
-        new_tokens, cache, num_sentences, decoder_cache, scores, logits = outputs
+        new_tokens, cache, num_sentences, decoder_cache, scores, logits, decoder_passes = outputs
         if streamer is not None:
             streamer.end()
         new_tokens = torch.where(new_tokens < 0, pad, new_tokens)
@@ -301,8 +324,33 @@ class SentenceGenerationMixin(GenerationMixin):
                 cache=cache,
                 num_sentences=num_sentences,
                 decoder_cache=decoder_cache,
+                decoder_passes=decoder_passes,
             )
         return sequences
+
+    def _check_drafting(self, draft_tokens, runtime: str) -> None:
+        """Refuse a ``draft_tokens`` setting that cannot run: not an integer >= 0, a model
+        without a draft head, or the reference loop (no cache, or a backbone attention other than
+        eager and sdpa)."""
+        if isinstance(draft_tokens, bool) or not isinstance(draft_tokens, int) or draft_tokens < 0:
+            raise ValueError(
+                f"draft_tokens must be an integer >= 0 (the tokens the draft head proposes per decoder pass; 0 turns "
+                f"drafting off), got {draft_tokens!r}."
+            )
+        if not draft_tokens:
+            return
+        if self.sentence_vae.parallel_readout is None:
+            raise ValueError(
+                "draft_tokens needs a draft head, and this model's SentenceVAE has none (its parallel_readout_weight "
+                "is 0). Train one on the model with sentence_lm.drafting.train_draft_head (or "
+                "examples/train_draft_head.py), or generate with draft_tokens=0."
+            )
+        if runtime == "lockstep":
+            raise ValueError(
+                "draft_tokens needs the cached row-scheduled runtime: use_cache=True and a backbone running eager or "
+                f"sdpa attention (this one runs {self.model.backbone.config._attn_implementation!r}; "
+                "model.set_attn_implementation('sdpa') switches it), or generate with draft_tokens=0."
+            )
 
     def _pick_runtime(self, use_cache: bool, static: bool, generation_config: GenerationConfig) -> str:
         """Which loop runs: ``"rows"`` (rows scheduled independently, :func:`generate_rows`; the
@@ -465,7 +513,7 @@ class SentenceGenerationMixin(GenerationMixin):
                     scores.index_put_(index, round_scores[kept])
                 if logits is not None:
                     logits.index_put_(index, round_logits[kept])
-        return new_tokens, cache, sentences_written, decoder_cache, scores, logits
+        return new_tokens, cache, sentences_written, decoder_cache, scores, logits, None
 
 
 
