@@ -184,6 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="Text file for the prompts, or 'builtin' for the built-in corpus (default: Grimm when present, else builtin).",
     )
+    parser.add_argument(
+        "--draft_tokens",
+        default="",
+        help="Also time the SLLM drafting this many tokens per decoder pass (comma-separated, e.g. '4,8'; "
+        "the checkpoint needs a draft head: examples/train_draft_head.py).",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU).")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="Write the results as JSON here.")
@@ -410,10 +416,10 @@ def cache_nbytes(cache) -> int:
 class Runner:
     """Calls `generate` for one model in one runtime, with fixed lengths."""
 
-    def __init__(self, name: str, model, runtime: str, processors=None):
+    def __init__(self, name: str, model, runtime: str, processors=None, draft_tokens: int = 0):
         self.name, self.model, self.runtime = name, model, runtime
         self.processors = processors
-        self.kwargs = {}
+        self.kwargs = dict(draft_tokens=draft_tokens) if draft_tokens else {}
         if runtime == "compiled":
             # Both models: the static cache and `torch.compile` of `transformers`' convention
             # (CUDA graphs on a GPU; inductor without them on a CPU, where it compiles only when told).
@@ -421,7 +427,7 @@ class Runner:
 
             config = CompileConfig() if model.device.type == "cuda" else CompileConfig(mode="default")
             config._compile_all_devices = True
-            self.kwargs = dict(cache_implementation="static", compile_config=config)
+            self.kwargs.update(cache_implementation="static", compile_config=config)
 
     def __call__(self, input_ids: torch.Tensor, new_tokens: int):
         kwargs = dict(self.kwargs)
@@ -440,6 +446,27 @@ class Runner:
             pad_token_id=self.model.config.pad_token_id,
             **kwargs,
         )
+
+
+def drafting_figures(draft_tokens: int, drafted: dict, plain: dict, token_tokens_per_s: float, tokens: int) -> dict:
+    """Drafting ``draft_tokens`` per pass against plain decoding of the same SLLM (timed runs of
+    :func:`time_generation`): tokens/s, its ratios, decoder passes per sentence, tokens kept per
+    pass (new tokens and sentence ends over passes; 1 without drafting) and whether the text is
+    the plain one."""
+    out, reference = drafted["output"], plain["output"]
+    passes = int(out.decoder_passes.sum())
+    sentences = int(out.num_sentences.sum())
+    return dict(
+        draft_tokens=draft_tokens,
+        tokens_per_s=drafted["tokens_per_s"],
+        runs_s=drafted["runs_s"],
+        ratio_to_token=drafted["tokens_per_s"] / token_tokens_per_s,
+        speedup_over_plain=drafted["tokens_per_s"] / plain["tokens_per_s"],
+        decoder_passes_per_sentence=passes / max(1, sentences),
+        plain_decoder_passes_per_sentence=int(reference.decoder_passes.sum()) / max(1, int(reference.num_sentences.sum())),
+        tokens_per_pass=(tokens + sentences) / max(1, passes),
+        same_text=bool(torch.equal(out.sequences, reference.sequences)),
+    )
 
 
 def kv_figures(name: str, out, model, prompts: torch.Tensor, new_tokens: int) -> dict:
@@ -610,6 +637,9 @@ def run_benchmark(argv: list[str] | None = None) -> dict:
     batch_sizes = _int_list(args.batch_sizes)
     new_token_list = _int_list(args.new_tokens)
     runtimes = ["eager"] + (["compiled"] if args.compile else [])
+    drafts = _int_list(args.draft_tokens) if args.draft_tokens else []
+    if drafts and sllm.sentence_vae.parallel_readout is None:
+        raise SystemExit("--draft_tokens needs a SentenceLM with a draft head: train one with examples/train_draft_head.py.")
 
     results = dict(
         meta=dict(
@@ -653,6 +683,7 @@ def run_benchmark(argv: list[str] | None = None) -> dict:
             runners = {
                 "sllm": Runner("sllm", sllm, runtime, processors),
                 "token": Runner("token", token, runtime),
+                **{f"draft{k}": Runner(f"draft{k}", sllm, runtime, processors, draft_tokens=k) for k in drafts},
             }
             for batch in batch_sizes:
                 prompts = make_prompts(ids, starts, batch, args.prompt_tokens, bos).to(device)
@@ -687,6 +718,10 @@ def run_benchmark(argv: list[str] | None = None) -> dict:
                     row["sllm_analytic_kv_bytes_per_token"] = analytic_kv_per_token(sllm.config.backbone, dtype, row["tokens_per_sentence"])
                     row["token_analytic_kv_bytes_per_token"] = analytic_kv_per_token(token.config, dtype)
                     row["tokens_per_s_ratio"] = row["sllm_tokens_per_s"] / row["token_tokens_per_s"]
+                    row["drafting"] = [
+                        drafting_figures(k, timed[f"draft{k}"], timed["sllm"], row["token_tokens_per_s"], batch * new_tokens)
+                        for k in drafts
+                    ]
                     row["kv_bytes_per_token_ratio"] = row["sllm_kv_bytes_per_token"] / row["token_kv_bytes_per_token"]
                     results["throughput"].append(row)
                     log(
@@ -876,6 +911,23 @@ def format_tables(results: dict) -> str:
         for r in results["throughput"]
     ]  # fmt: skip
     parts.append(_table(headers, rows))
+    drafting = [(r, d) for r in results["throughput"] for d in r.get("drafting", [])]
+    if drafting:
+        headers = [
+            "device", "dtype", "runtime", "batch", "new tok", "draft k", "SLLM tok/s", "drafting tok/s", "token tok/s",
+            "drafting/token", "drafting/plain", "tok kept/pass", "passes/sent (plain)", "same text",
+        ]  # fmt: skip
+        rows = [
+            [
+                r["device"], r["dtype"], r["runtime"], str(r["batch"]), str(r["new_tokens"]), str(d["draft_tokens"]),
+                f"{r['sllm_tokens_per_s']:.1f}", f"{d['tokens_per_s']:.1f}", f"{r['token_tokens_per_s']:.1f}",
+                f"{d['ratio_to_token']:.2f}x", f"{d['speedup_over_plain']:.2f}x", f"{d['tokens_per_pass']:.2f}",
+                f"{d['decoder_passes_per_sentence']:.1f} ({d['plain_decoder_passes_per_sentence']:.1f})",
+                "yes" if d["same_text"] else "NO",
+            ]
+            for r, d in drafting
+        ]  # fmt: skip
+        parts.append("Drafting (greedy; the SLLM's own text is the reference):\n\n" + _table(headers, rows))
     best = best_runtime_rows(results)
     if best:
         headers = ["device", "dtype", "batch", "new tok", "SLLM best", "SLLM tok/s", "token best", "token tok/s", "tok/s SLLM/token"]

@@ -232,6 +232,7 @@ class RowSteps:
         self.draft_states = (
             torch.zeros(batch, self.width, config.hidden_size, dtype=dtype, device=device) if draft else None
         )
+        self.draft_chunk = min(self.width, 2 * draft)
 
     # ------------------------------------------------------------------ decoder
     def decoder_step(
@@ -274,12 +275,13 @@ class RowSteps:
         memory = vae.decoder.memory(states.to(self.draft_states.dtype))
         self.draft_states[rows] = vae.parallel_readout(memory, self.width)
 
-    def draft_logits(self, positions: torch.Tensor) -> torch.Tensor:
-        """The draft head's logits ``(batch, draft, vocab)`` (float32) for sentence indices
-        ``positions, positions + 1, ..`` of each row (past the sentence's end: its last index)."""
-        at = (positions[:, None] + self.columns_index[: self.draft]).clamp(max=self.width - 1)
-        rows = torch.arange(self.batch, device=positions.device)[:, None]
-        return self.vae.lm_head(self.draft_states[rows, at]).float()
+    def draft_logits(self, rows: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+        """The draft head's logits ``(len(rows), draft_chunk, vocab)`` (float32) for sentence
+        indices ``starts, starts + 1, ..`` of ``rows`` (past the sentence's end: its last index).
+        One call drafts ``draft_chunk`` (twice ``draft``) indices, so that a row needs new drafts
+        every few passes only: the output layer's weights are read once for all of them."""
+        at = (starts[:, None] + self.columns_index[: self.draft_chunk]).clamp(max=self.width - 1)
+        return self.vae.lm_head(self.draft_states[rows[:, None], at]).float()
 
     # ------------------------------------------------------------------ encoder
     def encode(self, sentences: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -491,6 +493,14 @@ def generate_rows(
     cross = [c.to(dtype) for c in vae.decoder.cross_attention_states(state.to(dtype))]
     if draft_tokens:
         steps.start_drafts(rows_all, state)
+        # Each row's drafted chunk: tokens (and, when sampling, the distributions they were drawn
+        # from) for sentence indices drafted_from..drafted_to - 1 (kept on the host).
+        chunk = torch.zeros(batch, steps.draft_chunk, dtype=torch.long, device=device)
+        chunk_probs = (
+            torch.zeros(batch, steps.draft_chunk, config.vocab_size, device=device) if do_sample else None
+        )
+        drafted_from = torch.zeros(batch, dtype=torch.long)
+        drafted_to = torch.zeros(batch, dtype=torch.long)
     scores = logits_out = None
     if output_scores:
         scores = blank_token_scores(batch, max_new + 1, config.vocab_size, pad, device)
@@ -621,13 +631,24 @@ def generate_rows(
         at = position.to(device)
         feed = torch.where(restart.to(device), bos, token)[:, None]
         if draft_tokens:
-            draft_logits = steps.draft_logits(at)
-            draft_probs = draft_logits.softmax(dim=-1) if do_sample else None
-            drafts = (
-                torch.multinomial(draft_probs.flatten(0, 1), 1).view(batch, -1)
-                if do_sample
-                else draft_logits.argmax(dim=-1)
-            )
+            # Rows whose drafted chunk does not reach `draft_tokens` past their position draft a new one.
+            redraft = torch.nonzero(~host_done & (restart | ((position + draft_tokens).clamp(max=steps.width) > drafted_to)))
+            if redraft.numel():
+                redraft = redraft.flatten()
+                chunk_logits = steps.draft_logits(redraft.to(device), at[redraft.to(device)])
+                if do_sample:
+                    chunk_probs[redraft.to(device)] = chunk_logits.softmax(dim=-1)
+                    chunk[redraft.to(device)] = torch.multinomial(
+                        chunk_probs[redraft.to(device)].flatten(0, 1), 1
+                    ).view(redraft.numel(), -1)
+                else:
+                    chunk[redraft.to(device)] = chunk_logits.argmax(dim=-1)
+                drafted_from[redraft] = position[redraft]
+                drafted_to[redraft] = (position[redraft] + steps.draft_chunk).clamp(max=steps.width)
+            index = ((position - drafted_from)[:, None] + torch.arange(draft_tokens)).clamp(0, steps.draft_chunk - 1)
+            index = index.to(device)
+            drafts = chunk.gather(1, index)
+            draft_probs = chunk_probs[rows_all[:, None], index] if do_sample else None
             feed = torch.cat([feed, drafts], dim=1)
         steps.decoder_cache.reserve(int(position.max()) + feed.shape[1], steps.cache_limit)
         logits = steps.decoder_step(feed, at, cross)

@@ -61,17 +61,17 @@ class PlainTextDrafts:
                 self.sentence_index[row] += 1
             return start_drafts(self, rows, states)
 
-        def logits(self, positions):
-            out = torch.zeros(self.batch, self.draft, owner.vocab_size)
-            for row in range(self.batch):
+        def logits(self, rows, starts):
+            out = torch.zeros(len(rows), self.draft_chunk, owner.vocab_size)
+            for i, (row, start) in enumerate(zip(rows.tolist(), starts.tolist())):
                 done = owner.sentences.get(row, [])
                 index = self.sentence_index[row]
                 sentence = done[index] + [owner.eos] if index < len(done) else []
-                for i in range(self.draft):
-                    at = int(positions[row]) + i
+                for j in range(self.draft_chunk):
+                    at = start + j
                     if at < len(sentence):
                         token = sentence[at] if at % owner.corrupt else (sentence[at] + 1) % owner.vocab_size
-                        out[row, i, token] = 20.0
+                        out[i, j, token] = 20.0
             return out
 
         self.monkeypatch.setattr(RowSteps, "start_drafts", start)
