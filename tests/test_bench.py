@@ -125,3 +125,29 @@ def test_a_saved_sentence_lm_of_another_family_loads_as_checkpoint(bench, tmp_pa
     meta = bench.run_benchmark(argv)["meta"]
     assert meta["sllm"]["trained"] is True and meta["sllm"]["model_class"] == "SentenceLMForCausalLM"
     assert meta["token"]["model_class"] == "LlamaForCausalLM"
+
+
+def test_drafting_is_timed_against_plain_decoding_on_a_checkpoint_with_a_draft_head(bench, tmp_path):
+    from sentence_lm.training_draft_head import add_draft_head
+
+    args = bench.build_parser().parse_args(["--backbone", "llama", "--shape", "tiny", "--config", "num_key_value_heads=2"])
+    paragraphs, _ = bench.load_corpus(None)
+    model = bench.build_models(args, paragraphs)["sllm"]
+    model.save_pretrained(tmp_path / "plain")
+    argv = [
+        "--device", "cpu", "--dtypes", "fp32", "--batch_sizes", "1,2", "--new_tokens", "12", "--prompt_tokens", "24",
+        "--repeats", "1", "--contexts", "", "--threads", "1", "--quiet", "--draft_tokens", "2,4",
+    ]  # fmt: skip
+    with pytest.raises(SystemExit, match="draft head"):
+        bench.run_benchmark(["--checkpoint", str(tmp_path / "plain"), *argv])
+    add_draft_head(model)
+    model.save_pretrained(tmp_path / "drafted")
+    results = bench.run_benchmark(["--checkpoint", str(tmp_path / "drafted"), *argv])
+    for row in results["throughput"]:
+        assert [d["draft_tokens"] for d in row["drafting"]] == [2, 4]
+        for d in row["drafting"]:
+            assert d["same_text"] and d["tokens_per_s"] > 0
+            assert d["ratio_to_token"] == pytest.approx(d["tokens_per_s"] / row["token_tokens_per_s"])
+            assert 1 <= d["tokens_per_pass"] <= 1 + d["draft_tokens"]
+            assert d["decoder_passes_per_sentence"] <= d["plain_decoder_passes_per_sentence"]
+    assert "Drafting (greedy" in bench.format_tables(results)
