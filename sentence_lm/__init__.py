@@ -21,6 +21,7 @@ from .modeling_sentence_lm import (
 )
 from .modeling_sentence_opt import SentenceOPTForCausalLM, SentenceOPTModel
 from .modeling_sentence_vae import SentenceDecodeOutput, SentenceDecoderCache, SentenceVAEModel, SentenceVAEOutput
+from .quantization import Int8WeightOnlyConfig
 from .segmentation import PackedSentences, build_boundary_table, pack_sentences, segment_sentences
 from .tokenization_sentence_lm import SentenceTokenizer, train_sentence_tokenizer
 
@@ -36,6 +37,7 @@ for _config, _models in (
         _model.register_for_auto_class(_auto.__name__)
 
 __all__ = [
+    "Int8WeightOnlyConfig",
     "PackedSentences",
     "RowDecoderCache",
     "SentenceDecodeOutput",

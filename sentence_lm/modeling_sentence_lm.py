@@ -23,6 +23,7 @@ from .configuration_sentence_vae import SentenceVAEConfig
 from .generation_runtime import CONTINUE, STOP
 from .generation_sentence_lm import SentenceGenerationMixin
 from .modeling_sentence_vae import SentenceVAEModel
+from .quantization import Int8WeightOnlyConfig  # noqa: F401  (registers the int8 quantizer, in checkpoints too)
 from .pretrained_layers import copy_token_model_layers, layer_settings
 from .segmentation import PackedSentences, boundary_states, pack_sentences, trails_after
 from .validation import check_attention_mask, check_token_ids, logit_positions

@@ -47,7 +47,8 @@ class SentenceVAETrainer(Trainer):
 
 class TimeBudgetCallback(TrainerCallback):
     """Stop training once ``max_seconds`` of wall-clock time have passed since training began
-    (checked after every optimizer step; the Trainer then saves and returns as at ``max_steps``)."""
+    (checked after every optimizer step; the Trainer then saves, unless its ``save_strategy`` is
+    ``"no"``, and returns as at ``max_steps``)."""
 
     def __init__(self, max_seconds: float):
         self.max_seconds = max_seconds
@@ -63,7 +64,7 @@ class TimeBudgetCallback(TrainerCallback):
                 logger.warning("Time budget of %.0f s reached: stopping at step %d.", self.max_seconds, state.global_step)
             self.stopped_at_step = state.global_step
             control.should_training_stop = True
-            control.should_save = True
+            control.should_save = args.save_strategy != "no"
         return control
 
 
