@@ -77,6 +77,7 @@ import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList, PreTrainedConfig
 
 from sentence_lm import (
+    Int8WeightOnlyConfig,
     SentenceLMConfig,
     SentenceLMForCausalLM,
     SentenceOPTConfig,
@@ -87,7 +88,8 @@ from sentence_lm.baseline import token_config_like
 from sentence_lm.corpus import default_corpus, group_paragraphs, read_text_lines
 
 DEFAULT_CORPUS = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "grimm" / "tales.txt"
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.bfloat16}
+"""Activation (and KV-cache) dtype of each --dtypes entry; int8: int8 weights (int8_copy), bf16 activations."""
 
 SHAPES = {
     # OPT-125M, SentenceVAE-H1 (one encoder and one decoder layer): SLLM-125M-H1.
@@ -151,7 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="Random-weight overrides of the shape, e.g. 'num_hidden_layers=6,num_key_value_heads=2'.",
     )
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available).")
-    parser.add_argument("--dtypes", default="fp32,bf16", help="Comma-separated: fp32, bf16, fp16.")
+    parser.add_argument(
+        "--dtypes", default="fp32,bf16", help="Comma-separated: fp32, bf16, fp16, int8 (int8 weights, bf16 activations)."
+    )
     parser.add_argument("--batch_sizes", default="1,32", help="Comma-separated batch sizes.")
     parser.add_argument("--new_tokens", default="32,64,128", help="Generated lengths (comma-separated).")
     parser.add_argument("--prompt_tokens", type=int, default=128, help="Prompt length in tokens (BOS included).")
@@ -386,6 +390,17 @@ def build_models(args, paragraphs: list[str]) -> dict:
     return dict(
         sllm=sllm, token=token, tokenizer=tokenizer, sllm_label=sllm_label, token_label=token_label, trained=trained
     )
+
+
+def int8_copy(model, device):
+    """``model`` loaded again with int8 weights (`Int8WeightOnlyConfig`: every linear layer but a
+    SentenceLM's stop head) and bfloat16 activations, as a user loads it."""
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+        quantized = AutoModelForCausalLM.from_pretrained(
+            tmp, quantization_config=Int8WeightOnlyConfig(), dtype=torch.bfloat16
+        )
+    return quantized.to(device).eval()
 
 
 def count_parameters(model) -> int:
@@ -677,13 +692,15 @@ def run_benchmark(argv: list[str] | None = None) -> dict:
     # ----- throughput (and KV bytes at the end of each timed generation)
     for dtype_name in dtypes:
         dtype = DTYPES[dtype_name]
-        sllm.to(device=device, dtype=dtype)
-        token.to(device=device, dtype=dtype)
+        if dtype_name == "int8":
+            sllm_run, token_run = (int8_copy(model, device) for model in (sllm, token))
+        else:
+            sllm_run, token_run = sllm.to(device=device, dtype=dtype), token.to(device=device, dtype=dtype)
         for runtime in runtimes:
             runners = {
-                "sllm": Runner("sllm", sllm, runtime, processors),
-                "token": Runner("token", token, runtime),
-                **{f"draft{k}": Runner(f"draft{k}", sllm, runtime, processors, draft_tokens=k) for k in drafts},
+                "sllm": Runner("sllm", sllm_run, runtime, processors),
+                "token": Runner("token", token_run, runtime),
+                **{f"draft{k}": Runner(f"draft{k}", sllm_run, runtime, processors, draft_tokens=k) for k in drafts},
             }
             for batch in batch_sizes:
                 prompts = make_prompts(ids, starts, batch, args.prompt_tokens, bos).to(device)
@@ -712,7 +729,7 @@ def run_benchmark(argv: list[str] | None = None) -> dict:
                     for name in ("sllm", "token"):
                         row[f"{name}_tokens_per_s"] = timed[name]["tokens_per_s"]
                         row[f"{name}_runs_s"] = timed[name]["runs_s"]
-                        model = sllm if name == "sllm" else token
+                        model = sllm_run if name == "sllm" else token_run
                         for key, value in kv_figures(name, timed[name]["output"], model, prompts, new_tokens).items():
                             row[f"{name}_{key}"] = value
                     row["sllm_analytic_kv_bytes_per_token"] = analytic_kv_per_token(sllm.config.backbone, dtype, row["tokens_per_sentence"])
@@ -729,6 +746,7 @@ def run_benchmark(argv: list[str] | None = None) -> dict:
                         f"ratio {row['tokens_per_s_ratio']:.2f}, {row['tokens_per_sentence']:.2f} tokens/sentence"
                     )
                     del timed
+        del sllm_run, token_run
     sllm.to(dtype=torch.float32)
     token.to(dtype=torch.float32)
 
@@ -741,6 +759,9 @@ def run_benchmark(argv: list[str] | None = None) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             limit = min(token.config.max_position_embeddings, len(ids))
             for dtype_name in dtypes:
+                if dtype_name == "int8":
+                    log("[memory] int8 skipped (the memory sweep converts models with .to(dtype))")
+                    continue
                 saved = None
                 if isolation == "subprocess":  # saved in the dtype measured: the worker converts nothing
                     saved = dict(sllm=os.path.join(tmp, dtype_name, "sllm"), token=os.path.join(tmp, dtype_name, "token"))

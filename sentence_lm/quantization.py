@@ -1,4 +1,5 @@
-"""Weight-only int8 quantization of SentenceLM models, the `transformers` way.
+"""Weight-only int8 quantization of SentenceLM models (and of their token models, for a
+comparison in kind), the `transformers` way.
 
 `from_pretrained(path, quantization_config=Int8WeightOnlyConfig())` loads a model with the
 weights of its linear layers (backbone, SentenceVAE, output layer, draft head) stored as int8,
@@ -154,9 +155,10 @@ class Int8WeightOnlyQuantizer(HfQuantizer):
         replaced = replace_linear_layers(model, _skipped(self.quantization_config))
         # An output layer tied to the token embeddings gets int8 weights of its own (from the
         # embeddings, after loading): the embeddings stay in floating point.
-        self.untied = [k for k in model.all_tied_weights_keys if k.removesuffix(".weight") in replaced]
+        tied = model.all_tied_weights_keys
+        self.untied = {k: tied[k] for k in tied if k.removesuffix(".weight") in replaced}  # layer: its source
         for key in self.untied:
-            del model.all_tied_weights_keys[key]
+            del tied[key]
             if not self.pre_quantized:  # a float checkpoint holds no weights of its own for the layer
                 model._keys_to_ignore_on_load_missing.update({re.escape(key), re.escape(key) + "_scale"})
         for module in model.modules():
@@ -168,9 +170,9 @@ class Int8WeightOnlyQuantizer(HfQuantizer):
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         if not self.pre_quantized:
-            for key in self.untied:
+            for key, source in self.untied.items():
                 layer = model.get_submodule(key.removesuffix(".weight"))
-                weight, scales = quantize_int8(model.get_parameter(self._tie_source(model, key)))
+                weight, scales = quantize_int8(model.get_parameter(source))
                 layer.weight = nn.Parameter(weight, requires_grad=False)
                 layer.weight_scale = nn.Parameter(scales, requires_grad=False)
         for layer in model.modules():
@@ -179,12 +181,6 @@ class Int8WeightOnlyQuantizer(HfQuantizer):
                 # needs its own aligned copy (it crashes on a mapped one).
                 layer.weight.data = layer.weight.data.clone(memory_format=torch.contiguous_format)
         return model
-
-    @staticmethod
-    def _tie_source(model, key: str) -> str:
-        vae = model.sentence_vae
-        prefix = key[: key.index("lm_head.weight")] if "lm_head.weight" in key else ""
-        return prefix + ("embed_tokens.weight" if vae.config.share_embeddings else "decoder_embed_tokens.weight")
 
     def is_serializable(self):
         return True

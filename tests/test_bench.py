@@ -127,7 +127,7 @@ def test_a_saved_sentence_lm_of_another_family_loads_as_checkpoint(bench, tmp_pa
     assert meta["token"]["model_class"] == "LlamaForCausalLM"
 
 
-def test_drafting_is_timed_against_plain_decoding_on_a_checkpoint_with_a_draft_head(bench, tmp_path):
+def test_drafting_and_int8_are_timed_on_a_checkpoint_with_a_draft_head(bench, tmp_path):
     from sentence_lm.training_draft_head import add_draft_head
 
     args = bench.build_parser().parse_args(["--backbone", "llama", "--shape", "tiny", "--config", "num_key_value_heads=2"])
@@ -135,7 +135,7 @@ def test_drafting_is_timed_against_plain_decoding_on_a_checkpoint_with_a_draft_h
     model = bench.build_models(args, paragraphs)["sllm"]
     model.save_pretrained(tmp_path / "plain")
     argv = [
-        "--device", "cpu", "--dtypes", "fp32", "--batch_sizes", "1,2", "--new_tokens", "12", "--prompt_tokens", "24",
+        "--device", "cpu", "--dtypes", "fp32,int8", "--batch_sizes", "1,2", "--new_tokens", "12", "--prompt_tokens", "24",
         "--repeats", "1", "--contexts", "", "--threads", "1", "--quiet", "--draft_tokens", "2,4",
     ]  # fmt: skip
     with pytest.raises(SystemExit, match="draft head"):
@@ -151,3 +151,4 @@ def test_drafting_is_timed_against_plain_decoding_on_a_checkpoint_with_a_draft_h
             assert 1 <= d["tokens_per_pass"] <= 1 + d["draft_tokens"]
             assert d["decoder_passes_per_sentence"] <= d["plain_decoder_passes_per_sentence"]
     assert "Drafting (greedy" in bench.format_tables(results)
+    assert sorted({row["dtype"] for row in results["throughput"]}) == ["fp32", "int8"]  # int8 weights, both models

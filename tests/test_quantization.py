@@ -114,3 +114,19 @@ def test_an_int8_checkpoint_loads_with_remote_code_without_the_package(float_che
     enc = encode(tokenizer, PROMPTS)
     enc.pop("sentence_ids")
     assert json.loads(result.stdout.strip().splitlines()[-1]) == model.generate(**enc, max_new_tokens=12).tolist()
+
+
+def test_the_same_quantization_loads_the_token_model(tmp_path):
+    """The token model a SentenceLM is compared with takes the same config (its tied output layer
+    included), so that speed is measured against it in kind."""
+    from transformers import LlamaConfig
+
+    torch.manual_seed(0)
+    token = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                         num_attention_heads=4, vocab_size=256, tie_word_embeddings=True)).eval()  # fmt: skip
+    token.save_pretrained(tmp_path / "token")
+    quantized = AutoModelForCausalLM.from_pretrained(tmp_path / "token", quantization_config=Int8WeightOnlyConfig())
+    assert isinstance(quantized.lm_head, Int8Linear) and quantized.model.embed_tokens.weight.dtype == torch.float32
+    ids = torch.randint(0, 256, (2, 12))
+    expected = token(ids).logits
+    assert (quantized(ids).logits - expected).abs().max() <= 0.02 * expected.abs().max()
