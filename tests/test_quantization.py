@@ -130,3 +130,24 @@ def test_the_same_quantization_loads_the_token_model(tmp_path):
     ids = torch.randint(0, 256, (2, 12))
     expected = token(ids).logits
     assert (quantized(ids).logits - expected).abs().max() <= 0.02 * expected.abs().max()
+
+
+def test_quantized_nll_benchmark_scores_both_models_in_each_precision(float_checkpoint, tokenizer, tmp_path):
+    from helpers import backbone_configs, load_script
+
+    path, _ = float_checkpoint
+    config = backbone_configs(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config["llama"]).save_pretrained(tmp_path / "token")
+    valid = tmp_path / "valid.txt"
+    valid.write_text("The king had three sons. The youngest was a fool.\n\nOnce upon a time there was a miller.")
+    script = load_script("benchmarks/quantized_nll.py")
+    results = script.main(["--sentence_lm", str(path), "--token_model", str(tmp_path / "token"), "--validation_file",
+                           str(valid), "--json", str(tmp_path / "out.json")])  # fmt: skip
+    rows = {row["dtype"]: row for row in results["rows"]}
+    assert list(rows) == ["fp32", "bf16", "int8"] and results["eval_tokens"] > 10
+    assert rows["fp32"]["sentence_lm_change"] == 0 == rows["fp32"]["token_change"]
+    for row in rows.values():  # random weights: the NLL is near log(vocab) and barely moves
+        assert abs(row["sentence_lm_change"]) < 0.05 and abs(row["token_change"]) < 0.05
+        assert row["token_nll"] == pytest.approx(row["token_change"] + rows["fp32"]["token_nll"])
+    assert json.loads((tmp_path / "out.json").read_text())["rows"] == results["rows"]
