@@ -33,6 +33,9 @@ from sentence_lm.corpus import default_corpus
 from sentence_lm.data import tokenize_texts
 from sentence_lm.training_draft_head import train_draft_head
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sentence_lm_from_smollm2 import first_tokens  # noqa: E402
+
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -59,12 +62,7 @@ def text_blocks(path: str | None, tokenizer, block_size: int, max_sentence_len: 
     text = Path(path).read_text(encoding="utf-8") if path else "\n\n".join(default_corpus())
     paragraphs = [p.strip() for p in text.split("\n\n") if p.strip()]
     blocks = tokenize_texts(datasets.Dataset.from_dict({"text": paragraphs}), tokenizer, block_size, max_sentence_len)
-    total, rows = 0, 0
-    for length in blocks["length"]:
-        if total >= max_tokens:
-            break
-        total, rows = total + length, rows + 1
-    return blocks.select(range(max(rows, 1)))
+    return first_tokens(blocks, max_tokens)
 
 
 def main(argv=None) -> dict:

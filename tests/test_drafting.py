@@ -7,7 +7,7 @@ settings that cannot draft are refused."""
 import pytest
 import torch
 from helpers import encode, load_script, tiny_sentence_opt
-from transformers import GenerationConfig, StoppingCriteriaList
+from transformers import GenerationConfig
 
 from sentence_lm import SentenceLMForCausalLM
 from sentence_lm.drafting import verify_draft
@@ -122,22 +122,12 @@ def test_accepted_drafts_cut_decoder_passes_and_change_no_token(static, tokenize
 
 
 def test_drafting_honours_processors_criteria_streamer_and_scores(tokenizer, monkeypatch):
-    from test_generation_runtime import StopAfter
+    from test_generation_runtime import processor_settings
     from transformers import TextIteratorStreamer
 
     model = drafting_model(tokenizer)
     enc = encode(tokenizer, PROMPTS)
-    pad = tokenizer.pad_token_id
-    settings = dict(
-        max_new_tokens=NEW,
-        repetition_penalty=1.3,
-        no_repeat_ngram_size=3,
-        bad_words_ids=[[tokenizer.convert_tokens_to_ids("Ġthe")]],
-        stopping_criteria=StoppingCriteriaList([StopAfter(enc["input_ids"].shape[1] + 25, pad)]),
-        return_dict_in_generate=True,
-        output_scores=True,
-        output_logits=True,
-    )
+    settings = processor_settings(enc, tokenizer, NEW)
     drafts = PlainTextDrafts(monkeypatch, model.config.vocab_size, model.config.sentence_vae.eos_token_id)
     drafts.record()
     plain = model.generate(**enc, **settings)

@@ -100,20 +100,24 @@ class StopAfter(StoppingCriteria):
         return (input_ids != self.pad).sum(dim=1) >= self.length
 
 
-def test_rows_runtime_honours_processors_criteria_and_scores_as_the_reference(tokenizer):
-    model = tiny_sentence_opt(tokenizer)
-    enc = encode(tokenizer, PROMPTS)
-    pad = tokenizer.pad_token_id
-    settings = dict(
-        max_new_tokens=NEW,
+def processor_settings(enc: dict, tokenizer, new_tokens: int = NEW) -> dict:
+    """generate() settings that exercise processors, a stopping criterion and the scores."""
+    return dict(
+        max_new_tokens=new_tokens,
         repetition_penalty=1.3,
         no_repeat_ngram_size=3,
         bad_words_ids=[[tokenizer.convert_tokens_to_ids("Ġthe")]],
-        stopping_criteria=StoppingCriteriaList([StopAfter(enc["input_ids"].shape[1] + 25, pad)]),
+        stopping_criteria=StoppingCriteriaList([StopAfter(enc["input_ids"].shape[1] + 25, tokenizer.pad_token_id)]),
         return_dict_in_generate=True,
         output_scores=True,
         output_logits=True,
     )
+
+
+def test_rows_runtime_honours_processors_criteria_and_scores_as_the_reference(tokenizer):
+    model = tiny_sentence_opt(tokenizer)
+    enc = encode(tokenizer, PROMPTS)
+    settings = processor_settings(enc, tokenizer)
     reference = model.generate(**enc, use_cache=False, **settings)
     out = model.generate(**enc, **settings)
     assert torch.equal(out.sequences, reference.sequences)
