@@ -11,7 +11,7 @@ from helpers import encode
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from sentence_lm import SentenceLMForCausalLM
-from sentence_lm.quantization import INT8PACK_MAX_ROWS, Int8Linear, Int8WeightOnlyConfig
+from sentence_lm.quantization import Int8Linear, Int8WeightOnlyConfig
 
 PROMPTS = ["The king had three sons. The youngest", "Once upon a time there was a"]
 
@@ -36,11 +36,13 @@ def float_checkpoint(tokenizer, tmp_path_factory):
     return path, model
 
 
-@pytest.mark.parametrize("rows", [1, INT8PACK_MAX_ROWS, INT8PACK_MAX_ROWS + 3])
+@pytest.mark.parametrize("rows", [1, 4, 7])
 @pytest.mark.parametrize("width", [32, 40])
 def test_int8_linear_is_close_to_the_float_layer(rows, width):
-    """Both products (the CPU int8 kernel for few rows of a width it takes, dequantized weights
-    otherwise), contiguous input or not, within int8 rounding of the float layer."""
+    """Both products (the CPU int8 kernel for widths it takes, dequantized weights otherwise),
+    contiguous input or not, within int8 rounding of the float layer; each output row is the
+    same whatever the other rows (so a row's greedy text depends neither on the batch nor on
+    drafting)."""
     torch.manual_seed(0)
     linear = torch.nn.Linear(width, 48)
     layer = Int8Linear.from_linear(linear)
@@ -50,6 +52,9 @@ def test_int8_linear_is_close_to_the_float_layer(rows, width):
         got = layer(x)
         assert got.shape == expected.shape and got.dtype == x.dtype
         assert (got - expected).abs().max() <= 0.02 * expected.abs().max()
+    x = torch.randn(rows, width)
+    alone = torch.cat([layer(row[None]) for row in x])
+    assert torch.equal(layer(x), alone) if width % 16 == 0 else torch.allclose(layer(x), alone, atol=1e-5)
 
 
 def test_a_float_checkpoint_loads_quantized_and_saves_int8_weights(float_checkpoint, tokenizer, tmp_path):
