@@ -28,18 +28,22 @@ def test_parse_args_takes_training_arguments():
     assert training_args.remove_unused_columns is False and training_args.prediction_loss_only
 
 
-def test_time_budget_callback_stops_training():
-    from transformers import TrainerControl, TrainerState
+@pytest.mark.parametrize("save_strategy", ["steps", "no"])
+def test_time_budget_callback_stops_training(save_strategy, tmp_path):
+    """It stops at the budget, and saves there only when the run saves checkpoints at all."""
+    from transformers import TrainerControl, TrainerState, TrainingArguments
 
+    args = TrainingArguments(output_dir=str(tmp_path), save_strategy=save_strategy, report_to=[])
     state, control = TrainerState(), TrainerControl()
     state.global_step = 3
     patient = TimeBudgetCallback(max_seconds=3600)
-    patient.on_train_begin(None, state, control)
-    assert not patient.on_step_end(None, state, control).should_training_stop
+    patient.on_train_begin(args, state, control)
+    assert not patient.on_step_end(args, state, control).should_training_stop
     hasty = TimeBudgetCallback(max_seconds=0)
-    hasty.on_train_begin(None, state, control)
-    control = hasty.on_step_end(None, state, control)
-    assert control.should_training_stop and control.should_save and hasty.stopped_at_step == 3
+    hasty.on_train_begin(args, state, control)
+    control = hasty.on_step_end(args, state, control)
+    assert control.should_training_stop and hasty.stopped_at_step == 3
+    assert control.should_save == (save_strategy != "no")
 
 
 # ------------------------------------------------------------------------------ end to end
