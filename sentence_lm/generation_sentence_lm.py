@@ -103,7 +103,8 @@ class SentenceGenerationMixin(GenerationMixin):
         sentences. The rows of a batch advance independently (:mod:`.generation_runtime`): at
         every decoder step each unfinished row writes one token or ends its sentence, and the
         rows whose sentence ended take their backbone step together; no row waits for another's
-        longer sentence, and each row's greedy text is the one it gets alone. Without a cache
+        longer sentence, and each row's greedy text is the one it gets alone (in float32; in bfloat16
+        a near-tie may come out otherwise when other rows share its backbone steps). Without a cache
         (``use_cache=False``), or for a backbone attention other than ``eager`` and ``sdpa``, the
         reference loop runs instead: all rows write a sentence, then take one backbone step. ``max_new_tokens`` is an
         exact budget: a sentence is cut when it runs out. The end-of-sentence token is never
