@@ -542,10 +542,9 @@ def generate_rows(
                 pick, accepted = verify_draft(chosen, drafts[:, j], draft_probs[:, j] if do_sample else None)
             else:
                 pick, accepted = pick_next_token(chosen, do_sample), None
-            active = live
-            token = torch.where(active, pick, token)
-            is_eos = (pick == eos) & active
-            writes = active & ~is_eos
+            token = torch.where(live, pick, token)
+            is_eos = (pick == eos) & live
+            writes = live & ~is_eos
             column = torch.where(writes, count, max_new)
             written.scatter_(1, column[:, None], torch.where(writes, pick, -1)[:, None])
             if scores is not None:
@@ -574,7 +573,7 @@ def generate_rows(
             waiting |= finished & ~done
             if accepted is None:
                 break
-            live = active & accepted & ~finished
+            live = live & accepted & ~finished
             if not bool(live.any()):
                 break
         flags = torch.cat([waiting, done, wrote]).cpu()  # the pass's one synchronisation
@@ -635,14 +634,14 @@ def generate_rows(
             redraft = torch.nonzero(~host_done & (restart | ((position + draft_tokens).clamp(max=steps.width) > drafted_to)))
             if redraft.numel():
                 redraft = redraft.flatten()
-                chunk_logits = steps.draft_logits(redraft.to(device), at[redraft.to(device)])
+                rows = redraft.to(device)
+                chunk_logits = steps.draft_logits(rows, at[rows])
                 if do_sample:
-                    chunk_probs[redraft.to(device)] = chunk_logits.softmax(dim=-1)
-                    chunk[redraft.to(device)] = torch.multinomial(
-                        chunk_probs[redraft.to(device)].flatten(0, 1), 1
-                    ).view(redraft.numel(), -1)
+                    probs = chunk_logits.softmax(dim=-1)
+                    chunk_probs[rows] = probs
+                    chunk[rows] = torch.multinomial(probs.flatten(0, 1), 1).view(len(rows), -1)
                 else:
-                    chunk[redraft.to(device)] = chunk_logits.argmax(dim=-1)
+                    chunk[rows] = chunk_logits.argmax(dim=-1)
                 drafted_from[redraft] = position[redraft]
                 drafted_to[redraft] = (position[redraft] + steps.draft_chunk).clamp(max=steps.width)
             index = ((position - drafted_from)[:, None] + torch.arange(draft_tokens)).clamp(0, steps.draft_chunk - 1)

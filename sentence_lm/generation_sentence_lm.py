@@ -343,7 +343,7 @@ class SentenceGenerationMixin(GenerationMixin):
         if self.sentence_vae.parallel_readout is None:
             raise ValueError(
                 "draft_tokens needs a draft head, and this model's SentenceVAE has none (its parallel_readout_weight "
-                "is 0). Train one on the model with sentence_lm.drafting.train_draft_head (or "
+                "is 0). Train one on the model with sentence_lm.training_draft_head.train_draft_head (or "
                 "examples/train_draft_head.py), or generate with draft_tokens=0."
             )
         if runtime == "lockstep":

@@ -13,9 +13,9 @@ On a CPU the product runs on ``torch._weight_int8pack_mm`` (int8 weights, bfloat
 activations; for layers whose input width is a multiple of 16, which the kernel needs). Each row
 of its output is the same whatever the other rows, so a row's greedy text does not depend on the
 batch or on drafting. Measured on the 2-core EPYC for SmolLM2's output layer (49,152 x 576), two
-threads: 2.8 ms for 1 row (bfloat16: about 4 ms; float32: about 6), 5.8 ms for 8, 54 ms for
-64, slower than dequantizing for hundreds of rows (scoring long texts), which generation never
-feeds it. On other devices, and for other widths, the weight is dequantized into the
+threads: 2.3-2.8 ms for 1 row (bfloat16: 5.0-5.3 ms; float32: 11-12 ms), 5.8 ms for 8, 54 ms
+for 64, slower than dequantizing for hundreds of rows (scoring long texts), which generation
+never feeds it. On other devices, and for other widths, the weight is dequantized into the
 activations' dtype first. Inference only: the
 quantized layers do not train.
 """
@@ -129,9 +129,6 @@ def replace_linear_layers(model: nn.Module, skip: list[str]) -> list[str]:
 class Int8Quantize(ConversionOps):
     """Loading op: a float ``...weight`` of an `Int8Linear` becomes its int8 weight and scale."""
 
-    def __init__(self, quantizer: HfQuantizer):
-        self.quantizer = quantizer
-
     def convert(self, input_dict: dict, full_layer_name: str | None = None, **kwargs) -> dict:
         value = next(iter(input_dict.values()))
         value = value[0] if isinstance(value, list) else value
@@ -161,11 +158,11 @@ class Int8WeightOnlyQuantizer(HfQuantizer):
             del tied[key]
             if not self.pre_quantized:  # a float checkpoint holds no weights of its own for the layer
                 model._keys_to_ignore_on_load_missing.update({re.escape(key), re.escape(key) + "_scale"})
-        for module in model.modules():
+        for name, module in model.named_modules():
             tied = getattr(module, "_tied_weights_keys", None)
             if isinstance(tied, dict):
-                prefix = next((n + "." for n, m in model.named_modules() if m is module), "")
-                for key in [k for k in tied if (prefix + k).lstrip(".") in self.untied]:
+                prefix = f"{name}." if name else ""
+                for key in [k for k in tied if prefix + k in self.untied]:
                     del tied[key]
 
     def _process_model_after_weight_loading(self, model, **kwargs):
@@ -190,7 +187,7 @@ class Int8WeightOnlyQuantizer(HfQuantizer):
         return False
 
     def get_quantize_ops(self):
-        return Int8Quantize(self)
+        return Int8Quantize()
 
 
 # Registered once per process, even when both the package and a checkpoint's copy of this module load.

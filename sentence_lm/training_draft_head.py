@@ -13,6 +13,7 @@ stays frozen, so the model's own text and scores do not change.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import TrainingArguments
@@ -47,7 +48,7 @@ def draft_targets(model, texts, batch_size: int = 8, show_progress: bool = True)
     ended one), then ``-100``."""
     model.eval()
     vae = model.sentence_vae
-    eos, width = vae.config.eos_token_id, vae.config.max_sentence_len + 1
+    width = vae.config.max_sentence_len + 1
     collate = PaddingCollator(model.config.pad_token_id)
     examples = []
     for start in tqdm(range(0, len(texts), batch_size), desc="Draft targets", disable=not show_progress):
@@ -55,14 +56,11 @@ def draft_targets(model, texts, batch_size: int = 8, show_progress: bool = True)
         out = model.model(**{k: v.to(model.device) for k, v in batch.items()})
         states = out.last_hidden_state[out.slot_mask]
         written = vae.decode(states)
-        labels = torch.full((states.shape[0], width), -100, dtype=torch.long, device=states.device)
-        labels[:, : written.sequences.shape[1]] = torch.where(
-            torch.arange(written.sequences.shape[1], device=states.device) < written.lengths[:, None],
-            written.sequences,
-            -100,
-        )
-        rows = torch.nonzero(written.ended).squeeze(1)
-        labels[rows, written.lengths[rows]] = eos
+        mask = torch.arange(written.sequences.shape[1], device=states.device) < written.lengths[:, None]
+        labels = vae.reconstruction_targets(written.sequences, mask)
+        cut = torch.nonzero(~written.ended).squeeze(1)  # cut by the length budget: no end-of-sentence marker
+        labels[cut, written.lengths[cut]] = -100
+        labels = F.pad(labels, (0, width - labels.shape[1]), value=-100)
         examples += [{"states": s, "labels": t} for s, t in zip(states.float().cpu(), labels.cpu())]
     return examples
 
