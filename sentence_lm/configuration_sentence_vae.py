@@ -193,6 +193,13 @@ class SentenceVAEConfig(PreTrainedConfig):
             `m` vectors and each position attends over them with its own query, so positions can
             read different parts of the sentence vector (more conditioning, a little more work per
             token). The interface (one vector per sentence) is the same.
+        condition_inputs (`bool`, defaults to `False`):
+            Whether the Sentence Decoder also adds the sentence vector, through a
+            `Linear(hidden, hidden)`, to the input of every position (token and position
+            embeddings), before its first layer. Cross-attention alone reaches a position only
+            after that layer's self-attention, so a one-layer decoder's attention never sees the
+            sentence; with this, every layer (its self-attention included) works on positions
+            that already carry it. One product per sentence, one addition per token.
         bag_of_words_weight (`float`, defaults to 0.0):
             Weight of an auxiliary loss, a finite number >= 0, added to the reconstruction loss in
             training and evaluation: the sentence vector alone (through a `Linear(hidden, hidden)`
@@ -266,6 +273,7 @@ class SentenceVAEConfig(PreTrainedConfig):
     tie_word_embeddings: bool = True
     focal_gamma: float = 0.0
     num_memory_vectors: int = 1
+    condition_inputs: bool = False
     bag_of_words_weight: float = 0.0
     parallel_readout_weight: float = 0.0
     word_dropout: float = 0.0
@@ -307,7 +315,7 @@ class SentenceVAEConfig(PreTrainedConfig):
         if self.loss_chunk_size is not None:
             check_positive(self, "loss_chunk_size")
         check_real(self, "layer_norm_eps", "init_std", strict=True)
-        check_bool(self, "share_embeddings", "tie_word_embeddings", "gated_ffn")
+        check_bool(self, "share_embeddings", "tie_word_embeddings", "gated_ffn", "condition_inputs")
         for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < self.vocab_size:

@@ -287,6 +287,7 @@ class SentenceDecoder(nn.Module):
             if config.num_memory_vectors > 1
             else None
         )
+        self.input_proj = nn.Linear(config.hidden_size, config.hidden_size) if config.condition_inputs else None
         self.layers = nn.ModuleList(SentenceDecoderLayer(config, i) for i in range(config.num_decoder_layers))
         self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.dropout)
@@ -340,10 +341,14 @@ class SentenceDecoder(nn.Module):
         and position embeddings added) with a prepared boolean attention ``mask`` ``(n, 1, q, k)``
         (``None``: every key visible); ``memory``, ``cache`` and ``cross_states`` as in :meth:`forward`."""
         if cross_states is None:
+            if self.input_proj is not None:
+                hidden = hidden + self.input_proj(memory).unsqueeze(1)
             memory = self.memory(memory)
             for layer in self.layers:
                 hidden = layer(hidden, memory, mask, cache=cache)
         else:
+            if self.input_proj is not None:
+                hidden = hidden + cross_states[-1]
             for layer, cross in zip(self.layers, cross_states):
                 hidden = layer(hidden, None, mask, cache=cache, cross_states=cross)
         return self.layer_norm(hidden)
@@ -357,9 +362,13 @@ class SentenceDecoder(nn.Module):
 
     def cross_attention_states(self, sentence_vectors: torch.Tensor) -> list[torch.Tensor]:
         """Per-layer cross-attention states for sentence vectors ``(n, H)``, computed once per
-        sentence; see :meth:`SentenceDecoderLayer.cross_attention_state`."""
+        sentence (see :meth:`SentenceDecoderLayer.cross_attention_state`); with
+        ``condition_inputs``, followed by the ``(n, 1, H)`` term added to every input."""
         memory = self.memory(sentence_vectors)
-        return [layer.cross_attention_state(memory) for layer in self.layers]
+        states = [layer.cross_attention_state(memory) for layer in self.layers]
+        if self.input_proj is not None:
+            states.append(self.input_proj(sentence_vectors).unsqueeze(1))
+        return states
 
 
 class ParallelReadout(nn.Module):

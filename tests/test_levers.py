@@ -1,5 +1,5 @@
-"""The SentenceVAE's quality levers (issue 17): several memory vectors, the bag-of-words loss and
-word dropout; each against a reference written here, through save/load and through generation;
+"""The SentenceVAE's quality levers (issue 17): several memory vectors, the sentence vector added
+to the decoder's inputs, the bag-of-words loss and word dropout; each against a reference written here, through save/load and through generation;
 and benchmarks/levers.py (both stages) run for a few steps on a tiny Llama."""
 
 from __future__ import annotations
@@ -33,13 +33,17 @@ def packed(n: int = 6, width: int = 9, seed: int = 1) -> tuple[torch.Tensor, tor
 
 def reference_memory_logits(model: SentenceVAEModel, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Teacher-forced logits with the decoder's cross-attention written out: every position
-    attends over the m memory vectors with its own query (plain softmax attention)."""
+    attends over the m memory vectors with its own query (plain softmax attention); with
+    ``condition_inputs`` the vector's projection is added to every input first."""
     vectors = model.encode(ids, mask)
-    memory = model.decoder.memory_proj(vectors).view(len(ids), model.config.num_memory_vectors, -1)
+    m = model.config.num_memory_vectors
+    memory = model.decoder.memory_proj(vectors).view(len(ids), m, -1) if m > 1 else vectors[:, None]
     bos = torch.full_like(ids[:, :1], model.config.bos_token_id)
     inputs = torch.cat([bos, ids], dim=1)
     steps = inputs.shape[1]
     hidden = model.embed_tokens(inputs) + model.decoder.embed_positions.table(torch.arange(steps))
+    if model.config.condition_inputs:
+        hidden = hidden + model.decoder.input_proj(vectors)[:, None]
     heads = model.config.num_attention_heads
     split = lambda x: x.view(x.shape[0], x.shape[1], heads, -1).transpose(1, 2)  # noqa: E731
     causal = torch.ones(steps, steps, dtype=torch.bool).tril()
@@ -57,9 +61,14 @@ def reference_memory_logits(model: SentenceVAEModel, ids: torch.Tensor, mask: to
     return model.lm_head(model.decoder.layer_norm(hidden))
 
 
-def test_memory_vectors_match_a_written_out_cross_attention():
-    model = tiny_vae(num_memory_vectors=4, num_decoder_layers=2)
-    assert model.decoder.memory_proj.out_features == 4 * 32
+@pytest.mark.parametrize(
+    "fields", [dict(num_memory_vectors=4), dict(condition_inputs=True), dict(num_memory_vectors=4, condition_inputs=True)]
+)
+def test_memory_vectors_and_input_conditioning_match_a_written_out_decoder(fields):
+    model = tiny_vae(num_decoder_layers=2, **fields)
+    m = model.config.num_memory_vectors
+    assert (model.decoder.memory_proj is None) == (m == 1)
+    assert (model.decoder.input_proj is not None) == model.config.condition_inputs
     ids, mask = packed()
     with torch.no_grad():
         logits = model(ids, mask).logits
@@ -70,7 +79,9 @@ def test_memory_vectors_match_a_written_out_cross_attention():
     # position gives (the path of training with attention dropout).
     vectors = model.encode(ids, mask)
     cross = model.decoder.cross_attention_states(vectors)
-    assert [tuple(c.shape) for c in cross] == [(6, 4, 64)] * 2
+    layer_shape = (6, 4, 64) if m > 1 else (6, 1, 32)
+    inputs_shape = [(6, 1, 32)] if model.config.condition_inputs else []
+    assert [tuple(c.shape) for c in cross] == [layer_shape] * 2 + inputs_shape
     torch.testing.assert_close(model.teacher_forced_states(ids, mask, vectors), expected_states(model, ids, mask))
 
 
@@ -83,9 +94,9 @@ def expected_states(model, ids, mask):
     return model.decoder(model.embed_tokens(inputs), vectors, positions, key_mask)
 
 
-@pytest.mark.parametrize("memory_vectors", [1, 3])
-def test_greedy_decoding_with_and_without_cache_follows_the_teacher_forced_argmax(memory_vectors):
-    model = tiny_vae(num_memory_vectors=memory_vectors)
+@pytest.mark.parametrize("memory_vectors,condition_inputs", [(1, False), (3, False), (1, True)])
+def test_greedy_decoding_with_and_without_cache_follows_the_teacher_forced_argmax(memory_vectors, condition_inputs):
+    model = tiny_vae(num_memory_vectors=memory_vectors, condition_inputs=condition_inputs)
     ids, mask = packed()
     vectors = model.encode(ids, mask)
     cached = model.decode(vectors, max_new_tokens=8)
@@ -101,15 +112,16 @@ def test_greedy_decoding_with_and_without_cache_follows_the_teacher_forced_argma
         assert torch.equal(logits[row, :steps].argmax(-1), written[row, :steps])
 
 
-def test_memory_vectors_save_load_and_sentence_lm_generation(tokenizer, tmp_path):
-    model = tiny_sentence_opt(tokenizer, sentence_vae=dict(num_memory_vectors=3))
+@pytest.mark.parametrize("fields", [dict(num_memory_vectors=3), dict(condition_inputs=True)])
+def test_memory_vectors_save_load_and_sentence_lm_generation(tokenizer, tmp_path, fields):
+    model = tiny_sentence_opt(tokenizer, sentence_vae=fields)
     enc = encode(tokenizer, ["The cat sat on the mat. It was warm", "Once upon a time"])
     out = model.generate(**enc, max_new_tokens=20, do_sample=False)
     reference = model.generate(**enc, max_new_tokens=20, do_sample=False, use_cache=False)
     assert torch.equal(out, reference) and out.shape[1] > enc["input_ids"].shape[1]
     model.save_pretrained(tmp_path)
     loaded = type(model).from_pretrained(tmp_path).eval()
-    assert loaded.config.sentence_vae.num_memory_vectors == 3
+    assert all(getattr(loaded.config.sentence_vae, k) == v for k, v in fields.items())
     assert torch.equal(loaded.generate(**enc, max_new_tokens=20, do_sample=False), out)
 
 
@@ -189,6 +201,7 @@ def test_word_dropout_blanks_decoder_inputs_in_training_only():
         (dict(bag_of_words_weight=-1.0), "bag_of_words_weight"),
         (dict(bag_of_words_weight=float("nan")), "bag_of_words_weight"),
         (dict(parallel_readout_weight=-0.5), "parallel_readout_weight"),
+        (dict(condition_inputs=1), "condition_inputs"),
     ],
 )
 def test_bad_lever_values_are_refused_by_name(fields, message):
