@@ -165,6 +165,60 @@ def text_nll(model, dataset, batch_size: int = 16, show_progress: bool = True) -
     return {"nll_per_token": nll, "perplexity": math.exp(nll), "num_tokens": tokens, "num_texts": len(dataset)}
 
 
+@torch.no_grad()
+def conditioning_nll(model, dataset, batch_size: int = 16, seed: int = 0, show_progress: bool = True) -> dict:
+    """How much a SentenceLM's Sentence Decoder draws from what it is given: the teacher-forced NLL
+    per sentence target (every sentence token and its end-of-sentence token) of the texts in
+    ``dataset`` when each sentence is written from
+
+    * ``"predicted"``: the backbone's state of the slot before it (the model's own score);
+    * ``"mean"``: the mean of those states over every sentence of ``dataset`` (no context at all);
+    * ``"shuffled"``: the state predicted for another sentence, drawn at random (seeded);
+    * ``"own_vector"``: the sentence's own vector from the encoder (reconstruction, an oracle).
+
+    ``"mean"`` minus ``"predicted"`` is what the context (the prompt) is worth to the decoder in
+    nats per target; near 0, the model writes the same sentences whatever came before.
+
+    Returns ``{"predicted", "mean", "shuffled", "own_vector", "num_targets", "num_sentences"}``.
+    """
+    was_training = model.training
+    model.eval()
+    vae = model.sentence_vae
+    collate = PaddingCollator(model.config.pad_token_id)
+    device = next(model.parameters()).device
+    batches = []
+    for start in tqdm(range(0, len(dataset), batch_size), desc="Backbone states", disable=not show_progress):
+        batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+        out = model.model(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+        packed = out.packed
+        first_slot = out.last_hidden_state.shape[1] - 1 - packed.num_sentences
+        memory = out.last_hidden_state[packed.batch_index, first_slot[packed.batch_index] + packed.sentence_index]
+        batches.append((packed.input_ids, packed.attention_mask, memory, out.sentence_vectors))
+    predicted = torch.cat([b[2] for b in batches])
+    mean = predicted.mean(dim=0, keepdim=True)
+    generator = torch.Generator().manual_seed(seed)
+    shuffled = predicted[torch.randperm(len(predicted), generator=generator).to(device)]
+    totals = dict.fromkeys(("predicted", "mean", "shuffled", "own_vector"), 0.0)
+    targets_seen = 0
+    for ids, mask, memory, vectors in tqdm(batches, desc="Conditioning NLL", disable=not show_progress):
+        targets = vae.reconstruction_targets(ids, mask)
+        has_target = targets != -100
+        given = {
+            "predicted": memory,
+            "mean": mean.expand_as(memory),
+            "shuffled": shuffled[:len(memory)],
+            "own_vector": vectors,
+        }
+        shuffled = shuffled[len(memory):]
+        for name, states_from in given.items():
+            states = vae.teacher_forced_states(ids, mask, states_from.to(memory.dtype))
+            totals[name] += float(vae.output_nll(states[has_target], targets[has_target]).double().sum())
+        targets_seen += int(has_target.sum())
+    model.train(was_training)
+    result = {name: total / max(targets_seen, 1) for name, total in totals.items()}
+    return {**result, "num_targets": targets_seen, "num_sentences": len(predicted)}
+
+
 def build_sentence_opt(model_args: SentenceOPTArguments, train_texts: Sequence[str]):
     """The model and tokenizer to train: ``(SentenceLMForCausalLM, SentenceTokenizer)``."""
     from transformers import AutoModelForCausalLM

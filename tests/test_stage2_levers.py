@@ -4,6 +4,7 @@ through the stage-2 command line (`train_sentence_opt`)."""
 
 from __future__ import annotations
 
+import datasets
 import pytest
 import torch
 import torch.nn.functional as F
@@ -112,3 +113,51 @@ def test_command_line_levers(text_file, llama_dir, tmp_path):  # noqa: F811
     assert results["global_step"] == 3 and len(results["loss_curve"]) == 3
     with pytest.raises(ValueError, match="--distill_from backbone needs --backbone_name_or_path"):
         train_sentence_opt([*args[: args.index("--backbone_name_or_path")], "--distill_from", "backbone"])
+
+
+def test_conditioning_nll_splits_what_the_decoder_draws_from_the_context(tokenizer):
+    from helpers import tiny_sentence_opt
+
+    from sentence_lm.training_sentence_opt import conditioning_nll
+
+    model = tiny_sentence_opt(tokenizer)
+    texts = ["The cat sat on the mat. It was warm. The dog slept.", "Once upon a time. There was a king! He was old."]
+    dataset = tokenize_texts(
+        datasets.Dataset.from_dict({"text": texts}), tokenizer, 64, tokenizer.max_sentence_len, join_paragraphs=False
+    )
+    result = conditioning_nll(model, dataset, batch_size=2, show_progress=False)
+    # "predicted" is the model's own teacher-forced score of the sentences (its sentence_loss).
+    batch = PaddingCollator(model.config.pad_token_id)([dataset[i] for i in range(len(dataset))])
+    with torch.no_grad():
+        out = model(batch["input_ids"], attention_mask=batch["attention_mask"])
+    assert result["predicted"] == pytest.approx(float(out.sentence_loss), rel=1e-5)
+    assert result["num_sentences"] == 6
+    assert len({round(result[k], 4) for k in ("predicted", "mean", "shuffled", "own_vector")}) == 4
+    # A decoder that reads nothing of what it is given scores the same under every condition.
+    with torch.no_grad():
+        for layer in model.sentence_vae.decoder.layers:
+            layer.cross_attn.out_proj.weight.zero_()
+            layer.cross_attn.out_proj.bias.zero_()
+    deaf = conditioning_nll(model, dataset, batch_size=1, show_progress=False)
+    for key in ("mean", "shuffled", "own_vector"):
+        assert deaf[key] == pytest.approx(deaf["predicted"], rel=1e-5)
+
+
+def test_conditioning_script_scores_each_checkpoint(tokenizer, tmp_path):
+    import json
+
+    from helpers import load_script, tiny_sentence_opt
+
+    tiny_sentence_opt(tokenizer).save_pretrained(tmp_path / "a")
+    tiny_sentence_opt(tokenizer, seed=1).save_pretrained(tmp_path / "b")
+    valid = tmp_path / "valid.txt"
+    valid.write_text("The king had three sons. The youngest was a fool.\n\nOnce upon a time there was a miller. He was poor.")
+    script = load_script("benchmarks/conditioning.py")
+    results = script.main(["--sentence_lm", str(tmp_path / "a"), "--sentence_lm", str(tmp_path / "b"),
+                           "--validation_file", str(valid), "--json", str(tmp_path / "out.json")])  # fmt: skip
+    rows = results["rows"]
+    assert [row["sentence_lm"] for row in rows] == [str(tmp_path / "a"), str(tmp_path / "b")]
+    assert rows[0]["predicted"] != rows[1]["predicted"] and rows[0]["num_sentences"] >= 4
+    for row in rows:
+        assert row["context_gain"] == pytest.approx(row["mean"] - row["predicted"])
+    assert json.loads((tmp_path / "out.json").read_text())["rows"] == rows
