@@ -199,7 +199,8 @@ class SentenceVAEConfig(PreTrainedConfig):
             embeddings), before its first layer. Cross-attention alone reaches a position only
             after that layer's self-attention, so a one-layer decoder's attention never sees the
             sentence; with this, every layer (its self-attention included) works on positions
-            that already carry it. One product per sentence, one addition per token.
+            that already carry it. The `Linear` starts at zero (a new decoder starts as one without
+            it). One product per sentence, one addition per token.
         bag_of_words_weight (`float`, defaults to 0.0):
             Weight of an auxiliary loss, a finite number >= 0, added to the reconstruction loss in
             training and evaluation: the sentence vector alone (through a `Linear(hidden, hidden)`

@@ -288,6 +288,10 @@ class SentenceDecoder(nn.Module):
             else None
         )
         self.input_proj = nn.Linear(config.hidden_size, config.hidden_size) if config.condition_inputs else None
+        if self.input_proj is not None:
+            # The sentence vector (LayerNorm-ed, norm ~sqrt(hidden)) through a randomly initialised
+            # Linear would swamp the token embeddings it is added to: start from nothing added.
+            self.input_proj.starts_at_zero = True
         self.layers = nn.ModuleList(SentenceDecoderLayer(config, i) for i in range(config.num_decoder_layers))
         self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.dropout)
@@ -541,6 +545,9 @@ class SentenceVAEPreTrainedModel(SafeCheckpointMixin, PreTrainedModel):
         super()._init_weights(module)
         if isinstance(module, SentenceVAEModel):
             module.boundary_table.zero_()
+        if getattr(module, "starts_at_zero", False):
+            module.weight.zero_()
+            module.bias.zero_()
 
 
 class SentenceVAEModel(SentenceVAEPreTrainedModel):

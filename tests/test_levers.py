@@ -19,8 +19,24 @@ TINY = dict(vocab_size=97, hidden_size=32, num_attention_heads=4, ffn_dim=64, ma
 
 
 def tiny_vae(**fields) -> SentenceVAEModel:
+    """A tiny random SentenceVAE; with ``condition_inputs`` its input projection is random too
+    (it starts at zero), so that the tests see it."""
     torch.manual_seed(0)
-    return SentenceVAEModel(SentenceVAEConfig(**{**TINY, "init_std": 0.3, **fields})).eval()
+    model = SentenceVAEModel(SentenceVAEConfig(**{**TINY, "init_std": 0.3, **fields})).eval()
+    if model.decoder.input_proj is not None:
+        with torch.no_grad():
+            model.decoder.input_proj.weight.normal_(0, 0.3)
+    return model
+
+
+def test_input_conditioning_starts_as_a_decoder_without_it():
+    model = SentenceVAEModel(SentenceVAEConfig(**TINY, condition_inputs=True)).eval()
+    assert model.decoder.input_proj.weight.abs().max() == 0 == model.decoder.input_proj.bias.abs().max()
+    ids, mask = packed()
+    with torch.no_grad():
+        logits = model(ids, mask).logits
+        model.decoder.input_proj = None
+        assert torch.equal(model(ids, mask).logits, logits)
 
 
 def packed(n: int = 6, width: int = 9, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
