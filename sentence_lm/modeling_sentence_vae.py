@@ -289,9 +289,7 @@ class SentenceDecoder(nn.Module):
         )
         self.input_proj = nn.Linear(config.hidden_size, config.hidden_size) if config.condition_inputs else None
         if self.input_proj is not None:
-            # The sentence vector (LayerNorm-ed, norm ~sqrt(hidden)) through a randomly initialised
-            # Linear would swamp the token embeddings it is added to: start from nothing added.
-            self.input_proj.starts_at_zero = True
+            self.input_proj.starts_at_zero = True  # a new decoder starts as one without it
         self.layers = nn.ModuleList(SentenceDecoderLayer(config, i) for i in range(config.num_decoder_layers))
         self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.dropout)
@@ -346,7 +344,7 @@ class SentenceDecoder(nn.Module):
         (``None``: every key visible); ``memory``, ``cache`` and ``cross_states`` as in :meth:`forward`."""
         if cross_states is None:
             if self.input_proj is not None:
-                hidden = hidden + self.input_proj(memory).unsqueeze(1)
+                hidden = hidden + self.input_condition(memory)
             memory = self.memory(memory)
             for layer in self.layers:
                 hidden = layer(hidden, memory, mask, cache=cache)
@@ -371,8 +369,15 @@ class SentenceDecoder(nn.Module):
         memory = self.memory(sentence_vectors)
         states = [layer.cross_attention_state(memory) for layer in self.layers]
         if self.input_proj is not None:
-            states.append(self.input_proj(sentence_vectors).unsqueeze(1))
+            states.append(self.input_condition(sentence_vectors))
         return states
+
+    def input_condition(self, sentence_vectors: torch.Tensor) -> torch.Tensor:
+        """What ``condition_inputs`` adds to every input of a sentence, ``(n, 1, H)``. The vector
+        is scaled to norm ~1 first (a LayerNorm-ed one has norm ~sqrt(H)): Adam moves each weight
+        by about the learning rate per step, so the output would otherwise move sqrt(H) times as
+        fast as the token embeddings it is added to."""
+        return self.input_proj(sentence_vectors * sentence_vectors.shape[-1] ** -0.5).unsqueeze(1)
 
 
 class ParallelReadout(nn.Module):

@@ -59,7 +59,7 @@ def reference_memory_logits(model: SentenceVAEModel, ids: torch.Tensor, mask: to
     steps = inputs.shape[1]
     hidden = model.embed_tokens(inputs) + model.decoder.embed_positions.table(torch.arange(steps))
     if model.config.condition_inputs:
-        hidden = hidden + model.decoder.input_proj(vectors)[:, None]
+        hidden = hidden + model.decoder.input_proj(vectors / 32**0.5)[:, None]
     heads = model.config.num_attention_heads
     split = lambda x: x.view(x.shape[0], x.shape[1], heads, -1).transpose(1, 2)  # noqa: E731
     causal = torch.ones(steps, steps, dtype=torch.bool).tril()
