@@ -31,7 +31,7 @@ token model's first layers, see :mod:`sentence_lm.pretrained_layers`; compare it
 Stage 2: ``freeze_sentence_vae`` (``True``: the SentenceVAE stays fixed),
 ``freeze_backbone_steps`` (:class:`~sentence_lm.distillation.FrozenBackboneWarmup`),
 ``distill_weight`` and ``distill_temperature`` (distillation from the token model,
-:class:`~sentence_lm.distillation.DistillationTrainer`) and ``stop_loss_weight``.
+:class:`~sentence_lm.distillation.DistillationTrainer`), ``stop_loss_weight`` and ``next_vector_weight``.
 
 Examples (one CPU core per run)::
 
@@ -67,7 +67,7 @@ from sentence_lm.data import PaddingCollator, split_into_sentences, tokenize_tex
 from sentence_lm.distillation import DistillationTrainer, FrozenBackboneWarmup
 from sentence_lm.metrics import reconstruction_metrics
 from sentence_lm.trainer import SentenceVAETrainer, TimeBudgetCallback, show_time_budget
-from sentence_lm.training_sentence_opt import text_nll
+from sentence_lm.training_sentence_opt import conditioning_nll, text_nll
 from sentence_lm.training_sentence_vae import parse_overrides
 
 DEFAULT_VARIANTS = {
@@ -100,6 +100,7 @@ STAGE2_KEYS = {
     "distill_weight": float,
     "distill_temperature": float,
     "stop_loss_weight": float,
+    "next_vector_weight": float,
 }
 
 
@@ -212,7 +213,7 @@ def build_model(stage: int, variant: dict, args, token_model, raw_tokenizer, tok
         )
         model = built.sentence_vae
     else:
-        lm_fields = {"stop_loss_weight": training["stop_loss_weight"]} if "stop_loss_weight" in training else {}
+        lm_fields = {k: training[k] for k in ("stop_loss_weight", "next_vector_weight") if k in training}
         model = SentenceLMForCausalLM.from_pretrained_backbone(
             token_model, sentence_vae=SentenceVAEModel.from_pretrained(args.sentence_vae), tokenizer=tokenizer,
             **lm_fields,
@@ -247,6 +248,10 @@ def run_variant(stage: int, variant: dict, args, token_model, raw_tokenizer, tok
     trainer.train()
     model = trainer.accelerator.unwrap_model(trainer.model)
     final = score(model, data["selection"])
+    if stage == 2:  # what the decoder draws from the backbone (conditioning_nll), at the end only
+        context = conditioning_nll(model, data["selection"], show_progress=False)
+        final.update({f"{key}_nll": context[key] for key in ("predicted", "mean", "own_vector")})
+        final["context_gain"] = context["mean"] - context["predicted"]
     if args.save_dir:
         model.save_pretrained(Path(args.save_dir) / variant["name"])
         tokenizer.save_pretrained(Path(args.save_dir) / variant["name"])
@@ -261,7 +266,8 @@ def run_variant(stage: int, variant: dict, args, token_model, raw_tokenizer, tok
 
 def markdown(results: dict) -> str:
     stage = results["stage"]
-    scores = ("greedy acc", "teacher-forced acc", "exact", "NLL") if stage == 1 else ("NLL/token",)
+    scores = (("greedy acc", "teacher-forced acc", "exact", "NLL") if stage == 1
+              else ("NLL/token", "decoder NLL from the backbone", "from the mean state", "context gain"))
     lines = [
         "| variant | settings | steps | " + ("sentence tokens" if stage == 1 else "tokens") + " | " + " | ".join(scores) + " |",
         "|---" * (4 + len(scores)) + "|",
@@ -270,7 +276,7 @@ def markdown(results: dict) -> str:
         s = r["selection"]
         settings = ", ".join(f"{k}={v}" for k, v in {**r["config"], **r["training"]}.items())
         figures = ([s["greedy_accuracy"], s["teacher_forced_accuracy"], s["exact_match"], s["nll"]]
-                   if stage == 1 else [s["nll"]])
+                   if stage == 1 else [s["nll"], s["predicted_nll"], s["mean_nll"], s["context_gain"]])
         lines.append(f"| {r['name']} | {settings} | {r['steps']} | {r['tokens']:,} | "
                      + " | ".join(f"{v:.3f}" for v in figures) + " |")
     return "\n".join(lines)

@@ -96,6 +96,14 @@ class SentenceLMConfig(PreTrainedConfig):
             The token model the backbone was initialised from (Hub metadata of the model card).
         stop_loss_weight (`float`, defaults to 1.0):
             Weight of the stop head's loss in the training loss (reported NLLs always use 1).
+        next_vector_weight (`float`, defaults to 0.0):
+            Weight of an auxiliary loss, a finite number >= 0: a `Linear(hidden, hidden)`
+            (`next_vector_head`) reads the backbone's state before each sentence and must give the
+            Sentence Encoder's vector of that sentence (mean squared error per dimension; the
+            target is not trained by it). The token loss reaches the backbone only through what
+            the Sentence Decoder reads of its state; this gives the backbone a dense target for
+            what comes next. Added to `loss` (reported as `next_vector_loss`), never to the NLLs;
+            0 (the default) leaves it out (and the layer is not built).
         use_cache (`bool`, defaults to `True`):
             Whether generation keeps key/value caches.
         config_version (`int`, defaults to 2):
@@ -122,6 +130,7 @@ class SentenceLMConfig(PreTrainedConfig):
     backbone: PreTrainedConfig | dict | None = None
     base_model: str | None = None
     stop_loss_weight: float = 1.0
+    next_vector_weight: float = 0.0
     use_cache: bool = True
     tie_word_embeddings: bool = False
     config_version: int = CONFIG_VERSION
@@ -166,7 +175,7 @@ class SentenceLMConfig(PreTrainedConfig):
                 ffn_dim=backbone_ffn_dim(self.backbone),
             )
         super().__post_init__(**kwargs)
-        check_real(self, "stop_loss_weight")
+        check_real(self, "stop_loss_weight", "next_vector_weight")
         check_bool(self, "use_cache")
         if self.base_model is not None and not isinstance(self.base_model, str):
             raise ValueError(f"`base_model` must be a checkpoint name (a string) or None, got {self.base_model!r}.")

@@ -80,6 +80,9 @@ class SentenceLMCausalLMOutput(ModelOutput):
         sentence_loss: mean NLL per sentence token, end-of-sentence tokens included.
         end_loss: mean NLL per end-of-sentence token (one per sentence).
         stop_loss: mean NLL per stop decision (one per sentence plus one at the end of text).
+        next_vector_loss: with ``config.next_vector_weight > 0``, the mean squared error per
+            dimension of ``next_vector_head``'s prediction of each sentence's vector from the
+            backbone's state before it (in ``loss`` with that weight).
         nll: ``(batch,)`` total NLL of each text (sentence tokens, end-of-sentence tokens, stop
             decisions), in nats.
         num_tokens: ``(batch,)`` original tokens of each text (BOS and padding excluded).
@@ -96,6 +99,7 @@ class SentenceLMCausalLMOutput(ModelOutput):
     sentence_loss: torch.Tensor | None = None
     end_loss: torch.Tensor | None = None
     stop_loss: torch.Tensor | None = None
+    next_vector_loss: torch.Tensor | None = None
     nll: torch.Tensor | None = None
     num_tokens: torch.Tensor | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
@@ -324,6 +328,9 @@ class SentenceLMForCausalLM(SentenceLMPreTrainedModel, SentenceGenerationMixin):
         super().__init__(config)
         self.model = self.base_model_class(config)
         self.stop_head = nn.Linear(config.hidden_size, 2)
+        self.next_vector_head = (
+            nn.Linear(config.hidden_size, config.hidden_size) if config.next_vector_weight > 0 else None
+        )
         self.post_init()
         self.generation_config.update(
             bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
@@ -500,6 +507,11 @@ class SentenceLMForCausalLM(SentenceLMPreTrainedModel, SentenceGenerationMixin):
         if num_items_in_batch is not None:
             items = num_items_in_batch
         loss = (sentence_sum + self.config.stop_loss_weight * stop_sum) / items
+        next_vector_loss = None
+        if self.next_vector_head is not None:
+            predicted = self.next_vector_head(memory).float()
+            next_vector_loss = F.mse_loss(predicted, out.sentence_vectors.detach().float())
+            loss = loss + self.config.next_vector_weight * next_vector_loss
         logits = lm_loss = None
         if keep is not None:
             step_index = has_target.long().flatten().cumsum(0).view(has_target.shape) - 1
@@ -519,6 +531,7 @@ class SentenceLMForCausalLM(SentenceLMPreTrainedModel, SentenceGenerationMixin):
             sentence_loss=sentence_nll.sum() / has_target.sum(),
             end_loss=token_nll[torch.arange(len(packed.lengths), device=token_nll.device), packed.lengths].mean(),
             stop_loss=stop_nll.sum() / slot_mask.sum(),
+            next_vector_loss=next_vector_loss,
             nll=nll,
             num_tokens=num_tokens,
             hidden_states=out.hidden_states,

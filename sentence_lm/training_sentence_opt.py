@@ -108,6 +108,11 @@ class SentenceOPTArguments:
         metadata={"help": "Compute the loss over the vocabulary this many rows at a time (less memory, a little slower)."},
     )
     stop_loss_weight: float | None = field(default=None, metadata={"help": "Weight of the stop head's loss."})
+    next_vector_weight: float | None = field(
+        default=None,
+        metadata={"help": "Weight of the auxiliary loss that predicts each sentence's vector from the backbone's "
+                  "state before it (SentenceLMConfig.next_vector_weight)."},
+    )
     freeze_backbone_steps: int = field(
         default=0,
         metadata={"help": "Keep the backbone fixed for this many optimizer steps first (the SentenceVAE, start "
@@ -229,7 +234,11 @@ def build_sentence_opt(model_args: SentenceOPTArguments, train_texts: Sequence[s
     from .modeling_sentence_vae import SentenceVAEModel
     from .tokenization_sentence_lm import SentenceTokenizer, train_sentence_tokenizer
 
-    overrides = {} if model_args.stop_loss_weight is None else {"stop_loss_weight": model_args.stop_loss_weight}
+    overrides = {
+        name: getattr(model_args, name)
+        for name in ("stop_loss_weight", "next_vector_weight")
+        if getattr(model_args, name) is not None
+    }
     if model_args.model_name_or_path is not None:
         model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path)
         tokenizer = SentenceTokenizer.from_pretrained(model_args.model_name_or_path)
