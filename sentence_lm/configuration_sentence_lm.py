@@ -97,13 +97,13 @@ class SentenceLMConfig(PreTrainedConfig):
         stop_loss_weight (`float`, defaults to 1.0):
             Weight of the stop head's loss in the training loss (reported NLLs always use 1).
         next_vector_weight (`float`, defaults to 0.0):
-            Weight of an auxiliary loss, a finite number >= 0: a `Linear(hidden, hidden)`
-            (`next_vector_head`) reads the backbone's state before each sentence and must give the
-            Sentence Encoder's vector of that sentence (mean squared error per dimension; the
-            target is not trained by it). The token loss reaches the backbone only through what
-            the Sentence Decoder reads of its state; this gives the backbone a dense target for
-            what comes next. Added to `loss` (reported as `next_vector_loss`), never to the NLLs;
-            0 (the default) leaves it out (and the layer is not built).
+            Weight of an auxiliary loss, a finite number >= 0: the backbone's state before each
+            sentence (what the Sentence Decoder writes the sentence from) must be the Sentence
+            Encoder's vector of that sentence (mean squared error per dimension; the target is not
+            trained by it), which the decoder learned to read in stage 1. The token loss reaches
+            the backbone only through what the decoder reads of its state; this gives it a dense
+            target in the space the decoder reads. Added to `loss` (reported as
+            `next_vector_loss`), never to the NLLs; 0 (the default) leaves it out.
         use_cache (`bool`, defaults to `True`):
             Whether generation keeps key/value caches.
         config_version (`int`, defaults to 2):

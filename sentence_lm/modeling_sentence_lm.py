@@ -81,8 +81,8 @@ class SentenceLMCausalLMOutput(ModelOutput):
         end_loss: mean NLL per end-of-sentence token (one per sentence).
         stop_loss: mean NLL per stop decision (one per sentence plus one at the end of text).
         next_vector_loss: with ``config.next_vector_weight > 0``, the mean squared error per
-            dimension of ``next_vector_head``'s prediction of each sentence's vector from the
-            backbone's state before it (in ``loss`` with that weight).
+            dimension between the backbone's state before each sentence (what the Sentence Decoder
+            reads) and that sentence's vector from the encoder (in ``loss`` with that weight).
         nll: ``(batch,)`` total NLL of each text (sentence tokens, end-of-sentence tokens, stop
             decisions), in nats.
         num_tokens: ``(batch,)`` original tokens of each text (BOS and padding excluded).
@@ -328,9 +328,6 @@ class SentenceLMForCausalLM(SentenceLMPreTrainedModel, SentenceGenerationMixin):
         super().__init__(config)
         self.model = self.base_model_class(config)
         self.stop_head = nn.Linear(config.hidden_size, 2)
-        self.next_vector_head = (
-            nn.Linear(config.hidden_size, config.hidden_size) if config.next_vector_weight > 0 else None
-        )
         self.post_init()
         self.generation_config.update(
             bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id
@@ -508,9 +505,8 @@ class SentenceLMForCausalLM(SentenceLMPreTrainedModel, SentenceGenerationMixin):
             items = num_items_in_batch
         loss = (sentence_sum + self.config.stop_loss_weight * stop_sum) / items
         next_vector_loss = None
-        if self.next_vector_head is not None:
-            predicted = self.next_vector_head(memory).float()
-            next_vector_loss = F.mse_loss(predicted, out.sentence_vectors.detach().float())
+        if self.config.next_vector_weight > 0:
+            next_vector_loss = F.mse_loss(memory.float(), out.sentence_vectors.detach().float())
             loss = loss + self.config.next_vector_weight * next_vector_loss
         logits = lm_loss = None
         if keep is not None:
