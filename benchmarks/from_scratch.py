@@ -10,7 +10,8 @@ trained with the Trainer and the causal-LM collator. The SentenceLM spends ``--s
 its minutes on stage 1 (its SentenceVAE on the training sentences) and the rest on stage 2 (the
 whole model, SentenceVAE included, on the blocks).
 
-Both are scored on the same blocks of WikiText-2 raw valid (the first ``--eval_tokens`` tokens) in
+Both are scored on the same blocks of WikiText-2 raw valid, detokenised as the training text is
+(the first ``--eval_tokens`` tokens), in
 NLL per token: the token model's NLL of every token after the BOS, the SentenceLM's whole-text NLL
 (tokens, sentence ends and stop decisions) over the same tokens
 (:func:`~sentence_lm.training_sentence_opt.text_nll`). During training both are scored every
@@ -184,6 +185,18 @@ def parse_args(argv=None):
     return args
 
 
+def text_paragraphs(path: Path) -> list[str]:
+    """A file's paragraphs, detokenised when it holds WikiText markup (training and validation
+    text alike: a validation text left in WikiText's layout, `` @-@ `` and spaced punctuation,
+    costs both models tokens they never saw in training)."""
+    from sentence_lm_from_smollm2 import has_wikitext_markup
+
+    text = path.read_text(encoding="utf-8")
+    if has_wikitext_markup(text):
+        return wikitext_paragraphs(path)
+    return [p.strip() for p in text.split("\n\n") if p.strip()]
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.threads:
@@ -192,9 +205,9 @@ def main(argv=None) -> dict:
     from sentence_lm_from_smollm2 import first_tokens
 
     began = time.perf_counter()
-    paragraphs = wikitext_paragraphs(Path(args.train_file))[: args.train_paragraphs]
+    paragraphs = text_paragraphs(Path(args.train_file))[: args.train_paragraphs]
     tokenizer = train_sentence_tokenizer(paragraphs, vocab_size=args.vocab_size, max_sentence_len=args.max_sentence_len)
-    valid = [p.strip() for p in Path(args.validation_file).read_text(encoding="utf-8").split("\n\n") if p.strip()]
+    valid = text_paragraphs(Path(args.validation_file))
     blocks = {
         "train": blocks_of(paragraphs, tokenizer, args.block_size, args.max_sentence_len, "training text"),
         "valid": blocks_of(valid, tokenizer, args.block_size, args.max_sentence_len, "validation text"),

@@ -288,7 +288,11 @@ def test_from_scratch_comparison_runs_and_fits_its_curves(tmp_path):
     script = load_script("benchmarks/from_scratch.py")
     paragraphs = [p for p in default_corpus() if p.strip()]
     (tmp_path / "train.txt").write_text(_wikitext_like(paragraphs[:-15]), encoding="utf-8")
-    (tmp_path / "valid.txt").write_text("\n\n".join(paragraphs[-15:]), encoding="utf-8")
+    (tmp_path / "valid.txt").write_text(_wikitext_like(paragraphs[-15:]), encoding="utf-8")
+    valid = script.text_paragraphs(tmp_path / "valid.txt")  # scored as the training text is read: detokenised
+    assert valid[0] == "= A Title =" and not any("@-@" in p or " ." in p for p in valid)
+    (tmp_path / "plain.txt").write_text("One. Two - three.\n\nFour.", encoding="utf-8")
+    assert script.text_paragraphs(tmp_path / "plain.txt") == ["One. Two - three.", "Four."]
     results = script.main([
         "--train_file", str(tmp_path / "train.txt"), "--validation_file", str(tmp_path / "valid.txt"),
         "--minutes", "0.04", "--curve_minutes", "0.01", "--eval_tokens", "400", "--curve_tokens", "100",
