@@ -10,9 +10,7 @@ sentence's own encoder vector (`sentence_lm.training_sentence_opt.conditioning_n
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -40,8 +38,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> dict:
-    from bench_generate import machine_info
-    from quantized_nll import validation_blocks
+    from quantized_nll import validation_blocks, write_record
 
     args = parse_args(argv)
     if args.threads:
@@ -53,20 +50,9 @@ def main(argv=None) -> dict:
         model = AutoModelForCausalLM.from_pretrained(path).eval()
         blocks = validation_blocks(args, tokenizer, model.config.sentence_vae.max_sentence_len)
         row = {"sentence_lm": path, **conditioning_nll(model, blocks, args.batch_size)}
-        row["context_gain"] = row["mean"] - row["predicted"]
         rows.append(row)
         print(json.dumps(row), flush=True)
-    results = {
-        "command": shlex.join(["python", "benchmarks/conditioning.py", *(sys.argv[1:] if argv is None else argv)]),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine_info(torch.device("cpu")),
-        "threads": torch.get_num_threads(),
-        "rows": rows,
-        "wall_seconds": round(time.perf_counter() - began, 1),
-    }
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
-    return results
+    return write_record("benchmarks/conditioning.py", argv, began, args.json, rows)
 
 
 if __name__ == "__main__":

@@ -65,7 +65,6 @@ def validation_blocks(args, tokenizer, max_sentence_len: int):
 
 
 def main(argv=None) -> dict:
-    from bench_generate import machine_info
     from sentence_lm_from_smollm2 import context_id_of, token_nll
 
     args = parse_args(argv)
@@ -92,17 +91,26 @@ def main(argv=None) -> dict:
         for key in ("sentence_lm_nll", "token_nll"):
             if key in row:
                 row[key.removesuffix("_nll") + "_change"] = row[key] - rows[0][key]
+    return write_record("benchmarks/quantized_nll.py", argv, began, args.json, rows,
+                        eval_tokens=sum(blocks["length"]) - len(blocks))
+
+
+def write_record(script: str, argv, began: float, json_path: str | None, rows: list, **extra) -> dict:
+    """A scoring script's record (command, date, machine, threads, ``extra``, rows, wall time),
+    written to ``json_path`` when given."""
+    from bench_generate import machine_info
+
     results = {
-        "command": shlex.join(["python", "benchmarks/quantized_nll.py", *(sys.argv[1:] if argv is None else argv)]),
+        "command": shlex.join(["python", script, *(sys.argv[1:] if argv is None else argv)]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine_info(torch.device("cpu")),
         "threads": torch.get_num_threads(),
-        "eval_tokens": sum(blocks["length"]) - len(blocks),
+        **extra,
         "rows": rows,
         "wall_seconds": round(time.perf_counter() - began, 1),
     }
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
+    if json_path:
+        Path(json_path).write_text(json.dumps(results, indent=1))
     return results
 
 

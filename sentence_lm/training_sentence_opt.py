@@ -184,7 +184,8 @@ def conditioning_nll(model, dataset, batch_size: int = 16, seed: int = 0, show_p
     ``"mean"`` minus ``"predicted"`` is what the context (the prompt) is worth to the decoder in
     nats per target; near 0, the model writes the same sentences whatever came before.
 
-    Returns ``{"predicted", "mean", "shuffled", "own_vector", "num_targets", "num_sentences"}``.
+    Returns ``{"predicted", "mean", "shuffled", "own_vector", "context_gain", "num_targets",
+    "num_sentences"}``.
     """
     was_training = model.training
     model.eval()
@@ -221,6 +222,7 @@ def conditioning_nll(model, dataset, batch_size: int = 16, seed: int = 0, show_p
         targets_seen += int(has_target.sum())
     model.train(was_training)
     result = {name: total / max(targets_seen, 1) for name, total in totals.items()}
+    result["context_gain"] = result["mean"] - result["predicted"]
     return {**result, "num_targets": targets_seen, "num_sentences": len(predicted)}
 
 

@@ -132,6 +132,7 @@ def test_conditioning_nll_splits_what_the_decoder_draws_from_the_context(tokeniz
         out = model(batch["input_ids"], attention_mask=batch["attention_mask"])
     assert result["predicted"] == pytest.approx(float(out.sentence_loss), rel=1e-5)
     assert result["num_sentences"] == 6
+    assert result["context_gain"] == pytest.approx(result["mean"] - result["predicted"])
     assert len({round(result[k], 4) for k in ("predicted", "mean", "shuffled", "own_vector")}) == 4
     # A decoder that reads nothing of what it is given scores the same under every condition.
     with torch.no_grad():
