@@ -195,8 +195,8 @@ class SentenceVAEConfig(PreTrainedConfig):
             token). The interface (one vector per sentence) is the same.
         condition_inputs (`bool`, defaults to `False`):
             Whether the Sentence Decoder also adds the sentence vector, scaled by
-            `hidden ** -0.5` and through a `Linear(hidden, hidden)`, to the input of every position (token and position
-            embeddings), before its first layer. Cross-attention alone reaches a position only
+            `hidden ** -0.5` and through a `Linear(hidden, hidden)`, to the input of every
+            position (token and position embeddings), before its first layer. Cross-attention alone reaches a position only
             after that layer's self-attention, so a one-layer decoder's attention never sees the
             sentence; with this, every layer (its self-attention included) works on positions
             that already carry it. The `Linear` starts at zero (a new decoder starts as one without

@@ -465,8 +465,7 @@ class SentenceLMForCausalLM(SentenceLMPreTrainedModel, SentenceGenerationMixin):
         slots = hidden.shape[1]
         first_slot = slots - 1 - packed.num_sentences
 
-        # Sentence i of a text is written from the state of the slot before it.
-        memory = hidden[packed.batch_index, first_slot[packed.batch_index] + packed.sentence_index]
+        memory = states_before_sentences(hidden, packed)
         # The output layer runs only on the decoder steps that have a target (no padding).
         mask = packed.attention_mask
         states = self.sentence_vae.teacher_forced_states(packed.input_ids, mask, memory)
@@ -830,6 +829,14 @@ class SentenceLMForCausalLM(SentenceLMPreTrainedModel, SentenceGenerationMixin):
             )
         self.sentence_vae.set_boundary_table(tokenizer)
         self.tokenizer = tokenizer
+
+
+def states_before_sentences(hidden: torch.Tensor, packed) -> torch.Tensor:
+    """The backbone state each packed sentence is written from, ``(num_sentences, hidden)``: the
+    state of the slot before it, from left-padded slot states ``hidden`` ``(batch, slots, hidden)``
+    (:meth:`SentenceLMModel.slot_inputs`' layout)."""
+    first_slot = hidden.shape[1] - 1 - packed.num_sentences
+    return hidden[packed.batch_index, first_slot[packed.batch_index] + packed.sentence_index]
 
 
 def _packed_texts(position_ids: torch.Tensor, mask: torch.Tensor):

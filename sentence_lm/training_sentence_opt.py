@@ -187,6 +187,8 @@ def conditioning_nll(model, dataset, batch_size: int = 16, seed: int = 0, show_p
     Returns ``{"predicted", "mean", "shuffled", "own_vector", "context_gain", "num_targets",
     "num_sentences"}``.
     """
+    from .modeling_sentence_lm import states_before_sentences
+
     was_training = model.training
     model.eval()
     vae = model.sentence_vae
@@ -196,10 +198,8 @@ def conditioning_nll(model, dataset, batch_size: int = 16, seed: int = 0, show_p
     for start in tqdm(range(0, len(dataset), batch_size), desc="Backbone states", disable=not show_progress):
         batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
         out = model.model(batch["input_ids"].to(device), batch["attention_mask"].to(device))
-        packed = out.packed
-        first_slot = out.last_hidden_state.shape[1] - 1 - packed.num_sentences
-        memory = out.last_hidden_state[packed.batch_index, first_slot[packed.batch_index] + packed.sentence_index]
-        batches.append((packed.input_ids, packed.attention_mask, memory, out.sentence_vectors))
+        memory = states_before_sentences(out.last_hidden_state, out.packed)
+        batches.append((out.packed.input_ids, out.packed.attention_mask, memory, out.sentence_vectors))
     predicted = torch.cat([b[2] for b in batches])
     mean = predicted.mean(dim=0, keepdim=True)
     generator = torch.Generator().manual_seed(seed)
