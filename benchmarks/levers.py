@@ -31,7 +31,8 @@ token model's first layers, see :mod:`sentence_lm.pretrained_layers`; compare it
 Stage 2: ``freeze_sentence_vae`` (``True``: the SentenceVAE stays fixed),
 ``freeze_backbone_steps`` (:class:`~sentence_lm.distillation.FrozenBackboneWarmup`),
 ``distill_weight`` and ``distill_temperature`` (distillation from the token model,
-:class:`~sentence_lm.distillation.DistillationTrainer`), ``stop_loss_weight`` and ``next_vector_weight``.
+:class:`~sentence_lm.distillation.DistillationTrainer`), ``stop_loss_weight``, ``next_vector_weight`` and
+``next_vector_objective``.
 
 Examples (one CPU core per run)::
 
@@ -101,7 +102,11 @@ STAGE2_KEYS = {
     "distill_temperature": float,
     "stop_loss_weight": float,
     "next_vector_weight": float,
+    "next_vector_objective": str,
 }
+
+LM_FIELDS = ("stop_loss_weight", "next_vector_weight", "next_vector_objective")
+"""STAGE2_KEYS that are SentenceLMConfig fields."""
 
 
 def parse_variants(spec: str, stage: int, lr: float, batch: int) -> list[dict]:
@@ -213,7 +218,7 @@ def build_model(stage: int, variant: dict, args, token_model, raw_tokenizer, tok
         )
         model = built.sentence_vae
     else:
-        lm_fields = {k: training[k] for k in ("stop_loss_weight", "next_vector_weight") if k in training}
+        lm_fields = {k: training[k] for k in LM_FIELDS if k in training}
         model = SentenceLMForCausalLM.from_pretrained_backbone(
             token_model, sentence_vae=SentenceVAEModel.from_pretrained(args.sentence_vae), tokenizer=tokenizer,
             **lm_fields,

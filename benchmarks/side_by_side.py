@@ -91,7 +91,7 @@ def cell(text: str) -> str:
     return " ".join(text.split()).replace("|", "\\|") or "(nothing)"
 
 
-def main(argv: list[str] | None = None) -> str:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="The SentenceLM directory.")
     parser.add_argument("--label", default="SentenceLM", help="The SentenceLM's name in the tables.")
@@ -102,8 +102,11 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--new_tokens", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True, help="Markdown file to write.")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
+
+def main(argv: list[str] | None = None) -> str:
+    args = parse_args(argv)
     prompts = prompts_from(args.text, args.num_prompts, args.min_words)
     sentence_lm = AutoModelForCausalLM.from_pretrained(args.checkpoint).eval()
     models = [(args.label, sentence_lm, AutoTokenizer.from_pretrained(args.checkpoint))]

@@ -9,6 +9,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from .configuration_sentence_vae import (
     SentenceVAEConfig,
     check_bool,
+    check_choice,
     check_config_version,
     check_real,
     keep_extra_keys,
@@ -19,6 +20,10 @@ from .configuration_sentence_vae import (
 CONFIG_VERSION = 2
 """Format of `SentenceLMConfig`: 2 nests the backbone's own config (release 0.1.0 wrote flat OPT
 fields, version 1; `SentenceOPTConfig` still reads those)."""
+
+NEXT_VECTOR_OBJECTIVES = ("mse", "contrastive")
+NEXT_VECTOR_TEMPERATURE = 0.1
+"""Temperature of the contrastive next-vector loss (cosine similarities in [-1, 1] / 0.1)."""
 
 _DERIVED_KEYS = ("vocab_size", "pad_token_id", "bos_token_id", "eos_token_id")
 
@@ -104,6 +109,15 @@ class SentenceLMConfig(PreTrainedConfig):
             the backbone only through what the decoder reads of its state; this gives it a dense
             target in the space the decoder reads. Added to `loss` (reported as
             `next_vector_loss`), never to the NLLs; 0 (the default) leaves it out.
+        next_vector_objective (`str`, defaults to `"mse"`):
+            The form of that auxiliary loss. `"mse"`: the mean squared error above, which pulls the
+            state towards the mean of the sentences that may follow (the decoder reads the mean as
+            the most generic sentence). `"contrastive"`: InfoNCE over the batch's sentences, which
+            makes the state pick out its own next sentence among the others: cross-entropy of
+            the cosine similarities between each state and every sentence vector of the batch,
+            divided by a temperature of `NEXT_VECTOR_TEMPERATURE` (0.1), with the true next
+            sentence as the target. It rewards a state that carries what sets its sentence apart
+            (the context) rather than what all sentences share.
         use_cache (`bool`, defaults to `True`):
             Whether generation keeps key/value caches.
         config_version (`int`, defaults to 2):
@@ -131,6 +145,7 @@ class SentenceLMConfig(PreTrainedConfig):
     base_model: str | None = None
     stop_loss_weight: float = 1.0
     next_vector_weight: float = 0.0
+    next_vector_objective: str = "mse"
     use_cache: bool = True
     tie_word_embeddings: bool = False
     config_version: int = CONFIG_VERSION
@@ -176,6 +191,7 @@ class SentenceLMConfig(PreTrainedConfig):
             )
         super().__post_init__(**kwargs)
         check_real(self, "stop_loss_weight", "next_vector_weight")
+        check_choice("next_vector_objective", self.next_vector_objective, NEXT_VECTOR_OBJECTIVES)
         check_bool(self, "use_cache")
         if self.base_model is not None and not isinstance(self.base_model, str):
             raise ValueError(f"`base_model` must be a checkpoint name (a string) or None, got {self.base_model!r}.")

@@ -18,7 +18,7 @@ from transformers import AutoModel, Cache, DynamicCache, PreTrainedConfig, PreTr
 from transformers.utils import ModelOutput, logging
 
 from .checkpointing import SafeCheckpointMixin
-from .configuration_sentence_lm import SentenceLMConfig, backbone_ffn_dim, backbone_width
+from .configuration_sentence_lm import NEXT_VECTOR_TEMPERATURE, SentenceLMConfig, backbone_ffn_dim, backbone_width
 from .configuration_sentence_vae import SentenceVAEConfig
 from .generation_runtime import CONTINUE, STOP
 from .generation_sentence_lm import SentenceGenerationMixin
@@ -80,9 +80,11 @@ class SentenceLMCausalLMOutput(ModelOutput):
         sentence_loss: mean NLL per sentence token, end-of-sentence tokens included.
         end_loss: mean NLL per end-of-sentence token (one per sentence).
         stop_loss: mean NLL per stop decision (one per sentence plus one at the end of text).
-        next_vector_loss: with ``config.next_vector_weight > 0``, the mean squared error per
-            dimension between the backbone's state before each sentence (what the Sentence Decoder
-            reads) and that sentence's vector from the encoder (in ``loss`` with that weight).
+        next_vector_loss: with ``config.next_vector_weight > 0``, the auxiliary loss between the
+            backbone's state before each sentence (what the Sentence Decoder reads) and that
+            sentence's vector from the encoder (in ``loss`` with that weight): the mean squared
+            error per dimension, or InfoNCE over the batch's sentences
+            (``config.next_vector_objective``, see [`next_vector_loss_of`]).
         nll: ``(batch,)`` total NLL of each text (sentence tokens, end-of-sentence tokens, stop
             decisions), in nats.
         num_tokens: ``(batch,)`` original tokens of each text (BOS and padding excluded).
@@ -505,7 +507,9 @@ class SentenceLMForCausalLM(SentenceLMPreTrainedModel, SentenceGenerationMixin):
         loss = (sentence_sum + self.config.stop_loss_weight * stop_sum) / items
         next_vector_loss = None
         if self.config.next_vector_weight > 0:
-            next_vector_loss = F.mse_loss(memory.float(), out.sentence_vectors.detach().float())
+            next_vector_loss = next_vector_loss_of(
+                memory.float(), out.sentence_vectors.detach().float(), self.config.next_vector_objective
+            )
             loss = loss + self.config.next_vector_weight * next_vector_loss
         logits = lm_loss = None
         if keep is not None:
@@ -829,6 +833,19 @@ class SentenceLMForCausalLM(SentenceLMPreTrainedModel, SentenceGenerationMixin):
             )
         self.sentence_vae.set_boundary_table(tokenizer)
         self.tokenizer = tokenizer
+
+
+def next_vector_loss_of(states: torch.Tensor, vectors: torch.Tensor, objective: str) -> torch.Tensor:
+    """The auxiliary next-vector loss of ``states`` ``(n, hidden)`` (the backbone's state
+    before each sentence) against ``vectors`` ``(n, hidden)`` (those sentences' encoder
+    vectors): ``"mse"``, the mean squared error per dimension; ``"contrastive"``, the mean
+    cross-entropy of ``cos(states[i], vectors[j]) / NEXT_VECTOR_TEMPERATURE`` over ``j`` with
+    target ``i`` (every other sentence of the batch is a negative)."""
+    if objective == "mse":
+        return F.mse_loss(states, vectors)
+    similarity = F.normalize(states, dim=-1) @ F.normalize(vectors, dim=-1).T
+    targets = torch.arange(len(states), device=states.device)
+    return F.cross_entropy(similarity / NEXT_VECTOR_TEMPERATURE, targets)
 
 
 def states_before_sentences(hidden: torch.Tensor, packed) -> torch.Tensor:

@@ -113,6 +113,11 @@ class SentenceOPTArguments:
         metadata={"help": "Weight of the auxiliary loss that predicts each sentence's vector from the backbone's "
                   "state before it (SentenceLMConfig.next_vector_weight)."},
     )
+    next_vector_objective: str | None = field(
+        default=None,
+        metadata={"help": "Form of that loss: mse (the default) or contrastive (InfoNCE over the batch's sentences; "
+                  "SentenceLMConfig.next_vector_objective).", "choices": ["mse", "contrastive"]},
+    )
     freeze_backbone_steps: int = field(
         default=0,
         metadata={"help": "Keep the backbone fixed for this many optimizer steps first (the SentenceVAE, start "
@@ -238,7 +243,7 @@ def build_sentence_opt(model_args: SentenceOPTArguments, train_texts: Sequence[s
 
     overrides = {
         name: getattr(model_args, name)
-        for name in ("stop_loss_weight", "next_vector_weight")
+        for name in ("stop_loss_weight", "next_vector_weight", "next_vector_objective")
         if getattr(model_args, name) is not None
     }
     if model_args.model_name_or_path is not None:

@@ -263,11 +263,12 @@ def test_levers_benchmark_runs_both_stages_on_a_tiny_llama(tokenizer, tmp_path):
         *common, "--stage", "2", "--sentence_vae", str(tmp_path / "vaes" / "levers"), "--selection_tokens", "200",
         "--curve_tokens", "60", "--batch", "2", "--json", str(tmp_path / "stage2.json"),
         "--variants", "plain:;levers:freeze_backbone_steps=1,distill_weight=0.5,freeze_sentence_vae=True,"
-                      "next_vector_weight=1.0",
+                      "next_vector_weight=1.0,next_vector_objective=contrastive",
     ])  # fmt: skip
     runs = {r["name"]: r for r in stage2["variants"]}
     assert runs["levers"]["training"]["distill_weight"] == 0.5 and runs["levers"]["training"]["freeze_backbone_steps"] == 1
     assert runs["levers"]["training"]["next_vector_weight"] == 1.0
+    assert runs["levers"]["training"]["next_vector_objective"] == "contrastive"
     for run in runs.values():
         assert run["steps"] >= 1 and run["selection"]["nll"] > 0 and run["curve"][0]["step"] == 0
         scores = run["selection"]

@@ -207,3 +207,34 @@ def test_next_vector_loss_pulls_the_backbone_state_towards_the_next_sentence_vec
     assert loaded.config.next_vector_weight == 0.5
     with pytest.raises(ValueError, match="next_vector_weight"):
         SentenceLMConfig(next_vector_weight=-1.0)
+
+
+def test_contrastive_next_vector_loss_is_infonce_over_the_batch_sentences(tokenizer, tmp_path):
+    from helpers import encode, tiny_sentence_opt
+
+    from sentence_lm import SentenceLMConfig
+    from sentence_lm.modeling_sentence_lm import next_vector_loss_of, states_before_sentences
+
+    model = tiny_sentence_opt(tokenizer, next_vector_weight=0.5, next_vector_objective="contrastive")
+    enc = encode(tokenizer, ["The cat sat on the mat. It was warm. The dog slept.", "Once upon a time. A king!"])
+    out = model(**enc, labels=enc["input_ids"])
+    base = model.model(**enc)
+    states = states_before_sentences(base.last_hidden_state, base.packed)
+    vectors = base.sentence_vectors
+    # Written out: sentence i's state scores every sentence j by cosine / 0.1; i is the target.
+    n = len(vectors)
+    log_probs = []
+    for i in range(n):
+        scores = torch.stack([F.cosine_similarity(states[i], vectors[j], dim=0) / 0.1 for j in range(n)])
+        log_probs.append(scores[i] - torch.logsumexp(scores, dim=0))
+    expected = -torch.stack(log_probs).mean()
+    torch.testing.assert_close(out.next_vector_loss, expected)
+    mse = tiny_sentence_opt(tokenizer, next_vector_weight=0.5)
+    assert not torch.allclose(mse(**enc).next_vector_loss, expected)
+    # A state that points at its own sentence and away from the others scores lower than one
+    # that points at another sentence.
+    assert next_vector_loss_of(vectors, vectors, "contrastive") < next_vector_loss_of(vectors.roll(1, 0), vectors, "contrastive")
+    model.save_pretrained(tmp_path)
+    assert type(model).from_pretrained(tmp_path).config.next_vector_objective == "contrastive"
+    with pytest.raises(ValueError, match="next_vector_objective.*'mse', 'contrastive'"):
+        SentenceLMConfig(next_vector_objective="infonce")
