@@ -1,7 +1,8 @@
 """What a trained SentenceLM's Sentence Decoder draws from the backbone: teacher-forced NLL per
 sentence target on validation text when each sentence is written from the backbone's prediction,
-from the mean prediction (no context), from another sentence's prediction, and from the
-sentence's own encoder vector (`sentence_lm.training_sentence_opt.conditioning_nll`).
+from the mean prediction (no context), from another sentence's prediction, from the sentence's
+own encoder vector, and from the previous sentence's encoder vector
+(`sentence_lm.training_sentence_opt.conditioning_nll`).
 
     python benchmarks/conditioning.py --sentence_lm runs/smollm2/stage2 \\
         --validation_file ../shared/data/wikitext-2-raw/valid.txt --json benchmarks/results/conditioning_cpu.json

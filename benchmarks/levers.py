@@ -255,7 +255,7 @@ def run_variant(stage: int, variant: dict, args, token_model, raw_tokenizer, tok
     final = score(model, data["selection"])
     if stage == 2:  # what the decoder draws from the backbone (conditioning_nll), at the end only
         context = conditioning_nll(model, data["selection"], show_progress=False)
-        final.update({f"{key}_nll": context[key] for key in ("predicted", "mean", "own_vector")})
+        final.update({f"{key}_nll": context[key] for key in ("predicted", "mean", "own_vector", "previous_vector")})
         final["context_gain"] = context["context_gain"]
     if args.save_dir:
         model.save_pretrained(Path(args.save_dir) / variant["name"])

@@ -184,13 +184,18 @@ def conditioning_nll(model, dataset, batch_size: int = 16, seed: int = 0, show_p
     * ``"predicted"``: the backbone's state of the slot before it (the model's own score);
     * ``"mean"``: the mean of those states over every sentence of ``dataset`` (no context at all);
     * ``"shuffled"``: the state predicted for another sentence, drawn at random (seeded);
-    * ``"own_vector"``: the sentence's own vector from the encoder (reconstruction, an oracle).
+    * ``"own_vector"``: the sentence's own vector from the encoder (reconstruction, an oracle);
+    * ``"previous_vector"``: the encoder's vector of the sentence before it in its text (a text's
+      first sentence: the mean of all encoder vectors), that is, the backbone's input at the slot
+      whose state ``"predicted"`` reads. The decoder reads it as "write the previous sentence
+      again": when it scores near ``"predicted"``, the backbone's context is mostly an echo of
+      its last input rather than a prediction.
 
     ``"mean"`` minus ``"predicted"`` is what the context (the prompt) is worth to the decoder in
     nats per target; near 0, the model writes the same sentences whatever came before.
 
-    Returns ``{"predicted", "mean", "shuffled", "own_vector", "context_gain", "num_targets",
-    "num_sentences"}``.
+    Returns ``{"predicted", "mean", "shuffled", "own_vector", "previous_vector", "context_gain",
+    "num_targets", "num_sentences"}``.
     """
     from .modeling_sentence_lm import states_before_sentences
 
@@ -204,14 +209,19 @@ def conditioning_nll(model, dataset, batch_size: int = 16, seed: int = 0, show_p
         batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
         out = model.model(batch["input_ids"].to(device), batch["attention_mask"].to(device))
         memory = states_before_sentences(out.last_hidden_state, out.packed)
-        batches.append((out.packed.input_ids, out.packed.attention_mask, memory, out.sentence_vectors))
-    predicted = torch.cat([b[2] for b in batches])
+        batches.append((out.packed, memory, out.sentence_vectors))
+    predicted = torch.cat([b[1] for b in batches])
     mean = predicted.mean(dim=0, keepdim=True)
+    mean_vector = torch.cat([b[2] for b in batches]).mean(dim=0, keepdim=True)
     generator = torch.Generator().manual_seed(seed)
     shuffled = predicted[torch.randperm(len(predicted), generator=generator).to(device)]
-    totals = dict.fromkeys(("predicted", "mean", "shuffled", "own_vector"), 0.0)
+    totals = dict.fromkeys(("predicted", "mean", "shuffled", "own_vector", "previous_vector"), 0.0)
     targets_seen = 0
-    for ids, mask, memory, vectors in tqdm(batches, desc="Conditioning NLL", disable=not show_progress):
+    for packed, memory, vectors in tqdm(batches, desc="Conditioning NLL", disable=not show_progress):
+        ids, mask = packed.input_ids, packed.attention_mask
+        # Packed sentences are in text order, so a text's previous sentence is the row before.
+        previous = torch.cat([mean_vector.to(vectors.dtype), vectors[:-1]])
+        previous[packed.sentence_index == 0] = mean_vector.to(vectors.dtype)
         targets = vae.reconstruction_targets(ids, mask)
         has_target = targets != -100
         given = {
@@ -219,6 +229,7 @@ def conditioning_nll(model, dataset, batch_size: int = 16, seed: int = 0, show_p
             "mean": mean.expand_as(memory),
             "shuffled": shuffled[:len(memory)],
             "own_vector": vectors,
+            "previous_vector": previous,
         }
         shuffled = shuffled[len(memory):]
         for name, states_from in given.items():

@@ -133,14 +133,29 @@ def test_conditioning_nll_splits_what_the_decoder_draws_from_the_context(tokeniz
     assert result["predicted"] == pytest.approx(float(out.sentence_loss), rel=1e-5)
     assert result["num_sentences"] == 6
     assert result["context_gain"] == pytest.approx(result["mean"] - result["predicted"])
-    assert len({round(result[k], 4) for k in ("predicted", "mean", "shuffled", "own_vector")}) == 4
+    assert len({round(result[k], 4) for k in ("predicted", "mean", "shuffled", "own_vector", "previous_vector")}) == 5
+    # "previous_vector", written out: each sentence from the vector of the one before it in its
+    # text, a text's first from the mean vector; the same in batches of one text.
+    with torch.no_grad():
+        base = model.model(batch["input_ids"], batch["attention_mask"])
+        packed, vectors = base.packed, base.sentence_vectors
+        previous = torch.stack([
+            vectors.mean(0) if packed.sentence_index[i] == 0 else vectors[i - 1] for i in range(len(vectors))
+        ])  # fmt: skip
+        vae = model.sentence_vae
+        targets = vae.reconstruction_targets(packed.input_ids, packed.attention_mask)
+        states = vae.teacher_forced_states(packed.input_ids, packed.attention_mask, previous)
+        nll = vae.output_nll(states[targets != -100], targets[targets != -100]).sum() / (targets != -100).sum()
+    assert result["previous_vector"] == pytest.approx(float(nll), rel=1e-5)
+    one_by_one = conditioning_nll(model, dataset, batch_size=1, show_progress=False)
+    assert one_by_one["previous_vector"] == pytest.approx(result["previous_vector"], rel=1e-5)
     # A decoder that reads nothing of what it is given scores the same under every condition.
     with torch.no_grad():
         for layer in model.sentence_vae.decoder.layers:
             layer.cross_attn.out_proj.weight.zero_()
             layer.cross_attn.out_proj.bias.zero_()
     deaf = conditioning_nll(model, dataset, batch_size=1, show_progress=False)
-    for key in ("mean", "shuffled", "own_vector"):
+    for key in ("mean", "shuffled", "own_vector", "previous_vector"):
         assert deaf[key] == pytest.approx(deaf["predicted"], rel=1e-5)
 
 
