@@ -68,7 +68,7 @@ from sentence_lm.data import PaddingCollator, split_into_sentences, tokenize_tex
 from sentence_lm.distillation import DistillationTrainer, FrozenBackboneWarmup
 from sentence_lm.metrics import reconstruction_metrics
 from sentence_lm.trainer import SentenceVAETrainer, TimeBudgetCallback, show_time_budget
-from sentence_lm.training_sentence_opt import conditioning_nll, text_nll
+from sentence_lm.training_sentence_opt import LM_CONFIG_ARGUMENTS, conditioning_nll, text_nll
 from sentence_lm.training_sentence_vae import parse_overrides
 
 DEFAULT_VARIANTS = {
@@ -105,8 +105,6 @@ STAGE2_KEYS = {
     "next_vector_objective": str,
 }
 
-LM_FIELDS = ("stop_loss_weight", "next_vector_weight", "next_vector_objective")
-"""STAGE2_KEYS that are SentenceLMConfig fields."""
 
 
 def parse_variants(spec: str, stage: int, lr: float, batch: int) -> list[dict]:
@@ -218,7 +216,7 @@ def build_model(stage: int, variant: dict, args, token_model, raw_tokenizer, tok
         )
         model = built.sentence_vae
     else:
-        lm_fields = {k: training[k] for k in LM_FIELDS if k in training}
+        lm_fields = {k: training[k] for k in LM_CONFIG_ARGUMENTS if k in training}
         model = SentenceLMForCausalLM.from_pretrained_backbone(
             token_model, sentence_vae=SentenceVAEModel.from_pretrained(args.sentence_vae), tokenizer=tokenizer,
             **lm_fields,

@@ -194,11 +194,11 @@ class SentenceVAEConfig(PreTrainedConfig):
             read different parts of the sentence vector (more conditioning, a little more work per
             token). The interface (one vector per sentence) is the same.
         condition_inputs (`bool`, defaults to `False`):
-            Whether the Sentence Decoder also adds the sentence vector, scaled by
-            `hidden ** -0.5` and through a `Linear(hidden, hidden)`, to the input of every
-            position (token and position embeddings), before its first layer. Cross-attention alone reaches a position only
-            after that layer's self-attention, so a one-layer decoder's attention never sees the
-            sentence; with this, every layer (its self-attention included) works on positions
+            Whether the Sentence Decoder also adds the sentence vector, scaled by `hidden ** -0.5`
+            and through a `Linear(hidden, hidden)`, to the input of every position (token and
+            position embeddings), before its first layer. Cross-attention alone reaches a position
+            only after that layer's self-attention, so a one-layer decoder's attention never sees
+            the sentence; with this, every layer (its self-attention included) works on positions
             that already carry it. The `Linear` starts at zero (a new decoder starts as one without
             it). One product per sentence, one addition per token.
         bag_of_words_weight (`float`, defaults to 0.0):

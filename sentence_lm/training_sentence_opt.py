@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import HfArgumentParser, TrainingArguments
 
+from .configuration_sentence_lm import NEXT_VECTOR_OBJECTIVES
 from .configuration_sentence_opt import SentenceOPTConfig
 from .data import DataArguments, PaddingCollator, load_texts, tokenize_texts
 from .distillation import DistillationTrainer, FrozenBackboneWarmup
@@ -60,6 +61,10 @@ STAGE2_TRAINING_DEFAULTS = {
     "dataloader_pin_memory": torch.cuda.is_available(),
 }
 """TrainingArguments defaults of stage 2 (any of them can be given on the command line)."""
+
+
+LM_CONFIG_ARGUMENTS = ("stop_loss_weight", "next_vector_weight", "next_vector_objective")
+"""Stage-2 arguments that set the SentenceLM config's field of the same name (when given)."""
 
 
 @dataclass
@@ -116,7 +121,7 @@ class SentenceOPTArguments:
     next_vector_objective: str | None = field(
         default=None,
         metadata={"help": "Form of that loss: mse (the default) or contrastive (InfoNCE over the batch's sentences; "
-                  "SentenceLMConfig.next_vector_objective).", "choices": ["mse", "contrastive"]},
+                  "SentenceLMConfig.next_vector_objective).", "choices": list(NEXT_VECTOR_OBJECTIVES)},
     )
     freeze_backbone_steps: int = field(
         default=0,
@@ -220,7 +225,7 @@ def conditioning_nll(model, dataset, batch_size: int = 16, seed: int = 0, show_p
     for packed, memory, vectors in tqdm(batches, desc="Conditioning NLL", disable=not show_progress):
         ids, mask = packed.input_ids, packed.attention_mask
         # Packed sentences are in text order, so a text's previous sentence is the row before.
-        previous = torch.cat([mean_vector.to(vectors.dtype), vectors[:-1]])
+        previous = vectors.roll(1, dims=0)
         previous[packed.sentence_index == 0] = mean_vector.to(vectors.dtype)
         targets = vae.reconstruction_targets(ids, mask)
         has_target = targets != -100
@@ -253,9 +258,7 @@ def build_sentence_opt(model_args: SentenceOPTArguments, train_texts: Sequence[s
     from .tokenization_sentence_lm import SentenceTokenizer, train_sentence_tokenizer
 
     overrides = {
-        name: getattr(model_args, name)
-        for name in ("stop_loss_weight", "next_vector_weight", "next_vector_objective")
-        if getattr(model_args, name) is not None
+        name: getattr(model_args, name) for name in LM_CONFIG_ARGUMENTS if getattr(model_args, name) is not None
     }
     if model_args.model_name_or_path is not None:
         model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path)
