@@ -1,5 +1,6 @@
 """Reusable test helpers: the tiny SentenceOPT that the end-to-end tests share
-(:func:`tiny_sentence_opt`) and the tokenizer call that feeds it (:func:`encode`); tiny token
+(:func:`tiny_sentence_opt`) and the tokenizer call that feeds it (:func:`encode`); the
+comparison of two models' weights, key sets first (:func:`assert_same_weights`); tiny token
 model configs of each backbone family (:func:`backbone_configs`); for checkpoint
 tests, running code in a fresh Python where ``sentence_lm`` cannot be imported, and laying a
 checkpoint out as a Hugging Face hub cache entry."""
@@ -70,6 +71,30 @@ def tiny_sentence_opt(tokenizer, seed: int = 0, *, sentence_vae: dict | None = N
         model.stop_head.bias.copy_(torch.tensor([3.0, -3.0]))
     model.tokenizer = tokenizer
     return model
+
+
+def assert_same_weights(first, second, *, rtol: float | None = None, atol: float | None = None, close: bool = False):
+    """Assert that two sets of weights hold the same names and, name by name, the same tensors.
+
+    ``first`` and ``second`` are modules (their ``state_dict()`` is compared) or mappings of name
+    to tensor (``dict(model.named_parameters())``, a saved copy of a state dict, ...). The key
+    sets are compared first, so that a name missing on one side fails instead of being skipped
+    (as a ``zip`` over two ``state_dict()``s would skip it); then each tensor, with a message
+    naming its key: exactly (``torch.equal``, same shape and dtype) by default, or with
+    ``torch.testing.assert_close`` when ``close`` is true or ``rtol``/``atol`` are given."""
+    first, second = (w.state_dict() if isinstance(w, torch.nn.Module) else dict(w) for w in (first, second))
+    only_first, only_second = sorted(set(first) - set(second)), sorted(set(second) - set(first))
+    assert not only_first and not only_second, (
+        f"the key sets differ: only in the first {only_first}, only in the second {only_second}"
+    )
+    close = close or rtol is not None or atol is not None
+    for name, a in first.items():
+        b = second[name]
+        if close:
+            torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=lambda m, name=name: f"{name}: {m}")
+        else:
+            assert a.shape == b.shape and a.dtype == b.dtype, f"{name}: {a.shape} {a.dtype} vs {b.shape} {b.dtype}"
+            assert torch.equal(a, b), f"{name}: the values differ"
 
 
 def encode(tokenizer, texts, side: str = "left", **kwargs) -> dict:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import encode, tiny_sentence_opt
+from helpers import assert_same_weights, encode, tiny_sentence_opt
 from transformers import AutoModelForCausalLM, OPTConfig, OPTForCausalLM
 
 from sentence_lm import SentenceOPTConfig, SentenceOPTForCausalLM
@@ -192,8 +192,7 @@ def test_loading_never_unpickles(saved, tmp_path):
     marker = write_hostile_pickle(directory)
     loaded = SentenceOPTForCausalLM.from_pretrained(directory)
     reference = SentenceOPTForCausalLM.from_pretrained(saved)
-    for (name, a), (_, b) in zip(loaded.state_dict().items(), reference.state_dict().items()):
-        assert torch.equal(a, b), name
+    assert_same_weights(loaded, reference)
     with pytest.raises(ValueError, match=r"loads safetensors weights only.*use_safetensors=False"):
         SentenceOPTForCausalLM.from_pretrained(directory, use_safetensors=False)
     assert not marker.exists()

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from helpers import assert_same_weights
 from transformers import AutoConfig, DynamicCache, LlamaConfig
 
 from sentence_lm import SentenceLMConfig, SentenceLMForCausalLM, SentenceOPTConfig, SentenceVAEConfig
@@ -108,7 +109,7 @@ def test_a_model_saved_with_an_extra_config_attribute_loads(tmp_path):
     model.save_pretrained(tmp_path)
     loaded = SentenceLMForCausalLM.from_pretrained(tmp_path)
     assert loaded.config.trained_on == "pydoc"
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+    assert_same_weights(model, loaded)
 
 
 def test_misspelt_constructor_arguments_are_still_refused():

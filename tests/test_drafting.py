@@ -6,7 +6,7 @@ settings that cannot draft are refused."""
 
 import pytest
 import torch
-from helpers import encode, load_script, tiny_sentence_opt
+from helpers import assert_same_weights, encode, load_script, tiny_sentence_opt
 from transformers import GenerationConfig
 
 from sentence_lm import SentenceLMForCausalLM
@@ -236,7 +236,10 @@ def test_a_draft_head_trained_on_the_frozen_model_cuts_passes_and_saves(tokenize
         max_steps=60, batch_size=32, show_progress=False,
     )  # fmt: skip
     assert summary["steps"] == 60 and model.sentence_vae.parallel_readout is not None
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items() if k in before)
+    after_training = model.state_dict()
+    added = set(after_training) - set(before)
+    assert added and all(".parallel_readout." in k for k in added), sorted(added)  # the draft head only
+    assert_same_weights(before, {k: v for k, v in after_training.items() if k not in added})  # the rest untouched
     after, start = summary["agreement_after"], summary["agreement_before"]
     assert after["token_accuracy"] > start["token_accuracy"] + 0.1 and after["first_run"] > start["first_run"]
     drafted = model.generate(**enc, max_new_tokens=NEW, return_dict_in_generate=True, draft_tokens=4)

@@ -11,7 +11,7 @@ import warnings
 import pytest
 import torch
 
-from helpers import encode, tiny_sentence_opt
+from helpers import assert_same_weights, encode, tiny_sentence_opt
 from sentence_lm import SentenceOPTForCausalLM, SentenceVAEConfig, SentenceVAEModel
 from sentence_lm.segmentation import ENDS
 
@@ -99,8 +99,7 @@ def test_resize_sentence_lm_for_new_tokens(tokenizer, grown_tokenizer, tmp_path)
     assert loaded.config.vocab_size == loaded.config.sentence_vae.vocab_size == size
     assert loaded.sentence_vae.lm_head.weight is loaded.sentence_vae.embed_tokens.weight
     assert torch.equal(loaded.sentence_vae.boundary_table, table)
-    for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
-        assert torch.equal(a, b), name
+    assert_same_weights(model, loaded)
     with torch.no_grad():
         # Same weights, same code; float rounding may differ in the last bits between two models.
         torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, rtol=1e-6, atol=1e-5)
@@ -175,8 +174,7 @@ def test_resize_below_special_ids_is_refused(tokenizer):
         model.sentence_vae.resize_token_embeddings(1)
     # Nothing changed.
     assert model.config.vocab_size == len(tokenizer)
-    after = model.state_dict()
-    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert_same_weights(before, model)
     vae = tiny_vae(pad_token_id=40)
     with pytest.raises(ValueError, match="the pad token id is 40, outside"):
         vae.resize_token_embeddings(30)

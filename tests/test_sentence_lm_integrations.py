@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from helpers import assert_same_weights
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, TextStreamer, pipeline
 
 from sentence_lm import SentenceLMForCausalLM
@@ -161,10 +162,9 @@ def test_lora_on_the_backbone_trains_saves_reloads_and_merges(tok, tmp_path):
     adapted_logits = logits_of(model, enc)
     assert not torch.allclose(adapted_logits, base_logits, atol=1e-3)
     # Only the adapters moved.
-    for name, tensor in model.get_base_model().state_dict().items():
-        if "lora_" not in name:
-            original = name.replace(".base_layer.", ".")
-            torch.testing.assert_close(tensor, frozen_before[original], msg=name)
+    wrapped = model.get_base_model().state_dict()
+    unwrapped = {k.replace(".base_layer.", "."): v for k, v in wrapped.items() if "lora_" not in k}
+    assert_same_weights(unwrapped, frozen_before, close=True)
 
     # The adapter alone is saved, and reloaded onto a freshly loaded base model.
     model.save_pretrained(tmp_path / "adapter")

@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_same_weights
 from transformers import LogitsProcessorList, OPTConfig, OPTForCausalLM, TemperatureLogitsWarper
 
 from sentence_lm import SentenceOPTConfig, SentenceOPTForCausalLM, SentenceVAEConfig, SentenceVAEModel
@@ -291,10 +292,10 @@ def test_from_opt_copies_backbone_and_embeddings(tmp_path):
     opt.save_pretrained(tmp_path / "opt")
     model = SentenceOPTForCausalLM.from_opt(tmp_path / "opt")
     decoder = opt.model.decoder
-    copied = model.model.backbone.decoder.state_dict()
-    for name, tensor in decoder.state_dict().items():
-        if name.startswith(("layers.", "embed_positions.", "final_layer_norm.")):
-            torch.testing.assert_close(copied[name], tensor)
+    def backbone_part(state):
+        return {k: v for k, v in state.items() if k.startswith(("layers.", "embed_positions.", "final_layer_norm."))}
+
+    assert_same_weights(backbone_part(model.model.backbone.decoder.state_dict()), backbone_part(decoder.state_dict()), close=True)
     torch.testing.assert_close(model.get_input_embeddings().weight, decoder.embed_tokens.weight)
     assert model.config.backbone.num_hidden_layers == 2 and model.config.sentence_vae.vocab_size == VOCAB
 
