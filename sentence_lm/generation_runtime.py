@@ -26,13 +26,18 @@ from transformers import Cache, LogitsProcessorList
 from transformers.cache_utils import CacheLayerMixin
 from transformers.utils import logging
 
+from .decoding import (
+    DecodingResult,
+    ban_empty_sentence,
+    blank_token_scores,
+    causal_key_mask,
+    pick_next_token,
+    running_text,
+    stop_decision,
+)
 from .drafting import verify_draft
-from .modeling_sentence_vae import blank_token_scores, pick_next_token
-from .segmentation import pack_sentences
 
 logger = logging.get_logger(__name__)
-CONTINUE, STOP = 0, 1
-"""The stop head's two classes: the text goes on with another sentence, or ends here."""
 MAX_WAIT = 4
 """Decoder steps a row whose sentence ended waits at most for others to share its backbone step."""
 GROWTH = 8
@@ -41,7 +46,7 @@ ROW_ATTENTION = ("eager", "sdpa")
 """Backbone attention implementations the row-scheduled runtime can hand a per-row mask to."""
 
 
-def rows_per_backbone_step(batch: int, device: torch.device) -> int:
+def rows_per_backbone_step(batch: int) -> int:
     """How many rows whose sentence ended the loop gathers for one backbone step (they wait for
     each other at most ``MAX_WAIT`` decoder steps). A backbone step for a few rows costs nearly
     what it costs for many where it is bound by reading the weights or launching kernels, so
@@ -227,7 +232,7 @@ class RowSteps:
         )
         backbone_config = model.config.backbone.get_text_config()
         self.slots = SlotCache(backbone_config.num_hidden_layers, batch, slot_capacity, device, scratch=static)
-        self.eager_mask = model.model.backbone.config._attn_implementation == "eager"
+        self.eager_mask = model.model.attention_implementation == "eager"
         self.columns_index = torch.arange(self.cache_limit, device=device)
         self.draft_states = (
             torch.zeros(batch, self.width, config.hidden_size, dtype=dtype, device=device) if draft else None
@@ -235,35 +240,27 @@ class RowSteps:
         self.draft_chunk = min(self.width, 2 * draft)
 
     # ------------------------------------------------------------------ decoder
-    def decoder_step(
-        self, tokens: torch.Tensor, positions: torch.Tensor, cross: list[torch.Tensor]
-    ) -> torch.Tensor:
+    def decoder_step(self, tokens: torch.Tensor, positions: torch.Tensor, conditioning) -> torch.Tensor:
         """Feed ``tokens`` ``(batch, q)`` at positions ``positions, positions + 1, ..`` of each
         row's sentence (``positions``: ``(batch,)``); the next-token logits after each,
-        ``(batch, q, vocab)`` in float32."""
+        ``(batch, q, vocab)`` in float32. ``conditioning``: each row's `DecoderConditioning`."""
         vae = self.vae
         at = positions[:, None] + self.columns_index[: tokens.shape[1]]
-        embeds = vae._decoder_embeddings()(tokens)
-        # Drafted tokens past a full sentence get its last position: their logits are never used.
-        hidden = embeds + vae.decoder.embed_positions(at.clamp(max=self.width - 1), embeds.dtype)
-        index = self.columns_index[: self.decoder_cache.width]
-        mask = (index[None, None, :] <= at[:, :, None])[:, None]
+        mask = causal_key_mask(at, self.decoder_cache.width)
         self.decoder_cache.columns = at
-        hidden = vae.decoder.run_layers(hidden, mask, cache=self.decoder_cache, cross_states=cross)
+        # Drafted tokens past a full sentence get its last position: their logits are never used.
+        embeds = vae.decoder_token_embeddings()(tokens)
+        hidden = vae.decoder(embeds, at.clamp(max=self.width - 1), mask, conditioning, self.decoder_cache)
         return vae.lm_head(hidden).float()
 
-    def decoder_prefill(self, tokens: torch.Tensor, lengths: torch.Tensor, cross: list[torch.Tensor]) -> torch.Tensor:
+    def decoder_prefill(self, tokens: torch.Tensor, lengths: torch.Tensor, conditioning) -> torch.Tensor:
         """Feed ``[BOS, prefix..]`` ``(batch, q)`` (right-padded, ``lengths`` real tokens per row)
         at positions ``0..``; the logits after each row's last real token."""
         vae = self.vae
-        q = tokens.shape[1]
-        positions = torch.arange(q, device=tokens.device)
-        embeds = vae._decoder_embeddings()(tokens)
-        hidden = embeds + vae.decoder.embed_positions(positions[None, :], embeds.dtype)
-        causal = positions[None, :] <= positions[:, None]  # (q, q): key <= query
-        mask = causal[None, None]
+        positions = torch.arange(tokens.shape[1], device=tokens.device)
         self.decoder_cache.columns = None
-        hidden = vae.decoder.run_layers(hidden, mask, cache=self.decoder_cache, cross_states=cross)
+        embeds = vae.decoder_token_embeddings()(tokens)
+        hidden = vae.decoder(embeds, positions[None, :], causal_key_mask(positions, len(positions)), conditioning, self.decoder_cache)
         rows = torch.arange(tokens.shape[0], device=tokens.device)
         return vae.lm_head(hidden[rows, lengths - 1]).float()
 
@@ -285,8 +282,7 @@ class RowSteps:
 
     # ------------------------------------------------------------------ encoder
     def encode(self, sentences: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        vae = self.vae
-        return vae.encoder(vae.embed_tokens(sentences), mask)
+        return self.vae.encode_as_given(sentences, mask)
 
     # ------------------------------------------------------------------ backbone
     def _run_backbone(self, inputs: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -296,15 +292,7 @@ class RowSteps:
         mask = valid[:, None]
         if self.eager_mask:
             mask = torch.where(mask, 0.0, torch.finfo(inputs.dtype).min).to(inputs.dtype)
-        out = self.model.model.backbone(
-            inputs_embeds=inputs,
-            attention_mask=mask,
-            position_ids=positions,
-            use_cache=True,
-            return_dict=True,
-            **{self.model.model._cache_argument: self.slots},
-        )
-        return out.last_hidden_state[:, -1]
+        return self.model.model.backbone_forward(inputs, mask, positions, self.slots).last_hidden_state[:, -1]
 
     def backbone_step(
         self, rows: torch.Tensor, columns: torch.Tensor, positions: torch.Tensor, vectors: torch.Tensor, width: int
@@ -382,33 +370,6 @@ def _falls_back(steps: RowSteps, name: str, compiled, eager):
     return call
 
 
-def left_align(input_ids: torch.Tensor, keep: torch.Tensor, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The tokens of each row where ``keep`` holds, left-padded into ``(batch, max_kept)``."""
-    counts = keep.sum(dim=1)
-    width = int(counts.max()) if counts.numel() else 0
-    out = torch.full((input_ids.shape[0], width), pad, dtype=input_ids.dtype, device=input_ids.device)
-    out_mask = torch.zeros(out.shape, dtype=torch.bool, device=input_ids.device)
-    if width:
-        # Column of each kept token: (width - count) + its rank among the row's kept tokens.
-        column = (width - counts)[:, None] + keep.long().cumsum(dim=1) - 1
-        rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(keep)
-        out[rows[keep], column[keep]] = input_ids[keep]
-        out_mask[rows[keep], column[keep]] = True
-    return out, out_mask
-
-
-def running_text(input_ids: torch.Tensor, written: torch.Tensor, count: torch.Tensor, pad: int) -> torch.Tensor:
-    """What logits processors and stopping criteria see: each row's prompt as given, then its new
-    tokens so far (``written``, ``-1`` where none; ``count`` per row), left-padded with ``pad``."""
-    so_far = written[:, : int(count.max())]
-    text, _ = left_align(
-        torch.cat([input_ids, so_far.clamp(min=0)], dim=1),
-        torch.cat([torch.ones_like(input_ids, dtype=torch.bool), so_far >= 0], dim=1),
-        pad,
-    )
-    return text
-
-
 def generate_rows(
     model,
     input_ids: torch.Tensor,
@@ -427,11 +388,9 @@ def generate_rows(
     draft_tokens: int = 0,
 ) -> tuple:
     """The next-sentence loop with rows scheduled independently (see the module docstring); the
-    same contract and return value as the lockstep loop
-    (:meth:`SentenceGenerationMixin._generate_sentences`): ``(batch, written)`` new tokens
-    (``-1`` where none), the backbone's cache (a [`SlotCache`]), the sentences written per row,
-    the decoder cache (a [`RowDecoderCache`]) and the scores and logits of the new tokens (``None``
-    unless asked for), and one more: the decoder passes each row took. ``compile_config`` (with
+    same contract as the lockstep loop (:meth:`SentenceGenerationMixin._generate_sentences`),
+    returning a `DecodingResult` whose ``cache`` is a [`SlotCache`], ``decoder_cache`` a
+    [`RowDecoderCache`], with the decoder passes each row took. ``compile_config`` (with
     ``static``): compile the steps with these settings. The rows whose sentence ended wait (at most
     ``MAX_WAIT`` decoder steps, and never when no other row is writing) until
     :func:`rows_per_backbone_step` of them take their backbone step together.
@@ -452,24 +411,14 @@ def generate_rows(
     limit = model.config.max_position_embeddings
 
     # The prompt: closed sentences feed the backbone, an unfinished last one is the decoder's prefix.
-    content = base.content_mask(input_ids, mask)
-    sentence_ids, closed = vae.segment(input_ids, content, return_closed=True)
-    num_sentences = sentence_ids.amax(dim=1) + 1 if sentence_ids.shape[1] else torch.zeros_like(closed, dtype=torch.long)
-    is_open = ~closed & (num_sentences > 0)
-    in_prefix = is_open[:, None] & (sentence_ids == (num_sentences - 1)[:, None])
-    packed = pack_sentences(input_ids, torch.where(in_prefix, -1, sentence_ids), model.config.pad_token_id)
-    vectors = (
-        vae.encode(packed.input_ids, packed.attention_mask)
-        if packed.input_ids.shape[0]
-        else torch.empty(0, model.config.hidden_size, device=device)
-    )
-    inputs, slot_mask = base.slot_inputs(vectors, packed)
+    prompt = base.prompt_slots(input_ids, mask)
+    in_prefix, inputs, slot_mask = prompt.in_prefix, prompt.inputs, prompt.slot_mask
     prompt_slots = slot_mask.shape[1]
     most_slots = prompt_slots + max_new
     if limit is not None:
         most_slots = min(most_slots, max(limit, prompt_slots))
     capacity = most_slots if static else min(most_slots, prompt_slots + GROWTH)
-    dtype = vae._decoder_embeddings().weight.dtype
+    dtype = vae.decoder_token_embeddings().weight.dtype
     steps = RowSteps(model, batch, capacity, dtype, device, static, draft_tokens)
     state = steps.backbone_prefill(inputs, slot_mask)  # (eager: prompts of any length; it allocates the slot cache)
     if static and compile_config is not None:
@@ -488,9 +437,8 @@ def generate_rows(
     count = torch.zeros(batch, dtype=torch.long, device=device)
     sentences_written = torch.zeros(batch, dtype=torch.long, device=device)
     done = count >= max_new
-    stop = pick_next_token(model.stop_head(state).float(), do_sample) == STOP
-    done |= stop & ~is_open & (count >= min_new)
-    cross = [c.to(dtype) for c in vae.decoder.cross_attention_states(state.to(dtype))]
+    done |= stop_decision(model.stop_head(state), do_sample, ~prompt.is_open & (count >= min_new))
+    conditioning = vae.decoder.conditioning(state.to(dtype)).to(dtype)
     if draft_tokens:
         steps.start_drafts(rows_all, state)
         # Each row's drafted chunk: tokens (and, when sampling, the distributions they were drawn
@@ -513,7 +461,7 @@ def generate_rows(
     if first.shape[1] > 1:
         first[:, 1:] = sentence[:batch, : first.shape[1] - 1]
     steps.decoder_cache.reserve(first.shape[1], steps.width)
-    logits = steps.decoder_prefill(first, prefix_len + 1, cross)[:, None]
+    logits = steps.decoder_prefill(first, prefix_len + 1, conditioning)[:, None]
     drafts = draft_probs = None
     # Kept on the host (decided from what each step reports, no further synchronisation): where
     # each row's last decoder input went, and how many steps each row whose sentence ended has
@@ -523,7 +471,7 @@ def generate_rows(
     waiting = torch.zeros_like(done)  # on the device: sentence ended, backbone step to come
     token = torch.zeros(batch, dtype=torch.long, device=device)  # each row's last token (fed next)
     passes = torch.zeros(batch, dtype=torch.long, device=device)
-    min_ready = rows_per_backbone_step(batch, device)
+    min_ready = rows_per_backbone_step(batch)
     host_done = done.cpu()
     while not bool(host_done.all()):
         # One decoder pass: logits after the fed token and after each drafted one. A row takes the
@@ -533,9 +481,7 @@ def generate_rows(
         wrote = torch.zeros_like(count)
         for j in range(logits.shape[1]):
             raw = logits[:, j]
-            # A sentence holds at least one token: no end-of-sentence before it.
-            chosen = raw.clone()
-            chosen[:, eos] = torch.where(sentence_len[:batch] == 0, float("-inf"), chosen[:, eos])
+            chosen = ban_empty_sentence(raw, sentence_len[:batch], eos)
             if processors is not None:
                 chosen = processors(running_text(input_ids, written, count, pad), chosen)
             if drafts is not None and j < drafts.shape[1]:
@@ -610,10 +556,8 @@ def generate_rows(
             rows = rows[:b]
             slot_column[rows] += 1
             slot_count[rows] += 1
-            stop = pick_next_token(model.stop_head(new_state).float(), do_sample) == STOP
-            done[rows] |= stop & (count[rows] >= min_new)
-            for layer_cross, new_cross in zip(cross, vae.decoder.cross_attention_states(new_state.to(dtype))):
-                layer_cross[rows] = new_cross.to(dtype)
+            done[rows] |= stop_decision(model.stop_head(new_state), do_sample, count[rows] >= min_new)
+            conditioning.assign(rows, vae.decoder.conditioning(new_state.to(dtype)))
             if draft_tokens:
                 steps.start_drafts(rows, new_state)
             sentence_len[rows] = 0
@@ -650,14 +594,14 @@ def generate_rows(
             draft_probs = chunk_probs[rows_all[:, None], index] if do_sample else None
             feed = torch.cat([feed, drafts], dim=1)
         steps.decoder_cache.reserve(int(position.max()) + feed.shape[1], steps.cache_limit)
-        logits = steps.decoder_step(feed, at, cross)
+        logits = steps.decoder_step(feed, at, conditioning)
     width = int(count.max()) if batch else 0
-    return (
-        written[:, :width],
-        steps.slots,
-        sentences_written,
-        steps.decoder_cache,
-        scores[:, :width] if scores is not None else None,
-        logits_out[:, :width] if logits_out is not None else None,
-        passes,
+    return DecodingResult(
+        new_tokens=written[:, :width],
+        cache=steps.slots,
+        num_sentences=sentences_written,
+        decoder_cache=steps.decoder_cache,
+        scores=scores[:, :width] if scores is not None else None,
+        logits=logits_out[:, :width] if logits_out is not None else None,
+        decoder_passes=passes,
     )

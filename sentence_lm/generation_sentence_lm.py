@@ -24,9 +24,8 @@ from transformers import (
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 from transformers.utils import logging
 
-from .generation_runtime import ROW_ATTENTION, STOP, generate_rows, left_align, running_text
-from .modeling_sentence_vae import blank_token_scores, pick_next_token
-from .segmentation import pack_sentences
+from .decoding import DecodingResult, blank_token_scores, left_align, running_text, stop_decision
+from .generation_runtime import ROW_ATTENTION, generate_rows
 from .validation import check_attention_mask, check_token_ids
 
 logger = logging.get_logger(__name__)
@@ -312,20 +311,18 @@ class SentenceGenerationMixin(GenerationMixin):
                 draft_tokens=draft_tokens,
                 **loop_arguments,
             )
-        new_tokens, cache, num_sentences, decoder_cache, scores, logits, decoder_passes = outputs
         if streamer is not None:
             streamer.end()
-        new_tokens = torch.where(new_tokens < 0, pad, new_tokens)
-        sequences = torch.cat([input_ids, new_tokens], dim=1)
+        sequences = torch.cat([input_ids, torch.where(outputs.new_tokens < 0, pad, outputs.new_tokens)], dim=1)
         if generation_config.return_dict_in_generate:
             return SentenceGenerateOutput(
                 sequences=sequences,
-                scores=tuple(scores.unbind(1)) if scores is not None else None,
-                logits=tuple(logits.unbind(1)) if logits is not None else None,
-                cache=cache,
-                num_sentences=num_sentences,
-                decoder_cache=decoder_cache,
-                decoder_passes=decoder_passes,
+                scores=tuple(outputs.scores.unbind(1)) if outputs.scores is not None else None,
+                logits=tuple(outputs.logits.unbind(1)) if outputs.logits is not None else None,
+                cache=outputs.cache,
+                num_sentences=outputs.num_sentences,
+                decoder_cache=outputs.decoder_cache,
+                decoder_passes=outputs.decoder_passes,
             )
         return sequences
 
@@ -349,7 +346,7 @@ class SentenceGenerationMixin(GenerationMixin):
         if runtime == "lockstep":
             raise ValueError(
                 "draft_tokens needs the cached row-scheduled runtime: use_cache=True and a backbone running eager or "
-                f"sdpa attention (this one runs {self.model.backbone.config._attn_implementation!r}; "
+                f"sdpa attention (this one runs {self.model.attention_implementation!r}; "
                 "model.set_attn_implementation('sdpa') switches it), or generate with draft_tokens=0."
             )
 
@@ -359,7 +356,7 @@ class SentenceGenerationMixin(GenerationMixin):
         `transformers` would compile a token model's, on CUDA or with
         ``compile_config._compile_all_devices``, unless ``disable_compile``), or ``"lockstep"``
         (the reference loop: without a cache, or a backbone attention that takes no per-row mask)."""
-        attention = self.model.backbone.config._attn_implementation
+        attention = self.model.attention_implementation
         if not use_cache or attention not in ROW_ATTENTION:
             if static:
                 raise ValueError(
@@ -390,10 +387,8 @@ class SentenceGenerationMixin(GenerationMixin):
         output_scores: bool = False,
         output_logits: bool = False,
     ) -> tuple:
-        """The next-sentence loop; returns ``(batch, written)`` new tokens (``-1`` where none),
-        the backbone's cache, the number of sentences written per row, the last decoder cache,
-        and the ``(batch, written, vocab)`` scores and logits of the new tokens (``None`` unless
-        asked for). The reference loop, which the row-scheduled runtime (:func:`generate_rows`)
+        """The next-sentence loop, returning a `DecodingResult` (its ``decoder_cache`` the last
+        sentence's, no ``decoder_passes``). The reference loop, which the row-scheduled runtime (:func:`generate_rows`)
         is tested against; `generate()` runs it without a cache or for a backbone attention that
         takes no per-row mask.
 
@@ -403,22 +398,10 @@ class SentenceGenerationMixin(GenerationMixin):
         pad = pad_token_id
         batch, device = input_ids.shape[0], input_ids.device
         vae, model = self.sentence_vae, self.model
-        content = model.content_mask(input_ids, mask)
-        sentence_ids, closed = vae.segment(input_ids, content, return_closed=True)
-
         # An unfinished last sentence becomes the decoder's prefix; the rest feeds the backbone.
-        num_sentences = sentence_ids.amax(dim=1) + 1 if sentence_ids.shape[1] else torch.zeros_like(closed, dtype=torch.long)
-        is_open = ~closed & (num_sentences > 0)
-        in_prefix = is_open[:, None] & (sentence_ids == (num_sentences - 1)[:, None])
-        prefix_ids, prefix_mask = left_align(input_ids, in_prefix, self.config.pad_token_id)
-        sentence_ids = torch.where(in_prefix, -1, sentence_ids)
-        packed = pack_sentences(input_ids, sentence_ids, self.config.pad_token_id)
-        vectors = (
-            vae.encode(packed.input_ids, packed.attention_mask)
-            if packed.input_ids.shape[0]
-            else torch.empty(0, self.config.hidden_size, device=device)
-        )
-        inputs, slot_mask = model.slot_inputs(vectors, packed)
+        prompt = model.prompt_slots(input_ids, mask)
+        inputs, slot_mask, is_open = prompt.inputs, prompt.slot_mask, prompt.is_open
+        prefix_ids, prefix_mask = left_align(input_ids, prompt.in_prefix, self.config.pad_token_id)
         cache = model.new_cache() if use_cache else None
         all_inputs = inputs
         state = model.run_backbone(inputs, slot_mask, cache).last_hidden_state[:, -1]
@@ -434,9 +417,7 @@ class SentenceGenerationMixin(GenerationMixin):
         chunks = []  # (columns, scores, logits) of each round, when asked for
         while not bool(done.all()):
             # The stop head may end a text only between sentences and after min_new_tokens.
-            stop_logits = self.stop_head(state).float()
-            stop = pick_next_token(stop_logits, do_sample) == STOP
-            done |= stop & ~is_open & (count >= min_new)
+            done |= stop_decision(self.stop_head(state), do_sample, ~is_open & (count >= min_new))
             if bool(done.all()):
                 break
             # All rows go to the decoder (the finished ones with no budget), in batch order.
@@ -489,8 +470,8 @@ class SentenceGenerationMixin(GenerationMixin):
             sentence, sentence_mask, sentence_len = sentence[filled], sentence_mask[filled], sentence_len[filled]
             if filled.numel():
                 sentence_width = int(sentence_len.max())
-                step[filled, 0] = vae.encoder(
-                    vae.embed_tokens(sentence[:, :sentence_width]), sentence_mask[:, :sentence_width]
+                step[filled, 0] = vae.encode_as_given(
+                    sentence[:, :sentence_width], sentence_mask[:, :sentence_width]
                 ).to(inputs.dtype)
             slot_mask = torch.cat([slot_mask, torch.ones_like(slot_mask[:, :1])], dim=1)
             if use_cache:
@@ -514,7 +495,7 @@ class SentenceGenerationMixin(GenerationMixin):
                     scores.index_put_(index, round_scores[kept])
                 if logits is not None:
                     logits.index_put_(index, round_logits[kept])
-        return new_tokens, cache, sentences_written, decoder_cache, scores, logits, None
+        return DecodingResult(new_tokens, cache, sentences_written, decoder_cache, scores, logits)
 
 
 

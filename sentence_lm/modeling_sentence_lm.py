@@ -20,12 +20,13 @@ from transformers.utils import ModelOutput, logging
 from .checkpointing import SafeCheckpointMixin
 from .configuration_sentence_lm import NEXT_VECTOR_TEMPERATURE, SentenceLMConfig, backbone_ffn_dim, backbone_width
 from .configuration_sentence_vae import SentenceVAEConfig
-from .generation_runtime import CONTINUE, STOP
+from .causal_scores import causal_scores
+from .decoding import CONTINUE, STOP
 from .generation_sentence_lm import SentenceGenerationMixin
 from .modeling_sentence_vae import SentenceVAEModel
 from .quantization import Int8WeightOnlyConfig  # noqa: F401  (registers the int8 quantizer, in checkpoints too)
 from .pretrained_layers import copy_token_model_layers, layer_settings
-from .segmentation import PackedSentences, boundary_states, pack_sentences, trails_after
+from .segmentation import PackedSentences, pack_sentences
 from .validation import check_attention_mask, check_token_ids, logit_positions
 
 logger = logging.get_logger(__name__)
@@ -62,6 +63,28 @@ class SentenceLMModelOutput(ModelOutput):
 
 
 @dataclass
+class PromptSlots:
+    """A batch of prompts as generation reads them (:meth:`SentenceLMModel.prompt_slots`).
+
+    Attributes:
+        inputs: ``(batch, slots, hidden)`` backbone inputs, left-padded: the start state, then
+            the vectors of each prompt's closed sentences.
+        slot_mask: ``(batch, slots)`` which of them are real.
+        in_prefix: ``(batch, seq_len)`` the tokens of each prompt's unfinished last sentence (no
+            sentence end yet), which the Sentence Decoder continues.
+    """
+
+    inputs: torch.Tensor
+    slot_mask: torch.Tensor
+    in_prefix: torch.Tensor
+
+    @property
+    def is_open(self) -> torch.Tensor:
+        """``(batch,)`` prompts whose last sentence is unfinished."""
+        return self.in_prefix.any(dim=1)
+
+
+@dataclass
 class SentenceLMCausalLMOutput(ModelOutput):
     """Output of [`SentenceLMForCausalLM.forward`].
 
@@ -93,6 +116,15 @@ class SentenceLMCausalLMOutput(ModelOutput):
             padding slots of ``hidden_states`` hold zeros.
         slot_mask: ``(batch, slots)``, with ``hidden_states``: which sentence slots are real
             (the start state and each sentence) and which are padding.
+        sentence_nll: ``(batch,)`` each text's summed NLL of its sentence tokens and
+            end-of-sentence tokens (``sentence_loss`` is their total over ``num_tokens +
+            num_sentences`` targets).
+        end_nll: ``(batch,)`` each text's summed NLL of its end-of-sentence tokens (part of
+            ``sentence_nll``; ``end_loss`` is their total over ``num_sentences``).
+        stop_nll: ``(batch,)`` each text's summed NLL of its stop decisions (``num_sentences +
+            1`` of them; ``stop_loss`` is their total over that count). ``nll`` is
+            ``sentence_nll + stop_nll``.
+        num_sentences: ``(batch,)`` sentences of each text.
     """
 
     loss: torch.Tensor | None = None
@@ -107,6 +139,86 @@ class SentenceLMCausalLMOutput(ModelOutput):
     hidden_states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
     slot_mask: torch.Tensor | None = None
+    sentence_nll: torch.Tensor | None = None
+    end_nll: torch.Tensor | None = None
+    stop_nll: torch.Tensor | None = None
+    num_sentences: torch.Tensor | None = None
+
+
+@dataclass
+class NLLTerms:
+    """Every NLL term of a batch of texts, as `SentenceLMForCausalLM.forward` computes them.
+
+    Attributes:
+        packed: the texts' sentences.
+        token_nll: ``(num_sentences, max_len + 1)`` float32, the Sentence Decoder's NLL at each
+            teacher-forced step (each token, then the end of sentence; 0 past it).
+        has_target: ``(num_sentences, max_len + 1)`` the steps that have a target.
+        stop_nll: ``(batch, slots)`` float32, the stop head's NLL at each slot (0 at padding).
+        slot_mask: ``(batch, slots)`` the real slots.
+        step_log_probs: ``(targets, vocab)`` the decoder's log-probabilities at the steps with a
+            target, in order, when kept for the causal scores; else ``None``.
+    """
+
+    packed: PackedSentences
+    token_nll: torch.Tensor
+    has_target: torch.Tensor
+    stop_nll: torch.Tensor
+    slot_mask: torch.Tensor
+    step_log_probs: torch.Tensor | None = None
+
+    @property
+    def step_index(self) -> torch.Tensor:
+        """``(num_sentences, max_len + 1)`` the row of each step in ``step_log_probs``."""
+        return self.has_target.long().flatten().cumsum(0).view(self.has_target.shape) - 1
+
+    def per_text(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-sentence ``values`` ``(num_sentences,)`` summed per text, ``(batch,)``."""
+        batch = self.packed.num_sentences.shape[0]
+        dtype = torch.float32 if values.is_floating_point() else values.dtype
+        return torch.zeros(batch, dtype=dtype, device=values.device).index_add_(0, self.packed.batch_index, values)
+
+    def summary(self) -> dict:
+        """The output fields that describe whole texts: per-text sums and batch means."""
+        packed = self.packed
+        sentence_nll = self.per_text(self.token_nll.sum(1))
+        end_steps = self.token_nll[torch.arange(len(packed.lengths), device=packed.lengths.device), packed.lengths]
+        return dict(
+            sentence_loss=sentence_nll.sum() / self.has_target.sum(),
+            end_loss=end_steps.mean(),
+            stop_loss=self.stop_nll.sum() / self.slot_mask.sum(),
+            nll=sentence_nll + self.stop_nll.sum(1),
+            num_tokens=self.per_text(packed.lengths),
+            sentence_nll=sentence_nll,
+            end_nll=self.per_text(end_steps),
+            stop_nll=self.stop_nll.sum(1),
+            num_sentences=packed.num_sentences,
+        )
+
+    def loss(
+        self,
+        target: torch.Tensor | None,
+        text_end: torch.Tensor,
+        num_items_in_batch: int | torch.Tensor | None,
+        stop_loss_weight: float,
+    ) -> torch.Tensor:
+        """``(sentence NLL + stop_loss_weight * stop NLL) / items`` over the terms the labelled
+        tokens ``target`` keep (all without labels; see :func:`_counted_terms`); ``items`` is the
+        labelled tokens (a labelled trailing EOS ``text_end`` counts as one), or
+        ``num_items_in_batch`` when given."""
+        packed = self.packed
+        if target is None:
+            sentence_sum, stop_sum = self.per_text(self.token_nll.sum(1)).sum(), self.stop_nll.sum()
+            items = packed.lengths.sum()
+        else:
+            end_labelled = (target & text_end).any(dim=1)
+            step_counted, slot_counted = _counted_terms(target, packed, self.slot_mask.shape, end_labelled)
+            sentence_sum = (self.token_nll * step_counted).sum()
+            stop_sum = (self.stop_nll * slot_counted).sum()
+            items = (target & ((packed.token_sentence >= 0) | text_end)).sum()
+        if num_items_in_batch is not None:
+            items = num_items_in_batch
+        return (sentence_sum + stop_loss_weight * stop_sum) / items
 
 
 class NoTokenEmbeddings(nn.Module):
@@ -212,14 +324,36 @@ class SentenceLMModel(SentenceLMPreTrainedModel):
                 f"A text has {slots - 1} sentences but the backbone holds at most {limit - 1} "
                 "(max_position_embeddings - 1 for the start state); shorten the text or split it into several."
             )
-        dtype = self.start_embedding.dtype
         inputs = self.start_embedding.expand(batch, slots, -1).clone()
-        first_slot = slots - 1 - packed.num_sentences
-        inputs[packed.batch_index, first_slot[packed.batch_index] + 1 + packed.sentence_index] = sentence_vectors.to(
-            dtype
-        )
-        slot_mask = torch.arange(slots, device=inputs.device) >= first_slot[:, None]
+        inputs[packed.batch_index, packed.sentence_slots(slots)] = sentence_vectors.to(self.start_embedding.dtype)
+        slot_mask = torch.arange(slots, device=inputs.device) >= packed.first_slots(slots)[:, None]
         return inputs, slot_mask
+
+    def prompt_slots(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> "PromptSlots":
+        """How generation reads a batch of (left-padded) prompts: their closed sentences, encoded, as
+        backbone inputs after the start state, and an unfinished last sentence (no sentence end
+        yet) as the Sentence Decoder's prefix, which generation continues."""
+        vae = self.sentence_vae
+        content = self.content_mask(input_ids, attention_mask)
+        sentence_ids, closed = vae.segment(input_ids, content, return_closed=True)
+        if sentence_ids.shape[1]:
+            num_sentences = sentence_ids.amax(dim=1) + 1
+        else:
+            num_sentences = torch.zeros_like(closed, dtype=torch.long)
+        is_open = ~closed & (num_sentences > 0)
+        in_prefix = is_open[:, None] & (sentence_ids == (num_sentences - 1)[:, None])
+        packed = pack_sentences(input_ids, torch.where(in_prefix, -1, sentence_ids), self.config.pad_token_id)
+        if packed.input_ids.shape[0]:
+            vectors = vae.encode(packed.input_ids, packed.attention_mask)
+        else:
+            vectors = torch.empty(0, self.config.hidden_size, device=input_ids.device)
+        inputs, slot_mask = self.slot_inputs(vectors, packed)
+        return PromptSlots(inputs, slot_mask, in_prefix)
+
+    @property
+    def attention_implementation(self) -> str:
+        """The backbone's attention implementation (``"eager"``, ``"sdpa"``, ...)."""
+        return self.backbone.config._attn_implementation
 
     def new_cache(self) -> Cache:
         """An empty key/value cache for the backbone (over sentence slots)."""
@@ -237,9 +371,22 @@ class SentenceLMModel(SentenceLMPreTrainedModel):
         """
         past = cache.get_seq_length() if cache is not None else 0
         position_ids = (slot_mask.long().cumsum(dim=1) - 1).clamp(min=0)[:, past:]
+        return self.backbone_forward(inputs_embeds, slot_mask.long(), position_ids, cache, **outputs)
+
+    def backbone_forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        cache: Cache | None = None,
+        **outputs,
+    ) -> ModelOutput:
+        """The backbone itself on slot inputs ``(batch, q, hidden)``, with an attention mask and
+        position ids as the caller prepared them (a 2-D slot mask, or a 4-D mask the backbone's
+        attention takes as it is) and ``cache`` updated in place."""
         return self.backbone(
             inputs_embeds=inputs_embeds,
-            attention_mask=slot_mask.long(),
+            attention_mask=attention_mask,
             position_ids=position_ids,
             use_cache=cache is not None,
             return_dict=True,
@@ -389,161 +536,118 @@ class SentenceLMForCausalLM(SentenceLMPreTrainedModel, SentenceGenerationMixin):
         position_ids: torch.Tensor | None = None,
         **kwargs,
     ) -> SentenceLMCausalLMOutput | tuple:
-        """Score texts: the training loss (NLL per labelled token) and token-aligned logits.
+        """Score texts: the training loss (NLL per labelled token), each text's NLL and, in
+        evaluation mode, token-aligned causal scores (see [`SentenceLMCausalLMOutput`]).
 
         Args:
             input_ids: ``(batch, seq_len)`` token ids, padded on either side; every text is
-                taken as complete (its end is a stop decision).
+                taken as complete (its end is a stop decision). A text's last token may be the EOS
+                id, as TRL's ``SFTTrainer`` and some tokenizers append it: it is read as the end
+                of the text (see :meth:`_trailing_eos`).
             attention_mask: ``(batch, seq_len)``, 1 on real tokens.
-            labels: optional ``(batch, seq_len)``: ``input_ids`` with ``-100`` where no loss is
-                wanted (a prompt, padding), shifted inside as by every `transformers` causal LM.
-                Only the labelled tokens' terms count in ``loss`` (see below), and ``lm_loss``
-                is the cross-entropy of the aligned ``logits`` against them.
-            shift_labels: the same, already shifted (``shift_labels[:, t]`` is the label of
-                token ``t + 1``); give ``labels`` or ``shift_labels``, not both.
-            num_items_in_batch: the number of labelled tokens of the whole batch when the
-                Trainer accumulates gradients over several batches: ``loss`` is divided by it
-                instead of this batch's count, as `transformers`' causal LMs do.
-            sentence_ids: accepted so that ``model(**tokenizer(...))`` works, and ignored: the
-                model segments ``input_ids`` itself with the same rule.
-            position_ids: optional ``(batch, seq_len)``, as padding-free packing collators give
-                them (TRL's ``packing=True``, `DataCollatorWithFlattening`): where they restart at 0
-                after a row's first token, a new text begins, and each text of the row is scored on
-                its own, from the start state, as if it were a row of its own (its trailing EOS is
-                its end; see below). ``logits`` keep the row's layout (no score at a text's last
-                token for the next text's first: that belongs to no text); ``nll`` and
-                ``num_tokens`` add up each row's texts; ``hidden_states``, ``attentions`` and
-                ``slot_mask`` have one row per text, in order. Positions that count up through
-                the row (or padding) change nothing: sentence positions are the model's own.
+            labels: optional ``input_ids`` with ``-100`` where no loss is wanted (a prompt,
+                padding), shifted inside as by every `transformers` causal LM: only the
+                labelled tokens' terms count in ``loss`` (:func:`_counted_terms` says which), and
+                ``lm_loss`` is the cross-entropy of the aligned ``logits`` against them.
+            shift_labels: the same, already shifted; give ``labels`` or ``shift_labels``, not both.
+            num_items_in_batch: the labelled tokens of the whole batch when the Trainer
+                accumulates gradients: ``loss`` is divided by it instead of this batch's count.
+            sentence_ids: accepted so that ``model(**tokenizer(...))`` works, and ignored (the
+                model segments ``input_ids`` itself with the same rule).
+            position_ids: as padding-free packing collators give them (TRL's ``packing=True``,
+                `DataCollatorWithFlattening`): where they restart at 0 inside a row, a new text
+                begins, and each text is scored as a row of its own (:meth:`_forward_packed`).
+                Otherwise ignored: sentence positions are the model's own.
             output_hidden_states, output_attentions: also return the backbone's (see
                 [`SentenceLMModel.forward`]).
-            logits_to_keep: which positions of the causal token scores ``logits`` to compute.
-                By default (``None``) all of them in evaluation mode and none in training mode:
-                the loss needs none, so a training step (Trainer, `accelerate`, a plain loop)
-                computes the loss terms only, straight from the Sentence Decoder's states
-                (:func:`~sentence_lm.cross_entropy.output_layer_nll`), and ``logits`` and
-                ``lm_loss`` are ``None``. ``0``: all positions in any mode; an int ``n > 0``:
-                the last ``n`` (as `transformers` causal LMs); a 1-D tensor of positions: those
-                (an empty one: none, for a fast ``nll`` in evaluation mode). ``lm_loss`` needs
-                all positions.
-
-        Which terms a label keeps: a sentence token's term counts when the token is labelled;
-        the end-of-sentence term of a sentence and the stop decision after it count when the
-        sentence's last token is labelled (they decide what follows that token); the decision
-        at the start state counts when the text's first token is labelled. So with a masked
-        prompt, the completion's tokens, its sentence ends and its final stop are trained, and
-        the prompt is not. Without labels every term counts.
-
-        A text's last token may be the EOS id (``config.eos_token_id``), as TRL's ``SFTTrainer``
-        appends it to every completion and some tokenizers to every text: it is read as the end
-        of the text, not as a token (a SentenceLM ends a text with its last sentence's
-        end-of-sentence term and the stop decision). It is left out of the sentences, ``nll``
-        and ``num_tokens``, gets no score in ``logits`` (as padding), and when labelled it keeps
-        those end terms in ``loss`` and counts as one labelled item, as the Trainer counts it in
-        ``num_items_in_batch``. An EOS id anywhere else (or as a text's only token) is an
-        ordinary token.
-
-        Returns:
-            [`SentenceLMCausalLMOutput`]; its ``nll``, ``num_tokens``, ``sentence_loss``,
-            ``end_loss`` and ``stop_loss`` always describe the whole texts.
+            logits_to_keep: which positions of the causal scores ``logits`` to compute: by
+                default (``None``) all in evaluation mode and none in training mode (a training
+                step computes the loss terms straight from the Sentence Decoder's states, no
+                logits kept); ``0``: all; an int ``n > 0``: the last ``n``; a 1-D tensor: those
+                positions. **Their cost**: a ``(batch, seq_len, vocab)`` float32 tensor, the
+                decoder's first step after every sentence end, and one more backbone pass per
+                position where a sentence has ended but tokens that trail it (closing quotes,
+                brackets) follow (:func:`~sentence_lm.causal_scores.causal_scores`). For ``loss``
+                and ``nll`` only, in evaluation mode, pass an empty tensor
+                (``logits_to_keep=torch.empty(0, dtype=torch.long)``). ``lm_loss`` needs all
+                positions.
         """
         check_token_ids(input_ids, self.config.vocab_size)
         input_ids = input_ids.long()  # int32 (or other integer) ids work like int64 ones
-        if position_ids is not None:
-            texts = _packed_texts(position_ids, check_attention_mask(attention_mask, input_ids))
-            if texts is not None:
-                return self._forward_packed(
-                    texts, input_ids, labels, shift_labels, num_items_in_batch, logits_to_keep, return_dict,
-                    output_hidden_states=output_hidden_states, output_attentions=output_attentions,
-                )  # fmt: skip
+        mask = check_attention_mask(attention_mask, input_ids)
+        texts = _packed_texts(position_ids, mask) if position_ids is not None else None
+        if texts is not None:
+            return self._forward_packed(
+                texts, input_ids, labels, shift_labels, num_items_in_batch, logits_to_keep, return_dict,
+                output_hidden_states=output_hidden_states, output_attentions=output_attentions,
+            )  # fmt: skip
         target = _labelled_tokens(input_ids, labels, shift_labels)
-        text_end = self._trailing_eos(input_ids, attention_mask)
-        if bool(text_end.any()):
-            attention_mask = check_attention_mask(attention_mask, input_ids) & ~text_end
-        out = self.model(
-            input_ids, attention_mask, output_hidden_states=output_hidden_states, output_attentions=output_attentions
-        )
-        packed, hidden, slot_mask = out.packed, out.last_hidden_state, out.slot_mask
-        slots = hidden.shape[1]
-        first_slot = slots - 1 - packed.num_sentences
-
-        memory = states_before_sentences(hidden, packed)
-        # The output layer runs only on the decoder steps that have a target (no padding).
-        mask = packed.attention_mask
-        states = self.sentence_vae.teacher_forced_states(packed.input_ids, mask, memory)
-        targets = self.sentence_vae.reconstruction_targets(packed.input_ids, mask)
-        has_target = targets != -100
-        token_nll = torch.zeros(targets.shape, dtype=torch.float32, device=states.device)
+        text_end = self._trailing_eos(input_ids, mask)
+        mask = mask & ~text_end
         keep = logit_positions(logits_to_keep, self.training, input_ids.shape[1])
-        if keep is None:
-            token_nll[has_target] = self.sentence_vae.output_nll(states[has_target], targets[has_target])
-        else:
-            step_log_probs = F.log_softmax(self.sentence_vae.lm_head(states[has_target]).float(), dim=-1)
-            token_nll[has_target] = -step_log_probs.gather(1, targets[has_target][:, None]).squeeze(1)
 
-        # Stop decisions: continue at every slot but the last, stop at the last.
-        stop_logits = self.stop_head(hidden).float()
-        stop_targets = torch.full(slot_mask.shape, CONTINUE, dtype=torch.long, device=hidden.device)
-        stop_targets[:, -1] = STOP
-        stop_nll = F.cross_entropy(stop_logits.flatten(0, 1), stop_targets.flatten(), reduction="none")
-        stop_nll = stop_nll.view(slot_mask.shape) * slot_mask
-
-        batch = input_ids.shape[0]
-        sentence_nll = torch.zeros(batch, device=hidden.device).index_add_(0, packed.batch_index, token_nll.sum(1))
-        nll = sentence_nll + stop_nll.sum(1)
-        num_tokens = torch.zeros(batch, dtype=torch.long, device=hidden.device).index_add_(
-            0, packed.batch_index, packed.lengths
-        )
-        if target is None:
-            sentence_sum, stop_sum, items = sentence_nll.sum(), stop_nll.sum(), num_tokens.sum()
-        else:
-            end_labelled = (target & text_end).any(dim=1)
-            step_counted, slot_counted = _counted_terms(target, packed, first_slot, slot_mask.shape, end_labelled)
-            sentence_sum = (token_nll * step_counted).sum()
-            stop_sum = (stop_nll * slot_counted).sum()
-            items = (target & ((packed.token_sentence >= 0) | text_end)).sum()
-        if num_items_in_batch is not None:
-            items = num_items_in_batch
-        loss = (sentence_sum + self.config.stop_loss_weight * stop_sum) / items
+        # The method: sentences -> vectors -> backbone; each sentence is written from the state
+        # before it, and the stop head decides at every state whether the text ends.
+        out = self.model(input_ids, mask, output_hidden_states=output_hidden_states, output_attentions=output_attentions)
+        memory = states_before_sentences(out.last_hidden_state, out.packed)
+        terms = self._nll_terms(out, memory, keep_log_probs=keep is not None)
+        loss = terms.loss(target, text_end, num_items_in_batch, self.config.stop_loss_weight)
         next_vector_loss = None
         if self.config.next_vector_weight > 0:
-            next_vector_loss = next_vector_loss_of(
-                memory.float(), out.sentence_vectors.detach().float(), self.config.next_vector_objective
-            )
+            vectors = out.sentence_vectors.detach().float()
+            next_vector_loss = next_vector_loss_of(memory.float(), vectors, self.config.next_vector_objective)
             loss = loss + self.config.next_vector_weight * next_vector_loss
+
         logits = lm_loss = None
         if keep is not None:
-            step_index = has_target.long().flatten().cumsum(0).view(has_target.shape) - 1
-            logits = self.causal_scores(input_ids, attention_mask, out, step_log_probs, step_index, keep)
-        if logits is not None and isinstance(keep, slice) and (labels is not None or shift_labels is not None):
-            if shift_labels is None:
-                shift_labels = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)
-            lm_loss = F.cross_entropy(
-                logits[:, :-1].float().flatten(0, 1),
-                shift_labels[:, :-1].flatten().to(logits.device, torch.long),
-                ignore_index=-100,
-            )
+            logits = causal_scores(self, input_ids, mask, out, terms.step_log_probs, terms.step_index, keep)
+            if isinstance(keep, slice) and (labels is not None or shift_labels is not None):
+                lm_loss = _shifted_cross_entropy(logits, labels, shift_labels)
         output = SentenceLMCausalLMOutput(
             loss=loss,
             logits=logits,
             lm_loss=lm_loss,
-            sentence_loss=sentence_nll.sum() / has_target.sum(),
-            end_loss=token_nll[torch.arange(len(packed.lengths), device=token_nll.device), packed.lengths].mean(),
-            stop_loss=stop_nll.sum() / slot_mask.sum(),
             next_vector_loss=next_vector_loss,
-            nll=nll,
-            num_tokens=num_tokens,
             hidden_states=out.hidden_states,
             attentions=out.attentions,
-            slot_mask=slot_mask if output_hidden_states else None,
+            slot_mask=out.slot_mask if output_hidden_states else None,
+            **terms.summary(),
         )
         return output if return_dict is not False else output.to_tuple()
+
+    def _nll_terms(self, out: SentenceLMModelOutput, memory: torch.Tensor, keep_log_probs: bool) -> "NLLTerms":
+        """Every NLL term of the texts of ``out``: the Sentence Decoder's at each teacher-forced
+        step of each sentence, written from ``memory`` (the states before the sentences), and the
+        stop head's at every slot (go on at every slot but the last, stop at the last). With
+        ``keep_log_probs`` the decoder's log-probabilities are kept for the causal scores; else the
+        output layer runs on the steps that have a target only, keeping no logits."""
+        vae, packed, hidden, slot_mask = self.sentence_vae, out.packed, out.last_hidden_state, out.slot_mask
+        states = vae.teacher_forced_states(packed.input_ids, packed.attention_mask, memory)
+        targets = vae.reconstruction_targets(packed.input_ids, packed.attention_mask)
+        has_target = targets != -100
+        token_nll = torch.zeros(targets.shape, dtype=torch.float32, device=states.device)
+        step_log_probs = None
+        if keep_log_probs:
+            step_log_probs = F.log_softmax(vae.lm_head(states[has_target]).float(), dim=-1)
+            token_nll[has_target] = -step_log_probs.gather(1, targets[has_target][:, None]).squeeze(1)
+        else:
+            token_nll[has_target] = vae.output_nll(states[has_target], targets[has_target])
+        stop_targets = torch.full(slot_mask.shape, CONTINUE, dtype=torch.long, device=hidden.device)
+        stop_targets[:, -1] = STOP
+        stop_logits = self.stop_head(hidden).float()
+        stop_nll = F.cross_entropy(stop_logits.flatten(0, 1), stop_targets.flatten(), reduction="none")
+        stop_nll = stop_nll.view(slot_mask.shape) * slot_mask
+        return NLLTerms(packed, token_nll, has_target, stop_nll, slot_mask, step_log_probs)
 
     def _forward_packed(
         self, texts, input_ids, labels, shift_labels, num_items_in_batch, logits_to_keep, return_dict, **outputs
     ):
         """`forward` on rows that hold several texts (``texts``, from :func:`_packed_texts`): each
-        text becomes a row of its own, and what is per position or per row is put back."""
+        text becomes a row of its own, scored from the start state (its trailing EOS is its end),
+        and what is per position or per row is put back: ``logits`` keep the row's layout (no
+        score at a text's last token for the next text's first: that belongs to no text); the
+        per-text sums (``nll``, ``num_tokens``, ``sentence_nll``, ...) add up each row's texts;
+        ``hidden_states``, ``attentions`` and ``slot_mask`` have one row per text, in order."""
         rows, starts, lengths = texts
         batch, seq_len = input_ids.shape
         width = int(lengths.max())
@@ -577,14 +681,22 @@ class SentenceLMForCausalLM(SentenceLMPreTrainedModel, SentenceGenerationMixin):
             logits[rows[:, None].expand_as(columns)[inside], columns[inside]] = out.logits[inside]
             logits = logits[:, keep]
         out.logits = logits
-        out.nll = out.nll.new_zeros(batch).index_add_(0, rows, out.nll)
-        out.num_tokens = out.num_tokens.new_zeros(batch).index_add_(0, rows, out.num_tokens)
+        for name in ("nll", "num_tokens", "sentence_nll", "end_nll", "stop_nll", "num_sentences"):
+            per_text = getattr(out, name)
+            setattr(out, name, per_text.new_zeros(batch).index_add_(0, rows, per_text))
         return out if return_dict is not False else out.to_tuple()
 
     def _trailing_eos(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """``(batch, seq_len)`` bool: each text's last token where it is the EOS id and follows
         at least one text token (a leading BOS does not count), i.e. where it marks the end of the
-        text rather than being its only token (see `forward`)."""
+        text rather than being its only token.
+
+        TRL's ``SFTTrainer`` appends the EOS to every completion, and some tokenizers to every
+        text; a SentenceLM ends a text with its last sentence's end-of-sentence term and the stop
+        decision. So such an EOS is left out of the sentences, ``nll`` and ``num_tokens``, gets no
+        score in ``logits`` (as padding), and when labelled it keeps those end terms in ``loss``
+        and counts as one labelled item, as the Trainer counts it in ``num_items_in_batch``. An
+        EOS id anywhere else (or as a text's only token) is an ordinary token."""
         mask = check_attention_mask(attention_mask, input_ids)
         content = self.model.content_mask(input_ids, mask)
         seq_len = input_ids.shape[1]
@@ -596,127 +708,6 @@ class SentenceLMForCausalLM(SentenceLMPreTrainedModel, SentenceGenerationMixin):
         is_end = content[rows, last] & (input_ids[rows, last] == self.config.eos_token_id) & (content.sum(1) > 1)
         ends[rows[is_end], last[is_end]] = True
         return ends
-
-    def causal_scores(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        out: SentenceLMModelOutput,
-        step_log_probs: torch.Tensor,
-        step_index: torch.Tensor,
-        positions: torch.Tensor | slice = slice(None),
-    ) -> torch.Tensor:
-        """Causal next-token scores ``(batch, seq_len, vocab)``: ``logits[:, t]`` are the
-        log-probabilities of token ``t + 1`` given tokens ``0..t`` only, with the sentence-boundary
-        decision marginalised rather than read off token ``t + 1``.
-
-        ``step_log_probs`` are the Sentence Decoder's log-probabilities at its teacher-forced steps
-        and ``step_index`` ``(num_sentences, max_len + 1)`` the row of each step in them. With a
-        tensor of ``positions`` only those are computed: ``(batch, len(positions), vocab)``.
-
-        After token ``t`` of the current sentence ``S`` (the sentence so far), ``P_dec`` the
-        Sentence Decoder's next step after ``S``, ``P(continue)`` the stop head's and ``P_next``
-        the decoder's first step after ``S`` closed and appended to the backbone:
-
-        * ``S`` not ended (no sentence end since its start) and shorter than ``max_sentence_len``:
-          every token continues ``S``: ``P(v) = P_dec(v | S)``;
-        * ``S`` ended (a sentence-end token, then only trailing tokens): a token that would trail
-          it (closing quotes, brackets, punctuation, whitespace; see `trails_after`) continues
-          ``S``: ``P(v) = P_dec(v | S)``; any other token starts the next sentence:
-          ``P(v) = P_dec(end-of-sentence | S) * P(continue) * P_next(v)``;
-        * ``S`` holds ``max_sentence_len`` tokens: every token starts the next sentence (the
-          second form);
-        * at a leading BOS (the start state): ``P(v) = P(continue) * P_next(v)``.
-
-        The EOS id stands for the end of the text (as a trailing EOS is read, see `forward`): once
-        ``S`` has ended (or is full) it gets ``P_dec(end-of-sentence | S) * P(stop)``, the text
-        ending there, which is what ``nll`` charges for the text's end; inside a sentence that has
-        not ended it gets ``P_dec(end-of-sentence | S)`` (the stop decision after an unfinished
-        sentence would need the backbone run on every prefix). The scores are *not* renormalised:
-        ``exp(logsumexp(logits[:, t]))`` is 1 inside a sentence and ``1`` minus the mass no next
-        token can express after a sentence end: continuations the segmentation rules out (a word
-        that would glue onto the ended sentence) and an empty next sentence. So the sum of
-        ``-logits[t, token t + 1]`` over a text plus its end terms (the last sentence's end and
-        the stop decision; the EOS score when the text ends with a closed sentence and an EOS)
-        is ``nll``; tools that ``log_softmax`` the logits (``lm_loss``, lm-evaluation-harness) get
-        the distribution renormalised over the next tokens.
-        """
-        vae, model = self.sentence_vae, self.model
-        packed, hidden = out.packed, out.last_hidden_state
-        batch, seq_len = input_ids.shape
-        device, eos = hidden.device, self.config.eos_token_id
-        mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
-        content = model.content_mask(input_ids, mask)
-        pending, full = boundary_states(input_ids, vae.boundary_table, vae.config.max_sentence_len, content)
-        sentence, position = packed.token_sentence, packed.token_position
-        in_text = sentence >= 0
-        first_slot = hidden.shape[1] - 1 - packed.num_sentences
-        safe_sentence = sentence.clamp(min=0)
-        # The positions computed (sorted, each once) and, per position, its column in `scores`.
-        inverse = None
-        if isinstance(positions, slice):
-            columns = torch.arange(seq_len, device=device)
-        else:
-            columns, inverse = torch.unique(positions.to(device), sorted=True, return_inverse=True)
-        wanted = torch.zeros(seq_len, dtype=torch.bool, device=device)
-        wanted[columns] = True
-        column_of = torch.full((seq_len,), -1, dtype=torch.long, device=device)
-        column_of[columns] = torch.arange(len(columns), device=device)
-
-        # P_dec(. | S): the decoder's step after token t in its sentence (its end step after the last).
-        step_rows = step_index[safe_sentence, position + 1][:, columns]
-        scores = step_log_probs[step_rows]  # a new tensor: edited in place below
-
-        # The states after a closed S: at the sentence's own slot when S is a whole sentence of the
-        # text, else (S ended but the text trails it) from S's tokens encoded and put in that slot.
-        closing = in_text & (pending | full) & wanted
-        whole = closing & (position + 1 == packed.lengths[safe_sentence])
-        rows, cols = torch.nonzero(closing, as_tuple=True)
-        sentences = sentence[rows, cols]
-        slots = first_slot[rows] + 1 + packed.sentence_index[sentences]
-        states = hidden[rows, slots]
-        partial = ~whole[rows, cols]
-        if bool(partial.any()):
-            prefix_len = position[rows, cols][partial] + 1
-            ids = packed.input_ids[sentences[partial]]
-            prefix_mask = torch.arange(ids.shape[1], device=device) < prefix_len[:, None]
-            vectors = vae.encode(ids, prefix_mask)
-            inputs, slot_mask = model.slot_inputs(out.sentence_vectors, packed)
-            hyp_rows, hyp_slots = rows[partial], slots[partial]
-            hyp_inputs = inputs[hyp_rows].clone()
-            hyp_inputs[torch.arange(len(hyp_rows), device=device), hyp_slots] = vectors.to(hyp_inputs.dtype)
-            hyp_hidden = model.run_backbone(hyp_inputs, slot_mask[hyp_rows]).last_hidden_state
-            states = states.clone()
-            states[partial] = hyp_hidden[torch.arange(len(hyp_rows), device=device), hyp_slots]
-
-        # The start state predicts the first token after a leading BOS.
-        first = torch.argmax(mask.long(), dim=1)
-        batch_rows = torch.arange(batch, device=device)
-        has_bos = mask[batch_rows, first] & ~content[batch_rows, first] & wanted[first]
-        start_rows = batch_rows[has_bos]
-        all_states = torch.cat([states, hidden[start_rows, first_slot[start_rows]]])
-        new_sentence = self._next_sentence_scores(all_states)
-        at = column_of[cols]
-        sentence_end = scores[rows, at, eos]
-        keep = trails_after(vae.boundary_table, input_ids[rows, cols]) & ~full[rows, cols][:, None]
-        closed = torch.where(keep, scores[rows, at], sentence_end[:, None] + new_sentence[: len(rows)])
-        # The EOS id after a closed sentence is the text ending there (as a trailing EOS is read).
-        closed[:, eos] = sentence_end + F.log_softmax(self.stop_head(states).float(), dim=-1)[:, STOP]
-        scores[rows, at] = closed
-        scores[start_rows, column_of[first[start_rows]]] = new_sentence[len(rows) :]
-        scored = in_text.clone()
-        scored[start_rows, first[start_rows]] = True
-        scores[~scored[:, columns]] = 0.0  # padding: no prediction
-        return scores if inverse is None else scores[:, inverse]
-
-    def _next_sentence_scores(self, states: torch.Tensor) -> torch.Tensor:
-        """``log P(continue) + log P_next(v)`` from backbone states ``(n, hidden)``: the stop head's
-        decision to go on, then the Sentence Decoder's first step of the next sentence."""
-        cont = F.log_softmax(self.stop_head(states).float(), dim=-1)[:, CONTINUE]
-        # One masked padding token after BOS: the decoder's step at BOS is causal, so it is the first step.
-        pad = torch.full((states.shape[0], 1), self.config.pad_token_id, dtype=torch.long, device=states.device)
-        first_step = self.sentence_vae.teacher_forced_states(pad, torch.zeros_like(pad, dtype=torch.bool), states)[:, 0]
-        return cont[:, None] + F.log_softmax(self.sentence_vae.lm_head(first_step).float(), dim=-1)
 
     # ------------------------------------------------------------------------------ building
     @classmethod
@@ -852,8 +843,7 @@ def states_before_sentences(hidden: torch.Tensor, packed) -> torch.Tensor:
     """The backbone state each packed sentence is written from, ``(num_sentences, hidden)``: the
     state of the slot before it, from left-padded slot states ``hidden`` ``(batch, slots, hidden)``
     (:meth:`SentenceLMModel.slot_inputs`' layout)."""
-    first_slot = hidden.shape[1] - 1 - packed.num_sentences
-    return hidden[packed.batch_index, first_slot[packed.batch_index] + packed.sentence_index]
+    return hidden[packed.batch_index, packed.sentence_slots(hidden.shape[1]) - 1]
 
 
 def _packed_texts(position_ids: torch.Tensor, mask: torch.Tensor):
@@ -911,18 +901,31 @@ def _labelled_tokens(
     return target
 
 
+def _shifted_cross_entropy(
+    logits: torch.Tensor, labels: torch.Tensor | None, shift_labels: torch.Tensor | None
+) -> torch.Tensor:
+    """``lm_loss``: the cross-entropy of token-aligned ``logits`` ``(batch, seq_len, vocab)``
+    against ``labels`` shifted by one (or ``shift_labels``, shifted already), as a token model's."""
+    if shift_labels is None:
+        shift_labels = torch.cat([labels[:, 1:], torch.full_like(labels[:, :1], -100)], dim=1)
+    return F.cross_entropy(
+        logits[:, :-1].float().flatten(0, 1),
+        shift_labels[:, :-1].flatten().to(logits.device, torch.long),
+        ignore_index=-100,
+    )
+
+
 def _counted_terms(
-    target: torch.Tensor,
-    packed: PackedSentences,
-    first_slot: torch.Tensor,
-    slots: torch.Size,
-    end_labelled: torch.Tensor,
+    target: torch.Tensor, packed: PackedSentences, slots: torch.Size, end_labelled: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Which loss terms the labelled tokens ``target`` keep: ``(num_sentences, max_len + 1)``
-    decoder steps (a token's own, then the end of sentence: counted when the sentence's last
-    token is) and ``(batch, slots)`` stop decisions (after a sentence: as its last token; at the
-    start state: as the text's first token). ``end_labelled`` ``(batch,)``: the text's trailing
-    EOS is labelled, which also keeps its last sentence's end of sentence and the final stop."""
+    decoder steps and ``(batch, slots)`` stop decisions. A sentence token's term counts when the
+    token is labelled; the end-of-sentence term of a sentence and the stop decision after it count
+    when the sentence's last token is labelled (they decide what follows that token); the decision
+    at the start state counts when the text's first token is labelled. So with a masked prompt,
+    the completion's tokens, its sentence ends and its final stop are trained, and the prompt is
+    not. ``end_labelled`` ``(batch,)``: the text's trailing EOS is labelled, which also keeps its
+    last sentence's end of sentence and the final stop."""
     in_sentence = packed.token_sentence >= 0
     steps = torch.zeros(packed.input_ids.shape[0], packed.input_ids.shape[1] + 1, dtype=torch.bool, device=target.device)
     steps[packed.token_sentence[in_sentence], packed.token_position[in_sentence]] = target[in_sentence]
@@ -933,9 +936,9 @@ def _counted_terms(
     steps[sentences, packed.lengths] = last
     decisions = torch.zeros(slots, dtype=torch.bool, device=target.device)
     rows = packed.batch_index
-    decisions[rows, first_slot[rows] + 1 + packed.sentence_index] = last
+    decisions[rows, packed.sentence_slots(slots[1])] = last
     opening = packed.sentence_index == 0
-    decisions[rows[opening], first_slot[rows[opening]]] = steps[sentences[opening], 0]
+    decisions[rows[opening], packed.first_slots(slots[1])[rows[opening]]] = steps[sentences[opening], 0]
     return steps, decisions
 
 

@@ -17,22 +17,9 @@ from transformers.utils import ModelOutput
 from .checkpointing import SafeCheckpointMixin
 from .configuration_sentence_vae import SentenceVAEConfig
 from .cross_entropy import output_layer_nll
+from .decoding import ban_empty_sentence, blank_token_scores, causal_key_mask, pick_next_token
 from .segmentation import build_boundary_table, segment_sentences
 from .validation import check_attention_mask, check_budget, check_token_ids, logit_positions
-
-
-def pick_next_token(scores: torch.Tensor, do_sample: bool) -> torch.Tensor:
-    """The next choice of each row from ``(rows, choices)`` processed scores: sampled from their
-    softmax when ``do_sample``, else the argmax (greedy)."""
-    return torch.multinomial(scores.softmax(dim=-1), 1).squeeze(1) if do_sample else scores.argmax(dim=-1)
-
-
-def blank_token_scores(rows: int, width: int, vocab: int, pad: int, device) -> torch.Tensor:
-    """``(rows, width, vocab)`` scores of positions that hold no token: ``-inf`` everywhere but
-    ``0`` at ``pad``, so that their argmax is the padding returned there."""
-    blank = torch.full((rows, width, vocab), float("-inf"), device=device)
-    blank[..., pad] = 0.0
-    return blank
 
 
 GROUP_LENGTH_RATIO = 4 / 3
@@ -212,22 +199,23 @@ class SentenceDecoderLayer(GradientCheckpointingLayer):
     def forward(
         self,
         hidden_states: torch.Tensor,
-        memory: torch.Tensor | None,
         attention_mask: torch.Tensor | None,
+        memory: torch.Tensor,
+        cross: torch.Tensor | None = None,
         cache: DynamicCache | None = None,
-        cross_states: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``memory``: ``(n, m, H)`` the sentence vector as the decoder reads it (see
-        :meth:`SentenceDecoder.memory`). ``cross_states``: this layer's per-sentence state from
-        :meth:`cross_attention_state`, used instead of ``memory``."""
+        :meth:`SentenceDecoder.memory`); ``cross``: what this layer's cross-attention needs of it,
+        computed once per sentence (:meth:`cross_attention_state`), or ``None`` to attend to
+        ``memory`` at every position (exact attention dropout in training)."""
         hidden_states = hidden_states + self.dropout(
             self.self_attn(self.self_attn_layer_norm(hidden_states), attention_mask=attention_mask, cache=cache)
         )
-        if cross_states is None or cross_states.shape[1] > 1:
-            cross_states = self.cross_attn(
-                self.cross_attn_layer_norm(hidden_states), key_value_states=memory, projected_keys_values=cross_states
+        if cross is None or memory.shape[1] > 1:
+            cross = self.cross_attn(
+                self.cross_attn_layer_norm(hidden_states), key_value_states=memory, projected_keys_values=cross
             )
-        hidden_states = hidden_states + self.dropout(cross_states)
+        hidden_states = hidden_states + self.dropout(cross)
         return hidden_states + self.dropout(self.ffn(self.final_layer_norm(hidden_states)))
 
     def cross_attention_state(self, memory: torch.Tensor) -> torch.Tensor:
@@ -242,6 +230,48 @@ class SentenceDecoderLayer(GradientCheckpointingLayer):
         if memory.shape[1] == 1:
             return attn.out_proj(attn.v_proj(memory))
         return attn.project_keys_values(memory)
+
+
+@dataclass
+class DecoderConditioning:
+    """What the Sentence Decoder reads of each row's sentence vector (from
+    :meth:`SentenceDecoder.conditioning`), so that it is computed once per sentence, not per token.
+
+    Attributes:
+        memory: ``(n, m, H)`` what cross-attention attends to (see :meth:`SentenceDecoder.memory`).
+        cross: per decoder layer, what its cross-attention needs of ``memory`` (see
+            :meth:`SentenceDecoderLayer.cross_attention_state`); ``None``: attend to ``memory``
+            at every position (exact attention dropout in training).
+        inputs: with ``condition_inputs``, the ``(n, 1, H)`` term added to every decoder input
+            (:meth:`SentenceDecoder.input_condition`); else ``None``.
+    """
+
+    memory: torch.Tensor
+    cross: list[torch.Tensor] | None = None
+    inputs: torch.Tensor | None = None
+
+    def select(self, rows: torch.Tensor | slice) -> "DecoderConditioning":
+        """The conditioning of ``rows`` only."""
+        return DecoderConditioning(
+            self.memory[rows],
+            None if self.cross is None else [c[rows] for c in self.cross],
+            None if self.inputs is None else self.inputs[rows],
+        )
+
+    def assign(self, rows: torch.Tensor, other: "DecoderConditioning") -> None:
+        """Put ``other`` (one row per entry of ``rows``) in place of ``rows``, in place."""
+        self.memory[rows] = other.memory.to(self.memory.dtype)
+        for mine, theirs in zip(self.cross or [], other.cross or [], strict=True):
+            mine[rows] = theirs.to(mine.dtype)
+        if self.inputs is not None:
+            self.inputs[rows] = other.inputs.to(self.inputs.dtype)
+
+    def to(self, dtype: torch.dtype) -> "DecoderConditioning":
+        return DecoderConditioning(
+            self.memory.to(dtype),
+            None if self.cross is None else [c.to(dtype) for c in self.cross],
+            None if self.inputs is None else self.inputs.to(dtype),
+        )
 
 
 class SentenceEncoder(nn.Module):
@@ -297,63 +327,39 @@ class SentenceDecoder(nn.Module):
     def forward(
         self,
         inputs_embeds: torch.Tensor,
-        memory: torch.Tensor | None,
         position_ids: torch.Tensor,
-        key_mask: torch.Tensor | None,
-        cache: DynamicCache | None = None,
-        cross_states: list[torch.Tensor] | None = None,
+        attention_mask: torch.Tensor | None,
+        conditioning: DecoderConditioning,
+        cache=None,
     ) -> torch.Tensor:
         """
         Args:
-            inputs_embeds: ``(n, q, H)`` embeddings of the new decoder inputs.
-            memory: ``(n, H)`` sentence vectors (unused when ``cross_states`` is given).
-            position_ids: ``(n, q)`` positions of the new inputs within their sentence.
-            key_mask: ``(n, k)`` validity of every key, cached ones first (``k = past + q``);
-                ``None`` when every key is valid (no padding).
+            inputs_embeds: ``(n, q, H)`` token embeddings of the new decoder inputs.
+            position_ids: ``(n, q)`` (or broadcastable) positions of the new inputs within their sentence.
+            attention_mask: ``(n, 1, q, k)`` boolean mask over every key, cached ones first
+                (:func:`~sentence_lm.decoding.causal_key_mask`); ``None`` when every query sees
+                every key.
+            conditioning: the sentence vectors as the decoder reads them (:meth:`conditioning`).
             cache: self-attention cache, updated in place.
-            cross_states: per-layer cross-attention outputs from :meth:`cross_attention_states`
-                (inference), instead of attending to ``memory`` at every position.
         """
         hidden = self.dropout(inputs_embeds + self.embed_positions(position_ids, inputs_embeds.dtype))
-        query_len = inputs_embeds.shape[1]
-        if key_mask is None and query_len == 1:
-            mask = None  # one query, every key valid: nothing to mask
-        else:
-            if key_mask is None:
-                past = cache.get_seq_length() if cache is not None else 0
-                key_mask = torch.ones(
-                    inputs_embeds.shape[0], past + query_len, dtype=torch.bool, device=inputs_embeds.device
-                )
-            key_len = key_mask.shape[1]
-            query_index = torch.arange(key_len - query_len, key_len, device=key_mask.device)[:, None]
-            key_index = torch.arange(key_len, device=key_mask.device)[None, :]
-            # Every query may see itself, so that padding rows never attend to nothing (NaN).
-            mask = (key_mask[:, None, None, :] & (key_index <= query_index)) | (key_index == query_index)
-        return self.run_layers(hidden, mask, memory, cache, cross_states)
-
-    def run_layers(
-        self,
-        hidden: torch.Tensor,
-        mask: torch.Tensor | None,
-        memory: torch.Tensor | None = None,
-        cache=None,
-        cross_states: list[torch.Tensor] | None = None,
-    ) -> torch.Tensor:
-        """The decoder layers and final LayerNorm on embedded inputs ``hidden`` ``(n, q, H)`` (token
-        and position embeddings added) with a prepared boolean attention ``mask`` ``(n, 1, q, k)``
-        (``None``: every key visible); ``memory``, ``cache`` and ``cross_states`` as in :meth:`forward`."""
-        if cross_states is None:
-            if self.input_proj is not None:
-                hidden = hidden + self.input_condition(memory)
-            memory = self.memory(memory)
-            for layer in self.layers:
-                hidden = layer(hidden, memory, mask, cache=cache)
-        else:
-            if self.input_proj is not None:
-                hidden = hidden + cross_states[-1]
-            for layer, cross in zip(self.layers, cross_states):
-                hidden = layer(hidden, None, mask, cache=cache, cross_states=cross)
+        if conditioning.inputs is not None:
+            hidden = hidden + conditioning.inputs
+        for i, layer in enumerate(self.layers):
+            cross = None if conditioning.cross is None else conditioning.cross[i]
+            hidden = layer(hidden, attention_mask, conditioning.memory, cross, cache=cache)
         return self.layer_norm(hidden)
+
+    def conditioning(self, sentence_vectors: torch.Tensor, precompute: bool = True) -> DecoderConditioning:
+        """What the decoder reads of sentence vectors ``(n, H)``; with ``precompute``, each layer's
+        cross-attention state computed once per sentence (see
+        :meth:`SentenceDecoderLayer.cross_attention_state`)."""
+        memory = self.memory(sentence_vectors)
+        return DecoderConditioning(
+            memory,
+            [layer.cross_attention_state(memory) for layer in self.layers] if precompute else None,
+            self.input_condition(sentence_vectors) if self.input_proj is not None else None,
+        )
 
     def memory(self, sentence_vectors: torch.Tensor) -> torch.Tensor:
         """What the layers cross-attend to: sentence vectors ``(n, H)`` as ``(n, m, H)``, the
@@ -361,16 +367,6 @@ class SentenceDecoder(nn.Module):
         if self.memory_proj is None:
             return sentence_vectors.unsqueeze(1)
         return self.memory_proj(sentence_vectors).view(sentence_vectors.shape[0], self.num_memory_vectors, -1)
-
-    def cross_attention_states(self, sentence_vectors: torch.Tensor) -> list[torch.Tensor]:
-        """Per-layer cross-attention states for sentence vectors ``(n, H)``, computed once per
-        sentence (see :meth:`SentenceDecoderLayer.cross_attention_state`); with
-        ``condition_inputs``, followed by the ``(n, 1, H)`` term added to every input."""
-        memory = self.memory(sentence_vectors)
-        states = [layer.cross_attention_state(memory) for layer in self.layers]
-        if self.input_proj is not None:
-            states.append(self.input_condition(sentence_vectors))
-        return states
 
     def input_condition(self, sentence_vectors: torch.Tensor) -> torch.Tensor:
         """What ``condition_inputs`` adds to every input of a sentence, ``(n, 1, H)``. The vector
@@ -608,7 +604,8 @@ class SentenceVAEModel(SentenceVAEPreTrainedModel):
             if module is not None:
                 module.requires_grad_(False)
 
-    def _decoder_embeddings(self) -> nn.Embedding:
+    def decoder_token_embeddings(self) -> nn.Embedding:
+        """The token embeddings the Sentence Decoder reads: the encoder's (``share_embeddings``) or its own."""
         return self.embed_tokens if self.decoder_embed_tokens is None else self.decoder_embed_tokens
 
     # ----------------------------------------------------------------------------- vocabulary
@@ -744,6 +741,12 @@ class SentenceVAEModel(SentenceVAEPreTrainedModel):
         embeds = self.embed_tokens(input_ids[:, : int(lengths.max())])  # one lookup: one embedding gradient
         return run_by_length(lambda rows, width: self.encoder(embeds[rows, :width], mask[rows, :width]), lengths)
 
+    def encode_as_given(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The encoder on sentences ``(n, width)`` as they are laid out, in one call: no input
+        checks and no length groups. For generation loops, which encode sentences they built
+        themselves, in shapes they choose (fixed ones, when compiled)."""
+        return self.encoder(self.embed_tokens(input_ids), attention_mask)
+
     # ----------------------------------------------------------------------------- decoder
     def teacher_forced_states(
         self,
@@ -770,10 +773,10 @@ class SentenceVAEModel(SentenceVAEPreTrainedModel):
             blanked[:, 0] = False
             decoder_ids = decoder_ids.masked_fill(blanked, self.config.pad_token_id)
         key_mask = torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1)
-        embeds = self._decoder_embeddings()(decoder_ids)  # one lookup: one embedding gradient
+        embeds = self.decoder_token_embeddings()(decoder_ids)  # one lookup: one embedding gradient
         vectors = sentence_vectors.to(embeds.dtype)
         exact_cross = self.training and self.config.attention_dropout > 0
-        cross = None if exact_cross else self.decoder.cross_attention_states(vectors)
+        conditioning = None if exact_cross else self.decoder.conditioning(vectors)
         positions = torch.arange(width + 1, device=input_ids.device)
 
         def run(rows: torch.Tensor | slice, group_width: int) -> torch.Tensor:
@@ -781,10 +784,9 @@ class SentenceVAEModel(SentenceVAEPreTrainedModel):
             group_embeds = embeds[rows, :steps]
             states = self.decoder(
                 group_embeds,
-                vectors[rows],
                 positions[:steps].expand(group_embeds.shape[0], steps),
-                key_mask[rows, :steps],
-                cross_states=None if cross is None else [c[rows] for c in cross],
+                causal_key_mask(positions[:steps], steps, key_mask[rows, :steps]),
+                self.decoder.conditioning(vectors[rows], precompute=False) if exact_cross else conditioning.select(rows),
             )
             return F.pad(states, (0, 0, 0, width - group_width))
 
@@ -975,9 +977,9 @@ class SentenceVAEModel(SentenceVAEPreTrainedModel):
         # Without padding (no prefix, or prefixes of one length) one-query steps need no mask.
         padded = not bool(key_mask[:, :first].all())
 
-        embed_tokens = self._decoder_embeddings()
+        embed_tokens = self.decoder_token_embeddings()
         dtype = embed_tokens.weight.dtype
-        cross = self.decoder.cross_attention_states(sentence_vectors.to(dtype)) if not self.training else None
+        conditioning = self.decoder.conditioning(sentence_vectors.to(dtype), precompute=not self.training)
         cache = None
         if use_cache:
             num_heads = self.config.num_attention_heads
@@ -1008,12 +1010,11 @@ class SentenceVAEModel(SentenceVAEPreTrainedModel):
         active_budget, active_prefix_len = budget, prefix_len
 
         def keep_rows(keep: torch.Tensor) -> None:
-            nonlocal active, active_lengths, active_budget, active_prefix_len, tokens, key_mask, positions, cross
+            nonlocal active, active_lengths, active_budget, active_prefix_len, tokens, key_mask, positions, conditioning
             active, active_lengths = active[keep], active_lengths[keep]
             active_budget, active_prefix_len = active_budget[keep], active_prefix_len[keep]
             tokens, key_mask, positions = tokens[keep], key_mask[keep], positions[keep]
-            if cross is not None:
-                cross = [c[keep] for c in cross]
+            conditioning = conditioning.select(keep)
             if cache is not None:
                 cache.select(keep)
 
@@ -1025,22 +1026,15 @@ class SentenceVAEModel(SentenceVAEPreTrainedModel):
                 break
             end = first + step
             new = slice(fed if use_cache else 0, end)
-            mask = key_mask[:, :end] if padded or end - new.start > 1 else None
-            hidden = self.decoder(
-                embed_tokens(tokens[:, new]),
-                sentence_vectors[active].to(dtype) if cross is None else None,
-                positions[:, new],
-                mask,
-                cache,
-                cross_states=cross,
-            )
+            mask = None
+            if padded or end - new.start > 1:
+                mask = causal_key_mask(torch.arange(new.start, end, device=device), end, key_mask[:, :end])
+            hidden = self.decoder(embed_tokens(tokens[:, new]), positions[:, new], mask, conditioning, cache)
             logits = self.lm_head(hidden[:, -1]).float()
             raw_logits = logits
             fed = end
-            if step == 0:
-                # A sentence holds at least one token: no end-of-sentence before it.
-                logits = logits.clone()
-                logits[:, eos] = torch.where(active_prefix_len == 0, float("-inf"), logits[:, eos])
+            if step == 0:  # later steps follow a written token
+                logits = ban_empty_sentence(logits, active_prefix_len, eos)
             all_rows = active.shape[0] == n
             running = None
             if logits_processor is not None or stopping_criteria is not None:

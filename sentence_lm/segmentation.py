@@ -260,6 +260,16 @@ class PackedSentences:
         width = self.input_ids.shape[1]
         return torch.arange(width, device=self.lengths.device) < self.lengths[:, None]
 
+    def first_slots(self, slots: int) -> torch.Tensor:
+        """``(batch,)`` the slot of each text's start state when its sentences sit left-padded in
+        ``slots`` backbone slots (``[padding.., start, s_0, s_1, ..]``, the SentenceLM's layout):
+        sentence ``i`` of text ``b`` is at ``first_slots[b] + 1 + i``."""
+        return slots - 1 - self.num_sentences
+
+    def sentence_slots(self, slots: int) -> torch.Tensor:
+        """``(num_sentences,)`` the slot of each packed sentence in that layout (see :meth:`first_slots`)."""
+        return self.first_slots(slots)[self.batch_index] + 1 + self.sentence_index
+
 
 def pack_sentences(input_ids: torch.Tensor, sentence_ids: torch.Tensor, pad_token_id: int) -> PackedSentences:
     """Gather the sentences given by ``sentence_ids`` (from :func:`segment_sentences`) into

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from transformers import TrainingArguments
 
 from .data import PaddingCollator
-from .trainer import SentenceVAETrainer, TimeBudgetCallback
+from .trainer import SentenceLMTrainer, TimeBudgetCallback
 
 __all__ = ["DraftHeadObjective", "add_draft_head", "draft_agreement", "draft_targets", "train_draft_head"]
 
@@ -142,7 +142,7 @@ def train_draft_head(
         dataloader_num_workers=0,
     )
     callbacks = [TimeBudgetCallback(60 * minutes)] if max_steps < 0 else []
-    trainer = SentenceVAETrainer(model=DraftHeadObjective(vae), args=args, train_dataset=train, callbacks=callbacks)
+    trainer = SentenceLMTrainer(model=DraftHeadObjective(vae), args=args, train_dataset=train, callbacks=callbacks)
     result = trainer.train()
     for parameter in vae.parameters():
         parameter.requires_grad_(True)

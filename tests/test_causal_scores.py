@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from transformers import LlamaConfig
 
 from sentence_lm import SentenceLMConfig, SentenceLMForCausalLM
-from sentence_lm.generation_runtime import STOP
+from sentence_lm.decoding import STOP
 from sentence_lm.segmentation import ENDS, TRAILS
 
 VOCAB, PAD, BOS, EOS = 48, 0, 1, 2

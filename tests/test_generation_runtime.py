@@ -82,7 +82,7 @@ def test_rows_that_wait_to_share_a_backbone_step_write_the_same_text(tokenizer, 
     alone = model.generate(**enc, max_new_tokens=NEW)
     immediate = list(sizes)
     sizes.clear()
-    monkeypatch.setattr(runtime, "rows_per_backbone_step", lambda batch, device: batch)
+    monkeypatch.setattr(runtime, "rows_per_backbone_step", lambda batch: batch)
     monkeypatch.setattr(runtime, "MAX_WAIT", 16)  # this model's rows end sentences up to 16 steps apart
     grouped = model.generate(**enc, max_new_tokens=NEW)
     assert torch.equal(alone, reference) and torch.equal(grouped, reference)

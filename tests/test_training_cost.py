@@ -16,7 +16,7 @@ from helpers import encode, tiny_sentence_opt
 import sentence_lm.modeling_sentence_vae as modeling_sentence_vae
 from sentence_lm import SentenceVAEConfig, SentenceVAEModel
 from sentence_lm.cross_entropy import output_layer_nll
-from sentence_lm.generation_runtime import CONTINUE, STOP
+from sentence_lm.decoding import CONTINUE, STOP, causal_key_mask
 
 TEXTS = [
     "The value is returned. A list of items, each one a string; the rest follows.",
@@ -37,7 +37,9 @@ def reference_decoder_states(vae, ids, mask, vectors):
     decoder_ids = torch.cat([torch.full_like(ids[:, :1], vae.config.bos_token_id), ids], dim=1)
     key_mask = torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1)
     positions = torch.arange(decoder_ids.shape[1]).expand_as(decoder_ids)
-    return vae.decoder(vae._decoder_embeddings()(decoder_ids), vectors, positions, key_mask)
+    mask = causal_key_mask(positions[0], positions.shape[1], key_mask)
+    conditioning = vae.decoder.conditioning(vectors, precompute=False)  # attend at every step
+    return vae.decoder(vae.decoder_token_embeddings()(decoder_ids), positions, mask, conditioning)
 
 
 def reference_token_nll(vae, ids, mask, vectors):

@@ -1,0 +1,110 @@
+"""The rules every next-sentence decoding loop follows, in one place: the SentenceVAE's
+`decode`, the reference loop of `generate()` and the row-scheduled runtime (drafting included)
+call these. It imports nothing of the package, so that every module may import it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+CONTINUE, STOP = 0, 1
+"""The stop head's two classes: the text goes on with another sentence, or ends here."""
+
+
+def pick_next_token(scores: torch.Tensor, do_sample: bool) -> torch.Tensor:
+    """The next choice of each row from ``(rows, choices)`` processed scores: sampled from their
+    softmax when ``do_sample``, else the argmax (greedy)."""
+    return torch.multinomial(scores.softmax(dim=-1), 1).squeeze(1) if do_sample else scores.argmax(dim=-1)
+
+
+def stop_decision(
+    stop_logits: torch.Tensor, do_sample: bool, may_stop: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``(rows,)`` whether each text ends here, from the stop head's ``(rows, 2)`` logits (greedy,
+    or sampled when ``do_sample``), only where ``may_stop`` allows it: between sentences (not
+    while a prompt's unfinished sentence waits to be continued) and after ``min_new_tokens``."""
+    stop = pick_next_token(stop_logits.float(), do_sample) == STOP
+    return stop if may_stop is None else stop & may_stop
+
+
+def ban_empty_sentence(logits: torch.Tensor, sentence_len: torch.Tensor, eos_token_id: int) -> torch.Tensor:
+    """A sentence holds at least one token: ``logits`` ``(rows, vocab)`` with the end-of-sentence
+    token banned (``-inf``) in the rows whose sentence holds no token yet (``sentence_len`` 0, the
+    prefix counted). A new tensor; ``logits`` is left as it is (its raw values may be returned)."""
+    banned = logits.clone()
+    banned[:, eos_token_id] = torch.where(sentence_len == 0, float("-inf"), banned[:, eos_token_id])
+    return banned
+
+
+def causal_key_mask(query_columns: torch.Tensor, key_len: int, key_valid: torch.Tensor | None = None) -> torch.Tensor:
+    """The Sentence Decoder's boolean self-attention mask ``(rows, 1, q, key_len)`` (``rows`` 1
+    when ``query_columns`` is 1-D): the query at column ``c`` (``query_columns`` ``(q,)`` or
+    ``(rows, q)``) sees the keys at columns ``<= c`` that ``key_valid`` ``(rows, key_len)`` marks
+    (all when ``None``), and always itself, so that a padding query never attends to nothing."""
+    key_index = torch.arange(key_len, device=query_columns.device)
+    columns = query_columns[..., None]
+    visible = key_index <= columns
+    if key_valid is not None:
+        visible = visible & key_valid[:, None, :]
+    mask = visible | (key_index == columns)
+    return mask[:, None] if mask.dim() == 3 else mask[None, None]
+
+
+def blank_token_scores(rows: int, width: int, vocab: int, pad: int, device) -> torch.Tensor:
+    """``(rows, width, vocab)`` scores of positions that hold no token: ``-inf`` everywhere but
+    ``0`` at ``pad``, so that their argmax is the padding returned there."""
+    blank = torch.full((rows, width, vocab), float("-inf"), device=device)
+    blank[..., pad] = 0.0
+    return blank
+
+
+def left_align(input_ids: torch.Tensor, keep: torch.Tensor, pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tokens of each row where ``keep`` holds, left-padded into ``(batch, max_kept)``, and
+    their mask."""
+    counts = keep.sum(dim=1)
+    width = int(counts.max()) if counts.numel() else 0
+    out = torch.full((input_ids.shape[0], width), pad, dtype=input_ids.dtype, device=input_ids.device)
+    out_mask = torch.zeros(out.shape, dtype=torch.bool, device=input_ids.device)
+    if width:
+        # Column of each kept token: (width - count) + its rank among the row's kept tokens.
+        column = (width - counts)[:, None] + keep.long().cumsum(dim=1) - 1
+        rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(keep)
+        out[rows[keep], column[keep]] = input_ids[keep]
+        out_mask[rows[keep], column[keep]] = True
+    return out, out_mask
+
+
+def running_text(input_ids: torch.Tensor, written: torch.Tensor, count: torch.Tensor, pad: int) -> torch.Tensor:
+    """What logits processors and stopping criteria see: each row's prompt as given, then its new
+    tokens so far (``written``, ``-1`` where none; ``count`` per row), left-padded with ``pad``."""
+    so_far = written[:, : int(count.max())]
+    text, _ = left_align(
+        torch.cat([input_ids, so_far.clamp(min=0)], dim=1),
+        torch.cat([torch.ones_like(input_ids, dtype=torch.bool), so_far >= 0], dim=1),
+        pad,
+    )
+    return text
+
+
+@dataclass
+class DecodingResult:
+    """What a next-sentence loop returns to `generate()`.
+
+    Attributes:
+        new_tokens: ``(batch, written)`` new tokens, ``-1`` where a row wrote none.
+        cache: the backbone's key/value cache over sentence slots.
+        num_sentences: ``(batch,)`` sentences written per row.
+        decoder_cache: the Sentence Decoder's last key/value cache (``None`` without a cache).
+        scores: ``(batch, written, vocab)`` processed scores of the new tokens, when asked for.
+        logits: ``(batch, written, vocab)`` raw logits of the new tokens, when asked for.
+        decoder_passes: ``(batch,)`` Sentence Decoder passes per row (row-scheduled runtime only).
+    """
+
+    new_tokens: torch.Tensor
+    cache: object | None
+    num_sentences: torch.Tensor
+    decoder_cache: object | None = None
+    scores: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    decoder_passes: torch.Tensor | None = None
