@@ -135,7 +135,7 @@ def test_resize_sentence_vae(share_embeddings, tmp_path):
 
     assert model.config.vocab_size == 120
     assert model.embed_tokens.weight.shape == (120, 32) and model.lm_head.weight.shape == (120, 32)
-    decoder_embeddings = model._decoder_embeddings()
+    decoder_embeddings = model.decoder_token_embeddings()
     assert decoder_embeddings.weight.shape == (120, 32)
     assert model.lm_head.weight is decoder_embeddings.weight  # tied to the decoder's table
     assert (decoder_embeddings is model.embed_tokens) == share_embeddings
@@ -153,13 +153,13 @@ def test_resize_sentence_vae(share_embeddings, tmp_path):
     model.save_pretrained(tmp_path)
     loaded = SentenceVAEModel.from_pretrained(tmp_path).eval()
     assert loaded.config.vocab_size == 120
-    assert loaded.lm_head.weight is loaded._decoder_embeddings().weight
+    assert loaded.lm_head.weight is loaded.decoder_token_embeddings().weight
     assert torch.equal(loaded.boundary_table, model.boundary_table)
     with torch.no_grad():
         assert torch.equal(loaded(ids, mask).logits, out.logits)
 
     model.resize_token_embeddings(50)  # shrinking above the special ids works too
-    assert model.config.vocab_size == 50 and model._decoder_embeddings().weight.shape[0] == 50
+    assert model.config.vocab_size == 50 and model.decoder_token_embeddings().weight.shape[0] == 50
     assert model.boundary_table.shape == (50,) and int(model.boundary_table[10]) == ENDS
 
 
