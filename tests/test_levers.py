@@ -14,6 +14,7 @@ from helpers import encode, load_script, tiny_sentence_opt
 
 from sentence_lm import SentenceVAEConfig, SentenceVAEModel, learning_curves
 from sentence_lm.corpus import default_corpus
+from sentence_lm.decoding import causal_key_mask
 
 TINY = dict(vocab_size=97, hidden_size=32, num_attention_heads=4, ffn_dim=64, max_sentence_len=12, dropout=0.0)
 
@@ -94,10 +95,10 @@ def test_memory_vectors_and_input_conditioning_match_a_written_out_decoder(field
     # The keys/values precomputed once per sentence give what attending to the memory at every
     # position gives (the path of training with attention dropout).
     vectors = model.encode(ids, mask)
-    cross = model.decoder.cross_attention_states(vectors)
+    conditioning = model.decoder.conditioning(vectors)
     layer_shape = (6, 4, 64) if m > 1 else (6, 1, 32)
-    inputs_shape = [(6, 1, 32)] if model.config.condition_inputs else []
-    assert [tuple(c.shape) for c in cross] == [layer_shape] * 2 + inputs_shape
+    assert [tuple(c.shape) for c in conditioning.cross] == [layer_shape] * 2
+    assert (conditioning.inputs is not None) == model.config.condition_inputs
     torch.testing.assert_close(model.teacher_forced_states(ids, mask, vectors), expected_states(model, ids, mask))
 
 
@@ -107,7 +108,8 @@ def expected_states(model, ids, mask):
     inputs = torch.cat([bos, ids], dim=1)
     positions = torch.arange(inputs.shape[1]).expand(len(ids), -1)
     key_mask = torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1)
-    return model.decoder(model.embed_tokens(inputs), vectors, positions, key_mask)
+    mask = causal_key_mask(positions[0], positions.shape[1], key_mask)
+    return model.decoder(model.embed_tokens(inputs), positions, mask, model.decoder.conditioning(vectors, precompute=False))
 
 
 @pytest.mark.parametrize("memory_vectors,condition_inputs", [(1, False), (3, False), (1, True)])
