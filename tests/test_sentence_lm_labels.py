@@ -221,3 +221,33 @@ def _counted_sum(model):
         prompt_sentence = prompt_only.nll[0] + alone[0, 0] + alone[1, 1]  # minus its start and final stop
         total = total + whole.nll[0] - prompt_sentence + start + after_prompt
     return total
+
+
+def test_per_text_sums_of_the_loss_parts_add_up_to_the_means_and_to_each_text_alone(model):
+    """`sentence_nll`, `end_nll` and `stop_nll` are per-text sums whose totals over their counts
+    are the batch means, whose parts add up to `nll`, and which each text gets scored alone."""
+    with torch.no_grad():
+        both = model(IDS, attention_mask=MASK, logits_to_keep=torch.empty(0, dtype=torch.long))
+        alone = [model(IDS[r : r + 1, : int(MASK[r].sum())]) for r in range(len(IDS))]
+    assert both.num_sentences.tolist() == [3, 3]
+    torch.testing.assert_close(both.sentence_nll + both.stop_nll, both.nll)
+    targets = (both.num_tokens + both.num_sentences).sum()
+    torch.testing.assert_close(both.sentence_nll.sum() / targets, both.sentence_loss)
+    torch.testing.assert_close(both.end_nll.sum() / both.num_sentences.sum(), both.end_loss)
+    torch.testing.assert_close(both.stop_nll.sum() / (both.num_sentences + 1).sum(), both.stop_loss)
+    assert bool((both.end_nll > 0).all()) and bool((both.end_nll < both.sentence_nll).all())
+    for name in ("sentence_nll", "end_nll", "stop_nll", "nll"):
+        torch.testing.assert_close(getattr(both, name), torch.cat([getattr(a, name) for a in alone]))
+
+
+def test_per_text_sums_of_packed_texts_add_up_per_row(model):
+    """With texts packed into one row (position_ids restarting at 0) each per-text sum is the sum
+    over the row's texts, as `nll` is."""
+    first, second = IDS[0, : int(MASK[0].sum())], IDS[1]
+    row = torch.cat([first, second])[None]
+    positions = torch.cat([torch.arange(len(first)), torch.arange(len(second))])[None]
+    with torch.no_grad():
+        packed = model(row, position_ids=positions)
+        apart = model(IDS, attention_mask=MASK)
+    for name in ("sentence_nll", "end_nll", "stop_nll", "nll", "num_tokens", "num_sentences"):
+        torch.testing.assert_close(getattr(packed, name), getattr(apart, name).sum(0, keepdim=True))
