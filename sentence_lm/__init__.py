@@ -11,7 +11,6 @@ from .configuration_sentence_opt import SentenceOPTConfig
 from .configuration_sentence_vae import SentenceVAEConfig
 from .corpus import default_corpus, group_paragraphs, read_text_lines, split_train_validation
 from .metrics import reconstruction_metrics
-from .generation_runtime import RowDecoderCache, SlotCache
 from .generation_sentence_lm import SentenceGenerateOutput, SentenceGenerationMixin
 from .modeling_sentence_lm import (
     SentenceLMCausalLMOutput,
@@ -20,7 +19,7 @@ from .modeling_sentence_lm import (
     SentenceLMModelOutput,
 )
 from .modeling_sentence_opt import SentenceOPTForCausalLM, SentenceOPTModel
-from .modeling_sentence_vae import SentenceDecodeOutput, SentenceDecoderCache, SentenceVAEModel, SentenceVAEOutput
+from .modeling_sentence_vae import SentenceDecodeOutput, SentenceVAEModel, SentenceVAEOutput
 from .quantization import Int8WeightOnlyConfig
 from .segmentation import PackedSentences, build_boundary_table, pack_sentences, segment_sentences
 from .tokenization_sentence_lm import SentenceTokenizer, train_sentence_tokenizer
@@ -39,9 +38,7 @@ for _config, _models in (
 __all__ = [
     "Int8WeightOnlyConfig",
     "PackedSentences",
-    "RowDecoderCache",
     "SentenceDecodeOutput",
-    "SentenceDecoderCache",
     "SentenceGenerateOutput",
     "SentenceGenerationMixin",
     "SentenceLMCausalLMOutput",
@@ -56,7 +53,6 @@ __all__ = [
     "SentenceVAEConfig",
     "SentenceVAEModel",
     "SentenceVAEOutput",
-    "SlotCache",
     "build_boundary_table",
     "default_corpus",
     "group_paragraphs",

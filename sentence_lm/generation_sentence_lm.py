@@ -177,7 +177,7 @@ class SentenceGenerationMixin(GenerationMixin):
         ``ValueError`` that names them.
         """
         # Checked before the library merges and validates them: clearer messages, and no raw TypeError.
-        _check_sampling_settings(generation_config if generation_config is not None else self.generation_config, kwargs)
+        _check_generation_settings(generation_config if generation_config is not None else self.generation_config, kwargs)
         draft_tokens = kwargs.pop("draft_tokens", None)
         generation_config, model_kwargs = self._prepare_generation_config(generation_config, **kwargs)
         if draft_tokens is None:
@@ -199,7 +199,6 @@ class SentenceGenerationMixin(GenerationMixin):
                 f"generate() got unknown arguments {sorted(unused)}; check the spelling (generation settings are "
                 "the fields of transformers.GenerationConfig)."
             )
-        _check_sampling_settings(generation_config)
         generation_config.validate()
         if generation_config.return_dict_in_generate:
             for name in ("output_hidden_states", "output_attentions"):
@@ -642,10 +641,12 @@ _INTEGER_SETTINGS = {
 """Integer generation settings and their smallest valid value."""
 
 
-def _check_sampling_settings(config: GenerationConfig, overrides: dict | None = None) -> None:
+def _check_generation_settings(config: GenerationConfig, overrides: dict | None = None) -> None:
     """Refuse generation settings of the wrong type or range with an error that names the
-    setting, before `GenerationConfig.validate` (whose messages are vaguer, and which lets some
-    through): integers that are not integers, ``max_new_tokens < 1``, ``temperature <= 0`` when
+    setting, before the library merges them (which could fail with a raw ``TypeError``) and
+    `GenerationConfig.validate` (whose messages are vaguer, and which lets some through): length
+    and count settings that are not integers or are too small (``max_new_tokens < 1``,
+    ``min_new_tokens``, ``max_length``, ``min_length``, ``top_k``), ``temperature <= 0`` when
     sampling, ``top_p`` outside (0, 1], ``num_return_sequences > 1`` without sampling.
 
     ``overrides`` are the keyword arguments of ``generate()``, which take precedence over
