@@ -376,11 +376,14 @@ class SentenceDecoder(nn.Module):
         return self.input_proj(sentence_vectors * sentence_vectors.shape[-1] ** -0.5).unsqueeze(1)
 
 
-class ParallelReadout(nn.Module):
-    """Every position of a sentence read from its sentence vector at once, without the tokens
-    before it: a learned query per position cross-attends over the decoder's memory vectors, then
-    a feed-forward block and a LayerNorm; the output layer turns the states into token logits
-    (see ``SentenceVAEConfig.parallel_readout_weight``)."""
+class DraftHead(nn.Module):
+    """The draft head: every position of a sentence read from its sentence vector at once,
+    without the tokens before it. A learned query per position cross-attends over the decoder's
+    memory vectors, then a feed-forward block and a LayerNorm; the output layer turns the states
+    into token logits. Generation drafts sentences with it (``draft_tokens``,
+    :mod:`sentence_lm.drafting`); stage 1 can train it as an auxiliary loss
+    (``SentenceVAEConfig.parallel_readout_weight``). A SentenceVAE holds it as
+    ``parallel_readout``, the name its checkpoints store it under."""
 
     def __init__(self, config: SentenceVAEConfig):
         super().__init__()
@@ -481,7 +484,7 @@ class SentenceVAEOutput(ModelOutput):
         bag_of_words_loss: with ``bag_of_words_weight > 0``, the mean NLL of the sentence's tokens
             from its vector alone (see `SentenceVAEModel.bag_of_words_loss`); else ``None``.
         parallel_readout_loss: with ``parallel_readout_weight > 0``, the mean NLL of every
-            target (tokens and end) read by the :class:`ParallelReadout`; else ``None``.
+            target (tokens and end) read by the :class:`DraftHead`; else ``None``.
     """
 
     loss: torch.Tensor | None = None
@@ -578,7 +581,7 @@ class SentenceVAEModel(SentenceVAEPreTrainedModel):
         self.bag_of_words_proj = (
             nn.Linear(config.hidden_size, config.hidden_size) if config.bag_of_words_weight > 0 else None
         )
-        self.parallel_readout = ParallelReadout(config) if config.parallel_readout_weight > 0 else None
+        self.parallel_readout = DraftHead(config) if config.parallel_readout_weight > 0 else None
         self.register_buffer("boundary_table", torch.zeros(config.vocab_size, dtype=torch.uint8))
         source = "embed_tokens.weight" if config.share_embeddings else "decoder_embed_tokens.weight"
         self._tied_weights_keys = {"lm_head.weight": source}
@@ -808,8 +811,8 @@ class SentenceVAEModel(SentenceVAEPreTrainedModel):
         log_probs = self.lm_head(self.bag_of_words_proj(sentence_vectors)).float().log_softmax(dim=-1)
         return -log_probs.gather(1, input_ids)[mask].mean()
 
-    def parallel_readout_nll(self, sentence_vectors: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Per-target NLL (float32) of the :class:`ParallelReadout` at every step that has a target
+    def draft_head_nll(self, sentence_vectors: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Per-target NLL (float32) of the :class:`DraftHead` at every step that has a target
         in ``targets`` ``(n, steps)`` (from :meth:`reconstruction_targets`)."""
         states = self.parallel_readout(self.decoder.memory(sentence_vectors), targets.shape[1])
         has_target = targets != -100
@@ -873,7 +876,7 @@ class SentenceVAEModel(SentenceVAEPreTrainedModel):
             bag_of_words = self.bag_of_words_loss(vectors, input_ids, mask)
             loss = loss + self.config.bag_of_words_weight * bag_of_words
         if self.parallel_readout is not None:
-            readout = self.parallel_readout_nll(vectors, targets).mean()
+            readout = self.draft_head_nll(vectors, targets).mean()
             loss = loss + self.config.parallel_readout_weight * readout
         output = SentenceVAEOutput(
             loss=loss,

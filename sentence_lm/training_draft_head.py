@@ -28,13 +28,13 @@ def add_draft_head(model) -> None:
     """Give ``model``'s SentenceVAE a new draft head (its ``parallel_readout``) if it has none;
     its config's ``parallel_readout_weight`` becomes 1 so that the head is built again when the
     model is loaded (the weight only matters if the SentenceVAE is trained further)."""
-    from .modeling_sentence_vae import ParallelReadout
+    from .modeling_sentence_vae import DraftHead
 
     vae = model.sentence_vae
     if vae.parallel_readout is not None:
         return
     vae.config.parallel_readout_weight = 1.0
-    head = ParallelReadout(vae.config)
+    head = DraftHead(vae.config)
     head.apply(vae._init_weights)
     vae.parallel_readout = head.to(device=vae.device, dtype=vae.lm_head.weight.dtype)
 
@@ -78,7 +78,7 @@ class DraftHeadObjective(nn.Module):
 
     def forward(self, states: torch.Tensor, labels: torch.Tensor) -> dict:
         states = states.to(self.sentence_vae.lm_head.weight.dtype)
-        return {"loss": self.sentence_vae.parallel_readout_nll(states, labels).mean()}
+        return {"loss": self.sentence_vae.draft_head_nll(states, labels).mean()}
 
 
 @torch.no_grad()
