@@ -26,7 +26,7 @@ setup(
         # matplotlib: the benchmark test draws its plots; peft: LoRA on a SentenceLM (test_sentence_lm_integrations);
         # gguf: GGUF files are read (and, in a test, written) with it; lm-eval, trl: test_tools runs
         # lm-evaluation-harness and TRL's SFTTrainer on a tiny SentenceLM
-        "test": ["pytest", "hypothesis", "matplotlib", "peft", "gguf", "lm-eval>=0.4.13", "trl>=1.16"],
+        "test": ["pytest", "hypothesis", "matplotlib", "peft", "gguf", "lm-eval>=0.4.13", "trl>=1.16", "markdown-it-py"],
         "gguf": ["gguf"],
         "plots": ["matplotlib"],
     },

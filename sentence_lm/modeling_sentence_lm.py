@@ -27,7 +27,7 @@ from .modeling_sentence_vae import SentenceVAEModel
 from .quantization import Int8WeightOnlyConfig  # noqa: F401  (registers the int8 quantizer, in checkpoints too)
 from .pretrained_layers import copy_token_model_layers, layer_settings
 from .segmentation import PackedSentences, pack_sentences
-from .validation import check_attention_mask, check_token_ids, logit_positions
+from .validation import check_attention_mask, check_forward_extras, check_token_ids, logit_positions
 
 logger = logging.get_logger(__name__)
 
@@ -419,6 +419,7 @@ class SentenceLMModel(SentenceLMPreTrainedModel):
                 they restart at 0 inside a row, marking several packed texts: those are refused
                 here (one text per row; `SentenceLMForCausalLM` scores packed texts).
         """
+        check_forward_extras(kwargs, type(self).__name__)
         check_token_ids(input_ids, self.config.vocab_size)
         if input_ids.shape[0] == 0:
             raise ValueError("input_ids holds no text (batch size 0); pass at least one row.")
@@ -571,7 +572,12 @@ class SentenceLMForCausalLM(SentenceLMPreTrainedModel, SentenceGenerationMixin):
                 and ``nll`` only, in evaluation mode, pass an empty tensor
                 (``logits_to_keep=torch.empty(0, dtype=torch.long)``). ``lm_loss`` needs all
                 positions.
+            kwargs: what tools pass every causal LM (``use_cache``, ``cache_position``, the
+                flash-attention offsets of packing collators: see
+                :data:`~sentence_lm.validation.FORWARD_IGNORED`) is ignored; ``inputs_embeds``, a
+                cache with content and any other keyword are refused.
         """
+        check_forward_extras(kwargs, type(self).__name__)
         check_token_ids(input_ids, self.config.vocab_size)
         input_ids = input_ids.long()  # int32 (or other integer) ids work like int64 ones
         mask = check_attention_mask(attention_mask, input_ids)

@@ -108,3 +108,36 @@ def logit_positions(
     if not positions_supported:
         raise ValueError(f"logits_to_keep={logits_to_keep} is not supported by this model; pass {supported}.")
     return torch.arange(seq_len - int(logits_to_keep), seq_len)
+
+
+FORWARD_IGNORED = ("use_cache", "cache_position", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
+"""Keyword arguments `transformers` tools hand every causal LM's ``forward`` that a SentenceLM's
+``forward`` may ignore: the cache settings (whole texts are scored; the cache lives in
+``generate()``) and the flash-attention offsets of padding-free packing collators
+(`DataCollatorWithFlattening`, TRL's ``packing=True``), whose ``position_ids`` mark the same texts."""
+
+
+def check_forward_extras(kwargs: dict, model_name: str) -> None:
+    """Refuse what a SentenceLM's ``forward`` cannot honour instead of ignoring it: token
+    embeddings in place of ids, a key/value cache with content, and any unknown keyword (a typo)."""
+    if kwargs.get("inputs_embeds") is not None:
+        raise ValueError(
+            f"{model_name}.forward takes input_ids, not inputs_embeds: a SentenceLM cuts the token ids into "
+            "sentences and embeds each sentence with its own encoder. Pass input_ids (the embeddings of a "
+            "SentenceLM's backbone are sentence vectors: see SentenceLMModel.run_backbone)."
+        )
+    for name in ("past_key_values", "cache"):
+        cache = kwargs.get(name)
+        if cache is not None and (not hasattr(cache, "get_seq_length") or cache.get_seq_length() > 0):
+            raise ValueError(
+                f"{model_name}.forward scores whole texts and takes no {name}: a SentenceLM's cache is over "
+                "sentence slots and lives in generate(). Pass the whole text as input_ids, or call generate() to "
+                "continue it."
+            )
+    unknown = sorted(set(kwargs) - {"inputs_embeds", "past_key_values", "cache", *FORWARD_IGNORED})
+    if unknown:
+        raise TypeError(
+            f"{model_name}.forward got unexpected keyword argument(s) {unknown}; check the spelling (it takes "
+            "input_ids, attention_mask, labels, shift_labels, position_ids, num_items_in_batch, logits_to_keep, "
+            "output_hidden_states, output_attentions, return_dict and sentence_ids)."
+        )

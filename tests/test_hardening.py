@@ -662,3 +662,27 @@ def test_generate_properties(tokenizer, model, texts, kwargs, seed):
     free = MPE - 1 - max(counts)
     if min_new == max_new and free >= max_new:
         assert lengths.tolist() == [max_new] * new.shape[0]
+
+
+def test_forward_refuses_what_it_would_otherwise_ignore(tokenizer):
+    """inputs_embeds, a cache with content and a misspelt keyword are refused by name (issue 27);
+    what tools pass every causal LM (use_cache, an empty cache) is accepted and changes nothing."""
+    from transformers import DynamicCache
+
+    model = tiny_sentence_opt(tokenizer)
+    inputs = encode(tokenizer, ["A short text. Another one."])
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    with torch.no_grad():
+        plain = model(ids, attention_mask=mask)
+        with pytest.raises(ValueError, match="not inputs_embeds"):
+            model(ids, attention_mask=mask, inputs_embeds=torch.zeros(1, ids.shape[1], 32))
+        with pytest.raises(TypeError, match=r"\['foo_bar'\].*spelling"):
+            model(ids, attention_mask=mask, foo_bar=1)
+        with pytest.raises(TypeError, match="foo_bar"):
+            model.model(ids, mask, foo_bar=1)
+        full = model.model(ids, mask, use_cache=True).cache
+        assert full.get_seq_length() > 0
+        with pytest.raises(ValueError, match="generate"):
+            model(ids, attention_mask=mask, past_key_values=full)
+        ignored = model(ids, attention_mask=mask, use_cache=False, past_key_values=DynamicCache())
+    torch.testing.assert_close(ignored.nll, plain.nll)

@@ -150,3 +150,23 @@ def test_readme_training_commands_use_real_arguments(tmp_path, monkeypatch):
     assert all("shared/" not in arg for argv in checked for arg in argv), (
         "README's commands must use data every user has: the built-in corpus, your own file, or a `datasets` name"
     )
+
+
+def test_readme_code_fences_are_closed():
+    """README.md parsed as Markdown (markdown-it-py, CommonMark): every fenced block ends at a
+    closing fence of its own. A closing fence with text after it (```` ``` For OPT...````) is no
+    closing fence, and the rest of the file would render as code."""
+    from markdown_it import MarkdownIt
+
+    lines = README.read_text(encoding="utf-8").splitlines()
+    fences = [t for t in MarkdownIt("commonmark").parse("\n".join(lines)) if t.type == "fence"]
+    assert fences, "README.md has no code blocks"
+    for token in fences:
+        start, end = token.map
+        closing = lines[end - 1].strip() if end - 1 > start else ""
+        swallowed = [line for line in token.content.splitlines() if line.lstrip().startswith(token.markup)]
+        assert set(closing) == {token.markup[0]} and len(closing) >= len(token.markup) and not swallowed, (
+            f"The code block opened at line {start + 1} of README.md is not closed where it should be (it runs "
+            f"to line {end}{', over ' + repr(swallowed[0]) if swallowed else ''}): close it with a fence on a "
+            "line of its own."
+        )
