@@ -506,6 +506,19 @@ class SentenceLMForCausalLM(SentenceLMPreTrainedModel, SentenceGenerationMixin):
                 json.dump(saved, f, indent=2, sort_keys=True)
                 f.write("\n")
 
+    def __setattr__(self, name, value):
+        # TRL's SFTTrainer swaps `forward` for a fused LM head over one backbone state per token,
+        # which a SentenceLM does not have (one per sentence): refuse it when the trainer is built.
+        code = getattr(getattr(value, "__func__", value), "__code__", None)  # functools.wraps keeps the code's own names
+        if name == "forward" and code is not None and "fused" in code.co_name and f"{os.sep}trl{os.sep}" in code.co_filename:
+            raise TypeError(
+                "TRL's SFTTrainer replaces the model's forward with a fused LM head that reads one backbone state "
+                "per token; a SentenceLM's backbone has one state per sentence (its tokens come from the Sentence "
+                "Decoder). Use sentence_lm.trl_sft.SentenceLMSFTTrainer instead: the same arguments, trained on "
+                "the model's own loss."
+            )
+        super().__setattr__(name, value)
+
     @property
     def sentence_vae(self) -> SentenceVAEModel:
         return self.model.sentence_vae

@@ -159,16 +159,57 @@ def test_lm_eval_word_perplexity_is_the_models_causal_scores(lm_eval_runs, check
 
 
 def sentence_lm_sft_trainer_class():
-    """The README's SFTTrainer subclass: the model's own loss from ``labels`` (-100 = no loss)."""
-    from trl import SFTTrainer
-
-    class SentenceLMSFTTrainer(SFTTrainer):
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            keep = ("input_ids", "attention_mask", "labels", "position_ids")
-            outputs = model(**{k: v for k, v in inputs.items() if k in keep}, use_cache=False)
-            return (outputs.loss, outputs) if return_outputs else outputs.loss
+    """The package's SFTTrainer: the model's own loss from ``labels`` (-100 = no loss)."""
+    from sentence_lm.trl_sft import SentenceLMSFTTrainer
 
     return SentenceLMSFTTrainer
+
+
+def test_plain_sft_trainer_is_refused_when_built_and_ours_keeps_the_forward(tokenizer, tmp_path):
+    """TRL's own SFTTrainer would swap in a fused LM head over per-token backbone states, which a
+    SentenceLM lacks: building it raises a TypeError naming the supported trainer, before any
+    cryptic shape error; SentenceLMSFTTrainer builds on the same arguments and leaves forward as it is."""
+    pytest.importorskip("trl")
+    from datasets import Dataset
+    from trl import SFTConfig, SFTTrainer
+
+    data = Dataset.from_list([{"prompt": "What is returned?", "completion": " The value is returned."}] * 2)
+    args = SFTConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2, report_to=[],
+                     save_strategy="no", use_cpu=True, bf16=False)  # fmt: skip
+    model = tiny_sentence_opt(tokenizer).train()
+    with pytest.raises(TypeError, match="SentenceLMSFTTrainer"):
+        SFTTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer)
+    assert "forward" not in vars(model)
+    sentence_lm_sft_trainer_class()(model=model, args=args, train_dataset=data, processing_class=tokenizer)
+    assert "forward" not in vars(model)
+
+
+def test_sft_trainer_with_gradient_accumulation_takes_the_full_batch_step(tokenizer, tmp_path):
+    """Two accumulated batches of 2 move the weights as one batch of 4 (the loss is divided by the
+    labelled tokens of both, num_items_in_batch, not averaged per batch). Plain SGD without
+    clipping, so that the size of the gradient shows (Adam's first step and clipping hide it)."""
+    pytest.importorskip("trl")
+    from datasets import Dataset
+    from trl import SFTConfig
+
+    pairs = [("What is returned?", " The value is returned. It is kept."), ("Where?", " Here."),
+             ("Who is it?", " It is the list of all the names."), ("Why?", " It helps.")]  # fmt: skip
+    data = Dataset.from_list([{"prompt": p, "completion": c} for p, c in pairs])
+    weights = []
+    for batch, steps in ((4, 1), (2, 2)):
+        args = SFTConfig(output_dir=str(tmp_path / str(batch)), max_steps=1, per_device_train_batch_size=batch,
+                         gradient_accumulation_steps=steps, learning_rate=1.0, optim="sgd", max_grad_norm=0.0, completion_only_loss=True,
+                         report_to=[], save_strategy="no", use_cpu=True, bf16=False, seed=0,
+                         dataloader_drop_last=False, shuffle_dataset=False)  # fmt: skip
+        model = tiny_sentence_opt(tokenizer).train()
+        trainer = sentence_lm_sft_trainer_class()(model=model, args=args, train_dataset=data, processing_class=tokenizer)
+        trainer.get_train_dataloader = lambda trainer=trainer: torch.utils.data.DataLoader(
+            trainer.train_dataset, batch_size=trainer.args.per_device_train_batch_size, shuffle=False,
+            collate_fn=trainer.data_collator,
+        )  # fmt: skip
+        trainer.train()
+        weights.append(model.stop_head.weight.detach().clone())
+    torch.testing.assert_close(weights[0], weights[1], rtol=1e-4, atol=1e-6)
 
 
 def test_trl_sft_trainer_completion_only(tokenizer, tmp_path):
