@@ -55,8 +55,9 @@ class SentenceGenerateOutput(GenerateDecoderOnlyOutput):
 
 class SentenceGenerationMixin(GenerationMixin):
     """`generate()` for models that write one sentence per backbone step. The model provides
-    ``self.model`` (a `SentenceLMModel`: ``content_mask``, ``slot_inputs``, ``new_cache``,
-    ``run_backbone``), ``self.stop_head`` and ``self.sentence_vae``."""
+    ``self.model`` (a `SentenceLMModel`: ``prompt_slots``, ``new_cache``, ``run_backbone``,
+    ``backbone_forward``, ``attention_implementation``), ``self.stop_head`` and
+    ``self.sentence_vae``; the rules every loop shares are in :mod:`sentence_lm.decoding`."""
 
     @torch.no_grad()
     def generate(
