@@ -57,7 +57,6 @@ import datetime
 import gc
 import json
 import os
-import platform
 import shlex
 import statistics
 import subprocess
@@ -73,7 +72,6 @@ except ImportError:  # a source checkout that is not installed: use the package 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
-import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList, PreTrainedConfig
 
 from sentence_lm import (
@@ -86,6 +84,7 @@ from sentence_lm import (
 )
 from sentence_lm.baseline import token_config_like
 from sentence_lm.corpus import default_corpus, group_paragraphs, read_text_lines
+from sentence_lm.machine import machine_info
 
 DEFAULT_CORPUS = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "grimm" / "tales.txt"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.bfloat16}
@@ -603,35 +602,6 @@ def measure_memory_point(name: str, model, prompts: torch.Tensor, new_tokens: in
 
 
 # ---------------------------------------------------------------------------------- the run
-def machine_info(device: torch.device) -> dict:
-    """The machine and library versions a benchmark ran on."""
-    cpu = platform.processor() or ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    info = dict(
-        platform=platform.platform(),
-        python=platform.python_version(),
-        cpu=cpu,
-        nproc=os.cpu_count(),
-        torch_threads=torch.get_num_threads(),
-        torch=torch.__version__,
-        transformers=transformers.__version__,
-        device=str(device),
-    )
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    with contextlib.suppress(Exception):
-        import psutil
-
-        info["memory_gb"] = round(psutil.virtual_memory().total / 2**30, 1)
-        load = os.getloadavg()
-        info["load_average_at_start"] = [round(x, 2) for x in load]
-    return info
-
-
 def run_benchmark(argv: list[str] | None = None) -> dict:
     """Run the benchmark; returns the results (also written to ``--out``)."""
     args = build_parser().parse_args(argv)
@@ -992,6 +962,15 @@ def make_plots(results: dict, directory: str) -> list[str]:
 
     os.makedirs(directory, exist_ok=True)
     written = []
+
+    def save(fig, title: str, name: str) -> None:
+        fig.suptitle(title, fontsize=10)
+        fig.tight_layout()
+        path = os.path.join(directory, name)
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+
     meta = results["meta"]
     source = "trained" if meta["sllm"]["trained"] else "random weights"
     b = meta["sllm"]["backbone"]
@@ -1024,12 +1003,7 @@ def make_plots(results: dict, directory: str) -> list[str]:
             ax.set_ylim(bottom=0)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
-        fig.suptitle(f"Greedy generation throughput, SLLM vs token model ({shape}; {device})", fontsize=10)
-        fig.tight_layout()
-        path = os.path.join(directory, "throughput.png")
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        written.append(path)
+        save(fig, f"Greedy generation throughput, SLLM vs token model ({shape}; {device})", "throughput.png")
 
     mem = results["memory"]
     if mem:
@@ -1059,20 +1033,18 @@ def make_plots(results: dict, directory: str) -> list[str]:
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
             ax.set_ylim(bottom=0)
-        fig.suptitle(f"Memory against context length, batch {mem[0]['batch']} ({shape}; {device})", fontsize=10)
-        fig.tight_layout()
-        path = os.path.join(directory, "memory.png")
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        written.append(path)
+        save(fig, f"Memory against context length, batch {mem[0]['batch']} ({shape}; {device})", "memory.png")
     return written
 
 
 def legacy_to_current(results: dict) -> dict:
-    """Results written when the baseline was always OPT (keys ``opt_*``, ``meta["opt"]``) under
-    today's names (``token_*``, ``meta["token"]``)."""
+    """Results written when the baseline was always OPT (keys ``opt_*``, ``meta["opt"]``), or with
+    the machine's ``nproc``, under today's names (``token_*``, ``meta["token"]``, ``cpu_count``)."""
     if "opt" in results["meta"]:
         results["meta"]["token"] = results["meta"].pop("opt")
+    machine = results["meta"]["machine"]
+    if "nproc" in machine:  # written before sentence_lm.machine.machine_info
+        machine["cpu_count"] = machine.pop("nproc")
     for section in ("throughput", "memory"):
         results[section] = [
             {("token_" + k[4:] if k.startswith("opt_") else k): v for k, v in row.items()} for row in results[section]
@@ -1097,7 +1069,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"token model: {meta['token']['source']} ({meta['token']['parameters'] / 1e6:.1f}M parameters)")
     print(f"prompts: {meta['corpus']}, {meta['prompt_tokens']} tokens; {meta['decoding']}")
     m = meta["machine"]
-    print(f"machine: {m.get('gpu') or m['cpu']}, {m['nproc']} CPUs ({m['torch_threads']} torch threads), torch {m['torch']}, transformers {m['transformers']}")
+    print(f"machine: {m.get('gpu') or m['cpu']}, {m['cpu_count']} CPUs ({m['torch_threads']} torch threads), torch {m['torch']}, transformers {m['transformers']}")
     print()
     print(format_tables(results))
     met = sum(v["met"] for v in results["targets"].values())

@@ -53,20 +53,22 @@ from contextlib import nullcontext
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE), str(HERE.parent / "examples")]
+sys.path.insert(0, str(HERE))  # bench_generate.py, beside this script (also when imported by the tests)
 try:
     import sentence_lm  # noqa: F401
 except ImportError:  # a source checkout that is not installed: use the package next to this folder
     sys.path.insert(0, str(HERE.parent))
 
 import torch
-from bench_generate import SHAPES, backbone_config, machine_info
+from bench_generate import SHAPES, backbone_config
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModelForCausalLM, GPT2TokenizerFast, LlamaConfig
 
 from sentence_lm import SentenceLMForCausalLM, SentenceTokenizer
-from sentence_lm.corpus import default_corpus
+from sentence_lm.baseline import load_token_model, smollm2_gguf
+from sentence_lm.corpus import default_corpus, detokenize_wikitext
 from sentence_lm.data import PaddingCollator
+from sentence_lm.machine import machine_info
 from sentence_lm.tokenization_sentence_lm import train_sentence_tokenizer
 
 SHARED_DATA = HERE.parent.parent / "shared" / "data"
@@ -96,8 +98,6 @@ def build_parser() -> argparse.ArgumentParser:
 def build_models(name: str) -> tuple[SentenceLMForCausalLM, torch.nn.Module, object, str]:
     """``(SentenceLM, token model, tokenizer, label)``; the SentenceLM starts from the token model."""
     if name == "smollm2":
-        from sentence_lm_from_smollm2 import load_token_model, smollm2_gguf
-
         folder, gguf_file = smollm2_gguf()
         token, tokenizer = load_token_model(folder, gguf_file)
         label = f"SmolLM2-135M-Instruct ({gguf_file}, dequantised to fp32)"
@@ -125,8 +125,6 @@ def build_models(name: str) -> tuple[SentenceLMForCausalLM, torch.nn.Module, obj
 
 def training_text() -> tuple[str, str]:
     if WIKITEXT.is_file():
-        from sentence_lm_from_smollm2 import detokenize_wikitext
-
         lines = WIKITEXT.read_text(encoding="utf-8").splitlines()[:20000]
         return "\n".join(detokenize_wikitext(line) for line in lines), str(WIKITEXT)
     return "\n".join(default_corpus()), "sentence_lm.corpus.default_corpus()"

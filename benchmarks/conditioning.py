@@ -16,10 +16,10 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE), str(HERE.parent / "examples")]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # quantized_nll.py, beside this script
 
 import torch  # noqa: E402
+from quantized_nll import validation_blocks, write_record  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from sentence_lm.training_sentence_opt import conditioning_nll  # noqa: E402
@@ -39,8 +39,6 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> dict:
-    from quantized_nll import validation_blocks, write_record
-
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

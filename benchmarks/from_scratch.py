@@ -37,33 +37,32 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE), str(HERE.parent / "examples")]
+sys.path.insert(0, str(HERE))  # levers.py, beside this script (also when imported by the tests)
 try:
     import sentence_lm  # noqa: F401
 except ImportError:  # a source checkout that is not installed
     sys.path.insert(0, str(HERE.parent))
 
 import torch
-from levers import CurveCallback, blocks_of, training_arguments, wikitext_paragraphs
+from levers import blocks_of, training_arguments
 from transformers import LlamaConfig, set_seed
 
 from sentence_lm import SentenceLMConfig, SentenceLMForCausalLM, SentenceVAEModel
-from sentence_lm.baseline import token_baseline_trainer, token_config_like
-from sentence_lm.data import PaddingCollator, split_into_sentences
+from sentence_lm.baseline import token_baseline_trainer, token_config_like, token_nll
+from sentence_lm.corpus import text_paragraphs
+from sentence_lm.data import PaddingCollator, first_tokens, split_into_sentences
 from sentence_lm.learning_curves import fit_text, meeting, outlook_lines, plot_curves, power_law
+from sentence_lm.machine import machine_info
 from sentence_lm.tokenization_sentence_lm import train_sentence_tokenizer
-from sentence_lm.trainer import SentenceVAETrainer, TimeBudgetCallback, show_time_budget
+from sentence_lm.trainer import LearningCurveCallback, SentenceLMTrainer, TimeBudgetCallback, show_time_budget
 from sentence_lm.training_sentence_opt import text_nll
 from sentence_lm.training_sentence_vae import parse_overrides
 
 SHARED = HERE.parents[1] / "shared" / "data"
 
 
-@torch.no_grad()
 def token_model_nll(model, blocks, batch_size: int = 8) -> float:
     """NLL per token of a token model on text blocks (BOS first): every token after the BOS."""
-    from sentence_lm_from_smollm2 import token_nll
-
     return token_nll(model, blocks, None, batch_size, show_progress=False)["nll_per_token"]
 
 
@@ -75,8 +74,8 @@ def train_token_model(args, config, tokenizer, blocks, curve_blocks):
     set_seed(args.seed)
     trainer = token_baseline_trainer(token_config_like(config, args.block_size + 8), tokenizer, blocks["train"],
                                      training_arguments(args, "token_model", args.lr, args.batch, weight_decay=0.01))
-    curve = CurveCallback(60 * args.minutes, 60 * args.curve_minutes,
-                          lambda m: {"nll": token_model_nll(m, curve_blocks)})
+    curve = LearningCurveCallback(60 * args.minutes, lambda m: {"nll": token_model_nll(m, curve_blocks)},
+                                  every_seconds=60 * args.curve_minutes)
     trainer.add_callback(curve)
     show_time_budget(trainer)
     trainer.train()
@@ -92,7 +91,7 @@ def train_sentence_lm(args, config, tokenizer, blocks, curve_blocks):
     vae.set_boundary_table(tokenizer)
     sentences = split_into_sentences(blocks["train"], tokenizer, config.sentence_vae.max_sentence_len)
     stage1_args = training_arguments(args, "stage1", args.stage1_lr, args.stage1_batch, weight_decay=0.01)
-    stage1 = SentenceVAETrainer(model=vae, args=stage1_args, train_dataset=sentences,
+    stage1 = SentenceLMTrainer(model=vae, args=stage1_args, train_dataset=sentences,
                                 data_collator=PaddingCollator(tokenizer.pad_token_id),
                                 callbacks=[TimeBudgetCallback(stage1_seconds)])
     stage1.train()
@@ -101,9 +100,9 @@ def train_sentence_lm(args, config, tokenizer, blocks, curve_blocks):
     set_seed(args.seed)
     model = SentenceLMForCausalLM(config)
     model.model.sentence_vae.load_state_dict(stage1.accelerator.unwrap_model(stage1.model).state_dict())
-    curve = CurveCallback(60 * args.minutes - stage1_seconds, 60 * args.curve_minutes,
-                          lambda m: {"nll": sentence_lm_nll(m, curve_blocks)})
-    stage2 = SentenceVAETrainer(model=model, args=training_arguments(args, "stage2", args.lr, args.batch, weight_decay=0.01),
+    curve = LearningCurveCallback(60 * args.minutes - stage1_seconds, lambda m: {"nll": sentence_lm_nll(m, curve_blocks)},
+                                  every_seconds=60 * args.curve_minutes)
+    stage2 = SentenceLMTrainer(model=model, args=training_arguments(args, "stage2", args.lr, args.batch, weight_decay=0.01),
                                 train_dataset=blocks["train"], data_collator=PaddingCollator(tokenizer.pad_token_id),
                                 callbacks=[curve])
     stage2.train()
@@ -185,29 +184,16 @@ def parse_args(argv=None):
     return args
 
 
-def text_paragraphs(path: Path) -> list[str]:
-    """A file's paragraphs, detokenised when it holds WikiText markup (training and validation
-    text alike: a validation text left in WikiText's layout, `` @-@ `` and spaced punctuation,
-    costs both models tokens they never saw in training)."""
-    from sentence_lm_from_smollm2 import has_wikitext_markup
-
-    text = path.read_text(encoding="utf-8")
-    if has_wikitext_markup(text):
-        return wikitext_paragraphs(path)
-    return [p.strip() for p in text.split("\n\n") if p.strip()]
-
-
 def main(argv=None) -> dict:
+    began = time.perf_counter()
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from bench_generate import machine_info
-    from sentence_lm_from_smollm2 import first_tokens
-
-    began = time.perf_counter()
-    paragraphs = text_paragraphs(Path(args.train_file))[: args.train_paragraphs]
+    # Training and validation text alike are detokenised when they hold WikiText markup: a validation
+    # text left in WikiText's layout costs both models tokens they never saw in training.
+    paragraphs = text_paragraphs(args.train_file)[: args.train_paragraphs]
     tokenizer = train_sentence_tokenizer(paragraphs, vocab_size=args.vocab_size, max_sentence_len=args.max_sentence_len)
-    valid = text_paragraphs(Path(args.validation_file))
+    valid = text_paragraphs(args.validation_file)
     blocks = {
         "train": blocks_of(paragraphs, tokenizer, args.block_size, args.max_sentence_len, "training text"),
         "valid": blocks_of(valid, tokenizer, args.block_size, args.max_sentence_len, "validation text"),

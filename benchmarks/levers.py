@@ -7,16 +7,17 @@ tied output layer) start from the token model's, built by
 fields, and trained on sentences. ``--stage 2``: every variant is a SentenceLM on the token
 model's layers and the stage-1 SentenceVAE of ``--sentence_vae`` (saved, with its tokenizer, by a
 stage-1 run with ``--save_dir``), trained on text blocks. Both with the library's
-`SentenceVAETrainer` (or `DistillationTrainer`) and `PaddingCollator`, for the same ``--minutes``
+`SentenceLMTrainer` (or `DistillationTrainer`) and `PaddingCollator`, for the same ``--minutes``
 of training (evaluations not counted) on the same data in the same order.
 
-Data: the first ``--train_paragraphs`` paragraphs of WikiText-2 train (detokenised as
-``examples/sentence_lm_from_smollm2.py`` does) are cut into text blocks and sentences; the
+Data: the first ``--train_paragraphs`` paragraphs of WikiText-2 train (detokenised by
+:func:`sentence_lm.corpus.detokenize_wikitext`) are cut into text blocks and sentences; the
 ``--selection_paragraphs`` paragraphs after them are held out as the *selection set* every variant
 is scored on: in stage 1 the first ``--selection_sentences`` of their sentences (greedy
 reconstruction token accuracy, teacher-forced accuracy, exact sentences; see
-:func:`sentence_lm.metrics.reconstruction_metrics`), in stage 2 their first ``--selection_tokens``
-tokens in blocks (whole-text NLL per token, :func:`~sentence_lm.training_sentence_opt.text_nll`).
+:func:`sentence_lm.metrics.reconstruction_metrics`), in stage 2 the first blocks that hold
+``--selection_tokens`` scored tokens (:func:`sentence_lm.data.first_tokens`: a block's BOS is not
+counted; whole-text NLL per token, :func:`~sentence_lm.training_sentence_opt.text_nll`).
 WikiText-2 valid is not read: it stays for the final figures of the chosen recipe, so that no
 lever is picked on the numbers reported as final.
 
@@ -49,11 +50,9 @@ import datetime
 import json
 import shlex
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE), str(HERE.parent / "examples")]
 try:
     import sentence_lm  # noqa: F401
 except ImportError:  # a source checkout that is not installed
@@ -64,10 +63,13 @@ import torch
 from transformers import TrainingArguments, set_seed
 
 from sentence_lm import SentenceLMForCausalLM, SentenceTokenizer, SentenceVAEModel
-from sentence_lm.data import PaddingCollator, split_into_sentences, tokenize_texts
+from sentence_lm.baseline import load_token_model, smollm2_gguf
+from sentence_lm.corpus import text_paragraphs
+from sentence_lm.data import PaddingCollator, first_tokens, split_into_sentences, tokenize_texts
 from sentence_lm.distillation import DistillationTrainer, FrozenBackboneWarmup
+from sentence_lm.machine import machine_info
 from sentence_lm.metrics import reconstruction_metrics
-from sentence_lm.trainer import SentenceVAETrainer, TimeBudgetCallback, show_time_budget
+from sentence_lm.trainer import LearningCurveCallback, SentenceLMTrainer, show_time_budget
 from sentence_lm.training_sentence_opt import LM_CONFIG_ARGUMENTS, conditioning_nll, text_nll
 from sentence_lm.training_sentence_vae import parse_overrides
 
@@ -125,62 +127,9 @@ def parse_variants(spec: str, stage: int, lr: float, batch: int) -> list[dict]:
     return variants
 
 
-def wikitext_paragraphs(path: Path) -> list[str]:
-    from sentence_lm_from_smollm2 import detokenize_wikitext
-
-    text = "\n".join(detokenize_wikitext(line) for line in path.read_text(encoding="utf-8").splitlines())
-    return [p.strip() for p in text.split("\n\n") if p.strip()]
-
-
 def blocks_of(paragraphs: list[str], tokenizer, block_size: int, max_sentence_len: int, desc: str):
     return tokenize_texts(datasets.Dataset.from_dict({"text": paragraphs}), tokenizer, block_size, max_sentence_len,
                           desc=desc)
-
-
-def first_tokens(blocks, num_tokens: int):
-    """The first blocks that hold ``num_tokens`` tokens (at least one block)."""
-    total, count = 0, 0
-    for length in blocks["length"]:
-        if total >= num_tokens:
-            break
-        total, count = total + length, count + 1
-    return blocks.select(range(max(count, 1)))
-
-
-class CurveCallback(TimeBudgetCallback):
-    """A training-time budget that scores the model every ``every`` seconds of training (and at
-    the start and end) with ``evaluate(model) -> dict``; evaluation time is not charged."""
-
-    def __init__(self, max_seconds: float, every: float, evaluate):
-        super().__init__(max_seconds)
-        self.every, self.evaluate, self.points, self.next_mark = every, evaluate, [], 0.0
-
-    def _score(self, state, model):
-        trained = 0.0 if self.start is None else time.monotonic() - self.start
-        began = time.monotonic()
-        was_training = model.training
-        point = {"seconds": round(trained, 1), "step": state.global_step,
-                 "tokens": int(state.num_input_tokens_seen), **self.evaluate(model)}
-        model.train(was_training)
-        self.points.append(point)
-        print(f"\n[{point['seconds']:.0f} s, step {point['step']}] " + ", ".join(
-            f"{k} {v:.4f}" for k, v in point.items() if isinstance(v, float) and k != "seconds"))
-        if self.start is not None:
-            self.start += time.monotonic() - began
-        self.next_mark = trained + self.every
-
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        super().on_train_begin(args, state, control, **kwargs)
-        self._score(state, model)
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        if time.monotonic() - self.start >= self.next_mark:
-            self._score(state, model)
-        return super().on_step_end(args, state, control, **kwargs)
-
-    def on_train_end(self, args, state, control, model=None, **kwargs):
-        if not self.points or self.points[-1]["step"] != state.global_step:
-            self._score(state, model)
 
 
 def training_arguments(args, name: str, lr: float, batch: int, **overrides) -> TrainingArguments:
@@ -236,11 +185,11 @@ def run_variant(stage: int, variant: dict, args, token_model, raw_tokenizer, tok
     training = variant["training"]
     training_args = training_arguments(args, variant["name"], training["lr"], training["batch"])
     score = reconstruction_scores if stage == 1 else text_scores
-    curve = CurveCallback(60 * args.minutes, 60 * args.curve_minutes, lambda m: score(m, data["curve"]))
+    curve = LearningCurveCallback(60 * args.minutes, lambda m: score(m, data["curve"]), every_seconds=60 * args.curve_minutes)
     callbacks = [curve]
     if training.get("freeze_backbone_steps"):
         callbacks.append(FrozenBackboneWarmup(training["freeze_backbone_steps"]))
-    trainer_class, levers = SentenceVAETrainer, {}
+    trainer_class, levers = SentenceLMTrainer, {}
     if training.get("distill_weight"):
         trainer_class = DistillationTrainer
         levers = dict(teacher=token_model, distill_weight=training["distill_weight"],
@@ -303,8 +252,9 @@ def parse_args(argv=None):
     p.add_argument("--selection_paragraphs", type=int, default=200)
     p.add_argument("--selection_sentences", type=int, default=300, help="Stage 1's selection set.")
     p.add_argument("--curve_sentences", type=int, default=100, help="Stage 1's curve set.")
-    p.add_argument("--selection_tokens", type=int, default=8000, help="Stage 2's selection set.")
-    p.add_argument("--curve_tokens", type=int, default=2000, help="Stage 2's curve set.")
+    p.add_argument("--selection_tokens", type=int, default=8000,
+                   help="Stage 2's selection set: the first blocks that hold this many scored tokens (first_tokens).")
+    p.add_argument("--curve_tokens", type=int, default=2000, help="Stage 2's curve set (scored tokens).")
     p.add_argument("--block_size", type=int, default=256)
     p.add_argument("--max_sentence_len", type=int, default=64)
     p.add_argument("--threads", type=int, help="torch threads (default: torch's).")
@@ -328,9 +278,6 @@ def main(argv=None) -> dict:
     lr = args.lr if args.lr is not None else (5e-4 if stage == 1 else 2e-4)
     batch = args.batch if args.batch is not None else (32 if stage == 1 else 4)
     variants = parse_variants(args.variants or DEFAULT_VARIANTS[stage], stage, lr, batch)
-    from bench_generate import machine_info
-    from sentence_lm_from_smollm2 import load_token_model, smollm2_gguf
-
     source = (args.model, args.gguf_file) if args.model else smollm2_gguf()
     token_model, raw_tokenizer = load_token_model(*source)
     token_model.to(args.device)
@@ -339,7 +286,7 @@ def main(argv=None) -> dict:
     else:
         tokenizer = SentenceTokenizer.from_pretrained(args.sentence_vae)
     max_len = tokenizer.max_sentence_len
-    paragraphs = wikitext_paragraphs(Path(args.train_file))
+    paragraphs = text_paragraphs(args.train_file, detokenize="yes")
     end = args.train_paragraphs
     train = blocks_of(paragraphs[:end], tokenizer, args.block_size, max_len, "training text")
     held_out = blocks_of(paragraphs[end : end + args.selection_paragraphs], tokenizer, args.block_size, max_len,

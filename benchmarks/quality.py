@@ -19,11 +19,11 @@ each file's lines are held out for validation):
    together (``--no-opt_with_stage1_tokens`` leaves it out);
 3. for every H in ``--heads`` a SentenceVAE-H (H encoder and H decoder layers) is trained in
    stage 1 (about ``--vae_train_tokens`` sentence tokens, with the library's
-   ``SentenceVAETrainer`` and ``PaddingCollator`` on the sentences of
+   ``SentenceLMTrainer`` and ``PaddingCollator`` on the sentences of
    :func:`~sentence_lm.data.split_into_sentences`), then a SentenceOPT with that SentenceVAE
    (fine-tuned) and that config's backbone (every OPT field given to
    :func:`~sentence_lm.training_sentence_opt.build_sentence_opt`) is trained in stage 2
-   (``SentenceVAETrainer``, ``PaddingCollator``) on the same text examples, with the same batch
+   (``SentenceLMTrainer``, ``PaddingCollator``) on the same text examples, with the same batch
    size, steps, seed (so the same examples in the same order), optimizer and schedule as the
    baseline: the same training tokens, counted by the Trainer (``num_input_tokens_seen``,
    non-padding);
@@ -66,9 +66,7 @@ import argparse
 import json
 import math
 import os
-import platform
 import shlex
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -280,30 +278,6 @@ def train_baseline(config, data: PreparedData, settings: QualitySettings, max_st
     return trainer.accelerator.unwrap_model(trainer.model), record
 
 
-@torch.no_grad()
-def opt_nll(model, dataset, pad_token_id: int, batch_size: int = 32) -> dict:
-    """Negative log-likelihood per token of a causal LM on text examples: the sum over every
-    predicted token (positions 1..n of each ``[BOS, t_1..t_n]`` example, padding excluded) of the
-    cross-entropy, divided by their number."""
-    from sentence_lm.data import PaddingCollator
-
-    was_training = model.training
-    model.eval()
-    collate = PaddingCollator(pad_token_id)
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for start in range(0, len(dataset), batch_size):
-        batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
-        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-        targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-        total += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum"))
-        count += int((targets != -100).sum())
-    model.train(was_training)
-    nll = total / max(count, 1)
-    return {"nll_per_token": nll, "perplexity": math.exp(nll), "num_tokens": count, "num_texts": len(dataset)}
-
-
 # --------------------------------------------------------------------------------------------
 # Sentence-level LLM
 # --------------------------------------------------------------------------------------------
@@ -346,7 +320,7 @@ def train_vae(data: PreparedData, settings: QualitySettings, config, max_steps: 
 
     from sentence_lm import SentenceVAEModel
     from sentence_lm.data import PaddingCollator
-    from sentence_lm.trainer import SentenceVAETrainer
+    from sentence_lm.trainer import SentenceLMTrainer
 
     set_seed(settings.seed)
     model = SentenceVAEModel(config)
@@ -360,7 +334,7 @@ def train_vae(data: PreparedData, settings: QualitySettings, config, max_steps: 
         train_sampling_strategy="group_by_length",  # stage 1's default: less padding
         remove_unused_columns=False,
     )
-    trainer = SentenceVAETrainer(
+    trainer = SentenceLMTrainer(
         model=model,
         args=args,
         train_dataset=data.sentences["train"],
@@ -398,7 +372,7 @@ def train_sllm(
 
     from sentence_lm.configuration_sentence_opt import OPT_FIELDS
     from sentence_lm.data import PaddingCollator
-    from sentence_lm.trainer import SentenceVAETrainer
+    from sentence_lm.trainer import SentenceLMTrainer
     from sentence_lm.training_sentence_opt import SentenceOPTArguments, build_sentence_opt
 
     backbone = ",".join(f"{name}={getattr(backbone, name)!r}" for name in OPT_FIELDS)
@@ -409,7 +383,7 @@ def train_sllm(
     if tokenizer.get_vocab() != data.tokenizer.get_vocab():
         raise RuntimeError(f"The SentenceVAE in {vae_dir} was saved with another tokenizer.")
     args = training_arguments(settings, output_dir, max_steps, remove_unused_columns=False)
-    trainer = SentenceVAETrainer(
+    trainer = SentenceLMTrainer(
         model=model,
         args=args,
         train_dataset=data.texts["train"],
@@ -465,7 +439,7 @@ def sllm_nll_parts(model, dataset, batch_size: int = 32) -> dict:
 # --------------------------------------------------------------------------------------------
 def run_dataset(data: PreparedData, settings: QualitySettings, output_dir: str, log=print) -> dict:
     """Train and evaluate the baseline and the SLLM of every H on one prepared dataset."""
-    from sentence_lm.baseline import token_config_like
+    from sentence_lm.baseline import token_config_like, token_nll
     from sentence_lm.training_sentence_opt import text_nll
 
     validation = data.texts["validation"]
@@ -491,7 +465,7 @@ def run_dataset(data: PreparedData, settings: QualitySettings, output_dir: str, 
     opt_config = token_config_like(sentence_opt_config(data.tokenizer, settings), settings.block_size)
     model, train = train_baseline(opt_config, data, settings, steps, os.path.join(output_dir, "opt"))
     log(f"[{data.name}] OPT trained: {train}")
-    evaluation = opt_nll(model, validation, data.tokenizer.pad_token_id, settings.eval_batch_size)
+    evaluation = token_nll(model, validation, None, settings.eval_batch_size, show_progress=False)
     log(f"[{data.name}] OPT validation: {evaluation}")
     baseline = {"model": "OPT", "heads": None, "train": train, "eval": evaluation}
     record["models"].append(baseline)
@@ -503,7 +477,7 @@ def run_dataset(data: PreparedData, settings: QualitySettings, output_dir: str, 
             settings.train_tokens + settings.vae_train_tokens, settings.batch_size, data.mean_text_tokens()
         )
         model, train = train_baseline(opt_config, data, settings, more, os.path.join(output_dir, "opt_plus_stage1"))
-        evaluation = opt_nll(model, validation, data.tokenizer.pad_token_id, settings.eval_batch_size)
+        evaluation = token_nll(model, validation, None, settings.eval_batch_size, show_progress=False)
         log(f"[{data.name}] {LONG_OPT} validation: {evaluation} (trained: {train})")
         record["models"].append({"model": LONG_OPT, "heads": None, "train": train, "eval": evaluation})
         del model
@@ -576,11 +550,26 @@ TABLE_COLUMNS = (
 )
 
 
+def opt_of(dataset: dict) -> dict | None:
+    """A dataset's OPT baseline record (``None`` when it has none)."""
+    return next((m for m in dataset["models"] if m["model"] == "OPT"), None)
+
+
+def sllm_records(results: dict, key: str):
+    """``(dataset, its OPT record, model record)`` for each model record that holds ``key``."""
+    for dataset in results["datasets"]:
+        opt = opt_of(dataset)
+        for m in dataset["models"]:
+            if key in m:
+                yield dataset, opt, m
+
+
 def table_rows(results: dict) -> list[list[str]]:
     """Rows of the main table, one per model and dataset."""
     rows = []
     for dataset in results["datasets"]:
-        opt_ppl = next((m["eval"]["perplexity"] for m in dataset["models"] if m["model"] == "OPT"), float("nan"))
+        opt = opt_of(dataset)
+        opt_ppl = opt["eval"]["perplexity"] if opt else float("nan")
         for m in dataset["models"]:
             rec = m.get("reconstruction")
             rows.append(
@@ -623,30 +612,26 @@ PARTS_COLUMNS = (
 def parts_rows(results: dict) -> list[list[str]]:
     """The SLLMs' NLL per original token split into its parts, against OPT's."""
     rows = []
-    for dataset in results["datasets"]:
-        opt = next((m for m in dataset["models"] if m["model"] == "OPT"), None)
-        for m in dataset["models"]:
-            if "nll_parts" not in m:
-                continue
-            p = m["nll_parts"]
-            base = opt["eval"]["nll_per_token"] if opt else float("nan")
-            rows.append(
-                [
-                    dataset["dataset"],
-                    m["model"],
-                    f"{p['tokens_per_sentence']:.2f}",
-                    f"{p['tokens']:.4f}",
-                    f"{p['eos']:.4f}",
-                    f"{p['stop']:.4f}",
-                    f"{p['nll_per_token']:.4f}",
-                    f"{base:.4f}",
-                    f"{p['tokens'] / base:.3f}",
-                    "-" if m.get("ratio_to_opt_with_stage1_tokens") is None
-                    else f"{m['ratio_to_opt_with_stage1_tokens']:.3f}",
-                    str(m["vae_train"]["train_tokens"]),
-                    f"{m['vae_train']['train_seconds']:.0f}",
-                ]
-            )
+    for dataset, opt, m in sllm_records(results, "nll_parts"):
+        p = m["nll_parts"]
+        base = opt["eval"]["nll_per_token"] if opt else float("nan")
+        rows.append(
+            [
+                dataset["dataset"],
+                m["model"],
+                f"{p['tokens_per_sentence']:.2f}",
+                f"{p['tokens']:.4f}",
+                f"{p['eos']:.4f}",
+                f"{p['stop']:.4f}",
+                f"{p['nll_per_token']:.4f}",
+                f"{base:.4f}",
+                f"{p['tokens'] / base:.3f}",
+                "-" if m.get("ratio_to_opt_with_stage1_tokens") is None
+                else f"{m['ratio_to_opt_with_stage1_tokens']:.3f}",
+                str(m["vae_train"]["train_tokens"]),
+                f"{m['vae_train']['train_seconds']:.0f}",
+            ]
+        )
     return rows
 
 
@@ -664,76 +649,35 @@ def format_table(columns, rows, markdown: bool = False) -> str:
 def verdicts(results: dict) -> list[str]:
     """One plain sentence per SLLM: target met or not, by how much, and the main reason."""
     lines = []
-    for dataset in results["datasets"]:
-        opt = next((m for m in dataset["models"] if m["model"] == "OPT"), None)
-        for m in dataset["models"]:
-            if "ratio_to_opt" not in m:
-                continue
-            p, base = m["nll_parts"], opt["eval"]["nll_per_token"]
-            gap = m["eval"]["nll_per_token"] - base
-            head = (
-                f"- **{dataset['dataset']}, {m['model']}**: NLL/token {m['eval']['nll_per_token']:.3f} vs OPT "
-                f"{base:.3f} (ratio {m['ratio_to_opt']:.3f}): "
-            )
-            long_ratio = m.get("ratio_to_opt_with_stage1_tokens")
-            also = (
-                ""
-                if long_ratio is None
-                else f" Against {LONG_OPT} (OPT trained on the stage-1 + stage-2 token count) the ratio is "
-                f"{long_ratio:.3f}{' (above 1.10)' if long_ratio > TARGET_RATIO else ''}."
-            )
-            if m["target_met"]:
-                lines.append(head + "target met." + also)
-                continue
-            token_gap = p["tokens"] - base
-            extra = p["eos"] + p["stop"]
-            lines.append(
-                head
-                + f"target NOT met ({100 * (m['ratio_to_opt'] - 1):.0f}% above OPT; the target is 10%). Of the "
-                f"{gap:.3f}-nat gap, {token_gap:.3f} is on the sentence tokens themselves and {extra:.3f} is the "
-                f"end-of-sentence tokens and stop decisions that OPT does not pay for; the SentenceVAE alone "
-                f"reconstructs {100 * m['reconstruction']['token_accuracy']:.1f}% of held-out tokens "
-                f"({100 * m['reconstruction']['exact_match']:.1f}% of sentences exactly)."
-                + also
-            )
+    for dataset, opt, m in sllm_records(results, "ratio_to_opt"):
+        p, base = m["nll_parts"], opt["eval"]["nll_per_token"]
+        gap = m["eval"]["nll_per_token"] - base
+        head = (
+            f"- **{dataset['dataset']}, {m['model']}**: NLL/token {m['eval']['nll_per_token']:.3f} vs OPT "
+            f"{base:.3f} (ratio {m['ratio_to_opt']:.3f}): "
+        )
+        long_ratio = m.get("ratio_to_opt_with_stage1_tokens")
+        also = (
+            ""
+            if long_ratio is None
+            else f" Against {LONG_OPT} (OPT trained on the stage-1 + stage-2 token count) the ratio is "
+            f"{long_ratio:.3f}{' (above 1.10)' if long_ratio > TARGET_RATIO else ''}."
+        )
+        if m["target_met"]:
+            lines.append(head + "target met." + also)
+            continue
+        token_gap = p["tokens"] - base
+        extra = p["eos"] + p["stop"]
+        lines.append(
+            head
+            + f"target NOT met ({100 * (m['ratio_to_opt'] - 1):.0f}% above OPT; the target is 10%). Of the "
+            f"{gap:.3f}-nat gap, {token_gap:.3f} is on the sentence tokens themselves and {extra:.3f} is the "
+            f"end-of-sentence tokens and stop decisions that OPT does not pay for; the SentenceVAE alone "
+            f"reconstructs {100 * m['reconstruction']['token_accuracy']:.1f}% of held-out tokens "
+            f"({100 * m['reconstruction']['exact_match']:.1f}% of sentences exactly)."
+            + also
+        )
     return lines
-
-
-def machine_info() -> dict:
-    cpu = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    import datasets
-    import tokenizers
-    import transformers
-
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=False
-        ).stdout.strip()
-    except OSError:
-        commit = ""
-    return {
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-        "device": "cuda" if torch.cuda.is_available() else "cpu",
-        "load_average_at_start": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "datasets": datasets.__version__,
-        "tokenizers": tokenizers.__version__,
-        "git_commit": commit,
-    }
 
 
 HAND_WRITTEN_MARKER = "<!-- hand-written: kept when the report is regenerated -->"
@@ -873,6 +817,8 @@ def print_summary(results: dict) -> None:
 
 
 def main(argv=None) -> dict:
+    from sentence_lm.machine import machine_info
+
     args = parse_args(argv)
     if args.from_json is not None:
         with open(args.from_json) as handle:
@@ -894,7 +840,7 @@ def main(argv=None) -> dict:
     results = {
         "command": command,
         "settings": asdict(settings),
-        "machine": machine_info(),
+        "machine": machine_info(packages=("datasets", "tokenizers")),
         "requested_datasets": [name for name, _, _ in sources],
         "datasets": [],
         "wall_seconds": 0.0,

@@ -4,7 +4,7 @@ NLL per token on the same validation text in float32, bfloat16 and with int8 wei
 
 The SentenceLM's figure is its whole-text NLL per original token
 (:func:`~sentence_lm.training_sentence_opt.text_nll`); the token model's is the NLL of the same
-tokens in the same blocks (``token_nll`` of examples/sentence_lm_from_smollm2.py).
+tokens in the same blocks (:func:`sentence_lm.baseline.token_nll`).
 
     python benchmarks/quantized_nll.py --sentence_lm runs/smollm2/stage2 --token_model runs/smollm2/baseline \\
         --validation_file ../shared/data/wikitext-2-raw/valid.txt --json benchmarks/results/quantized_nll_cpu.json
@@ -20,16 +20,16 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE), str(HERE.parent / "examples")]
+import datasets
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import datasets  # noqa: E402
-import torch  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
-
-from sentence_lm import Int8WeightOnlyConfig  # noqa: E402
-from sentence_lm.data import tokenize_texts  # noqa: E402
-from sentence_lm.training_sentence_opt import text_nll  # noqa: E402
+from sentence_lm import Int8WeightOnlyConfig
+from sentence_lm.baseline import context_id_of, token_nll
+from sentence_lm.corpus import text_paragraphs
+from sentence_lm.data import first_tokens, tokenize_texts
+from sentence_lm.machine import machine_info
+from sentence_lm.training_sentence_opt import text_nll
 
 LOADING = {
     "fp32": dict(dtype=torch.float32),
@@ -54,19 +54,13 @@ def parse_args(argv=None):
 
 
 def validation_blocks(args, tokenizer, max_sentence_len: int):
-    from sentence_lm_from_smollm2 import detokenize_wikitext, first_tokens, has_wikitext_markup
-
-    text = Path(args.validation_file).read_text(encoding="utf-8")
-    if args.detokenize == "yes" or (args.detokenize == "auto" and has_wikitext_markup(text[:200_000])):
-        text = "\n".join(detokenize_wikitext(line) for line in text.splitlines())
-    paragraphs = [p.strip() for p in text.split("\n\n") if p.strip()]
+    """The first text examples of ``--validation_file`` that hold ``--eval_tokens`` scored tokens."""
+    paragraphs = text_paragraphs(args.validation_file, args.detokenize)
     blocks = tokenize_texts(datasets.Dataset.from_dict({"text": paragraphs}), tokenizer, args.block_size, max_sentence_len)
     return first_tokens(blocks, args.eval_tokens)
 
 
 def main(argv=None) -> dict:
-    from sentence_lm_from_smollm2 import context_id_of, token_nll
-
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -98,8 +92,6 @@ def main(argv=None) -> dict:
 def write_record(script: str, argv, began: float, json_path: str | None, rows: list, **extra) -> dict:
     """A scoring script's record (command, date, machine, threads, ``extra``, rows, wall time),
     written to ``json_path`` when given."""
-    from bench_generate import machine_info
-
     results = {
         "command": shlex.join(["python", script, *(sys.argv[1:] if argv is None else argv)]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

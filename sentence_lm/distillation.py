@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, TrainerCallback
 
-from .trainer import SentenceVAETrainer
+from .trainer import SentenceLMTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def check_teacher(teacher: PreTrainedModel, student: PreTrainedModel) -> None:
         )
 
 
-class DistillationTrainer(SentenceVAETrainer):
+class DistillationTrainer(SentenceLMTrainer):
     """Stage 2 with a teacher: the SentenceLM's own loss plus ``distill_weight`` times the KL
     divergence from ``teacher``'s next-token distribution (a token model on the same token ids,
     e.g. the one the backbone came from) to the SentenceLM's causal token scores, at every

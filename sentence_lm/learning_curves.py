@@ -1,8 +1,10 @@
 """Learning curves at equal training time: power-law fits, where two curves would meet, and the plot.
 
 A curve is a list of points ``{"tokens": ..., "seconds": ..., "nll": ...}`` (validation NLL per
-token after so many training tokens and seconds); ``benchmarks/from_scratch.py`` and
-``examples/sentence_lm_from_smollm2.py`` record them for a SentenceLM and its token model.
+token after so many training tokens and seconds), as
+:class:`sentence_lm.trainer.LearningCurveCallback` records them during training;
+``benchmarks/from_scratch.py`` and ``examples/sentence_lm_from_smollm2.py`` record them for a
+SentenceLM and its token model.
 """
 
 from __future__ import annotations

@@ -76,7 +76,7 @@ def _batches(data, batch_size: int, pad_token_id: int) -> Iterator[dict[str, tor
         yield pad_sequences(pending, pad_token_id)
 
 
-def _count(data, batch_size: int) -> tuple[int | None, str]:
+def _count(data) -> tuple[int | None, str]:
     """Total for the progress bar: (sentences, "sentence") when known cheaply, else batches."""
     try:
         n = len(data)
@@ -132,7 +132,7 @@ def reconstruction_metrics(
     model.eval()
     sums = torch.zeros(6, dtype=torch.float64, device=device)  # sent, tok, targets, nll, tf ok, greedy ok
     exact = torch.zeros((), dtype=torch.float64, device=device)
-    total, unit = _count(sentences, batch_size)
+    total, unit = _count(sentences)
     if max_sentences is not None and unit == "sentence":
         total = max_sentences if total is None else min(total, max_sentences)
     bar = tqdm(total=total, unit=unit, desc=desc, disable=not show_progress)

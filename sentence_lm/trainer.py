@@ -1,6 +1,7 @@
-"""The `transformers` Trainer as both stages use it: :class:`SentenceVAETrainer` (for models that
+"""The `transformers` Trainer as both stages use it: :class:`SentenceLMTrainer` (for models that
 compute their own loss), :class:`TimeBudgetCallback` (stop after a wall-clock budget),
-:func:`start_run` (logging, seed, checkpoint to resume) and the loss curve of a run."""
+:class:`LearningCurveCallback` (the same, scoring the model as it trains), :func:`start_run`
+(logging, seed, checkpoint to resume) and the loss curve of a run."""
 
 from __future__ import annotations
 
@@ -17,12 +18,20 @@ from transformers.trainer_utils import get_last_checkpoint
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BudgetProgressCallback", "SentenceVAETrainer", "TimeBudgetCallback", "show_time_budget", "start_run"]
+__all__ = [
+    "BudgetProgressCallback",
+    "LearningCurveCallback",
+    "SentenceLMTrainer",
+    "TimeBudgetCallback",
+    "show_time_budget",
+    "start_run",
+]
 
 
-class SentenceVAETrainer(Trainer):
-    """``Trainer`` for models whose forward computes their own loss from ``input_ids`` alone (no
-    ``labels``), like [`SentenceVAEModel`]: evaluation reports ``eval_loss``, and the loss (a
+class SentenceLMTrainer(Trainer):
+    """The ``Trainer`` of both stages: for models whose forward computes their own loss from
+    ``input_ids`` alone (no ``labels``), the [`SentenceVAEModel`] of stage 1 and the
+    [`SentenceLMForCausalLM`] of stage 2: evaluation reports ``eval_loss``, and the loss (a
     per-batch mean) is divided by the gradient-accumulation steps as for any mean loss."""
 
     def __init__(self, *args, **kwargs):
@@ -66,6 +75,67 @@ class TimeBudgetCallback(TrainerCallback):
             control.should_training_stop = True
             control.should_save = args.save_strategy != "no"
         return control
+
+
+class LearningCurveCallback(TimeBudgetCallback):
+    """A :class:`TimeBudgetCallback` that also scores the model as it trains: at the start, every
+    ``every_steps`` optimizer steps or every ``every_seconds`` seconds of training (give one), and
+    at the end, with ``evaluate(model) -> {name: score}``. The time spent evaluating is not charged
+    to the budget.
+
+    Each point is ``{"step", "tokens", "seconds", "eval_seconds", **scores}``: the optimizer step,
+    the Trainer's ``num_input_tokens_seen`` (the text's tokens, not its padding: the callback sets
+    ``include_num_input_tokens_seen="non_padding"``), the training seconds so far (evaluations not
+    counted) and the seconds this evaluation took. The points are appended to the Trainer's
+    ``state.log_history`` too, so they are saved with its checkpoints; after a resume
+    :attr:`points` holds the earlier ones as well, and a step already scored is not scored again.
+    The model is put back in the training mode it had before each evaluation."""
+
+    def __init__(self, max_seconds: float, evaluate, every_steps: int | None = None, every_seconds: float | None = None):
+        if (every_steps is None) == (every_seconds is None):
+            raise ValueError("LearningCurveCallback: give every_steps or every_seconds (one of them).")
+        super().__init__(max_seconds)
+        self.evaluate, self.every_steps, self.every_seconds = evaluate, every_steps, every_seconds
+        self.points: list[dict] = []
+        self.next_mark = 0.0
+
+    def _score(self, state, model) -> None:
+        if any(point["step"] == state.global_step for point in self.points):
+            return
+        began = time.monotonic()
+        trained = 0.0 if self.start is None else began - self.start
+        was_training = model.training
+        scores = self.evaluate(model)
+        model.train(was_training)
+        spent = time.monotonic() - began
+        point = {"step": state.global_step, "tokens": int(state.num_input_tokens_seen), "seconds": round(trained, 1),
+                 "eval_seconds": round(spent, 1), **scores}  # fmt: skip
+        self.points.append(point)
+        state.log_history.append(point)
+        print(f"\n[step {point['step']}, {point['tokens']} tokens, {point['seconds']:.0f} s] "
+              + ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if isinstance(v, float)))  # fmt: skip
+        if self.start is not None:
+            self.start += spent  # evaluation time is not charged to the training budget
+        if self.every_seconds is not None:
+            self.next_mark = trained + self.every_seconds
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        args.include_num_input_tokens_seen = "non_padding"
+        super().on_train_begin(args, state, control, **kwargs)
+        self.points = [entry for entry in state.log_history if "eval_seconds" in entry and "tokens" in entry]
+        self._score(state, model)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if self.every_steps is not None:
+            due = state.global_step % self.every_steps == 0
+        else:
+            due = time.monotonic() - self.start >= self.next_mark
+        if due:
+            self._score(state, model)
+        return super().on_step_end(args, state, control, **kwargs)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self._score(state, model)
 
 
 class BudgetProgressCallback(ProgressCallback):

@@ -28,7 +28,7 @@ from .configuration_sentence_lm import NEXT_VECTOR_OBJECTIVES
 from .configuration_sentence_opt import SentenceOPTConfig
 from .data import DataArguments, PaddingCollator, load_texts, tokenize_texts
 from .distillation import DistillationTrainer, FrozenBackboneWarmup
-from .trainer import SentenceVAETrainer, TimeBudgetCallback, loss_curve, start_run
+from .trainer import SentenceLMTrainer, TimeBudgetCallback, loss_curve, start_run
 from .training_sentence_vae import TINY_SENTENCE_VAE_CONFIG, parse_overrides
 
 logger = logging.getLogger(__name__)
@@ -369,7 +369,7 @@ def train_sentence_opt(args: Sequence[str] | None = None, callbacks: Sequence | 
     trainable = model.num_parameters(only_trainable=True)
     logger.info("SentenceLM with %.2fM parameters (%.2fM trainable)", n_params / 1e6, trainable / 1e6)
 
-    trainer_class, levers = SentenceVAETrainer, {}
+    trainer_class, levers = SentenceLMTrainer, {}
     if model_args.distill_from is not None:
         trainer_class = DistillationTrainer
         levers = dict(

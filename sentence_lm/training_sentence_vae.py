@@ -27,7 +27,7 @@ from .data import DataArguments, PaddingCollator, load_texts, split_into_sentenc
 from .metrics import reconstruct_sentences, reconstruction_metrics
 from .modeling_sentence_vae import SentenceVAEModel
 from .tokenization_sentence_lm import SentenceTokenizer, train_sentence_tokenizer
-from .trainer import SentenceVAETrainer, TimeBudgetCallback, loss_curve, start_run
+from .trainer import SentenceLMTrainer, TimeBudgetCallback, loss_curve, start_run
 
 logger = logging.getLogger(__name__)
 
@@ -348,7 +348,7 @@ def train_sentence_vae(args: Sequence[str] | None = None) -> dict:
         os.makedirs(training_args.output_dir, exist_ok=True)
         tokenizer.save_pretrained(training_args.output_dir)
 
-    trainer = SentenceVAETrainer(
+    trainer = SentenceLMTrainer(
         model=model,
         args=training_args,
         train_dataset=sentences["train"] if training_args.do_train else None,

@@ -12,6 +12,7 @@ from sentence_lm.corpus import default_corpus
 from sentence_lm.data import (
     DataArguments,
     PaddingCollator,
+    first_tokens,
     load_texts,
     pad_sequences,
     split_into_sentences,
@@ -151,3 +152,10 @@ def test_load_texts_from_a_dataset(tmp_path):
     assert raw["train"].column_names == ["text"]
     with pytest.raises(ValueError, match="text_column"):
         load_texts(DataArguments(dataset_name=str(tmp_path), text_column="body"))
+
+
+def test_first_tokens_counts_the_scored_tokens_of_each_text():
+    """The first rows that hold at least N tokens besides each row's first (its BOS)."""
+    texts = datasets.Dataset.from_dict({"length": [5, 5, 5]})
+    assert len(first_tokens(texts, 4)) == 1 and len(first_tokens(texts, 5)) == 2  # 4 scored tokens a row
+    assert len(first_tokens(texts, 100)) == 3 and first_tokens(texts, None) is texts

@@ -13,7 +13,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from sentence_lm.baseline import token_config_like
+from sentence_lm.baseline import token_config_like, token_nll
 from sentence_lm.corpus import default_corpus
 
 QUALITY_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py"
@@ -129,18 +129,18 @@ def test_quality_end_to_end(quality, text_file, tmp_path, restore_threads, monke
     assert ("target met" in text) or ("target NOT met" in text)
 
 
-def test_opt_nll_is_the_causal_lm_loss_over_every_token_after_bos(quality, tokenizer):
-    """`opt_nll` sums cross-entropy over the predicted tokens 1..n of each text (one BOS each) and
+def test_token_nll_is_the_causal_lm_loss_over_every_token_after_bos(quality, tokenizer):
+    """`token_nll` (OPT's figure here) sums cross-entropy over the predicted tokens 1..n of each text (one BOS each) and
     divides by their count: for one text it is OPT's own causal-LM loss."""
     settings = quality.QualitySettings(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, ffn_dim=64)
     model = AutoModelForCausalLM.from_config(token_config_like(quality.sentence_opt_config(tokenizer, settings)))
     texts = [tokenizer(t)["input_ids"] for t in ("One small text. With two sentences.", "Another, longer one here.")]
     rows = [{"input_ids": ids} for ids in texts]
-    both = quality.opt_nll(model, rows, tokenizer.pad_token_id, batch_size=2)
+    both = token_nll(model, rows, None, batch_size=2, show_progress=False)
     assert both["num_tokens"] == sum(len(ids) - 1 for ids in texts)
     sums = []
     for ids in texts:
-        one = quality.opt_nll(model, [{"input_ids": ids}], tokenizer.pad_token_id)
+        one = token_nll(model, [{"input_ids": ids}], None, show_progress=False)
         with torch.no_grad():
             loss = model(input_ids=torch.tensor([ids]), labels=torch.tensor([ids])).loss
         assert one["nll_per_token"] == pytest.approx(float(loss), rel=1e-5)

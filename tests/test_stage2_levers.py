@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, TrainingArguments
 from sentence_lm import SentenceLMForCausalLM
 from sentence_lm.data import PaddingCollator, tokenize_texts
 from sentence_lm.distillation import DistillationTrainer, FrozenBackboneWarmup, token_distillation_loss
-from sentence_lm.trainer import SentenceVAETrainer
+from sentence_lm.trainer import SentenceLMTrainer
 from sentence_lm.training_sentence_opt import train_sentence_opt
 
 
@@ -96,7 +96,7 @@ def test_frozen_backbone_warmup_moves_the_backbone_only_after_its_steps(setup, t
         def on_step_end(self, args, state, control, **kwargs):
             seen[state.global_step] = snapshot()
 
-    trainer_of(SentenceVAETrainer, model, texts, tmp_path, 4, callbacks=[FrozenBackboneWarmup(2), Snapshots()]).train()
+    trainer_of(SentenceLMTrainer, model, texts, tmp_path, 4, callbacks=[FrozenBackboneWarmup(2), Snapshots()]).train()
     backbone_names = [n for n in seen[0] if n.startswith("model.backbone.")]
     assert all(torch.equal(seen[2][n], seen[0][n]) for n in backbone_names)
     assert any(not torch.equal(seen[2][n], seen[0][n]) for n in seen[0] if n.startswith("model.sentence_vae."))

@@ -14,7 +14,7 @@ from sentence_lm.corpus import default_corpus
 from sentence_lm.data import DataArguments, load_texts, split_into_sentences, tokenize_texts
 from sentence_lm.metrics import reconstruction_metrics
 from sentence_lm.tokenization_sentence_lm import SentenceTokenizer
-from sentence_lm.trainer import TimeBudgetCallback
+from sentence_lm.trainer import LearningCurveCallback, TimeBudgetCallback
 from sentence_lm.training_sentence_vae import parse_sentence_vae_args, train_sentence_vae
 
 
@@ -44,6 +44,33 @@ def test_time_budget_callback_stops_training(save_strategy, tmp_path):
     control = hasty.on_step_end(args, state, control)
     assert control.should_training_stop and hasty.stopped_at_step == 3
     assert control.should_save == (save_strategy != "no")
+
+
+def test_learning_curve_callback_scores_on_its_schedule_once_per_step(tmp_path):
+    """At the start, every ``every_steps`` steps and at the end, once per step (a resumed run's
+    points come back from the log history); the points also go to the log history, the model's
+    training mode is restored, and the tokens counted are the text's, not its padding."""
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    model = torch.nn.Linear(1, 1)
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[])
+    state, control = TrainerState(), TrainerControl()
+    curve = LearningCurveCallback(3600, lambda m: {"nll": 1.5 + m.training}, every_steps=2)
+    curve.on_train_begin(args, state, control, model=model)
+    assert args.include_num_input_tokens_seen == "non_padding"
+    for step in (1, 2, 3):
+        state.global_step, state.num_input_tokens_seen = step, 10 * step
+        curve.on_step_end(args, state, control, model=model)
+    curve.on_train_end(args, state, control, model=model)
+    curve.on_train_end(args, state, control, model=model)
+    assert [(p["step"], p["tokens"], p["nll"]) for p in curve.points] == [(0, 0, 2.5), (2, 20, 2.5), (3, 30, 2.5)]
+    assert all(p["seconds"] >= 0 and p["eval_seconds"] >= 0 for p in curve.points) and model.training
+    assert state.log_history == curve.points
+    resumed = LearningCurveCallback(3600, lambda m: {"nll": 0.5}, every_steps=2)
+    resumed.on_train_begin(args, state, control, model=model)
+    assert resumed.points == curve.points  # step 3 was scored before: not again
+    with pytest.raises(ValueError, match="every_steps or every_seconds"):
+        LearningCurveCallback(60, lambda m: {}, every_steps=2, every_seconds=1.0)
 
 
 # ------------------------------------------------------------------------------ end to end
@@ -135,7 +162,7 @@ def test_loss_only_evaluation_computes_no_logits_and_the_same_loss(tmp_path):
 
     from sentence_lm import SentenceVAEConfig
     from sentence_lm.data import PaddingCollator
-    from sentence_lm.trainer import SentenceVAETrainer
+    from sentence_lm.trainer import SentenceLMTrainer
 
     torch.manual_seed(0)
     model = SentenceVAEModel(SentenceVAEConfig(vocab_size=50, hidden_size=16, num_attention_heads=2, ffn_dim=32))
@@ -143,7 +170,7 @@ def test_loss_only_evaluation_computes_no_logits_and_the_same_loss(tmp_path):
     seen = []
     model.register_forward_hook(lambda module, args, kwargs, out: seen.append(out.logits), with_kwargs=True)
     args = TrainingArguments(output_dir=str(tmp_path), remove_unused_columns=False, report_to=[])
-    trainer = SentenceVAETrainer(model=model.eval(), args=args)
+    trainer = SentenceLMTrainer(model=model.eval(), args=args)
     batch = PaddingCollator(1)(rows)
     loss_only, _, _ = trainer.prediction_step(model, batch, prediction_loss_only=True)
     with_logits, logits, _ = trainer.prediction_step(model, batch, prediction_loss_only=False)
