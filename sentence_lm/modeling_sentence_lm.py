@@ -403,6 +403,7 @@ class SentenceLMModel(SentenceLMPreTrainedModel):
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
         position_ids: torch.Tensor | None = None,
+        sentence_ids: torch.Tensor | None = None,
         **kwargs,
     ) -> SentenceLMModelOutput | tuple:
         """Segment, encode and run the backbone over a batch of texts.
@@ -418,6 +419,8 @@ class SentenceLMModel(SentenceLMPreTrainedModel):
             position_ids: accepted and ignored (sentence positions are the model's own), unless
                 they restart at 0 inside a row, marking several packed texts: those are refused
                 here (one text per row; `SentenceLMForCausalLM` scores packed texts).
+            sentence_ids: accepted so that ``model(**tokenizer(...))`` works, and ignored (the
+                model segments ``input_ids`` itself with the same rule).
         """
         check_forward_extras(kwargs, type(self).__name__)
         check_token_ids(input_ids, self.config.vocab_size)

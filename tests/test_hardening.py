@@ -686,3 +686,15 @@ def test_forward_refuses_what_it_would_otherwise_ignore(tokenizer):
             model(ids, attention_mask=mask, past_key_values=full)
         ignored = model(ids, attention_mask=mask, use_cache=False, past_key_values=DynamicCache())
     torch.testing.assert_close(ignored.nll, plain.nll)
+
+
+def test_the_base_model_takes_the_tokenizers_outputs_as_they_are(tokenizer):
+    """`model.model(**tokenizer(...))` works: sentence_ids is accepted (and ignored) by the base
+    model too, while a misspelt keyword is refused."""
+    model = tiny_sentence_opt(tokenizer)
+    inputs = encode(tokenizer, ["A short text. Another one."])
+    assert "sentence_ids" in inputs
+    with torch.no_grad():
+        out = model.model(**inputs)
+        plain = model.model(inputs["input_ids"], inputs["attention_mask"])
+    torch.testing.assert_close(out.last_hidden_state, plain.last_hidden_state)
