@@ -398,8 +398,8 @@ def train_sllm(
 def sllm_nll_parts(model, dataset, batch_size: int = 32) -> dict:
     """Split a SentenceOPT's whole-text NLL on text examples into its three parts, in nats per
     original token: ``tokens`` (the sentences' own tokens), ``eos`` (the end-of-sentence tokens)
-    and ``stop`` (the stop decisions), from the output's ``sentence_loss``, ``end_loss`` and
-    ``stop_loss``. Their sum is ``nll_per_token`` (the same total as :func:`text_nll`)."""
+    and ``stop`` (the stop decisions), from the output's per-text sums ``sentence_nll``,
+    ``end_nll`` and ``stop_nll``. Their sum is ``nll_per_token`` (the same total as :func:`text_nll`)."""
     from sentence_lm.data import PaddingCollator
 
     was_training = model.training
@@ -408,19 +408,17 @@ def sllm_nll_parts(model, dataset, batch_size: int = 32) -> dict:
     device = next(model.parameters()).device
     sums = {"total": 0.0, "sentences": 0.0, "eos": 0.0, "stop": 0.0}
     count, sentences = 0, 0
+    no_logits = torch.empty(0, dtype=torch.long)
     for start in range(0, len(dataset), batch_size):
         batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
         ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-        out = model(ids, attention_mask=mask)
-        content = model.model.content_mask(ids, mask.bool())
-        n_sentences = int((model.sentence_vae.segment(ids, content).max(dim=1).values + 1).sum())
-        n_tokens = int(out.num_tokens.sum())
+        out = model(ids, attention_mask=mask, logits_to_keep=no_logits)
         sums["total"] += float(out.nll.sum())
-        sums["sentences"] += float(out.sentence_loss) * (n_tokens + n_sentences)
-        sums["eos"] += float(out.end_loss) * n_sentences
-        sums["stop"] += float(out.stop_loss) * (n_sentences + ids.shape[0])
-        count += n_tokens
-        sentences += n_sentences
+        sums["sentences"] += float(out.sentence_nll.sum())
+        sums["eos"] += float(out.end_nll.sum())
+        sums["stop"] += float(out.stop_nll.sum())
+        count += int(out.num_tokens.sum())
+        sentences += int(out.num_sentences.sum())
     model.train(was_training)
     eos, stop = sums["eos"] / count, sums["stop"] / count
     return {
