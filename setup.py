@@ -25,8 +25,11 @@ setup(
     extras_require={
         # matplotlib: the benchmark test draws its plots; peft: LoRA on a SentenceLM (test_sentence_lm_integrations);
         # gguf: GGUF files are read (and, in a test, written) with it; lm-eval, trl: test_tools runs
-        # lm-evaluation-harness and TRL's SFTTrainer on a tiny SentenceLM
-        "test": ["pytest", "hypothesis", "matplotlib", "peft", "gguf", "lm-eval>=0.4.13", "trl>=1.16", "markdown-it-py"],
+        # lm-evaluation-harness and TRL's SFTTrainer on a tiny SentenceLM; fastapi, uvicorn, openai:
+        # test_serve runs `transformers serve` (python -m sentence_lm.serve) and its OpenAI client
+        "test": ["pytest", "hypothesis", "matplotlib", "peft", "gguf", "lm-eval>=0.4.13", "trl>=1.16", "markdown-it-py",
+                 "fastapi", "uvicorn", "openai>=1.98.0"],
+        "serve": ["fastapi", "uvicorn", "openai>=1.98.0"],
         "gguf": ["gguf"],
         "plots": ["matplotlib"],
     },
