@@ -27,14 +27,17 @@ def power_law(points: list[dict], key: str) -> dict | None:
 
 
 def meeting(fit_1: dict | None, fit_2: dict | None, budget: float) -> dict:
-    """Where two power laws cross (``x``, if past ``budget``; else ``None``), and their gap (first
+    """Where two power laws cross (``x``, if past ``budget``; else ``None``; ``math.inf`` when
+    their exponents are so close that the crossing lies beyond any float), and their gap (first
     minus second) at ten times ``budget``; ``{}`` when a fit is missing."""
     if not fit_1 or not fit_2:
         return {}
     at = lambda fit, x: fit["a"] * x ** -fit["b"]  # noqa: E731
     result = {"gap_at_10x": at(fit_1, 10 * budget) - at(fit_2, 10 * budget), "ten_times": 10 * budget}
     if fit_1["b"] != fit_2["b"]:
-        cross = (fit_1["a"] / fit_2["a"]) ** (1 / (fit_1["b"] - fit_2["b"]))
+        # In logs: (a1 / a2) ** (1 / (b1 - b2)) overflows when the exponents nearly agree.
+        log_cross = math.log(fit_1["a"] / fit_2["a"]) / (fit_1["b"] - fit_2["b"])
+        cross = math.exp(log_cross) if log_cross < math.log(2.0**1000) else math.inf
         result["cross"] = cross if cross > budget else None
     return result
 

@@ -177,7 +177,7 @@ def test_cached_and_uncached_paths_see_the_same_and_score_the_same(tokenizer, mo
     cached_texts, plain_texts = texts_by_row(seen_cached, pad), texts_by_row(seen_plain, pad)
     for r in range(len(whole)):
         assert [t for t in cached_texts[r] if t != whole[r]] == [t for t in plain_texts[r] if t != whole[r]]
-    for a, b in zip(cached.scores, plain.scores):
+    for a, b in zip(cached.scores, plain.scores, strict=True):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 

@@ -317,5 +317,7 @@ def test_from_scratch_comparison_runs_and_fits_its_curves(tmp_path):
     crossing = learning_curves.meeting({"a": 8.0, "b": 0.2}, {"a": 4.0, "b": 0.1}, budget=10.0)
     assert crossing["cross"] == pytest.approx(2 ** 10) and crossing["gap_at_10x"] > 0  # 10x = 100: not there yet
     assert learning_curves.meeting({"a": 8.0, "b": 0.2}, {"a": 4.0, "b": 0.1}, budget=2000.0)["cross"] is None  # behind us
+    # Nearly equal exponents: the crossing lies beyond any float (no OverflowError).
+    assert learning_curves.meeting({"a": 8.0, "b": 0.1 + 1e-9}, {"a": 4.0, "b": 0.1}, budget=10.0)["cross"] == math.inf
     with pytest.raises(SystemExit):
         script.parse_args(["--stage1_share", "1"])

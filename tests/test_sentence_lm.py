@@ -322,7 +322,7 @@ def test_hidden_states_come_with_their_slot_mask_and_zeros_on_padding(family, si
     mask = eager.slot_mask
     assert mask.dtype == torch.bool and torch.equal(mask, sdpa.slot_mask)
     assert bool((~mask).any())  # the texts hold different numbers of sentences: padding slots
-    for e, s in zip(eager.hidden_states, sdpa.hidden_states):
+    for e, s in zip(eager.hidden_states, sdpa.hidden_states, strict=True):
         torch.testing.assert_close(e, s, atol=1e-5, rtol=1e-4)
         assert not e[~mask].any() and not s[~mask].any()
     assert model(**enc).slot_mask is None  # only with the states it describes
