@@ -100,28 +100,6 @@ with open(os.path.join(RECORD, f"rank{rank}.json"), "w") as f:
 """
 
 
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory):
-    """A saved tiny random Llama token model (1 layer of width 32) with a sentence tokenizer."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from sentence_lm.tokenization_sentence_lm import train_sentence_tokenizer
-
-    path = tmp_path_factory.mktemp("backbone") / "llama"
-    tokenizer = train_sentence_tokenizer(default_corpus(), vocab_size=512, max_sentence_len=16)
-    torch.manual_seed(0)
-    llama = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=128, bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        )
-    )  # fmt: skip
-    llama.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 def arguments(text_file, output_dir, *extra):
     return [
         "--train_file", str(text_file), "--output_dir", str(output_dir),

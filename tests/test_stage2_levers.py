@@ -8,7 +8,7 @@ import datasets
 import pytest
 import torch
 import torch.nn.functional as F
-from test_training_sentence_opt import backbone_arguments, llama_dir, text_file  # noqa: F401 (fixtures)
+from test_training_sentence_opt import backbone_arguments, text_file  # noqa: F401 (fixtures)
 from transformers import AutoModelForCausalLM, TrainingArguments
 
 from sentence_lm import SentenceLMForCausalLM
@@ -30,7 +30,7 @@ def test_distillation_loss_is_the_mean_kl_at_the_scored_positions():
 
 
 @pytest.fixture()
-def setup(llama_dir):  # noqa: F811
+def setup(llama_dir):
     teacher = AutoModelForCausalLM.from_pretrained(llama_dir).eval()
     torch.manual_seed(0)
     model = SentenceLMForCausalLM.from_pretrained_backbone(llama_dir, sentence_vae_config=dict(max_sentence_len=16))
@@ -106,7 +106,7 @@ def test_frozen_backbone_warmup_moves_the_backbone_only_after_its_steps(setup, t
         FrozenBackboneWarmup(-1)
 
 
-def test_command_line_levers(text_file, llama_dir, tmp_path):  # noqa: F811
+def test_command_line_levers(text_file, llama_dir, tmp_path):
     args = backbone_arguments(text_file, tmp_path / "out", llama_dir, "--max_steps", "3", "--do_eval", "false",
                               "--distill_from", "backbone", "--distill_weight", "0.5", "--freeze_backbone_steps", "2")  # fmt: skip
     results = train_sentence_opt(args)

@@ -26,28 +26,6 @@ def text_file(tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="module")
-def llama_dir(tmp_path_factory):
-    """A saved tiny random Llama token model (1 layer of width 32) with a sentence tokenizer."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from sentence_lm.tokenization_sentence_lm import train_sentence_tokenizer
-
-    path = tmp_path_factory.mktemp("backbone") / "llama"
-    tokenizer = train_sentence_tokenizer(default_corpus(), vocab_size=512, max_sentence_len=16)
-    torch.manual_seed(0)
-    llama = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=128, bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        )
-    )  # fmt: skip
-    llama.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
 def backbone_arguments(text_file, output_dir, backbone_dir, *extra):
     """`arguments` with the backbone taken from a saved token model instead of a new tiny OPT."""
     args = arguments(text_file, output_dir, *extra)
