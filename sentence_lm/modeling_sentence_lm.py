@@ -6,6 +6,7 @@ backbone's state."""
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import json
 import os
@@ -167,6 +168,11 @@ class NLLTerms:
     slot_mask: torch.Tensor
     step_log_probs: torch.Tensor | None = None
 
+    @functools.cached_property
+    def sentence_nll(self) -> torch.Tensor:
+        """``(batch,)`` each text's summed decoder NLL (sentence tokens and their ends)."""
+        return self.per_text(self.token_nll.sum(1))
+
     @property
     def step_index(self) -> torch.Tensor:
         """``(num_sentences, max_len + 1)`` the row of each step in ``step_log_probs``."""
@@ -181,17 +187,17 @@ class NLLTerms:
     def summary(self) -> dict:
         """The output fields that describe whole texts: per-text sums and batch means."""
         packed = self.packed
-        sentence_nll = self.per_text(self.token_nll.sum(1))
         end_steps = self.token_nll[torch.arange(len(packed.lengths), device=packed.lengths.device), packed.lengths]
+        stop_nll = self.stop_nll.sum(1)
         return dict(
-            sentence_loss=sentence_nll.sum() / self.has_target.sum(),
+            sentence_loss=self.sentence_nll.sum() / self.has_target.sum(),
             end_loss=end_steps.mean(),
             stop_loss=self.stop_nll.sum() / self.slot_mask.sum(),
-            nll=sentence_nll + self.stop_nll.sum(1),
+            nll=self.sentence_nll + stop_nll,
             num_tokens=self.per_text(packed.lengths),
-            sentence_nll=sentence_nll,
+            sentence_nll=self.sentence_nll,
             end_nll=self.per_text(end_steps),
-            stop_nll=self.stop_nll.sum(1),
+            stop_nll=stop_nll,
             num_sentences=packed.num_sentences,
         )
 
@@ -208,7 +214,7 @@ class NLLTerms:
         ``num_items_in_batch`` when given."""
         packed = self.packed
         if target is None:
-            sentence_sum, stop_sum = self.per_text(self.token_nll.sum(1)).sum(), self.stop_nll.sum()
+            sentence_sum, stop_sum = self.sentence_nll.sum(), self.stop_nll.sum()
             items = packed.lengths.sum()
         else:
             end_labelled = (target & text_end).any(dim=1)
@@ -512,8 +518,9 @@ class SentenceLMForCausalLM(SentenceLMPreTrainedModel, SentenceGenerationMixin):
     def __setattr__(self, name, value):
         # TRL's SFTTrainer swaps `forward` for a fused LM head over one backbone state per token,
         # which a SentenceLM does not have (one per sentence): refuse it when the trainer is built.
-        code = getattr(getattr(value, "__func__", value), "__code__", None)  # functools.wraps keeps the code's own names
-        if name == "forward" and code is not None and "fused" in code.co_name and f"{os.sep}trl{os.sep}" in code.co_filename:
+        code = getattr(getattr(value, "__func__", value), "__code__", None) if name == "forward" else None
+        # functools.wraps renames the function, not its code: the code keeps TRL's names.
+        if code is not None and "fused" in code.co_name and f"{os.sep}trl{os.sep}" in code.co_filename:
             raise TypeError(
                 "TRL's SFTTrainer replaces the model's forward with a fused LM head that reads one backbone state "
                 "per token; a SentenceLM's backbone has one state per sentence (its tokens come from the Sentence "

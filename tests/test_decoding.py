@@ -40,8 +40,9 @@ def test_ban_empty_sentence_bans_the_end_only_in_empty_sentences_and_keeps_its_i
 
 
 def test_stop_decision_stops_only_where_allowed():
-    logits = torch.tensor([[0.0, 5.0], [0.0, 5.0], [5.0, 0.0]])  # stop, stop, go on
-    assert (CONTINUE, STOP) == (0, 1)
+    logits = torch.zeros(3, 2)
+    logits[[0, 1], STOP] = 5.0  # stop, stop, go on
+    logits[2, CONTINUE] = 5.0
     assert stop_decision(logits, do_sample=False).tolist() == [True, True, False]
     assert stop_decision(logits, False, torch.tensor([True, False, True])).tolist() == [True, False, False]
 
