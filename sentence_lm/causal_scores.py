@@ -24,7 +24,7 @@ def causal_scores(
 ) -> torch.Tensor:
     """Causal next-token scores ``(batch, seq_len, vocab)`` of a `SentenceLMForCausalLM`
     ``model`` on the texts of ``out`` (its base model's output on ``input_ids`` and
-    ``attention_mask``, a trailing EOS masked): ``logits[:, t]`` are the
+    ``attention_mask``): ``logits[:, t]`` are the
     log-probabilities of token ``t + 1`` given tokens ``0..t`` only, with the sentence-boundary
     decision marginalised rather than read off token ``t + 1``.
 
@@ -50,19 +50,22 @@ def causal_scores(
       ``P(v) = P_dec(end-of-sentence | S) * P(continue) * P_next(v)``;
     * ``S`` holds ``max_sentence_len`` tokens: every token starts the next sentence (the
       second form);
-    * at a leading BOS (the start state): ``P(v) = P(continue) * P_next(v)``.
+    * at a leading BOS (the start state): ``P(v) = P(continue) * P_next(v)``;
+    * at a turn end (an EOS after text, see `SentenceLMModel.sentence_tokens`), the stop
+      decision already taken: ``P(v) = P_next(v)`` from the state after the sentence it closed.
 
-    The EOS id stands for the end of the text (as a trailing EOS is read, see `forward`): once
-    ``S`` has ended (or is full) it gets ``P_dec(end-of-sentence | S) * P(stop)``, the text
-    ending there, which is what ``nll`` charges for the text's end; inside a sentence that has
-    not ended it gets ``P_dec(end-of-sentence | S)`` (the stop decision after an unfinished
-    sentence would need the backbone run on every prefix). The scores are *not* renormalised:
+    The EOS id stands for the end of the turn or text (as `forward` reads it): once ``S`` has
+    ended (or is full) it gets ``P_dec(end-of-sentence | S) * P(stop)``, the turn ending
+    there, which is what ``nll`` charges for it; inside a sentence that has not ended it gets
+    ``P_dec(end-of-sentence | S)`` (the stop decision after an unfinished sentence would need the
+    backbone run on every prefix, so an EOS there leaves that decision out of the sum below).
+    The scores are *not* renormalised:
     ``exp(logsumexp(logits[:, t]))`` is 1 inside a sentence and ``1`` minus the mass no next
     token can express after a sentence end: continuations the segmentation rules out (a word
     that would glue onto the ended sentence) and an empty next sentence. So the sum of
     ``-logits[t, token t + 1]`` over a text plus its end terms (the last sentence's end and
     the stop decision; the EOS score when the text ends with a closed sentence and an EOS)
-    is ``nll``; tools that ``log_softmax`` the logits (``lm_loss``, lm-evaluation-harness) get
+    is ``nll`` (short of the stop decisions of EOS tokens after unfinished sentences); tools that ``log_softmax`` the logits (``lm_loss``, lm-evaluation-harness) get
     the distribution renormalised over the next tokens.
     """
     vae, base = model.sentence_vae, model.model
@@ -70,8 +73,8 @@ def causal_scores(
     batch, seq_len = input_ids.shape
     device, eos = hidden.device, model.config.eos_token_id
     mask = attention_mask.bool()
-    content = base.content_mask(input_ids, mask)
-    pending, full = boundary_states(input_ids, vae.boundary_table, vae.config.max_sentence_len, content)
+    content, turn_ends = base.sentence_tokens(input_ids, mask)
+    pending, full = boundary_states(input_ids, vae.boundary_table, vae.config.max_sentence_len, content, turn_ends)
     sentence, position = packed.token_sentence, packed.token_position
     in_text = sentence >= 0
     first_slot = packed.first_slots(hidden.shape[1])
@@ -113,32 +116,39 @@ def causal_scores(
         states = states.clone()
         states[partial] = hyp_hidden[torch.arange(len(hyp_rows), device=device), hyp_slots]
 
-    # The start state predicts the first token after a leading BOS.
+    # The start state predicts the first token after a leading BOS; after a turn end, the state
+    # after the sentence it closed (whose stop decision the EOS was) predicts the next sentence.
     first = torch.argmax(mask.long(), dim=1)
     batch_rows = torch.arange(batch, device=device)
     has_bos = mask[batch_rows, first] & ~content[batch_rows, first] & wanted[first]
     start_rows = batch_rows[has_bos]
-    all_states = torch.cat([states, hidden[start_rows, first_slot[start_rows]]])
-    new_sentence = next_sentence_scores(model, all_states)
+    turn_rows, turn_cols = torch.nonzero(turn_ends & wanted, as_tuple=True)
+    turn_sentences = sentence.cummax(dim=1).values[turn_rows, turn_cols]
+    turn_states = hidden[turn_rows, packed.sentence_slots(hidden.shape[1])[turn_sentences]]
+    all_states = torch.cat([states, hidden[start_rows, first_slot[start_rows]], turn_states])
+    cont, first_step = next_sentence_scores(model, all_states)
+    new_sentence = cont[:, None] + first_step
     at = column_of[cols]
     sentence_end = scores[rows, at, eos]
     keep = trails_after(vae.boundary_table, input_ids[rows, cols]) & ~full[rows, cols][:, None]
     closed = torch.where(keep, scores[rows, at], sentence_end[:, None] + new_sentence[: len(rows)])
-    # The EOS id after a closed sentence is the text ending there (as a trailing EOS is read).
+    # The EOS id after a closed sentence is the turn (or text) ending there, as `forward` reads it.
     closed[:, eos] = sentence_end + F.log_softmax(model.stop_head(states).float(), dim=-1)[:, STOP]
     scores[rows, at] = closed
-    scores[start_rows, column_of[first[start_rows]]] = new_sentence[len(rows) :]
-    scored = in_text.clone()
+    scores[start_rows, column_of[first[start_rows]]] = new_sentence[len(rows) : len(rows) + len(start_rows)]
+    scores[turn_rows, column_of[turn_cols]] = first_step[len(rows) + len(start_rows) :]
+    scored = in_text | turn_ends
     scored[start_rows, first[start_rows]] = True
     scores[~scored[:, columns]] = 0.0  # padding: no prediction
     return scores if inverse is None else scores[:, inverse]
 
-def next_sentence_scores(model, states: torch.Tensor) -> torch.Tensor:
-    """``log P(continue) + log P_next(v)`` from backbone states ``(n, hidden)``: the stop head's
-    decision to go on, then the Sentence Decoder's first step of the next sentence."""
+def next_sentence_scores(model, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(log P(continue), log P_next(v))`` from backbone states ``(n, hidden)``: ``(n,)`` the
+    stop head's decision to go on and ``(n, vocab)`` the Sentence Decoder's first step of the
+    next sentence."""
     cont = F.log_softmax(model.stop_head(states).float(), dim=-1)[:, CONTINUE]
     # One masked padding token after BOS: the decoder's step at BOS is causal, so it is the first step.
     pad = torch.full((states.shape[0], 1), model.config.pad_token_id, dtype=torch.long, device=states.device)
     vae = model.sentence_vae
     first_step = vae.teacher_forced_states(pad, torch.zeros_like(pad, dtype=torch.bool), states)[:, 0]
-    return cont[:, None] + F.log_softmax(vae.lm_head(first_step).float(), dim=-1)
+    return cont, F.log_softmax(vae.lm_head(first_step).float(), dim=-1)

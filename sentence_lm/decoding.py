@@ -4,6 +4,7 @@ call these. It imports nothing of the package, so that every module may import i
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -95,6 +96,7 @@ class DecodingResult:
         new_tokens: ``(batch, written)`` new tokens, ``-1`` where a row wrote none.
         cache: the backbone's key/value cache over sentence slots.
         num_sentences: ``(batch,)`` sentences written per row.
+        stopped: ``(batch,)`` rows whose text the stop head ended (`generate()` writes their EOS).
         decoder_cache: the Sentence Decoder's last key/value cache (``None`` without a cache).
         scores: ``(batch, written, vocab)`` processed scores of the new tokens, when asked for.
         logits: ``(batch, written, vocab)`` raw logits of the new tokens, when asked for.
@@ -104,7 +106,31 @@ class DecodingResult:
     new_tokens: torch.Tensor
     cache: object | None
     num_sentences: torch.Tensor
+    stopped: torch.Tensor
     decoder_cache: object | None = None
     scores: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     decoder_passes: torch.Tensor | None = None
+
+    def with_text_ends(self, eos_token_id: int, pad_token_id: int, max_new: int) -> DecodingResult:
+        """The result with the EOS written after the new tokens of every row the stop head
+        ended, as a token model writes it when it ends its text (within ``max_new`` tokens: a
+        row whose budget is spent gets none). Its scores and logits column is ``-inf`` but ``0``
+        at the EOS (the stop head chose it, not a distribution over the vocabulary); a column
+        added for it is blank in the other rows (see :func:`blank_token_scores`)."""
+        count = (self.new_tokens >= 0).sum(dim=1)
+        ends = self.stopped & (count < max_new)
+        if not bool(ends.any()):
+            return self
+        rows = torch.nonzero(ends).squeeze(1)
+        extra = max(0, int(count[rows].max()) + 1 - self.new_tokens.shape[1])
+        new_tokens = torch.cat([self.new_tokens, self.new_tokens.new_full((len(count), extra), -1)], dim=1)
+        new_tokens[rows, count[rows]] = eos_token_id
+        marked = []
+        for values in (self.scores, self.logits):
+            if values is not None:
+                blank = blank_token_scores(len(count), extra, values.shape[2], pad_token_id, values.device)
+                values = torch.cat([values, blank.to(values.dtype)], dim=1)
+                values[rows, count[rows]] = blank_token_scores(len(rows), 1, values.shape[2], eos_token_id, values.device)[:, 0]
+            marked.append(values)
+        return dataclasses.replace(self, new_tokens=new_tokens, scores=marked[0], logits=marked[1])

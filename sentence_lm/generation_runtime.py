@@ -437,7 +437,8 @@ def generate_rows(
     count = torch.zeros(batch, dtype=torch.long, device=device)
     sentences_written = torch.zeros(batch, dtype=torch.long, device=device)
     done = count >= max_new
-    done |= stop_decision(model.stop_head(state), do_sample, ~prompt.is_open & (count >= min_new))
+    stopped = stop_decision(model.stop_head(state), do_sample, ~done & ~prompt.is_open & ~prompt.ends_turn & (count >= min_new))
+    done |= stopped
     conditioning = vae.decoder.conditioning(state.to(dtype)).to(dtype)
     if draft_tokens:
         steps.start_drafts(rows_all, state)
@@ -556,7 +557,9 @@ def generate_rows(
             rows = rows[:b]
             slot_column[rows] += 1
             slot_count[rows] += 1
-            done[rows] |= stop_decision(model.stop_head(new_state), do_sample, count[rows] >= min_new)
+            stop = stop_decision(model.stop_head(new_state), do_sample, ~done[rows] & (count[rows] >= min_new))
+            stopped[rows] |= stop
+            done[rows] |= stop
             conditioning.assign(rows, vae.decoder.conditioning(new_state.to(dtype)))
             if draft_tokens:
                 steps.start_drafts(rows, new_state)
@@ -600,6 +603,7 @@ def generate_rows(
         new_tokens=written[:, :width],
         cache=steps.slots,
         num_sentences=sentences_written,
+        stopped=stopped,
         decoder_cache=steps.decoder_cache,
         scores=scores[:, :width] if scores is not None else None,
         logits=logits_out[:, :width] if logits_out is not None else None,

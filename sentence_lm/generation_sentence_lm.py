@@ -95,7 +95,11 @@ class SentenceGenerationMixin(GenerationMixin):
         ``num_sentences``) when ``return_dict_in_generate=True``.
 
         For each text: the stop head reads the backbone state and decides whether the text ends
-        (greedy, or sampled when ``do_sample``; never before ``min_new_tokens``); the Sentence
+        (greedy, or sampled when ``do_sample``; never before ``min_new_tokens``): a text it ends
+        gets the EOS as its last new token, as a token model writes it at the end of its text or
+        turn (when ``max_new_tokens`` leaves room for it), so that a chat's reply ends with
+        ``<|im_end|>``. A prompt that ends with an end of turn (an EOS after text, as a chat
+        template writes one) has that decision made: the text goes on with a sentence. The Sentence
         Decoder writes the next sentence with its own KV cache, through the logits processors
         built from the generation config (which see the whole running text, see below:
         ``repetition_penalty`` counts the prompt and every sentence written, as for a token
@@ -107,8 +111,8 @@ class SentenceGenerationMixin(GenerationMixin):
         a near-tie may come out otherwise when other rows share its backbone steps). Without a cache
         (``use_cache=False``), or for a backbone attention other than ``eager`` and ``sdpa``, the
         reference loop runs instead: all rows write a sentence, then take one backbone step. ``max_new_tokens`` is an
-        exact budget: a sentence is cut when it runs out. The end-of-sentence token is never
-        returned. A prompt whose last sentence is unfinished is continued: that sentence's
+        exact budget: a sentence is cut when it runs out. The end of a sentence is not a token of
+        the text (the EOS ends the text only). A prompt whose last sentence is unfinished is continued: that sentence's
         tokens are the decoder's prefix. An empty prompt (``input_ids=None`` or zero columns)
         starts from the start-of-text state, and so does a row whose ``attention_mask`` is all
         zeros. Generation also stops when the backbone's ``max_position_embeddings`` sentence
@@ -141,7 +145,8 @@ class SentenceGenerationMixin(GenerationMixin):
         ``j``-th new token, which rows write at different decoder steps; where a row has no
         ``j``-th token (it finished earlier, and holds ``pad_token_id`` there) the row is
         ``-inf`` except ``0`` at ``pad_token_id``, so the argmax of every score row is the token
-        returned. The end-of-sentence steps have no column (the marker is not part of the text).
+        returned. The end-of-sentence steps have no column (the marker is not part of the text);
+        the EOS that ends a text has one, ``-inf`` but ``0`` at the EOS (the stop head chose it).
         ``output_hidden_states`` / ``output_attentions`` with ``return_dict_in_generate=True`` are
         refused with a ``ValueError`` (the backbone runs once per sentence, not per token: call the
         model on the returned sequences for its states over sentence slots); without
@@ -171,8 +176,8 @@ class SentenceGenerationMixin(GenerationMixin):
 
         Right-padded prompts log a warning and are continued as their left-padded form would be
         (the padding then sits between prompt and new tokens). ``eos_token_id`` (an int or a
-        list) is accepted and changes nothing: the stop head ends a text, the model's
-        end-of-sentence id ends a sentence. ``temperature=0`` is accepted only without sampling
+        list) is accepted and changes nothing: the stop head ends a text (with the model's EOS),
+        the model's end-of-sentence id ends a sentence. ``temperature=0`` is accepted only without sampling
         (it is greedy decoding); ``min_new_tokens`` above ``max_new_tokens`` gives
         ``max_new_tokens`` tokens. Settings of the wrong type or range raise a ``TypeError`` or
         ``ValueError`` that names them.
@@ -311,8 +316,13 @@ class SentenceGenerationMixin(GenerationMixin):
                 draft_tokens=draft_tokens,
                 **loop_arguments,
             )
+        # A text the stop head ended gets its EOS, as a token model's does.
+        ended = outputs.with_text_ends(self.config.eos_token_id, pad, max_new)
         if streamer is not None:
+            if bool((ended.new_tokens[0] >= 0).sum() > (outputs.new_tokens[0] >= 0).sum()):
+                streamer.put(torch.tensor([self.config.eos_token_id]))
             streamer.end()
+        outputs = ended
         sequences = torch.cat([input_ids, torch.where(outputs.new_tokens < 0, pad, outputs.new_tokens)], dim=1)
         if generation_config.return_dict_in_generate:
             return SentenceGenerateOutput(
@@ -411,13 +421,18 @@ class SentenceGenerationMixin(GenerationMixin):
         count = torch.zeros(batch, dtype=torch.long, device=device)
         sentences_written = torch.zeros(batch, dtype=torch.long, device=device)
         done = count >= max_new
+        stopped = torch.zeros_like(done)
+        may_stop = ~is_open & ~prompt.ends_turn
         slots_used = slot_mask.sum(dim=1)
         decoder_cache = None
         need_history = processors is not None or stopping_criteria is not None
         chunks = []  # (columns, scores, logits) of each round, when asked for
         while not bool(done.all()):
             # The stop head may end a text only between sentences and after min_new_tokens.
-            done |= stop_decision(self.stop_head(state), do_sample, ~is_open & (count >= min_new))
+            stop = stop_decision(self.stop_head(state), do_sample, may_stop & ~done & (count >= min_new))
+            stopped |= stop
+            done |= stop
+            may_stop[:] = True
             if bool(done.all()):
                 break
             # All rows go to the decoder (the finished ones with no budget), in batch order.
@@ -495,7 +510,7 @@ class SentenceGenerationMixin(GenerationMixin):
                     scores.index_put_(index, round_scores[kept])
                 if logits is not None:
                     logits.index_put_(index, round_logits[kept])
-        return DecodingResult(new_tokens, cache, sentences_written, decoder_cache, scores, logits)
+        return DecodingResult(new_tokens, cache, sentences_written, stopped, decoder_cache, scores, logits)
 
 
 

@@ -27,7 +27,7 @@ from .generation_sentence_lm import SentenceGenerationMixin
 from .modeling_sentence_vae import SentenceVAEModel
 from .quantization import Int8WeightOnlyConfig  # noqa: F401  (registers the int8 quantizer, in checkpoints too)
 from .pretrained_layers import copy_token_model_layers, layer_settings
-from .segmentation import PackedSentences, pack_sentences
+from .segmentation import PackedSentences, pack_sentences, sentence_tokens
 from .validation import check_attention_mask, check_forward_extras, check_token_ids, logit_positions
 
 logger = logging.get_logger(__name__)
@@ -52,6 +52,9 @@ class SentenceLMModelOutput(ModelOutput):
             ``slot_mask``) hold zeros.
         attentions: the backbone's attention maps over sentence slots, one per layer, when
             ``output_attentions``.
+        turn_ends: ``(batch, seq_len)`` the EOS tokens that end a turn (see
+            [`SentenceLMModel.sentence_tokens`]): each closes the sentence before it, whose slot's
+            stop decision is "stop" (``packed.closed_by(turn_ends)`` says which sentences).
     """
 
     last_hidden_state: torch.Tensor | None = None
@@ -61,6 +64,7 @@ class SentenceLMModelOutput(ModelOutput):
     cache: Cache | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
+    turn_ends: torch.Tensor | None = None
 
 
 @dataclass
@@ -73,11 +77,15 @@ class PromptSlots:
         slot_mask: ``(batch, slots)`` which of them are real.
         in_prefix: ``(batch, seq_len)`` the tokens of each prompt's unfinished last sentence (no
             sentence end yet), which the Sentence Decoder continues.
+        ends_turn: ``(batch,)`` prompts (left-padded) whose last token ends a turn: the stop
+            decision after their last sentence is made (the turn ended there), so generation
+            writes the next sentence without asking the stop head first.
     """
 
     inputs: torch.Tensor
     slot_mask: torch.Tensor
     in_prefix: torch.Tensor
+    ends_turn: torch.Tensor
 
     @property
     def is_open(self) -> torch.Tensor:
@@ -204,24 +212,24 @@ class NLLTerms:
     def loss(
         self,
         target: torch.Tensor | None,
-        text_end: torch.Tensor,
+        turn_ends: torch.Tensor,
         num_items_in_batch: int | torch.Tensor | None,
         stop_loss_weight: float,
     ) -> torch.Tensor:
         """``(sentence NLL + stop_loss_weight * stop NLL) / items`` over the terms the labelled
         tokens ``target`` keep (all without labels; see :func:`_counted_terms`); ``items`` is the
-        labelled tokens (a labelled trailing EOS ``text_end`` counts as one), or
+        labelled tokens (a labelled turn end, ``turn_ends``, counts as one), or
         ``num_items_in_batch`` when given."""
         packed = self.packed
         if target is None:
             sentence_sum, stop_sum = self.sentence_nll.sum(), self.stop_nll.sum()
             items = packed.lengths.sum()
         else:
-            end_labelled = (target & text_end).any(dim=1)
+            end_labelled = packed.closed_by(target & turn_ends)
             step_counted, slot_counted = _counted_terms(target, packed, self.slot_mask.shape, end_labelled)
             sentence_sum = (self.token_nll * step_counted).sum()
             stop_sum = (self.stop_nll * slot_counted).sum()
-            items = (target & ((packed.token_sentence >= 0) | text_end)).sum()
+            items = (target & ((packed.token_sentence >= 0) | turn_ends)).sum()
         if num_items_in_batch is not None:
             items = num_items_in_batch
         return (sentence_sum + stop_loss_weight * stop_sum) / items
@@ -308,16 +316,13 @@ class SentenceLMModel(SentenceLMPreTrainedModel):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.sentence_vae.set_input_embeddings(value)
 
-    def content_mask(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """``attention_mask`` without each row's leading BOS token (the start state stands for it)."""
-        if input_ids.shape[1] == 0:
-            return attention_mask
-        first = torch.argmax(attention_mask.long(), dim=1)
-        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
-        is_leading_bos = attention_mask[rows, first] & (input_ids[rows, first] == self.config.bos_token_id)
-        mask = attention_mask.clone()
-        mask[rows[is_leading_bos], first[is_leading_bos]] = False
-        return mask
+    def sentence_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(content, turn_ends)``, both ``(batch, seq_len)`` bool: the tokens of sentences (all
+        real tokens but a leading BOS, which the start state stands for, and the turn ends) and
+        the EOS tokens that end a turn, each closing the sentence before it, which is read as
+        that sentence's stop decision (see :func:`~sentence_lm.segmentation.sentence_tokens`)."""
+        return sentence_tokens(input_ids, attention_mask, self.config.bos_token_id, self.config.eos_token_id)
+
 
     def slot_inputs(self, sentence_vectors: torch.Tensor, packed: PackedSentences) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-padded backbone inputs ``(batch, 1 + max_sentences, hidden)``: the start state
@@ -338,10 +343,11 @@ class SentenceLMModel(SentenceLMPreTrainedModel):
     def prompt_slots(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> "PromptSlots":
         """How generation reads a batch of (left-padded) prompts: their closed sentences, encoded, as
         backbone inputs after the start state, and an unfinished last sentence (no sentence end
-        yet) as the Sentence Decoder's prefix, which generation continues."""
+        yet) as the Sentence Decoder's prefix, which generation continues. A prompt that ends with
+        a turn end has its last stop decision made (the turn ended; the text goes on)."""
         vae = self.sentence_vae
-        content = self.content_mask(input_ids, attention_mask)
-        sentence_ids, closed = vae.segment(input_ids, content, return_closed=True)
+        content, turn_ends = self.sentence_tokens(input_ids, attention_mask)
+        sentence_ids, closed = vae.segment(input_ids, content, return_closed=True, breaks=turn_ends)
         if sentence_ids.shape[1]:
             num_sentences = sentence_ids.amax(dim=1) + 1
         else:
@@ -354,7 +360,8 @@ class SentenceLMModel(SentenceLMPreTrainedModel):
         else:
             vectors = torch.empty(0, self.config.hidden_size, device=input_ids.device)
         inputs, slot_mask = self.slot_inputs(vectors, packed)
-        return PromptSlots(inputs, slot_mask, in_prefix)
+        ends_turn = turn_ends[:, -1] if turn_ends.shape[1] else closed & False
+        return PromptSlots(inputs, slot_mask, in_prefix, ends_turn)
 
     @property
     def attention_implementation(self) -> str:
@@ -440,7 +447,7 @@ class SentenceLMModel(SentenceLMPreTrainedModel):
                 "split (its states are over one text's sentence slots). Pass one text per row, or use "
                 "SentenceLMForCausalLM, which scores packed texts each on its own."
             )
-        content = self.content_mask(input_ids, mask)
+        content, turn_ends = self.sentence_tokens(input_ids, mask)
         empty = ~content.any(dim=1)
         if bool(empty.any()):
             raise ValueError(
@@ -448,7 +455,8 @@ class SentenceLMModel(SentenceLMPreTrainedModel):
                 "padding or BOS); every text needs at least one token: drop such rows (use `generate()` to "
                 "start from nothing)."
             )
-        packed = pack_sentences(input_ids, self.sentence_vae.segment(input_ids, content), self.config.pad_token_id)
+        sentence_ids = self.sentence_vae.segment(input_ids, content, breaks=turn_ends)
+        packed = pack_sentences(input_ids, sentence_ids, self.config.pad_token_id)
         vectors = self.sentence_vae.encode(packed.input_ids, packed.attention_mask)
         inputs, slot_mask = self.slot_inputs(vectors, packed)
         cache = self.new_cache() if use_cache else None
@@ -465,6 +473,7 @@ class SentenceLMModel(SentenceLMPreTrainedModel):
             slot_mask=slot_mask,
             sentence_vectors=vectors,
             packed=packed,
+            turn_ends=turn_ends,
             cache=cache,
             hidden_states=tuple(h.masked_fill(padding, 0.0) for h in backbone.hidden_states)
             if output_hidden_states
@@ -565,9 +574,14 @@ class SentenceLMForCausalLM(SentenceLMPreTrainedModel, SentenceGenerationMixin):
 
         Args:
             input_ids: ``(batch, seq_len)`` token ids, padded on either side; every text is
-                taken as complete (its end is a stop decision). A text's last token may be the EOS
-                id, as TRL's ``SFTTrainer`` and some tokenizers append it: it is read as the end
-                of the text (see :meth:`_trailing_eos`).
+                taken as complete (its end is a stop decision). Special tokens are tokens of the
+                text, as a chat template writes them, except a leading BOS (the start state) and
+                the EOS after text (a turn's end, or the text's as TRL's ``SFTTrainer`` and some
+                tokenizers append it), which closes the sentence before it and is read as that
+                sentence's stop decision: "stop" (see [`SentenceLMModel.sentence_tokens`]). Such an
+                EOS is in no sentence and not in ``num_tokens``; when labelled, it keeps the end
+                of the sentence it closes and that stop decision in ``loss`` and counts as one
+                labelled item, as the Trainer counts it in ``num_items_in_batch``.
             attention_mask: ``(batch, seq_len)``, 1 on real tokens.
             labels: optional ``input_ids`` with ``-100`` where no loss is wanted (a prompt,
                 padding), shifted inside as by every `transformers` causal LM: only the
@@ -611,16 +625,14 @@ class SentenceLMForCausalLM(SentenceLMPreTrainedModel, SentenceGenerationMixin):
                 output_hidden_states=output_hidden_states, output_attentions=output_attentions,
             )  # fmt: skip
         target = _labelled_tokens(input_ids, labels, shift_labels)
-        text_end = self._trailing_eos(input_ids, mask)
-        mask = mask & ~text_end
         keep = logit_positions(logits_to_keep, self.training, input_ids.shape[1])
 
         # The method: sentences -> vectors -> backbone; each sentence is written from the state
-        # before it, and the stop head decides at every state whether the text ends.
+        # before it, and the stop head decides at every state whether the text (or turn) ends.
         out = self.model(input_ids, mask, output_hidden_states=output_hidden_states, output_attentions=output_attentions)
         memory = states_before_sentences(out.last_hidden_state, out.packed)
         terms = self._nll_terms(out, memory, keep_log_probs=keep is not None)
-        loss = terms.loss(target, text_end, num_items_in_batch, self.config.stop_loss_weight)
+        loss = terms.loss(target, out.turn_ends, num_items_in_batch, self.config.stop_loss_weight)
         next_vector_loss = None
         if self.config.next_vector_weight > 0:
             vectors = out.sentence_vectors.detach().float()
@@ -647,7 +659,8 @@ class SentenceLMForCausalLM(SentenceLMPreTrainedModel, SentenceGenerationMixin):
     def _nll_terms(self, out: SentenceLMModelOutput, memory: torch.Tensor, keep_log_probs: bool) -> "NLLTerms":
         """Every NLL term of the texts of ``out``: the Sentence Decoder's at each teacher-forced
         step of each sentence, written from ``memory`` (the states before the sentences), and the
-        stop head's at every slot (go on at every slot but the last, stop at the last). With
+        stop head's at every slot (stop at the last slot and after each sentence a turn end
+        closes, go on at every other). With
         ``keep_log_probs`` the decoder's log-probabilities are kept for the causal scores; else the
         output layer runs on the steps that have a target only, keeping no logits."""
         vae, packed, hidden, slot_mask = self.sentence_vae, out.packed, out.last_hidden_state, out.slot_mask
@@ -663,6 +676,8 @@ class SentenceLMForCausalLM(SentenceLMPreTrainedModel, SentenceGenerationMixin):
             token_nll[has_target] = vae.output_nll(states[has_target], targets[has_target])
         stop_targets = torch.full(slot_mask.shape, CONTINUE, dtype=torch.long, device=hidden.device)
         stop_targets[:, -1] = STOP
+        turn_ended = packed.closed_by(out.turn_ends)
+        stop_targets[packed.batch_index[turn_ended], packed.sentence_slots(slot_mask.shape[1])[turn_ended]] = STOP
         stop_logits = self.stop_head(hidden).float()
         stop_nll = F.cross_entropy(stop_logits.flatten(0, 1), stop_targets.flatten(), reduction="none")
         stop_nll = stop_nll.view(slot_mask.shape) * slot_mask
@@ -714,29 +729,6 @@ class SentenceLMForCausalLM(SentenceLMPreTrainedModel, SentenceGenerationMixin):
             per_text = getattr(out, name)
             setattr(out, name, per_text.new_zeros(batch).index_add_(0, rows, per_text))
         return out if return_dict is not False else out.to_tuple()
-
-    def _trailing_eos(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        """``(batch, seq_len)`` bool: each text's last token where it is the EOS id and follows
-        at least one text token (a leading BOS does not count), i.e. where it marks the end of the
-        text rather than being its only token.
-
-        TRL's ``SFTTrainer`` appends the EOS to every completion, and some tokenizers to every
-        text; a SentenceLM ends a text with its last sentence's end-of-sentence term and the stop
-        decision. So such an EOS is left out of the sentences, ``nll`` and ``num_tokens``, gets no
-        score in ``logits`` (as padding), and when labelled it keeps those end terms in ``loss``
-        and counts as one labelled item, as the Trainer counts it in ``num_items_in_batch``. An
-        EOS id anywhere else (or as a text's only token) is an ordinary token."""
-        mask = check_attention_mask(attention_mask, input_ids)
-        content = self.model.content_mask(input_ids, mask)
-        seq_len = input_ids.shape[1]
-        ends = torch.zeros_like(mask)
-        if seq_len == 0:
-            return ends
-        last = seq_len - 1 - torch.argmax(content.flip(1).long(), dim=1)
-        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
-        is_end = content[rows, last] & (input_ids[rows, last] == self.config.eos_token_id) & (content.sum(1) > 1)
-        ends[rows[is_end], last[is_end]] = True
-        return ends
 
     # ------------------------------------------------------------------------------ building
     @classmethod
@@ -953,15 +945,13 @@ def _counted_terms(
     when the sentence's last token is labelled (they decide what follows that token); the decision
     at the start state counts when the text's first token is labelled. So with a masked prompt,
     the completion's tokens, its sentence ends and its final stop are trained, and the prompt is
-    not. ``end_labelled`` ``(batch,)``: the text's trailing EOS is labelled, which also keeps its
-    last sentence's end of sentence and the final stop."""
+    not. ``end_labelled`` ``(num_sentences,)``: the turn end (EOS) that closes the sentence is
+    labelled, which also keeps that sentence's end of sentence and the stop decision after it."""
     in_sentence = packed.token_sentence >= 0
     steps = torch.zeros(packed.input_ids.shape[0], packed.input_ids.shape[1] + 1, dtype=torch.bool, device=target.device)
     steps[packed.token_sentence[in_sentence], packed.token_position[in_sentence]] = target[in_sentence]
     sentences = torch.arange(steps.shape[0], device=steps.device)
-    last = steps[sentences, packed.lengths - 1]
-    final = packed.sentence_index == packed.num_sentences[packed.batch_index] - 1
-    last = last | (final & end_labelled[packed.batch_index])
+    last = steps[sentences, packed.lengths - 1] | end_labelled
     steps[sentences, packed.lengths] = last
     decisions = torch.zeros(slots, dtype=torch.bool, device=target.device)
     rows = packed.batch_index

@@ -693,18 +693,22 @@ class SentenceVAEModel(SentenceVAEPreTrainedModel):
         self.boundary_table[: table.shape[0]] = table.to(self.boundary_table.device, torch.uint8)
 
     def segment(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, return_closed: bool = False
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        return_closed: bool = False,
+        breaks: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Sentence index of every token (``-1`` where ``attention_mask`` is 0), and with
-        ``return_closed`` whether each text's last sentence is closed; see
-        :func:`segment_sentences`."""
+        ``return_closed`` whether each text's last sentence is closed; ``breaks``: masked
+        positions after which a sentence ends; see :func:`segment_sentences`."""
         if not bool(self.boundary_table.any()):
             raise ValueError(
                 "This model has no sentence-boundary table yet; call "
                 "`model.set_boundary_table(tokenizer)` with the tokenizer it was trained with."
             )
         return segment_sentences(
-            input_ids, self.boundary_table, self.config.max_sentence_len, attention_mask, return_closed
+            input_ids, self.boundary_table, self.config.max_sentence_len, attention_mask, return_closed, breaks
         )
 
     # ----------------------------------------------------------------------------- encoder

@@ -14,8 +14,15 @@ holds flags for every token:
 * ``BLANK``: the token is whitespace only; ``SPACE_END``: its text ends with whitespace.
 
 A sentence ends after the last token of a run "ending token, then trailing tokens" (a quote
-or bracket right after whitespace opens the next sentence instead), and after
-``max_sentence_len`` tokens. Everything is vectorised over the batch with ``torch``.
+or bracket right after whitespace opens the next sentence instead), after ``max_sentence_len``
+tokens, and at an end of turn (see :func:`sentence_tokens`). Everything is vectorised over the
+batch with ``torch``.
+
+Special tokens inside a text are read as the text's own tokens, as a chat template writes them
+(:func:`sentence_tokens`): a role marker such as ``<|im_start|>`` is an ordinary token of its
+sentence (no boundary flags), and an EOS after text ends a turn: it closes the sentence before
+it, which a SentenceLM reads as that sentence's stop decision rather than as a token. Only the
+leading BOS (the start state stands for it) and padding belong to no sentence.
 """
 
 from __future__ import annotations
@@ -99,12 +106,55 @@ def token_texts(tokenizer) -> list[str]:
     ]
 
 
+def sentence_tokens(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, bos_token_id: int | None, eos_token_id: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which tokens of a batch of texts are sentence tokens, and which end a turn.
+
+    Args:
+        input_ids: ``(batch, seq_len)`` token ids.
+        attention_mask: ``(batch, seq_len)``, 1 on real tokens (padding on either side).
+        bos_token_id, eos_token_id: the model's (``None``: it has none).
+
+    Returns:
+        ``(content, turn_ends)``, both ``(batch, seq_len)`` bool. ``turn_ends``: every EOS token
+        that follows a text token other than an EOS (since the start: a leading BOS is not text),
+        i.e. the first EOS after text: the end of a chat turn (``<|im_end|>``), of a
+        document in packed text, or of the whole text (the EOS that TRL and some tokenizers
+        append). It closes the sentence before it. ``content``: the real tokens but each row's
+        leading BOS (the start state stands for it) and the turn ends; every other token,
+        special or not (role markers, a BOS inside the text, an EOS with no text before it), is
+        a token of a sentence.
+    """
+    mask = attention_mask.bool()
+    content = mask.clone()
+    batch, length = input_ids.shape
+    if length == 0:
+        return content, torch.zeros_like(mask)
+    rows = torch.arange(batch, device=input_ids.device)
+    if bos_token_id is not None:
+        first = torch.argmax(mask.long(), dim=1)
+        leading = mask[rows, first] & (input_ids[rows, first] == bos_token_id)
+        content[rows[leading], first[leading]] = False
+    if eos_token_id is None:
+        return content, torch.zeros_like(mask)
+    is_eos = content & (input_ids == eos_token_id)
+    pos = torch.arange(length, device=input_ids.device).expand(batch, length)
+    last_content = torch.where(content, pos, -1).cummax(dim=1).values
+    previous = torch.full_like(last_content, -1)
+    previous[:, 1:] = last_content[:, :-1]
+    after_text = (previous >= 0) & ~is_eos.gather(1, previous.clamp(min=0))
+    turn_ends = is_eos & after_text
+    return content & ~turn_ends, turn_ends
+
+
 def segment_sentences(
     input_ids: torch.Tensor,
     boundary_table: torch.Tensor,
     max_sentence_len: int,
     attention_mask: torch.Tensor | None = None,
     return_closed: bool = False,
+    breaks: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Give every token the index of its sentence within its text.
 
@@ -115,8 +165,12 @@ def segment_sentences(
         attention_mask: ``1`` for tokens of the text, ``0`` for padding (either side). Masked
             tokens are skipped and get sentence index ``-1``.
         return_closed: also return, per text, whether its last sentence is closed (it ends
-            with a boundary or holds ``max_sentence_len`` tokens) rather than open, i.e. still
-            waiting for more tokens. A text with no tokens counts as closed.
+            with a boundary, holds ``max_sentence_len`` tokens or is followed by a break)
+            rather than open, i.e. still waiting for more tokens. A text with no tokens counts
+            as closed.
+        breaks: ``(batch, seq_len)`` bool, masked positions after which a sentence ends
+            whatever the rules say (the turn ends of :func:`sentence_tokens`): the next unmasked
+            token starts a new sentence.
 
     Returns:
         A ``torch.long`` tensor shaped like ``input_ids``: ``0, 0, 0, 1, 1, 2, ...`` for each
@@ -150,10 +204,10 @@ def segment_sentences(
     if length == 0:
         closed = torch.ones(batch, dtype=torch.bool, device=ids.device)
         return _finish(sentence_ids, closed, squeeze, return_closed)
-    scan = _scan(ids, mask, boundary_table, max_sentence_len)
+    scan = _scan(ids, mask, boundary_table, max_sentence_len, None if breaks is None else breaks.reshape(ids.shape))
     sentence_ids.scatter_(1, scan.order, torch.where(scan.valid, scan.starts.long().cumsum(dim=1) - 1, -1))
     last = (scan.valid.sum(dim=1, keepdim=True) - 1).clamp(min=0)
-    closed = (scan.pending | scan.full).gather(1, last).squeeze(1) | ~scan.valid.any(dim=1)
+    closed = (scan.pending | scan.full | scan.broken).gather(1, last).squeeze(1) | ~scan.valid.any(dim=1)
     return _finish(sentence_ids, closed, squeeze, return_closed)
 
 
@@ -166,9 +220,16 @@ class _Scan:
     starts: torch.Tensor  # packed token starts a sentence
     pending: torch.Tensor  # packed token closes its sentence unless the next token trails
     full: torch.Tensor  # packed token is the max_sentence_len-th of its sentence (a forced cut)
+    broken: torch.Tensor  # packed token is followed by a break (a forced cut)
 
 
-def _scan(ids: torch.Tensor, mask: torch.Tensor, boundary_table: torch.Tensor, max_sentence_len: int) -> _Scan:
+def _scan(
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    boundary_table: torch.Tensor,
+    max_sentence_len: int,
+    breaks: torch.Tensor | None = None,
+) -> _Scan:
     # Work on the unmasked tokens of each row, packed to the left, so that padding on either
     # side (or in between) never splits or joins a sentence.
     batch, length = ids.shape
@@ -177,11 +238,23 @@ def _scan(ids: torch.Tensor, mask: torch.Tensor, boundary_table: torch.Tensor, m
     valid = mask.gather(1, order)
     pos = torch.arange(length, device=ids.device).expand(batch, length)
 
+    # A break between two real tokens: more breaks at or before the later one's column than at
+    # or before the earlier one's (the last real token of a row compares with the row's total).
+    broken = torch.zeros_like(valid)
+    if breaks is not None:
+        seen = breaks.long().cumsum(dim=1)
+        here = seen.gather(1, order)
+        next_valid = torch.cat([valid[:, 1:], torch.zeros_like(valid[:, :1])], dim=1)
+        after = torch.where(next_valid, torch.cat([here[:, 1:], here[:, -1:]], dim=1), seen[:, -1:])
+        broken = valid & (after > here)
+    after_break = torch.zeros_like(valid)
+    after_break[:, 1:] = broken[:, :-1]
+
     flags = boundary_table.to(ids.device)[packed]
     is_end = (flags & ENDS).bool() & valid
     after_space = torch.zeros_like(valid)
     after_space[:, 1:] = (flags[:, :-1] & SPACE_END).bool()
-    is_trail = (flags & TRAILS).bool() & valid & ((flags & BLANK).bool() | ~after_space)
+    is_trail = (flags & TRAILS).bool() & valid & ((flags & BLANK).bool() | ~after_space) & ~after_break
     last_end = torch.where(is_end, pos, -1).cummax(dim=1).values
     last_non_trail = torch.where(is_trail, -1, pos).cummax(dim=1).values
     pending = (last_end >= 0) & (last_end >= last_non_trail)
@@ -190,25 +263,30 @@ def _scan(ids: torch.Tensor, mask: torch.Tensor, boundary_table: torch.Tensor, m
     boundary_after = pending & ~next_trails
     starts = torch.zeros_like(valid)
     starts[:, 0] = True
-    starts[:, 1:] = boundary_after[:, :-1]
+    starts[:, 1:] = boundary_after[:, :-1] | after_break[:, 1:]
 
     # Cut sentences longer than max_sentence_len into pieces of that length.
     start_pos = torch.where(starts, pos, 0).cummax(dim=1).values
     offset = pos - start_pos
     starts = starts | ((offset % max_sentence_len) == 0)
     full = (offset % max_sentence_len) == max_sentence_len - 1
-    return _Scan(order=order, valid=valid, starts=starts, pending=pending & valid, full=full & valid)
+    return _Scan(order=order, valid=valid, starts=starts, pending=pending & valid, full=full & valid, broken=broken)
 
 
 def boundary_states(
-    input_ids: torch.Tensor, boundary_table: torch.Tensor, max_sentence_len: int, attention_mask: torch.Tensor
+    input_ids: torch.Tensor,
+    boundary_table: torch.Tensor,
+    max_sentence_len: int,
+    attention_mask: torch.Tensor,
+    breaks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """What the segmentation knows after each token, from that token and the ones before it:
-    ``(pending, full)``, both ``(batch, seq_len)`` bools. ``pending``: the token closes its
-    sentence unless the next token trails (see the module docstring); ``full``: the token is
-    the ``max_sentence_len``-th of its sentence, so the next token starts a new one whatever it
-    is. Masked positions are ``False``."""
-    scan = _scan(input_ids, attention_mask.bool(), boundary_table, max_sentence_len)
+    """What the segmentation knows after each token, from that token and the ones before it
+    (``breaks`` before it included, see :func:`segment_sentences`; a break after it is not
+    known there): ``(pending, full)``, both ``(batch, seq_len)`` bools. ``pending``: the token
+    closes its sentence unless the next token trails (see the module docstring); ``full``: the
+    token is the ``max_sentence_len``-th of its sentence, so the next token starts a new one
+    whatever it is. Masked positions are ``False``."""
+    scan = _scan(input_ids, attention_mask.bool(), boundary_table, max_sentence_len, breaks)
     pending = torch.zeros_like(scan.pending).scatter_(1, scan.order, scan.pending)
     full = torch.zeros_like(scan.full).scatter_(1, scan.order, scan.full)
     return pending, full
@@ -265,6 +343,16 @@ class PackedSentences:
         ``slots`` backbone slots (``[padding.., start, s_0, s_1, ..]``, the SentenceLM's layout):
         sentence ``i`` of text ``b`` is at ``first_slots[b] + 1 + i``."""
         return slots - 1 - self.num_sentences
+
+    def closed_by(self, marks: torch.Tensor) -> torch.Tensor:
+        """``(num_sentences,)`` which sentences a marked token (``marks`` ``(batch, seq_len)``, on
+        tokens that belong to no sentence, such as the turn ends of :func:`sentence_tokens`)
+        follows directly: the sentence of the last sentence token before each mark."""
+        so_far = self.token_sentence.cummax(dim=1).values
+        closed = torch.zeros(self.lengths.shape[0], dtype=torch.bool, device=self.lengths.device)
+        after = so_far[marks & (so_far >= 0)]
+        closed[after] = True
+        return closed
 
     def sentence_slots(self, slots: int) -> torch.Tensor:
         """``(num_sentences,)`` the slot of each packed sentence in that layout (see :meth:`first_slots`)."""

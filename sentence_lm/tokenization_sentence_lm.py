@@ -5,8 +5,11 @@ byte-level BPE (GPT-2, OPT, Llama-3, Qwen2, SmolLM2: ``Ġ`` for a space) and Sen
 ones (Llama-2, Mistral, Gemma: ``▁`` for a space, byte-fallback tokens such as ``<0x0A>``). Calling
 it returns the usual ``input_ids`` and ``attention_mask`` plus ``sentence_ids``: for every token
 the index of its sentence within its text (``0, 0, 0, 1, 1, 2, ...``), ``-1`` for padding and for
-special tokens such as the BOS the tokenizer prepends. Sentences are found on the token ids (see
-:mod:`.segmentation`), so concatenating a text's sentences gives back exactly its ids.
+the BOS the tokenizer prepends. Special tokens inside a text are tokens of its sentences, as a
+SentenceLM reads them (:func:`.segmentation.sentence_tokens`): a chat template's role marker is
+an ordinary token, and an EOS after text (``<|im_end|>``, the end of a turn) is the last token
+of the sentence it closes. Sentences are found on the token ids (see :mod:`.segmentation`), so
+concatenating a text's sentences gives back exactly its ids (but the leading BOS).
 
 This module travels with saved checkpoints (``auto_map``) and is then imported by
 ``transformers`` as remote code on machines without ``sentence_lm``: it imports only
@@ -24,7 +27,7 @@ import torch
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from transformers.utils import PaddingStrategy
 
-from .segmentation import build_boundary_table, segment_sentences
+from .segmentation import build_boundary_table, segment_sentences, sentence_tokens
 
 OPT_SPECIAL_TOKENS = ("<s>", "<pad>", "</s>", "<unk>")
 """Special tokens of :func:`train_sentence_tokenizer`, in OPT's id order (0, 1, 2, 3)."""
@@ -33,7 +36,7 @@ SENTENCE_IDS_KEY = "sentence_ids"
 """Name of the extra key in the tokenizer's outputs."""
 
 SENTENCE_PAD_ID = -1
-"""Sentence index of padding and special tokens."""
+"""Sentence index of padding and of the leading BOS."""
 
 
 def _check_max_sentence_len(value: Any) -> int:
@@ -163,8 +166,9 @@ class SentenceTokenizer(PreTrainedTokenizerFast):
 
     @property
     def special_token_ids(self) -> set[int]:
-        """Ids that are not part of any sentence: the named special tokens (BOS, EOS, padding,
-        ...) and every added token marked special (such as OPT's unused ``<s>``)."""
+        """The named special tokens (BOS, EOS, padding, ...) and every added token marked special
+        (such as OPT's unused ``<s>``): the ids that a SentenceVAE's corpus of sentences leaves
+        out (:mod:`.data`)."""
         ids = set(self.all_special_ids)
         ids.update(index for index, token in self.added_tokens_decoder.items() if token.special)
         return ids
@@ -175,50 +179,45 @@ class SentenceTokenizer(PreTrainedTokenizerFast):
             self._device_tables[device] = table.to(device)
         return self._device_tables[device]
 
-    def segment(
-        self,
-        input_ids,
-        attention_mask=None,
-        max_sentence_len: int | None = None,
-        skip_special_tokens: bool = True,
-    ) -> torch.Tensor:
-        """Sentence index of every token of ``input_ids``.
+    def segment(self, input_ids, attention_mask=None, max_sentence_len: int | None = None) -> torch.Tensor:
+        """Sentence index of every token of ``input_ids``, as a SentenceLM reads the text.
 
         Args:
             input_ids: ``(batch, seq_len)`` or ``(seq_len,)`` token ids (tensor or nested lists).
             attention_mask: ``1`` for real tokens, ``0`` for padding on either side; optional.
             max_sentence_len: overrides :attr:`max_sentence_len`.
-            skip_special_tokens: give special tokens (:attr:`special_token_ids`: BOS, EOS, padding,
-                ...) index ``-1`` and leave them out of the sentences, as the tokenizer's own
-                outputs do.
 
         Returns:
             A ``torch.long`` tensor shaped like ``input_ids`` (on its device): ``0, 0, 1, ...`` per
-            text, ``-1`` for padding and skipped tokens.
+            text, ``-1`` for padding and each text's leading BOS. An EOS after text ends a turn:
+            it gets the index of the sentence it closes (beyond that sentence's
+            ``max_sentence_len`` tokens), and the next token starts a new sentence. Every other
+            token, special or not, belongs to a sentence (see
+            :func:`.segmentation.sentence_tokens`).
 
         Raises:
             ValueError: for ids outside the vocabulary, or shapes that do not match.
         """
         ids = input_ids if isinstance(input_ids, torch.Tensor) else torch.as_tensor(input_ids, dtype=torch.long)
-        mask = None
-        if attention_mask is not None:
+        max_len = self.max_sentence_len if max_sentence_len is None else _check_max_sentence_len(max_sentence_len)
+        if attention_mask is None:
+            mask = torch.ones_like(ids, dtype=torch.bool)
+        else:
             mask = attention_mask if isinstance(attention_mask, torch.Tensor) else torch.as_tensor(attention_mask)
             mask = mask.to(ids.device)
-        if skip_special_tokens and ids.numel():
-            special = torch.tensor(sorted(self.special_token_ids), dtype=ids.dtype, device=ids.device)
-            keep = ~torch.isin(ids, special)
-            if mask is not None and mask.shape == ids.shape:
-                keep = keep & mask.bool()
-            elif mask is not None:
+            if mask.shape != ids.shape:
                 # Let segment_sentences report the shape mismatch.
-                keep = mask
-            mask = keep
-        return segment_sentences(
-            ids,
-            self._table_on(ids.device),
-            self.max_sentence_len if max_sentence_len is None else _check_max_sentence_len(max_sentence_len),
-            attention_mask=mask,
+                return segment_sentences(ids, self._table_on(ids.device), max_len, attention_mask=mask)
+        squeeze = ids.dim() == 1
+        rows, row_mask = (ids[None], mask[None]) if squeeze else (ids, mask)
+        if rows.dim() != 2 or not rows.numel():
+            return segment_sentences(ids, self._table_on(ids.device), max_len, attention_mask=mask)
+        content, turn_ends = sentence_tokens(rows, row_mask, self.bos_token_id, self.eos_token_id)
+        sentence_ids = segment_sentences(
+            rows, self._table_on(ids.device), max_len, attention_mask=content, breaks=turn_ends
         )
+        sentence_ids = torch.where(turn_ends, sentence_ids.cummax(dim=1).values, sentence_ids)
+        return sentence_ids[0] if squeeze else sentence_ids
 
     def _sentence_ids_like(self, input_ids, attention_mask):
         """``sentence_ids`` in the same container type as ``input_ids`` (tensor, array, lists)."""

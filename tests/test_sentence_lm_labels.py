@@ -9,6 +9,7 @@ from helpers import assert_same_weights
 from transformers import LlamaConfig
 
 from sentence_lm import SentenceLMConfig, SentenceLMForCausalLM
+from sentence_lm.decoding import CONTINUE, STOP
 
 VOCAB, PAD, BOS, EOS, PERIOD = 48, 0, 1, 2, 10
 
@@ -159,7 +160,9 @@ def test_a_trailing_eos_is_the_end_of_the_text(model):
         torch.testing.assert_close(b.nll, a.nll)
         assert b.num_tokens.tolist() == a.num_tokens.tolist() == [len(TEXT) - 1]
         torch.testing.assert_close(b.logits[:, : len(TEXT)], a.logits)
-        assert bool((b.logits[0, len(TEXT)] == 0).all())  # no prediction after the end, as padding
+        # After the end, the scores of whatever follows (a next turn): the decoder's first step of a
+        # next sentence, a distribution of its own (the stop decision was the EOS's).
+        torch.testing.assert_close(b.logits[0, len(TEXT)].logsumexp(-1), torch.tensor(0.0))
         # Labelled: the same terms, one more item (the Trainer counts the EOS label too).
         n = len(TEXT) - 1
         torch.testing.assert_close(model(with_eos, labels=with_eos).loss * (n + 1), model(plain, labels=plain).loss * n)
@@ -180,12 +183,27 @@ def test_a_trailing_eos_is_the_end_of_the_text(model):
         torch.testing.assert_close(model(batch, attention_mask=mask).nll, a.nll.repeat(2))
 
 
-def test_an_eos_elsewhere_is_an_ordinary_token(model):
+def test_an_eos_after_text_ends_a_turn_and_the_text_goes_on(model):
+    """A chat's end of turn: the EOS closes the sentence before it (its stop decision is "stop"),
+    the text goes on with the next turn, and the causal scores add up to ``nll``."""
+    ids = torch.tensor([[BOS, 5, PERIOD, EOS, 6, PERIOD, EOS]])
     with torch.no_grad():
-        inside = model(torch.tensor([[BOS, 5, EOS, 6, PERIOD]]))
-        alone = model(torch.tensor([[BOS, EOS]]))  # the text's only token: nothing to end
-    assert inside.num_tokens.tolist() == [4] and alone.num_tokens.tolist() == [1]
-    assert torch.isfinite(alone.nll).all()
+        out = model(ids)
+        assert out.num_tokens.tolist() == [4] and out.num_sentences.tolist() == [2]
+        # EOS after a closed sentence: its end and "stop"; the token after the EOS: the next sentence's
+        # first step alone; the final EOS: the last end and the final stop. Together: nll.
+        causal = -out.logits[0, :-1].gather(1, ids[0, 1:, None]).sum()
+        torch.testing.assert_close(causal, out.nll[0])
+        # The stop decision after "5 ." is charged as "stop": the same text without the first EOS
+        # differs by exactly its two decisions there.
+        merged = model(torch.tensor([[BOS, 5, PERIOD, 6, PERIOD, EOS]]))
+        log_probs = torch.log_softmax(model.stop_head(model.model(ids).last_hidden_state[0, 1]).float(), dim=-1)
+        torch.testing.assert_close(out.nll - merged.nll, (log_probs[CONTINUE] - log_probs[STOP])[None])
+        # An EOS with no text before it (the text's only token, or right after another EOS) is a token.
+        alone = model(torch.tensor([[BOS, EOS]]))
+        twice = model(torch.tensor([[BOS, 5, EOS, EOS, 6, PERIOD]]))
+    assert alone.num_tokens.tolist() == [1] and torch.isfinite(alone.nll).all()
+    assert twice.num_tokens.tolist() == [4]
 
 
 def test_bad_labels_are_refused(model):

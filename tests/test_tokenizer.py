@@ -80,10 +80,18 @@ def test_padding_to_max_length_and_truncation(tokenizer):
     assert truncated["sentence_ids"] == expected_sentence_ids(tokenizer, truncated["input_ids"])
 
 
-def test_special_tokens_in_the_text_belong_to_no_sentence(tokenizer):
-    encoding = tokenizer("One. Two</s>three.<pad>")
-    for token_id, sentence_id in zip(encoding["input_ids"], encoding["sentence_ids"]):
-        assert (sentence_id == -1) == (token_id in tokenizer.special_token_ids)
+def test_special_tokens_in_the_text_are_tokens_of_its_sentences(tokenizer):
+    """As a SentenceLM reads a chat template's text: the prepended BOS belongs to no sentence, an EOS
+    after text ends a turn (the last token of the sentence it closes: the next token opens one),
+    and any other special token (here OPT's unused <s> and a <pad> spelled in the text) is a token."""
+    encoding = tokenizer("One. Two</s>three.<pad><s>four")
+    tokens = tokenizer.convert_ids_to_tokens(encoding["input_ids"])
+    by_sentence = {}
+    for token, sentence_id in zip(tokens, encoding["sentence_ids"]):
+        by_sentence.setdefault(sentence_id, []).append(token)
+    assert by_sentence.pop(-1) == ["</s>"]
+    pieces = ["".join(by_sentence[k]) for k in sorted(by_sentence)]
+    assert pieces == ["One.Ġ", "Two</s>", "three.", "<pad><s>four"]
     assert {0, 1, 2, 3} <= tokenizer.special_token_ids  # OPT's <s> too, an added special token
 
 
@@ -147,9 +155,7 @@ def test_segment(tokenizer):
     one = tokenizer(TEXTS[0], return_tensors="pt")
     assert torch.equal(tokenizer.segment(one["input_ids"][0]), one["sentence_ids"][0])
     assert tokenizer.segment(one["input_ids"][0].tolist()).tolist() == one["sentence_ids"][0].tolist()
-    # Special tokens can be kept in the sentences; a smaller cap can be asked for.
-    kept = tokenizer.segment(one["input_ids"], skip_special_tokens=False)
-    assert kept[0, 0] == 0
+    # A smaller cap can be asked for.
     assert int(torch.bincount(tokenizer.segment(one["input_ids"], max_sentence_len=2)[0] + 1)[1:].max()) <= 2
 
 
@@ -188,7 +194,9 @@ def test_setting_add_eos_token_keeps_the_bos(tokenizer):
     with_eos.add_eos_token = True
     ids = with_eos("Hi.")["input_ids"]
     assert ids[0] == ids[-1] == 2
-    assert with_eos("Hi.")["sentence_ids"][-1] == -1
+    # The appended EOS ends the text: the last token of the sentence it closes.
+    sentence_ids = with_eos("Hi.")["sentence_ids"]
+    assert sentence_ids[0] == -1 and set(sentence_ids[1:]) == {0}
 
 
 def test_train_rejects_bad_arguments():

@@ -59,7 +59,8 @@ def reference_vae_loss(vae, ids, mask):
 def reference_sentence_lm_loss(model, input_ids, attention_mask):
     """The whole-text loss without labels, each piece computed the simple way."""
     vae, base = model.sentence_vae, model.model
-    content = base.content_mask(input_ids, attention_mask.bool())
+    content, turn_ends = base.sentence_tokens(input_ids, attention_mask.bool())
+    assert not turn_ends.any()  # (texts without an EOS: every stop decision but the last goes on)
     from sentence_lm.segmentation import pack_sentences
 
     packed = pack_sentences(input_ids, vae.segment(input_ids, content), model.config.pad_token_id)
