@@ -32,7 +32,10 @@ token model's first layers, see :mod:`sentence_lm.pretrained_layers`; compare it
 Stage 2: ``freeze_sentence_vae`` (``True``: the SentenceVAE stays fixed),
 ``freeze_backbone_steps`` (:class:`~sentence_lm.distillation.FrozenBackboneWarmup`),
 ``distill_weight`` and ``distill_temperature`` (distillation from the token model,
-:class:`~sentence_lm.distillation.DistillationTrainer`), ``stop_loss_weight``, ``next_vector_weight`` and
+:class:`~sentence_lm.distillation.DistillationTrainer`), ``hidden_state_weight`` and
+``teacher_condition_steps`` (the token model's hidden states as the backbone's targets and, for
+the first steps, as the decoder's condition,
+:class:`~sentence_lm.hidden_state_distillation.HiddenStateDistillationTrainer`), ``stop_loss_weight``, ``next_vector_weight`` and
 ``next_vector_objective``.
 
 Examples (one CPU core per run)::
@@ -67,6 +70,7 @@ from sentence_lm.baseline import load_token_model, smollm2_gguf
 from sentence_lm.corpus import text_paragraphs
 from sentence_lm.data import PaddingCollator, first_tokens, split_into_sentences, tokenize_texts
 from sentence_lm.distillation import DistillationTrainer, FrozenBackboneWarmup
+from sentence_lm.hidden_state_distillation import HiddenStateDistillationTrainer
 from sentence_lm.machine import machine_info
 from sentence_lm.metrics import reconstruction_metrics
 from sentence_lm.trainer import LearningCurveCallback, SentenceLMTrainer, show_time_budget
@@ -92,6 +96,7 @@ DEFAULT_VARIANTS = {
             "frozen_vae:freeze_sentence_vae=True",
             "backbone_warmup:freeze_backbone_steps=30",
             "distill:distill_weight=1.0",
+            "hidden_states:hidden_state_weight=1.0,teacher_condition_steps=30",
         ]
     ),
 }
@@ -102,6 +107,8 @@ STAGE2_KEYS = {
     "freeze_backbone_steps": int,
     "distill_weight": float,
     "distill_temperature": float,
+    "hidden_state_weight": float,
+    "teacher_condition_steps": int,
     "stop_loss_weight": float,
     "next_vector_weight": float,
     "next_vector_objective": str,
@@ -190,6 +197,12 @@ def run_variant(stage: int, variant: dict, args, token_model, raw_tokenizer, tok
     if training.get("freeze_backbone_steps"):
         callbacks.append(FrozenBackboneWarmup(training["freeze_backbone_steps"]))
     trainer_class, levers = SentenceLMTrainer, {}
+    if training.get("distill_weight") and (training.get("hidden_state_weight") or training.get("teacher_condition_steps")):
+        raise SystemExit(f"Variant {variant['name']!r}: distill_weight and the hidden-state keys are separate levers; pick one.")
+    if training.get("hidden_state_weight") or training.get("teacher_condition_steps"):
+        trainer_class = HiddenStateDistillationTrainer
+        levers = dict(teacher=token_model, hidden_state_weight=training.get("hidden_state_weight", 0.0),
+                      teacher_condition_steps=training.get("teacher_condition_steps", 0))
     if training.get("distill_weight"):
         trainer_class = DistillationTrainer
         levers = dict(teacher=token_model, distill_weight=training["distill_weight"],
@@ -211,7 +224,8 @@ def run_variant(stage: int, variant: dict, args, token_model, raw_tokenizer, tok
     record = {**variant, "parameters": model.num_parameters(), "steps": trainer.state.global_step,
               "tokens": int(trainer.state.num_input_tokens_seen), "train_seconds": round(60 * args.minutes, 1),
               "selection": final, "curve": curve.points,
-              "loss": [(e["step"], e["loss"]) for e in history if "loss" in e]}
+              "loss": [(e["step"], e["loss"]) for e in history if "loss" in e],
+              "hidden_state_loss": [(e["step"], e["hidden_state_loss"]) for e in history if "hidden_state_loss" in e]}
     print(json.dumps({k: record[k] for k in ("name", "steps", "tokens", "selection")}))
     return record
 

@@ -117,6 +117,12 @@ class SentenceLMCausalLMOutput(ModelOutput):
             sentence's vector from the encoder (in ``loss`` with that weight): the mean squared
             error per dimension, or InfoNCE over the batch's sentences
             (``config.next_vector_objective``, see [`next_vector_loss_of`]).
+        hidden_state_loss: with ``teacher_hidden_states``, how far the backbone's state after each
+            sentence is from the token model's state at that sentence's last token (what it
+            predicts the next token from): the squared error relative to the target's squared
+            norm, averaged over sentences ([`hidden_state_loss_of`]). Not part of ``loss``: a
+            trainer adds it with its weight
+            (:class:`~sentence_lm.hidden_state_distillation.HiddenStateDistillationTrainer`).
         nll: ``(batch,)`` total NLL of each text (sentence tokens, end-of-sentence tokens, stop
             decisions), in nats.
         num_tokens: ``(batch,)`` original tokens of each text (BOS and padding excluded).
@@ -143,6 +149,7 @@ class SentenceLMCausalLMOutput(ModelOutput):
     end_loss: torch.Tensor | None = None
     stop_loss: torch.Tensor | None = None
     next_vector_loss: torch.Tensor | None = None
+    hidden_state_loss: torch.Tensor | None = None
     nll: torch.Tensor | None = None
     num_tokens: torch.Tensor | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
@@ -567,6 +574,8 @@ class SentenceLMForCausalLM(SentenceLMPreTrainedModel, SentenceGenerationMixin):
         output_attentions: bool | None = None,
         logits_to_keep: int | torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        teacher_hidden_states: torch.Tensor | None = None,
+        condition_on_teacher: bool = False,
         **kwargs,
     ) -> SentenceLMCausalLMOutput | tuple:
         """Score texts: the training loss (NLL per labelled token), each text's NLL and, in
@@ -598,6 +607,16 @@ class SentenceLMForCausalLM(SentenceLMPreTrainedModel, SentenceGenerationMixin):
                 Otherwise ignored: sentence positions are the model's own.
             output_hidden_states, output_attentions: also return the backbone's (see
                 [`SentenceLMModel.forward`]).
+            teacher_hidden_states: ``(batch, seq_len, hidden_size)`` a token model's final hidden
+                states on the same ids (the input of its output layer; the backbone's width): the
+                output's ``hidden_state_loss`` compares the backbone's state after each sentence
+                with the teacher's at that sentence's last token. A conversion lever, see
+                :mod:`sentence_lm.hidden_state_distillation`; not with packed rows.
+            condition_on_teacher: with ``teacher_hidden_states``, the Sentence Decoder writes each
+                sentence from the teacher's state at the previous sentence's last token (the first
+                sentence: at the leading BOS, or the start state when there is none) instead of
+                the backbone's, so that it learns to write from rich states before the backbone
+                can produce them.
             logits_to_keep: which positions of the causal scores ``logits`` to compute: by
                 default (``None``) all in evaluation mode and none in training mode (a training
                 step computes the loss terms straight from the Sentence Decoder's states, no
@@ -619,6 +638,15 @@ class SentenceLMForCausalLM(SentenceLMPreTrainedModel, SentenceGenerationMixin):
         input_ids = input_ids.long()  # int32 (or other integer) ids work like int64 ones
         mask = check_attention_mask(attention_mask, input_ids)
         texts = _packed_texts(position_ids, mask) if position_ids is not None else None
+        if teacher_hidden_states is not None:
+            if texts is not None:
+                raise ValueError(
+                    "teacher_hidden_states with rows that pack several texts (position_ids restarting at 0) is not "
+                    "supported; train with one text per row (packing=False)."
+                )
+            check_teacher_states(teacher_hidden_states, input_ids, self.config.hidden_size)
+        elif condition_on_teacher:
+            raise ValueError("condition_on_teacher=True needs teacher_hidden_states (the token model's states).")
         if texts is not None:
             return self._forward_packed(
                 texts, input_ids, labels, shift_labels, num_items_in_batch, logits_to_keep, return_dict,
@@ -631,6 +659,15 @@ class SentenceLMForCausalLM(SentenceLMPreTrainedModel, SentenceGenerationMixin):
         # before it, and the stop head decides at every state whether the text (or turn) ends.
         out = self.model(input_ids, mask, output_hidden_states=output_hidden_states, output_attentions=output_attentions)
         memory = states_before_sentences(out.last_hidden_state, out.packed)
+        hidden_state_loss = None
+        if teacher_hidden_states is not None:
+            targets, before = teacher_sentence_states(
+                teacher_hidden_states, input_ids, mask, out.packed, self.config.bos_token_id
+            )
+            after = out.last_hidden_state[out.packed.batch_index, out.packed.sentence_slots(out.slot_mask.shape[1])]
+            hidden_state_loss = hidden_state_loss_of(after, targets)
+            if condition_on_teacher:
+                memory = torch.where(torch.isnan(before[:, :1]), memory, before.to(memory.dtype))
         terms = self._nll_terms(out, memory, keep_log_probs=keep is not None)
         loss = terms.loss(target, out.turn_ends, num_items_in_batch, self.config.stop_loss_weight)
         next_vector_loss = None
@@ -649,6 +686,7 @@ class SentenceLMForCausalLM(SentenceLMPreTrainedModel, SentenceGenerationMixin):
             logits=logits,
             lm_loss=lm_loss,
             next_vector_loss=next_vector_loss,
+            hidden_state_loss=hidden_state_loss,
             hidden_states=out.hidden_states,
             attentions=out.attentions,
             slot_mask=out.slot_mask if output_hidden_states else None,
@@ -858,6 +896,53 @@ def next_vector_loss_of(states: torch.Tensor, vectors: torch.Tensor, objective: 
     similarity = F.normalize(states, dim=-1) @ F.normalize(vectors, dim=-1).T
     targets = torch.arange(len(states), device=states.device)
     return F.cross_entropy(similarity / NEXT_VECTOR_TEMPERATURE, targets)
+
+
+def check_teacher_states(states: torch.Tensor, input_ids: torch.Tensor, hidden_size: int) -> None:
+    """Refuse teacher states that are not one ``hidden_size`` vector per token of ``input_ids``."""
+    if not isinstance(states, torch.Tensor) or states.shape[:2] != input_ids.shape or states.dim() != 3:
+        raise ValueError(
+            f"teacher_hidden_states has shape {tuple(getattr(states, 'shape', ()))} but input_ids has "
+            f"{tuple(input_ids.shape)}; pass the token model's final hidden states on the same ids, "
+            "(batch, seq_len, hidden_size)."
+        )
+    if states.shape[-1] != hidden_size:
+        raise ValueError(
+            f"teacher_hidden_states are {states.shape[-1]} wide but this SentenceLM's backbone is {hidden_size}: "
+            "distil the hidden states of a token model of the backbone's width (the one it was built from)."
+        )
+
+
+def teacher_sentence_states(
+    states: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor, packed: PackedSentences, bos_token_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The teacher's states for ``packed``'s sentences: ``(after, before)``, both ``(num_sentences,
+    hidden)`` float32: at each sentence's last token, and at the last token before the sentence
+    (the previous sentence's last, or a leading BOS; ``nan`` where there is none: a text's first
+    sentence without a BOS)."""
+    sentence, position = packed.token_sentence, packed.token_position
+    is_last = (sentence >= 0) & (position == packed.lengths[sentence.clamp(min=0)] - 1)
+    rows, cols = torch.nonzero(is_last, as_tuple=True)
+    after = states.new_zeros(len(packed.lengths), states.shape[-1], dtype=torch.float32)
+    after[sentence[rows, cols]] = states[rows, cols].float()
+    before = torch.full_like(after, float("nan"))
+    later = packed.sentence_index > 0
+    before[later] = after[torch.nonzero(later).squeeze(1) - 1]
+    first = torch.argmax(mask.long(), dim=1)
+    text_rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+    has_bos = mask[text_rows, first] & (input_ids[text_rows, first] == bos_token_id)
+    opening = ~later & has_bos[packed.batch_index]
+    text = packed.batch_index[opening]
+    before[opening] = states[text, first[text]].float()
+    return after, before
+
+
+def hidden_state_loss_of(states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The mean over rows of ``||states - targets||^2 / ||targets||^2`` (``(n, hidden)`` each): the
+    squared error relative to the target's size, so that its scale does not depend on the token
+    model's (its final states are large where its output layer reads them)."""
+    error = (states.float() - targets.float()).pow(2).sum(-1)
+    return (error / targets.float().pow(2).sum(-1).clamp(min=1e-6)).mean()
 
 
 def states_before_sentences(hidden: torch.Tensor, packed) -> torch.Tensor:

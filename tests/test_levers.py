@@ -265,12 +265,15 @@ def test_levers_benchmark_runs_both_stages_on_a_tiny_llama(tokenizer, tmp_path):
         *common, "--stage", "2", "--sentence_vae", str(tmp_path / "vaes" / "levers"), "--selection_tokens", "200",
         "--curve_tokens", "60", "--batch", "2", "--json", str(tmp_path / "stage2.json"),
         "--variants", "plain:;levers:freeze_backbone_steps=1,distill_weight=0.5,freeze_sentence_vae=True,"
-                      "next_vector_weight=1.0,next_vector_objective=contrastive",
+                      "next_vector_weight=1.0,next_vector_objective=contrastive;"
+                      "hidden:hidden_state_weight=1.0,teacher_condition_steps=1",
     ])  # fmt: skip
     runs = {r["name"]: r for r in stage2["variants"]}
     assert runs["levers"]["training"]["distill_weight"] == 0.5 and runs["levers"]["training"]["freeze_backbone_steps"] == 1
     assert runs["levers"]["training"]["next_vector_weight"] == 1.0
     assert runs["levers"]["training"]["next_vector_objective"] == "contrastive"
+    assert runs["hidden"]["training"]["hidden_state_weight"] == 1.0
+    assert runs["hidden"]["hidden_state_loss"] and not runs["plain"]["hidden_state_loss"]
     for run in runs.values():
         assert run["steps"] >= 1 and run["selection"]["nll"] > 0 and run["curve"][0]["step"] == 0
         scores = run["selection"]

@@ -253,3 +253,114 @@ def test_contrastive_next_vector_loss_is_infonce_over_the_batch_sentences(tokeni
     assert type(model).from_pretrained(tmp_path).config.next_vector_objective == "contrastive"
     with pytest.raises(ValueError, match="next_vector_objective.*'mse', 'contrastive'"):
         SentenceLMConfig(next_vector_objective="infonce")
+
+
+# ----------------------------------------------------------------------------- hidden-state distillation
+
+
+def sentence_columns(model, batch):
+    """The packed sentences of ``batch`` and, per sentence, the (row, column) of its last token."""
+    out = model.model(batch["input_ids"], batch["attention_mask"])
+    packed = out.packed
+    last = (packed.token_sentence >= 0) & (
+        packed.token_position == packed.lengths[packed.token_sentence.clamp(min=0)] - 1
+    )
+    rows, cols = torch.nonzero(last, as_tuple=True)
+    order = packed.token_sentence[rows, cols]
+    return out, rows[order.argsort()], cols[order.argsort()]
+
+
+def test_hidden_state_loss_and_teacher_conditioning_line_up_with_the_sentences(setup):
+    """Teacher states that are the backbone's own states, placed at each sentence's last token, give
+    a hidden-state loss of 0; the same states read one token early do not. Conditioned on them
+    (and on the start state at the BOS), the decoder writes each sentence from exactly the states it
+    reads without a teacher: the same loss."""
+    _, model, texts = setup
+    model.eval()
+    batch = PaddingCollator(model.config.pad_token_id)([texts[i] for i in range(3)])
+    batch.pop("length", None)
+    with torch.no_grad():
+        out, rows, cols = sentence_columns(model, batch)
+        packed, hidden = out.packed, out.last_hidden_state
+        slots = packed.sentence_slots(hidden.shape[1])
+        states = torch.randn(*batch["input_ids"].shape, model.config.hidden_size)
+        states[rows, cols] = hidden[packed.batch_index, slots]
+        first = torch.argmax(batch["attention_mask"], dim=1)
+        text_rows = torch.arange(len(first))
+        assert bool((batch["input_ids"][text_rows, first] == model.config.bos_token_id).all())
+        states[text_rows, first] = hidden[text_rows, packed.first_slots(hidden.shape[1])]
+        plain = model(**batch, logits_to_keep=torch.empty(0, dtype=torch.long))
+        taught = model(**batch, teacher_hidden_states=states, logits_to_keep=torch.empty(0, dtype=torch.long))
+        assert plain.hidden_state_loss is None and float(taught.hidden_state_loss) < 1e-10
+        early = model(**batch, teacher_hidden_states=states.roll(-1, dims=1), logits_to_keep=torch.empty(0, dtype=torch.long))
+        assert float(early.hidden_state_loss) > 0.1
+        conditioned = model(**batch, teacher_hidden_states=states, condition_on_teacher=True,
+                            logits_to_keep=torch.empty(0, dtype=torch.long))  # fmt: skip
+        torch.testing.assert_close(conditioned.loss, plain.loss)
+        other = model(**batch, teacher_hidden_states=states + 1.0, condition_on_teacher=True,
+                      logits_to_keep=torch.empty(0, dtype=torch.long))  # fmt: skip
+        assert not torch.allclose(other.loss, plain.loss)
+        # Bad input: named.
+        with pytest.raises(ValueError, match="teacher_hidden_states has shape"):
+            model(**batch, teacher_hidden_states=states[:, :-1])
+        with pytest.raises(ValueError, match="wide but this SentenceLM's backbone is"):
+            model(**batch, teacher_hidden_states=states[..., :-1])
+        with pytest.raises(ValueError, match="needs teacher_hidden_states"):
+            model(**batch, condition_on_teacher=True)
+
+
+def test_hidden_state_distillation_trainer_pulls_the_states_towards_the_teachers(setup, tmp_path):
+    from sentence_lm.hidden_state_distillation import HiddenStateDistillationTrainer
+
+    teacher, model, texts = setup
+    conditioned = []
+
+    class Recording(HiddenStateDistillationTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            conditioned.append(self.state.global_step < self.teacher_condition_steps)
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    from sentence_lm.hidden_state_distillation import teacher_final_states
+
+    batch = PaddingCollator(model.config.pad_token_id)([texts[i] for i in range(4)])
+    batch.pop("length", None)
+
+    def gap() -> float:
+        model.eval()
+        with torch.no_grad():
+            states = teacher_final_states(teacher, batch["input_ids"], batch["attention_mask"])
+            out = model(**batch, teacher_hidden_states=states, logits_to_keep=torch.empty(0, dtype=torch.long))
+        model.train()
+        return float(out.hidden_state_loss)
+
+    before = gap()
+    trainer = trainer_of(Recording, model, texts, tmp_path, 30, teacher=teacher, hidden_state_weight=50.0,
+                         teacher_condition_steps=3)  # fmt: skip
+    trainer.train()
+    logs = [e for e in trainer.state.log_history if "loss" in e]
+    assert len(logs) == 30 and all(e["hidden_state_loss"] > 0 for e in logs)
+    after = gap()
+    assert after < 0.7 * before, (before, after)
+    assert conditioned == [True] * 3 + [False] * 27
+    assert all(not p.requires_grad for p in trainer.teacher.parameters())
+
+
+def test_hidden_state_distillation_refuses_what_cannot_work(setup, tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from sentence_lm.hidden_state_distillation import HiddenStateDistillationTrainer
+
+    teacher, model, texts = setup
+    with pytest.raises(ValueError, match="needs a teacher"):
+        trainer_of(HiddenStateDistillationTrainer, model, texts, tmp_path, 1)
+    with pytest.raises(ValueError, match="hidden_state_weight must be"):
+        trainer_of(HiddenStateDistillationTrainer, model, texts, tmp_path, 1, teacher=teacher, hidden_state_weight=-1)
+    with pytest.raises(ValueError, match="teacher_condition_steps must be"):
+        trainer_of(HiddenStateDistillationTrainer, model, texts, tmp_path, 1, teacher=teacher, teacher_condition_steps=0.5)
+    wide = LlamaForCausalLM(LlamaConfig(vocab_size=model.config.vocab_size, hidden_size=48, intermediate_size=64,
+                                        num_hidden_layers=1, num_attention_heads=4))  # fmt: skip
+    with pytest.raises(ValueError, match="48 wide but the SentenceLM's backbone is 32"):
+        trainer_of(HiddenStateDistillationTrainer, model, texts, tmp_path, 1, teacher=wide)
+    teacher.resize_token_embeddings(teacher.config.vocab_size + 8)
+    with pytest.raises(ValueError, match="reads .* token ids but the SentenceLM"):
+        trainer_of(HiddenStateDistillationTrainer, model, texts, tmp_path, 1, teacher=teacher)
