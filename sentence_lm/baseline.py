@@ -41,13 +41,20 @@ def token_config_like(config: SentenceLMConfig, max_position_embeddings: int = 2
 
 
 def token_baseline_trainer(
-    config: PreTrainedConfig, tokenizer, train_dataset, training_args: TrainingArguments, eval_dataset=None
+    config: PreTrainedConfig,
+    tokenizer,
+    train_dataset,
+    training_args: TrainingArguments,
+    eval_dataset=None,
+    model: PreTrainedModel | None = None,
 ) -> Trainer:
-    """A Trainer for a fresh token model of ``config`` (see :func:`token_config_like`) on text
-    examples (rows with ``input_ids``, as made by :func:`sentence_lm.data.tokenize_texts`), with
-    the library's causal-LM collator; add callbacks or read its state before or after training."""
+    """A Trainer for a fresh token model of ``config`` (see :func:`token_config_like`), or for
+    ``model`` to train on, on text examples (rows with ``input_ids``, as made by
+    :func:`sentence_lm.data.tokenize_texts`), with the library's causal-LM collator; add callbacks
+    or read its state before or after training."""
     torch.manual_seed(training_args.seed)
-    model = AutoModelForCausalLM.from_config(config)
+    if model is None:
+        model = AutoModelForCausalLM.from_config(config)
     columns = [c for c in train_dataset.column_names if c not in ("input_ids", "attention_mask")]
     return Trainer(
         model=model,

@@ -324,3 +324,42 @@ def test_from_scratch_comparison_runs_and_fits_its_curves(tmp_path):
     assert learning_curves.meeting({"a": 8.0, "b": 0.1 + 1e-9}, {"a": 4.0, "b": 0.1}, budget=10.0)["cross"] == math.inf
     with pytest.raises(SystemExit):
         script.parse_args(["--stage1_share", "1"])
+
+
+def test_conversion_study_runs_every_step_and_reports_minutes_to_the_token_model(tmp_path):
+    from test_smollm2_script import _wikitext_like
+
+    script = load_script("benchmarks/conversion_study.py")
+    paragraphs = [p for p in default_corpus() if p.strip()]
+    (tmp_path / "train.txt").write_text(_wikitext_like(paragraphs[:-15]), encoding="utf-8")
+    (tmp_path / "valid.txt").write_text(_wikitext_like(paragraphs[-15:]), encoding="utf-8")
+    common = [
+        "--workdir", str(tmp_path / "study"), "--train_file", str(tmp_path / "train.txt"),
+        "--validation_file", str(tmp_path / "valid.txt"), "--selection_paragraphs", "10", "--curve_minutes", "0.01",
+        "--eval_tokens", "300", "--curve_tokens", "100", "--vocab_size", "512", "--hidden_size", "32",
+        "--num_layers", "1", "--ffn_dim", "64", "--block_size", "64", "--max_sentence_len", "16", "--batch", "4",
+        "--stage1_batch", "16", "--device", "cpu", "--output_dir", str(tmp_path / "runs"),
+    ]  # fmt: skip
+    pretrained = script.main(["pretrain", *common, "--minutes", "0.03"])
+    assert (tmp_path / "study" / "token_model" / "model.safetensors").is_file() and pretrained["steps"] >= 1
+    for recipe, name in (("token", "token"), ("scratch", "scratch"),
+                         ("convert:hidden_state_weight=1.0,teacher_condition_steps=1,copy_layers=True", "hidden")):  # fmt: skip
+        record = script.main(["run", *common, "--recipe", recipe, "--name", name, "--minutes", "0.03"])
+        assert record["steps"] >= 1 and 0 < record["valid_nll"] < 20 and record["curve"][0]["nll"] > 0
+    hidden = json.loads((tmp_path / "study" / "runs" / "hidden.json").read_text())
+    assert hidden["training"] == {"hidden_state_weight": 1.0, "teacher_condition_steps": 1, "copy_layers": True}
+    assert hidden["curve"][0]["seconds"] >= pretrained["seconds"]  # the pretraining is counted
+    results = script.main(["report", *common, "--report", str(tmp_path / "r.md"), "--json", str(tmp_path / "r.json")])
+    assert [r["name"] for r in results["rows"]] == ["pretrain", "hidden", "scratch", "token"]
+    assert "| hidden |" in (tmp_path / "r.md").read_text()
+    # Minutes to reach a target: from the curve where it gets there, else from the power law.
+    record = {"offset_seconds": 60.0, "curve": [{"seconds": 60.0, "nll": 5.0, "tokens": 1},
+                                                {"seconds": 120.0, "nll": 3.0, "tokens": 2}]}  # fmt: skip
+    assert script.minutes_to_reach(record, 4.0) == (0.5, "reached")
+    assert script.minutes_to_reach(record, 2.0)[1] in ("fit", "never (flat fit)")
+    with pytest.raises(SystemExit, match="unknown key"):
+        script.parse_recipe("convert:no_such_field=1")
+    with pytest.raises(SystemExit, match="takes no keys"):
+        script.parse_recipe("token:lr=1")
+    with pytest.raises(SystemExit, match="separate levers"):
+        script.parse_recipe("convert:distill_weight=1,hidden_state_weight=1")
