@@ -8,7 +8,8 @@ WikiText-2 train in blocks of ``--block_size`` tokens). The study runs in steps 
 folder (``--workdir``, outside the repository: it holds the tokenizer and the pretrained token
 model), so that runs can go side by side on separate cores and a long study can be resumed:
 
-* ``pretrain --minutes P``: the token model from nothing, P minutes; its curve, its checkpoint.
+* ``pretrain --minutes P``: the token model from nothing, P minutes; its curve, its checkpoint (the
+  tokenizer is saved before training starts, so a ``scratch`` run can go alongside).
 * ``run --recipe R --minutes C --name N``, one recipe per call:
   ``token`` (the pretrained token model trained C minutes more, the same settings),
   ``scratch`` (a SentenceLM from nothing for C minutes: give it P + C; from_scratch.py's settings,
@@ -17,7 +18,8 @@ model), so that runs can go side by side on separate cores and a long study can 
   pretrained token model, then ``stage1_share`` of C on its new SentenceVAE and the rest on the
   whole model). Keys of ``convert``: any `SentenceVAEConfig` field (``num_decoder_layers``,
   ``num_memory_vectors``, ...), ``copy_layers`` (the SentenceVAE's layers start from the token
-  model's first layers and its gated feed-forward, see :mod:`sentence_lm.pretrained_layers`),
+  model's first layers, or with ``last`` its decoder's from the last, see
+  :mod:`sentence_lm.pretrained_layers`),
   ``stage1_share``, ``lr``, ``stage1_lr``, ``freeze_backbone_steps``, ``distill_weight`` (KL to the
   token model's next-token distributions, :class:`~sentence_lm.distillation.DistillationTrainer`),
   ``hidden_state_weight`` and ``teacher_condition_steps`` (its hidden states,
@@ -62,7 +64,7 @@ except ImportError:  # a source checkout that is not installed
 
 import torch
 from from_scratch import sentence_lm_config, sentence_lm_nll, token_model_nll, train_sentence_lm
-from levers import blocks_of, training_arguments
+from levers import blocks_of, copied_layers, training_arguments
 from transformers import AutoModelForCausalLM, set_seed
 
 from sentence_lm import SentenceLMForCausalLM, SentenceVAEConfig
@@ -79,7 +81,7 @@ from sentence_lm.training_sentence_vae import parse_overrides
 
 SHARED = HERE.parents[1] / "shared" / "data"
 TRAINING_KEYS = {
-    "copy_layers": bool, "stage1_share": float, "lr": float, "stage1_lr": float, "freeze_backbone_steps": int,
+    "copy_layers": copied_layers, "stage1_share": float, "lr": float, "stage1_lr": float, "freeze_backbone_steps": int,
     "distill_weight": float, "hidden_state_weight": float, "teacher_condition_steps": int,
 }  # fmt: skip
 
@@ -188,10 +190,10 @@ def pretrain(args) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     paragraphs = text_paragraphs(args.train_file)[: args.train_paragraphs][: -args.selection_paragraphs]
     tokenizer = train_sentence_tokenizer(paragraphs, vocab_size=args.vocab_size, max_sentence_len=args.max_sentence_len)
+    tokenizer.save_pretrained(workdir / "token_model")  # first: the scratch recipe can start at once
     blocks = load_blocks(args, tokenizer)
     model, record = train_token(args, None, tokenizer, blocks, args.minutes)
     model.save_pretrained(workdir / "token_model")
-    tokenizer.save_pretrained(workdir / "token_model")
     return finish(args, "pretrain", "token", model, record, blocks, offset=0.0)
 
 
@@ -199,13 +201,11 @@ def run(args) -> dict:
     kind, training, vae_fields = parse_recipe(args.recipe)
     tokenizer = SentenceTokenizer.from_pretrained(Path(args.workdir) / "token_model")
     blocks = load_blocks(args, tokenizer)
-    pretrained = json.loads((Path(args.workdir) / "pretrain.json").read_text())
-    offset = pretrained["seconds"]
+    offset = 0.0 if kind == "scratch" else json.loads((Path(args.workdir) / "pretrain.json").read_text())["seconds"]
     if kind == "token":
         start = AutoModelForCausalLM.from_pretrained(Path(args.workdir) / "token_model")
         model, record = train_token(args, start, tokenizer, blocks, args.minutes)
     elif kind == "scratch":
-        offset = 0.0
         model, record = train_sentence_lm(args, sentence_lm_config(args, tokenizer), tokenizer, blocks, blocks["curve"])
     else:
         model, record = convert(args, training, vae_fields, tokenizer, blocks, args.minutes)

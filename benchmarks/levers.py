@@ -27,7 +27,7 @@ of both stages: ``lr``, ``batch`` (sentences per step in stage 1, text blocks in
 model's, see `SentenceVAEModel.freeze_token_embeddings`). Stage 1: any `SentenceVAEConfig` field
 (``num_memory_vectors``, ``bag_of_words_weight``, ``word_dropout``, ``num_decoder_layers``,
 ``gated_ffn``...) and ``copy_layers`` (``True``: the encoder and decoder layers start from the
-token model's first layers, see :mod:`sentence_lm.pretrained_layers`; compare it with
+token model's first layers; ``last``: the decoder's from its last, see :mod:`sentence_lm.pretrained_layers`; compare it with
 ``gated_ffn=True,activation_function=silu``, new layers of the same shape, on a Llama-style model).
 Stage 2: ``freeze_sentence_vae`` (``True``: the SentenceVAE stays fixed),
 ``freeze_backbone_steps`` (:class:`~sentence_lm.distillation.FrozenBackboneWarmup`),
@@ -100,8 +100,16 @@ DEFAULT_VARIANTS = {
         ]
     ),
 }
+def copied_layers(value):
+    """A ``copy_layers`` value: ``True`` / ``False``, or which token layers the decoder starts from
+    (``first``, ``last``; see `SentenceLMForCausalLM.from_pretrained_backbone`)."""
+    if value in (True, False, "first", "last"):
+        return value
+    raise SystemExit(f"copy_layers must be True, False, first or last, got {value!r}.")
+
+
 COMMON_KEYS = {"lr": float, "batch": int, "freeze_embeddings": bool}
-STAGE1_KEYS = {"copy_layers": bool}
+STAGE1_KEYS = {"copy_layers": copied_layers}
 STAGE2_KEYS = {
     "freeze_sentence_vae": bool,
     "freeze_backbone_steps": int,

@@ -26,7 +26,7 @@ from .decoding import CONTINUE, STOP
 from .generation_sentence_lm import SentenceGenerationMixin
 from .modeling_sentence_vae import SentenceVAEModel
 from .quantization import Int8WeightOnlyConfig  # noqa: F401  (registers the int8 quantizer, in checkpoints too)
-from .pretrained_layers import copy_token_model_layers, layer_settings
+from .pretrained_layers import COPIED_LAYERS, copy_token_model_layers, layer_settings
 from .segmentation import PackedSentences, pack_sentences, sentence_tokens
 from .validation import check_attention_mask, check_forward_extras, check_token_ids, logit_positions
 
@@ -125,7 +125,8 @@ class SentenceLMCausalLMOutput(ModelOutput):
             (:class:`~sentence_lm.hidden_state_distillation.HiddenStateDistillationTrainer`).
         nll: ``(batch,)`` total NLL of each text (sentence tokens, end-of-sentence tokens, stop
             decisions), in nats.
-        num_tokens: ``(batch,)`` original tokens of each text (BOS and padding excluded).
+        num_tokens: ``(batch,)`` original tokens of each text (the leading BOS, padding and the
+            EOS tokens that end a turn excluded: those are the start state and stop decisions).
         hidden_states, attentions: the backbone's, over sentence slots (see
             [`SentenceLMModelOutput`]), when ``output_hidden_states`` / ``output_attentions``;
             padding slots of ``hidden_states`` hold zeros.
@@ -777,7 +778,7 @@ class SentenceLMForCausalLM(SentenceLMPreTrainedModel, SentenceGenerationMixin):
         tokenizer=None,
         sentence_vae_config: SentenceVAEConfig | dict | None = None,
         gguf_file: str | None = None,
-        copy_layers: bool = False,
+        copy_layers: bool | str = False,
         **config_overrides,
     ) -> "SentenceLMForCausalLM":
         """Build a SentenceLM whose backbone (layers, norms, positions) comes from a pretrained
@@ -800,10 +801,12 @@ class SentenceLMForCausalLM(SentenceLMPreTrainedModel, SentenceGenerationMixin):
             gguf_file: the name of a GGUF file in ``model_or_path`` to load the token model (and
                 its tokenizer) from, as `from_pretrained(..., gguf_file=...)` does.
             copy_layers: start the new SentenceVAE's encoder and decoder layers from the token
-                model's first layers (encoder and decoder layer ``i`` from token layer ``i``:
-                attention, norms' scales, feed-forward; Llama-, OPT- and GPT-2-style layers; see
-                :mod:`sentence_lm.pretrained_layers`), with the token model's activation and, for
-                gated feed-forward blocks, ``gated_ffn=True``. Only with a new SentenceVAE.
+                model's (attention, norms' scales, feed-forward; Llama-, OPT- and GPT-2-style layers;
+                see :mod:`sentence_lm.pretrained_layers`), with the token model's activation and,
+                for gated feed-forward blocks, ``gated_ffn=True``: ``True`` or ``"first"``, encoder
+                and decoder layer ``i`` from token layer ``i``; ``"last"``, the decoder's ``k``
+                layers from the token model's last ``k`` (the encoder's still from its first). Only
+                with a new SentenceVAE.
             config_overrides: `SentenceLMConfig` fields (e.g. ``stop_loss_weight=0.5``) and
                 backbone config fields (e.g. ``max_position_embeddings=256`` sentence slots,
                 ``dropout=0.0``).
@@ -829,6 +832,8 @@ class SentenceLMForCausalLM(SentenceLMPreTrainedModel, SentenceGenerationMixin):
         if isinstance(sentence_vae, (str, os.PathLike)):
             sentence_vae = SentenceVAEModel.from_pretrained(sentence_vae)
         new_vae = sentence_vae is None
+        if copy_layers not in (False, True, *COPIED_LAYERS):
+            raise ValueError(f"copy_layers must be True, False, 'first' or 'last', got {copy_layers!r}.")
         if copy_layers and not new_vae:
             raise ValueError(
                 "copy_layers=True starts a new SentenceVAE's layers from the token model's, but a SentenceVAE was "
@@ -857,7 +862,7 @@ class SentenceLMForCausalLM(SentenceLMPreTrainedModel, SentenceGenerationMixin):
         if new_vae:
             _copy_token_embeddings(token_model, sentence_vae)
         if copy_layers:
-            copy_token_model_layers(token_model, sentence_vae)
+            copy_token_model_layers(token_model, sentence_vae, "first" if copy_layers is True else copy_layers)
         if tokenizer is not None:
             model.attach_tokenizer(tokenizer)
         else:

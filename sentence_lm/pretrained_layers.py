@@ -12,7 +12,9 @@ layers are pre-norm Transformer layers; what maps onto them is copied, per famil
 * GPT-2 layers: ``attn.c_attn`` (split into queries, keys, values), ``attn.c_proj``, ``mlp``, ``ln_1``, ``ln_2``.
 
 Grouped key/value heads are repeated to one per query head (what the token model's attention
-computes). Encoder layer ``i`` and decoder layer ``i`` both start from token layer ``i``; the
+computes). Encoder layer ``i`` starts from token layer ``i``, and so does decoder layer ``i``, or,
+with ``decoder_layers="last"``, decoder layer ``i`` of ``k`` from token layer ``L - k + i`` of ``L``
+(the layers nearest the token model's output, which turn states into next-token predictions); the
 decoder's cross-attention and the SentenceVAE's own position embeddings stay new (the token
 model's rotary or learned positions are not carried over), as do the fusion and final norms.
 """
@@ -114,9 +116,16 @@ def _assign(target: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None, 
         target.bias.copy_(bias if bias is not None else torch.zeros_like(target.bias))
 
 
+COPIED_LAYERS = ("first", "last")
+"""Which token layers a SentenceVAE's decoder starts from (its encoder: always the first)."""
+
+
 @torch.no_grad()
-def copy_token_model_layers(token_model: nn.Module, sentence_vae: nn.Module) -> None:
-    """Copy the token model's first layers into ``sentence_vae``'s encoder and decoder layers (see the module's docstring)."""
+def copy_token_model_layers(token_model: nn.Module, sentence_vae: nn.Module, decoder_layers: str = "first") -> None:
+    """Copy the token model's first layers into ``sentence_vae``'s encoder layers and its first or
+    last layers (``decoder_layers``) into the decoder's (see the module's docstring)."""
+    if decoder_layers not in COPIED_LAYERS:
+        raise ValueError(f"decoder_layers must be one of {COPIED_LAYERS}, got {decoder_layers!r}.")
     layers = token_model_layers(token_model)
     config, vae_config = token_model.config, sentence_vae.config
     needed = max(vae_config.num_encoder_layers, vae_config.num_decoder_layers)
@@ -132,8 +141,10 @@ def copy_token_model_layers(token_model: nn.Module, sentence_vae: nn.Module) -> 
             "copied layers need the same number of heads."
         )
     num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
-    for stack in (sentence_vae.encoder.layers, sentence_vae.decoder.layers):
-        for index, target in enumerate(stack):
+    decoder_start = len(layers) - len(sentence_vae.decoder.layers) if decoder_layers == "last" else 0
+    for stack, start in ((sentence_vae.encoder.layers, 0), (sentence_vae.decoder.layers, decoder_start)):
+        for offset, target in enumerate(stack):
+            index = start + offset
             parts = _parts(layers[index], num_heads, num_kv_heads)
             if ("gate" in parts) != (target.ffn.gate_proj is not None):
                 raise ValueError(

@@ -124,3 +124,24 @@ def test_copy_layers_needs_a_new_sentence_vae(token_models, tokenizer, sentence_
         SentenceLMForCausalLM.from_pretrained_backbone(
             token_models["llama"], tokenizer=tokenizer, sentence_vae=sentence_lms["llama"].sentence_vae, copy_layers=True
         )
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_the_decoder_can_start_from_the_token_models_last_layers(family, token_models, tokenizer):
+    """``copy_layers="last"``: a 1-layer decoder from the token model's last layer (of 2), the
+    encoder still from its first; ``True`` and ``"first"`` are the same."""
+    token_model = token_models[family]
+    layers = token_layers(token_model)
+    assert len(layers) == 2
+    last = SentenceLMForCausalLM.from_pretrained_backbone(
+        token_model, tokenizer=tokenizer, copy_layers="last",
+        sentence_vae_config=dict(max_sentence_len=tokenizer.max_sentence_len, num_decoder_layers=1),
+    ).sentence_vae  # fmt: skip
+    first = copied(token_model, tokenizer, num_decoder_layers=1)
+    x = torch.randn(2, 5, token_model.config.hidden_size)
+    with torch.no_grad():
+        torch.testing.assert_close(last.decoder.layers[0].ffn(x), reference_mlp(family, layers[1], x))
+        torch.testing.assert_close(first.decoder.layers[0].ffn(x), reference_mlp(family, layers[0], x))
+        torch.testing.assert_close(last.encoder.layers[0].ffn(x), reference_mlp(family, layers[0], x))
+    with pytest.raises(ValueError, match="copy_layers must be True, False, 'first' or 'last'"):
+        SentenceLMForCausalLM.from_pretrained_backbone(token_model, tokenizer=tokenizer, copy_layers="middle")
