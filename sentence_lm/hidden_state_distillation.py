@@ -55,7 +55,7 @@ class HiddenStateDistillationTrainer(SentenceLMTrainer):
     the SentenceLM was built from, run in evaluation mode without gradients on the same ids), and
     for the first ``teacher_condition_steps`` optimizer steps the Sentence Decoder writes from the
     teacher's states (``condition_on_teacher``). ``hidden_state_loss`` is logged (mean since the
-    last log)."""
+    last log, also with the closing summary)."""
 
     def __init__(
         self,
@@ -91,7 +91,7 @@ class HiddenStateDistillationTrainer(SentenceLMTrainer):
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict, *args, **kwargs) -> None:
-        if self._hidden_count and "loss" in logs:
+        if self._hidden_count and ("loss" in logs or "train_loss" in logs):  # (the closing summary too)
             logs["hidden_state_loss"] = round(self._hidden_sum / self._hidden_count, 4)
             self._hidden_sum, self._hidden_count = 0.0, 0
         super().log(logs, *args, **kwargs)
