@@ -117,6 +117,12 @@ class SentenceLMCausalLMOutput(ModelOutput):
             sentence's vector from the encoder (in ``loss`` with that weight): the mean squared
             error per dimension, or InfoNCE over the batch's sentences
             (``config.next_vector_objective``, see [`next_vector_loss_of`]).
+        teacher_top_k_loss: with ``teacher_top_k``, the cross-entropy of the Sentence Decoder's
+            next-token distribution at each sentence token against the teacher's top-k
+            distribution before that token (renormalised over its k tokens), minus the teacher's
+            entropy: a KL divergence on the teacher's k tokens, averaged over the sentence tokens
+            that follow a token of the text ([`top_k_distillation_loss`]). Not part of ``loss``
+            (see :mod:`sentence_lm.cached_distillation`).
         hidden_state_loss: with ``teacher_hidden_states``, how far the backbone's state after each
             sentence is from the token model's state at that sentence's last token (what it
             predicts the next token from): the squared error relative to the target's squared
@@ -150,6 +156,7 @@ class SentenceLMCausalLMOutput(ModelOutput):
     end_loss: torch.Tensor | None = None
     stop_loss: torch.Tensor | None = None
     next_vector_loss: torch.Tensor | None = None
+    teacher_top_k_loss: torch.Tensor | None = None
     hidden_state_loss: torch.Tensor | None = None
     nll: torch.Tensor | None = None
     num_tokens: torch.Tensor | None = None
@@ -577,6 +584,7 @@ class SentenceLMForCausalLM(SentenceLMPreTrainedModel, SentenceGenerationMixin):
         position_ids: torch.Tensor | None = None,
         teacher_hidden_states: torch.Tensor | None = None,
         condition_on_teacher: bool = False,
+        teacher_top_k: tuple[torch.Tensor, torch.Tensor] | None = None,
         **kwargs,
     ) -> SentenceLMCausalLMOutput | tuple:
         """Score texts: the training loss (NLL per labelled token), each text's NLL and, in
@@ -618,6 +626,11 @@ class SentenceLMForCausalLM(SentenceLMPreTrainedModel, SentenceGenerationMixin):
                 sentence: at the leading BOS, or the start state when there is none) instead of
                 the backbone's, so that it learns to write from rich states before the backbone
                 can produce them.
+            teacher_top_k: ``(ids, log_probs)``, both ``(batch, seq_len, k)``: a token model's k
+                most likely next tokens after each token of the same ids and their
+                log-probabilities (:func:`~sentence_lm.cached_distillation.cache_teacher_top_k`):
+                the output's ``teacher_top_k_loss`` distils them into the Sentence Decoder's steps
+                (no causal scores needed). Not with packed rows.
             logits_to_keep: which positions of the causal scores ``logits`` to compute: by
                 default (``None``) all in evaluation mode and none in training mode (a training
                 step computes the loss terms straight from the Sentence Decoder's states, no
@@ -639,6 +652,13 @@ class SentenceLMForCausalLM(SentenceLMPreTrainedModel, SentenceGenerationMixin):
         input_ids = input_ids.long()  # int32 (or other integer) ids work like int64 ones
         mask = check_attention_mask(attention_mask, input_ids)
         texts = _packed_texts(position_ids, mask) if position_ids is not None else None
+        if teacher_top_k is not None:
+            if texts is not None:
+                raise ValueError(
+                    "teacher_top_k with rows that pack several texts (position_ids restarting at 0) is not supported; "
+                    "train with one text per row (packing=False)."
+                )
+            check_teacher_top_k(teacher_top_k, input_ids, self.config.vocab_size)
         if teacher_hidden_states is not None:
             if texts is not None:
                 raise ValueError(
@@ -669,7 +689,10 @@ class SentenceLMForCausalLM(SentenceLMPreTrainedModel, SentenceGenerationMixin):
             hidden_state_loss = hidden_state_loss_of(after, targets)
             if condition_on_teacher:
                 memory = torch.where(torch.isnan(before[:, :1]), memory, before.to(memory.dtype))
-        terms = self._nll_terms(out, memory, keep_log_probs=keep is not None)
+        terms = self._nll_terms(out, memory, keep_log_probs=keep is not None or teacher_top_k is not None)
+        teacher_top_k_loss = None
+        if teacher_top_k is not None:
+            teacher_top_k_loss = top_k_distillation_loss(terms, teacher_top_k, mask)
         loss = terms.loss(target, out.turn_ends, num_items_in_batch, self.config.stop_loss_weight)
         next_vector_loss = None
         if self.config.next_vector_weight > 0:
@@ -687,6 +710,7 @@ class SentenceLMForCausalLM(SentenceLMPreTrainedModel, SentenceGenerationMixin):
             logits=logits,
             lm_loss=lm_loss,
             next_vector_loss=next_vector_loss,
+            teacher_top_k_loss=teacher_top_k_loss,
             hidden_state_loss=hidden_state_loss,
             hidden_states=out.hidden_states,
             attentions=out.attentions,
@@ -916,6 +940,42 @@ def check_teacher_states(states: torch.Tensor, input_ids: torch.Tensor, hidden_s
             f"teacher_hidden_states are {states.shape[-1]} wide but this SentenceLM's backbone is {hidden_size}: "
             "distil the hidden states of a token model of the backbone's width (the one it was built from)."
         )
+
+
+def check_teacher_top_k(teacher_top_k, input_ids: torch.Tensor, vocab_size: int) -> None:
+    """Refuse a teacher top-k that is not ``(ids, log_probs)`` of shape ``(batch, seq_len, k)`` over
+    this model's vocabulary."""
+    if not (isinstance(teacher_top_k, (tuple, list)) and len(teacher_top_k) == 2):
+        raise ValueError("teacher_top_k must be a pair (ids, log_probs), each (batch, seq_len, k).")
+    ids, log_probs = teacher_top_k
+    if ids.dim() != 3 or ids.shape[:2] != input_ids.shape or log_probs.shape != ids.shape:
+        raise ValueError(
+            f"teacher_top_k holds ids of shape {tuple(ids.shape)} and log-probabilities of shape "
+            f"{tuple(log_probs.shape)} but input_ids has {tuple(input_ids.shape)}; pass (batch, seq_len, k) each."
+        )
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+        raise ValueError(
+            f"teacher_top_k holds token ids outside [0, {vocab_size}): distil from a token model on this model's "
+            "vocabulary (the one it was built from)."
+        )
+
+
+def top_k_distillation_loss(terms: "NLLTerms", teacher_top_k: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+    """``sum_i p_i (log p_i - log q(i))`` averaged over the sentence tokens whose previous column is
+    a real token: ``p`` the teacher's top-k distribution at that column (renormalised over its
+    ``k`` ids), ``q`` the Sentence Decoder's distribution at the step that writes the token (kept
+    in ``terms.step_log_probs``)."""
+    packed = terms.packed
+    sentence, position = packed.token_sentence, packed.token_position
+    follows = torch.zeros_like(mask)
+    follows[:, 1:] = mask[:, :-1]
+    rows, cols = torch.nonzero((sentence >= 0) & follows, as_tuple=True)
+    if len(rows) == 0:
+        return terms.step_log_probs.sum() * 0.0
+    student = terms.step_log_probs[terms.step_index[sentence[rows, cols], position[rows, cols]]]
+    ids, log_probs = (t[rows, cols - 1] for t in teacher_top_k)
+    teacher = F.log_softmax(log_probs.float(), dim=-1)
+    return (teacher.exp() * (teacher - student.gather(1, ids.long()))).sum(-1).mean()
 
 
 def teacher_sentence_states(

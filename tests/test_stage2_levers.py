@@ -364,3 +364,57 @@ def test_hidden_state_distillation_refuses_what_cannot_work(setup, tmp_path):
     teacher.resize_token_embeddings(teacher.config.vocab_size + 8)
     with pytest.raises(ValueError, match="reads .* token ids but the SentenceLM"):
         trainer_of(HiddenStateDistillationTrainer, model, texts, tmp_path, 1, teacher=teacher)
+
+
+# ----------------------------------------------------------------------------- cached top-k distillation
+
+
+def test_top_k_loss_of_a_one_hot_teacher_is_the_decoders_token_nll(setup):
+    """A teacher whose top-1 is the text's own next token with probability 1: the loss is the
+    Sentence Decoder's NLL of each sentence token (its end-of-sentence steps left out), which is
+    ``sentence_nll - end_nll`` over the tokens (every token follows the BOS or another token)."""
+    _, model, texts = setup
+    model.eval()
+    batch = PaddingCollator(model.config.pad_token_id)([texts[i] for i in range(3)])
+    batch.pop("length", None)
+    ids = batch["input_ids"]
+    next_ids = torch.cat([ids[:, 1:], ids[:, :1]], dim=1)[..., None]
+    one_hot = (next_ids, torch.zeros(next_ids.shape))
+    with torch.no_grad():
+        out = model(**batch, teacher_top_k=one_hot, logits_to_keep=torch.empty(0, dtype=torch.long))
+    expected = (out.sentence_nll - out.end_nll).sum() / out.num_tokens.sum()
+    torch.testing.assert_close(out.teacher_top_k_loss, expected)
+    # Bad input: named.
+    with torch.no_grad():
+        bad = (next_ids.clone(), torch.zeros(next_ids.shape))
+        bad[0][0, 0, 0] = model.config.vocab_size
+        with pytest.raises(ValueError, match="outside"):
+            model(**batch, teacher_top_k=bad)
+        with pytest.raises(ValueError, match="teacher_top_k holds ids of shape"):
+            model(**batch, teacher_top_k=(next_ids[:, :-1], torch.zeros(next_ids[:, :-1].shape)))
+
+
+def test_cached_top_k_distillation_trains_and_caches_the_teachers_top_k(setup, tmp_path):
+    from sentence_lm.cached_distillation import TOP_K_COLUMNS, TopKCollator, TopKDistillationTrainer, cache_teacher_top_k
+
+    teacher, model, texts = setup
+    cached = cache_teacher_top_k(teacher, texts.select(range(12)), k=4, batch_size=5, show_progress=False)
+    row = cached[3]
+    with torch.no_grad():
+        logits = teacher(input_ids=torch.tensor([row["input_ids"]])).logits[0]
+    top = torch.log_softmax(logits, -1).topk(4, dim=-1)
+    assert torch.equal(torch.tensor(row[TOP_K_COLUMNS[0]]), top.indices)
+    torch.testing.assert_close(torch.tensor(row[TOP_K_COLUMNS[1]]), top.values.half().float())
+    collator = TopKCollator(model.config.pad_token_id)
+    with pytest.raises(ValueError, match="needs a TopKCollator"):
+        trainer_of(TopKDistillationTrainer, model, cached, tmp_path, 4)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, learning_rate=3e-3,
+                             logging_steps=1, report_to="none", save_strategy="no", use_cpu=True, seed=0)  # fmt: skip
+    trainer = TopKDistillationTrainer(model=model, args=args, train_dataset=cached, data_collator=collator, distill_weight=1.0)
+    trainer.train()
+    logs = [e for e in trainer.state.log_history if "teacher_top_k_loss" in e]
+    assert logs and all(e["teacher_top_k_loss"] > 0 for e in logs)
+    with pytest.raises(ValueError, match="cache the teacher's distributions first"):
+        TopKDistillationTrainer(model=model, args=args, train_dataset=texts, data_collator=collator)
+    with pytest.raises(ValueError, match="k must be"):
+        cache_teacher_top_k(teacher, texts, k=0)

@@ -1,0 +1,118 @@
+"""A conversion lever: a token model's next-token distributions, computed once and cached as its
+top k, distilled into the SentenceLM's Sentence Decoder.
+
+:class:`~sentence_lm.distillation.DistillationTrainer` runs the teacher at every step and compares
+its distributions with the SentenceLM's causal token scores, which cost a backbone pass per
+partial sentence and a full-vocabulary tensor per position. Here the teacher runs once over the
+training texts (:func:`cache_teacher_top_k`, its ``k`` most likely next tokens after each token and
+their log-probabilities, stored with the texts), and the student side is the Sentence Decoder's own
+step at each sentence token, which the loss computes anyway (``teacher_top_k`` of
+`SentenceLMForCausalLM.forward`). :class:`TopKCollator` pads the cached columns with the texts and
+:class:`TopKDistillationTrainer` adds ``distill_weight`` times the ``teacher_top_k_loss``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+
+from .data import PaddingCollator, pad_sequences
+from .trainer import SentenceLMTrainer
+
+__all__ = ["TOP_K_COLUMNS", "TopKCollator", "TopKDistillationTrainer", "cache_teacher_top_k"]
+
+TOP_K_COLUMNS = ("teacher_top_k_ids", "teacher_top_k_log_probs")
+"""The dataset columns :func:`cache_teacher_top_k` adds: ``(length, k)`` ids and log-probabilities."""
+
+
+@torch.no_grad()
+def cache_teacher_top_k(teacher: PreTrainedModel, texts, k: int = 16, batch_size: int = 8, show_progress: bool = True):
+    """``texts`` (a `datasets.Dataset` of rows with ``input_ids``) with :data:`TOP_K_COLUMNS` added:
+    after each token, the teacher's ``k`` most likely next tokens (int32) and their
+    log-probabilities (float16: about ``6 * k`` bytes per token; sorted, most likely first; the last token's row predicts past the text and is kept
+    for shape). The teacher runs in evaluation mode on each row alone (right-padded batches)."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be an integer >= 1, got {k!r}.")
+    vocab = teacher.get_output_embeddings().weight.shape[0]
+    if k > vocab:
+        raise ValueError(f"k={k} is more than the teacher's {vocab} tokens.")
+    was_training = teacher.training
+    teacher.eval()
+    device = next(teacher.parameters()).device
+    ids_column, log_probs_column = [], []
+    rows = texts["input_ids"]
+    for start in tqdm(range(0, len(rows), batch_size), desc="Caching the teacher's top k", disable=not show_progress):
+        chunk = rows[start : start + batch_size]
+        batch = pad_sequences(chunk, 0)
+        logits = teacher(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+        top = F.log_softmax(logits.float(), dim=-1).topk(k, dim=-1)
+        for row, length in enumerate(len(r) for r in chunk):  # (numpy rows: Arrow buffers, no Python objects)
+            ids_column.append(list(top.indices[row, :length].cpu().numpy().astype(np.int32)))
+            log_probs_column.append(list(top.values[row, :length].cpu().numpy().astype(np.float16)))
+    teacher.train(was_training)
+    return texts.add_column(TOP_K_COLUMNS[0], ids_column).add_column(TOP_K_COLUMNS[1], log_probs_column)
+
+
+@dataclass
+class TopKCollator(PaddingCollator):
+    """:class:`~sentence_lm.data.PaddingCollator` for texts with :data:`TOP_K_COLUMNS`: also
+    ``teacher_top_k_ids`` and ``teacher_top_k_log_probs``, ``(b, L, k)``, right-padded as the ids."""
+
+    def __call__(self, features) -> dict[str, torch.Tensor]:
+        batch = super().__call__(features)
+        b, width = batch["input_ids"].shape
+        k = len(features[0][TOP_K_COLUMNS[0]][0])
+        ids = torch.zeros(b, width, k, dtype=torch.long)
+        log_probs = torch.zeros(b, width, k, dtype=torch.float32)
+        for row, feature in enumerate(features):
+            n = len(feature["input_ids"])
+            ids[row, :n] = torch.tensor(feature[TOP_K_COLUMNS[0]], dtype=torch.long)
+            log_probs[row, :n] = torch.tensor(feature[TOP_K_COLUMNS[1]], dtype=torch.float32)
+        return {**batch, TOP_K_COLUMNS[0]: ids, TOP_K_COLUMNS[1]: log_probs}
+
+
+class TopKDistillationTrainer(SentenceLMTrainer):
+    """Stage 2 with cached teacher distributions: the SentenceLM's own loss plus
+    ``distill_weight`` times its ``teacher_top_k_loss`` on the batch's :data:`TOP_K_COLUMNS` (train
+    on :func:`cache_teacher_top_k`'s dataset with a :class:`TopKCollator`, made here when no
+    collator is given). ``teacher_top_k_loss`` is logged (mean since the last log)."""
+
+    def __init__(self, *args, distill_weight: float = 1.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        if isinstance(distill_weight, bool) or not distill_weight >= 0:
+            raise ValueError(f"distill_weight must be a number >= 0, got {distill_weight!r}.")
+        missing = [c for c in TOP_K_COLUMNS if self.train_dataset is not None and c not in self.train_dataset.column_names]
+        if missing:
+            raise ValueError(
+                f"The training dataset has no {missing} columns: cache the teacher's distributions first, "
+                "train_dataset = cache_teacher_top_k(token_model, train_dataset)."
+            )
+        if not isinstance(self.data_collator, TopKCollator):
+            raise ValueError("TopKDistillationTrainer needs a TopKCollator (it pads the teacher's top-k columns).")
+        self.distill_weight = distill_weight
+        self._sum, self._count = 0.0, 0
+
+    def _set_signature_columns_if_needed(self) -> None:
+        # The Trainer keeps the dataset columns that `forward` names; the cached ones go in as one pair.
+        super()._set_signature_columns_if_needed()
+        self._signature_columns = [*self._signature_columns, *TOP_K_COLUMNS]
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = dict(inputs)
+        top_k = tuple(inputs.pop(column) for column in TOP_K_COLUMNS)
+        outputs = model(**inputs, teacher_top_k=top_k)
+        self._sum += float(outputs.teacher_top_k_loss.detach())
+        self._count += 1
+        loss = outputs.loss + self.distill_weight * outputs.teacher_top_k_loss
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        if self._count and ("loss" in logs or "train_loss" in logs):  # (the closing summary too)
+            logs["teacher_top_k_loss"] = round(self._sum / self._count, 4)
+            self._sum, self._count = 0.0, 0
+        super().log(logs, *args, **kwargs)
