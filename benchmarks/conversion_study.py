@@ -23,7 +23,10 @@ model), so that runs can go side by side on separate cores and a long study can 
   ``stage1_share``, ``lr``, ``stage1_lr``, ``freeze_backbone_steps``, ``distill_weight`` (KL to the
   token model's next-token distributions, :class:`~sentence_lm.distillation.DistillationTrainer`),
   ``hidden_state_weight`` and ``teacher_condition_steps`` (its hidden states,
-  :class:`~sentence_lm.hidden_state_distillation.HiddenStateDistillationTrainer`).
+  :class:`~sentence_lm.hidden_state_distillation.HiddenStateDistillationTrainer`), ``top_k_weight``
+  and ``top_k`` (its top-k next-token distributions cached once, distilled into the Sentence
+  Decoder's steps, :mod:`sentence_lm.cached_distillation`; the cache's time is recorded as
+  ``cache_seconds``, outside the budget). The three teacher levers are one trainer each.
 * ``report``: one table and one plot of every run, curves against training seconds with the token
   model's pretraining counted for the runs that start from it, and for each the minutes it needed
   (or, from its power-law fit, would need) to reach the token model's NLL at the end of pretraining.
@@ -71,6 +74,7 @@ from sentence_lm import SentenceLMForCausalLM, SentenceVAEConfig
 from sentence_lm.baseline import token_baseline_trainer, token_config_like
 from sentence_lm.corpus import text_paragraphs
 from sentence_lm.data import PaddingCollator, first_tokens, split_into_sentences
+from sentence_lm.cached_distillation import TopKCollator, TopKDistillationTrainer, cache_teacher_top_k
 from sentence_lm.distillation import DistillationTrainer, FrozenBackboneWarmup
 from sentence_lm.hidden_state_distillation import HiddenStateDistillationTrainer
 from sentence_lm.learning_curves import fit_text, plot_curves, power_law
@@ -82,8 +86,10 @@ from sentence_lm.training_sentence_vae import parse_overrides
 SHARED = HERE.parents[1] / "shared" / "data"
 TRAINING_KEYS = {
     "copy_layers": copied_layers, "stage1_share": float, "lr": float, "stage1_lr": float, "freeze_backbone_steps": int,
-    "distill_weight": float, "hidden_state_weight": float, "teacher_condition_steps": int,
+    "distill_weight": float, "hidden_state_weight": float, "teacher_condition_steps": int, "top_k_weight": float,
+    "top_k": int,
 }  # fmt: skip
+TEACHER_LEVERS = ("distill_weight", "hidden_state_weight", "top_k_weight")
 
 
 def parse_recipe(text: str) -> tuple[str, dict, dict]:
@@ -100,8 +106,10 @@ def parse_recipe(text: str) -> tuple[str, dict, dict]:
     if unknown:
         raise SystemExit(f"Recipe {text!r}: unknown key(s) {unknown}; convert takes {sorted(TRAINING_KEYS)} and "
                          "SentenceVAEConfig fields.")  # fmt: skip
-    if training.get("distill_weight") and (training.get("hidden_state_weight") or training.get("teacher_condition_steps")):
-        raise SystemExit(f"Recipe {text!r}: distill_weight and the hidden-state keys are separate levers; pick one.")
+    if training.get("teacher_condition_steps") and "hidden_state_weight" not in training:
+        training["hidden_state_weight"] = 0.0
+    if sum(key in training for key in TEACHER_LEVERS) > 1:
+        raise SystemExit(f"Recipe {text!r}: {', '.join(TEACHER_LEVERS)} are separate levers (one trainer each); pick one.")
     return kind, training, values
 
 
@@ -165,8 +173,15 @@ def convert(args, training: dict, vae_fields: dict, tokenizer, blocks, minutes: 
     callbacks = [curve]
     if training.get("freeze_backbone_steps"):
         callbacks.append(FrozenBackboneWarmup(training["freeze_backbone_steps"]))
-    trainer_class, levers = SentenceLMTrainer, {}
-    if training.get("hidden_state_weight") or training.get("teacher_condition_steps"):
+    trainer_class, levers, train_data = SentenceLMTrainer, {}, blocks["train"]
+    collator = PaddingCollator(tokenizer.pad_token_id)
+    if "top_k_weight" in training:
+        began = time.perf_counter()
+        train_data = cache_teacher_top_k(teacher, train_data, k=training.get("top_k", 16))
+        cache_seconds = time.perf_counter() - began
+        trainer_class, levers = TopKDistillationTrainer, dict(distill_weight=training["top_k_weight"])
+        collator = TopKCollator(tokenizer.pad_token_id)
+    elif "hidden_state_weight" in training:
         trainer_class = HiddenStateDistillationTrainer
         levers = dict(teacher=teacher, hidden_state_weight=training.get("hidden_state_weight", 0.0),
                       teacher_condition_steps=training.get("teacher_condition_steps", 0))  # fmt: skip
@@ -174,15 +189,17 @@ def convert(args, training: dict, vae_fields: dict, tokenizer, blocks, minutes: 
         trainer_class, levers = DistillationTrainer, dict(teacher=teacher, distill_weight=training["distill_weight"])
     stage2 = trainer_class(model=model, args=training_arguments(args, "stage2", training.get("lr", args.lr), args.batch,
                                                                 weight_decay=0.01),
-                           train_dataset=blocks["train"], data_collator=PaddingCollator(tokenizer.pad_token_id),
-                           callbacks=callbacks, **levers)  # fmt: skip
+                           train_dataset=train_data, data_collator=collator, callbacks=callbacks, **levers)  # fmt: skip
     show_time_budget(stage2)
     stage2.train()
     model = stage2.accelerator.unwrap_model(stage2.model)
     points = [{**p, "seconds": p["seconds"] + stage1_seconds, "tokens": p["tokens"] + stage1_tokens} for p in curve.points]
-    return model, {"steps": stage2.state.global_step, "stage1_steps": stage1.state.global_step,
-                   "tokens": int(stage2.state.num_input_tokens_seen), "stage1_tokens": stage1_tokens,
-                   "curve": points, "parameters": model.num_parameters()}  # fmt: skip
+    record = {"steps": stage2.state.global_step, "stage1_steps": stage1.state.global_step,
+              "tokens": int(stage2.state.num_input_tokens_seen), "stage1_tokens": stage1_tokens,
+              "curve": points, "parameters": model.num_parameters()}  # fmt: skip
+    if "top_k_weight" in training:
+        record["cache_seconds"] = round(cache_seconds, 1)  # the teacher's pass over the texts, not in the budget
+    return model, record
 
 
 def pretrain(args) -> dict:

@@ -343,14 +343,16 @@ def test_conversion_study_runs_every_step_and_reports_minutes_to_the_token_model
     pretrained = script.main(["pretrain", *common, "--minutes", "0.03"])
     assert (tmp_path / "study" / "token_model" / "model.safetensors").is_file() and pretrained["steps"] >= 1
     for recipe, name in (("token", "token"), ("scratch", "scratch"),
-                         ("convert:hidden_state_weight=1.0,teacher_condition_steps=1,copy_layers=True", "hidden")):  # fmt: skip
+                         ("convert:hidden_state_weight=1.0,teacher_condition_steps=1,copy_layers=True", "hidden"),
+                         ("convert:top_k_weight=1.0,top_k=4,copy_layers=last", "topk")):  # fmt: skip
         record = script.main(["run", *common, "--recipe", recipe, "--name", name, "--minutes", "0.03"])
         assert record["steps"] >= 1 and 0 < record["valid_nll"] < 20 and record["curve"][0]["nll"] > 0
     hidden = json.loads((tmp_path / "study" / "runs" / "hidden.json").read_text())
     assert hidden["training"] == {"hidden_state_weight": 1.0, "teacher_condition_steps": 1, "copy_layers": True}
     assert hidden["curve"][0]["seconds"] >= pretrained["seconds"]  # the pretraining is counted
     results = script.main(["report", *common, "--report", str(tmp_path / "r.md"), "--json", str(tmp_path / "r.json")])
-    assert [r["name"] for r in results["rows"]] == ["pretrain", "hidden", "scratch", "token"]
+    assert [r["name"] for r in results["rows"]] == ["pretrain", "hidden", "scratch", "token", "topk"]
+    assert json.loads((tmp_path / "study" / "runs" / "topk.json").read_text())["cache_seconds"] > 0
     assert "| hidden |" in (tmp_path / "r.md").read_text()
     # Minutes to reach a target: from the curve where it gets there, else from the power law.
     record = {"offset_seconds": 60.0, "curve": [{"seconds": 60.0, "nll": 5.0, "tokens": 1},
@@ -363,3 +365,7 @@ def test_conversion_study_runs_every_step_and_reports_minutes_to_the_token_model
         script.parse_recipe("token:lr=1")
     with pytest.raises(SystemExit, match="separate levers"):
         script.parse_recipe("convert:distill_weight=1,hidden_state_weight=1")
+    with pytest.raises(SystemExit, match="separate levers"):
+        script.parse_recipe("convert:top_k_weight=1,teacher_condition_steps=5")
+    with pytest.raises(SystemExit, match="copy_layers must be"):
+        script.parse_recipe("convert:copy_layers=middle")
