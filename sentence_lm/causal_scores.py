@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .decoding import CONTINUE, STOP
+from .decoding import CONTINUE, STOP, context_before
 from .segmentation import boundary_states, trails_after
 
 
@@ -126,7 +126,13 @@ def causal_scores(
     turn_sentences = sentence.cummax(dim=1).values[turn_rows, turn_cols]
     turn_states = hidden[turn_rows, packed.sentence_slots(hidden.shape[1])[turn_sentences]]
     all_states = torch.cat([states, hidden[start_rows, first_slot[start_rows]], turn_states])
-    cont, first_step = next_sentence_scores(model, all_states)
+    context = None
+    window = vae.config.context_window
+    if window:  # the next sentence reads the text up to and including the token scored from
+        query_rows = torch.cat([rows, start_rows, turn_rows])
+        query_ends = torch.cat([cols, first[start_rows], turn_cols]) + 1
+        context = context_before(input_ids, mask, query_rows, query_ends, window)
+    cont, first_step = next_sentence_scores(model, all_states, context)
     new_sentence = cont[:, None] + first_step
     at = column_of[cols]
     sentence_end = scores[rows, at, eos]
@@ -142,13 +148,15 @@ def causal_scores(
     scores[~scored[:, columns]] = 0.0  # padding: no prediction
     return scores if inverse is None else scores[:, inverse]
 
-def next_sentence_scores(model, states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def next_sentence_scores(
+    model, states: torch.Tensor, context: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(log P(continue), log P_next(v))`` from backbone states ``(n, hidden)``: ``(n,)`` the
     stop head's decision to go on and ``(n, vocab)`` the Sentence Decoder's first step of the
-    next sentence."""
+    next sentence (after ``context``, the text before it, with a context window)."""
     cont = F.log_softmax(model.stop_head(states).float(), dim=-1)[:, CONTINUE]
     # One masked padding token after BOS: the decoder's step at BOS is causal, so it is the first step.
     pad = torch.full((states.shape[0], 1), model.config.pad_token_id, dtype=torch.long, device=states.device)
     vae = model.sentence_vae
-    first_step = vae.teacher_forced_states(pad, torch.zeros_like(pad, dtype=torch.bool), states)[:, 0]
+    first_step = vae.teacher_forced_states(pad, torch.zeros_like(pad, dtype=torch.bool), states, context=context)[:, 0]
     return cont, F.log_softmax(vae.lm_head(first_step).float(), dim=-1)

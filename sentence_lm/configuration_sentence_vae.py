@@ -201,6 +201,15 @@ class SentenceVAEConfig(PreTrainedConfig):
             the sentence; with this, every layer (its self-attention included) works on positions
             that already carry it. The `Linear` starts at zero (a new decoder starts as one without
             it). One product per sentence, one addition per token.
+        context_window (`int`, defaults to 0):
+            Tokens of the text before its sentence that the Sentence Decoder also reads, an integer
+            >= 0 (the Byte Latent Transformer's local decoder does this): in a SentenceLM, each
+            sentence is written after the last `context_window` tokens of the text before it (the
+            prompt's and the generated ones; fewer at the start), which the decoder's
+            self-attention sees, with position embeddings of their own (a learned table of
+            `context_window` rows, by distance to the sentence); in generation they are part of the
+            decoder's cache. 0 (the default) writes each sentence from the backbone state alone.
+            A SentenceVAE trained alone (stage 1) has no text around its sentences and reads none.
         bag_of_words_weight (`float`, defaults to 0.0):
             Weight of an auxiliary loss, a finite number >= 0, added to the reconstruction loss in
             training and evaluation: the sentence vector alone (through a `Linear(hidden, hidden)`
@@ -275,6 +284,7 @@ class SentenceVAEConfig(PreTrainedConfig):
     focal_gamma: float = 0.0
     num_memory_vectors: int = 1
     condition_inputs: bool = False
+    context_window: int = 0
     bag_of_words_weight: float = 0.0
     parallel_readout_weight: float = 0.0
     word_dropout: float = 0.0
@@ -303,6 +313,7 @@ class SentenceVAEConfig(PreTrainedConfig):
         check_positive(self, "vocab_size", "hidden_size", "num_attention_heads", "ffn_dim")
         check_positive(self, "num_encoder_layers", "num_decoder_layers", "num_memory_vectors")
         check_positive(self, "max_sentence_len", minimum=2)
+        check_positive(self, "context_window", minimum=0)
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"`num_attention_heads` ({self.num_attention_heads}) must divide `hidden_size` "

@@ -88,6 +88,22 @@ def running_text(input_ids: torch.Tensor, written: torch.Tensor, count: torch.Te
     return text
 
 
+def context_before(
+    input_ids: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor, ends: torch.Tensor, window: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Sentence Decoder's context (``SentenceVAEConfig.context_window``): for each query ``i``,
+    the last ``window`` real tokens (``mask``) of row ``rows[i]`` of ``input_ids`` before column
+    ``ends[i]``, left-padded: ``(ids, valid)``, both ``(len(rows), window)`` (ids 0 where not valid)."""
+    real = mask.bool()
+    counted = real.long().cumsum(dim=1)
+    before = torch.where(ends > 0, counted[rows, (ends - 1).clamp(min=0)], 0)  # real tokens before each end
+    columns = torch.sort((~real).to(torch.int8), dim=1, stable=True).indices  # each row's real columns first
+    ranks = before[:, None] - window + torch.arange(window, device=input_ids.device)
+    valid = ranks >= 0
+    taken = columns[rows[:, None], ranks.clamp(min=0)]
+    return torch.where(valid, input_ids[rows[:, None], taken], 0), valid
+
+
 @dataclass
 class DecodingResult:
     """What a next-sentence loop returns to `generate()`.

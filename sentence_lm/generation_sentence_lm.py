@@ -24,7 +24,7 @@ from transformers import (
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 from transformers.utils import logging
 
-from .decoding import DecodingResult, blank_token_scores, left_align, running_text, stop_decision
+from .decoding import DecodingResult, blank_token_scores, context_before, left_align, running_text, stop_decision
 from .generation_runtime import ROW_ATTENTION, generate_rows
 from .validation import check_attention_mask, check_token_ids
 
@@ -109,8 +109,10 @@ class SentenceGenerationMixin(GenerationMixin):
         rows whose sentence ended take their backbone step together; no row waits for another's
         longer sentence, and each row's greedy text is the one it gets alone (in float32; in bfloat16
         a near-tie may come out otherwise when other rows share its backbone steps). Without a cache
-        (``use_cache=False``), or for a backbone attention other than ``eager`` and ``sdpa``, the
-        reference loop runs instead: all rows write a sentence, then take one backbone step. ``max_new_tokens`` is an
+        (``use_cache=False``), for a backbone attention other than ``eager`` and ``sdpa``, or for a
+        SentenceVAE with a ``context_window`` (each sentence written after the text's last tokens,
+        which the row-scheduled runtime does not carry yet), the reference loop runs instead: all
+        rows write a sentence, then take one backbone step. ``max_new_tokens`` is an
         exact budget: a sentence is cut when it runs out. The end of a sentence is not a token of
         the text (the EOS ends the text only). A prompt whose last sentence is unfinished is continued: that sentence's
         tokens are the decoder's prefix. An empty prompt (``input_ids=None`` or zero columns)
@@ -355,9 +357,10 @@ class SentenceGenerationMixin(GenerationMixin):
             )
         if runtime == "lockstep":
             raise ValueError(
-                "draft_tokens needs the cached row-scheduled runtime: use_cache=True and a backbone running eager or "
+                "draft_tokens needs the cached row-scheduled runtime: use_cache=True, a backbone running eager or "
                 f"sdpa attention (this one runs {self.model.attention_implementation!r}; "
-                "model.set_attn_implementation('sdpa') switches it), or generate with draft_tokens=0."
+                "model.set_attn_implementation('sdpa') switches it) and a SentenceVAE without context_window, or "
+                "generate with draft_tokens=0."
             )
 
     def _pick_runtime(self, use_cache: bool, static: bool, generation_config: GenerationConfig) -> str:
@@ -365,13 +368,16 @@ class SentenceGenerationMixin(GenerationMixin):
         default), ``"compiled"`` (the same with static shapes, compiled: a static cache where
         `transformers` would compile a token model's, on CUDA or with
         ``compile_config._compile_all_devices``, unless ``disable_compile``), or ``"lockstep"``
-        (the reference loop: without a cache, or a backbone attention that takes no per-row mask)."""
+        (the reference loop: without a cache, a backbone attention that takes no per-row mask, or a
+        SentenceVAE with a ``context_window``, which the row-scheduled runtime does not carry yet)."""
         attention = self.model.attention_implementation
-        if not use_cache or attention not in ROW_ATTENTION:
+        window = self.config.sentence_vae.context_window
+        if not use_cache or attention not in ROW_ATTENTION or window:
             if static:
                 raise ValueError(
-                    "cache_implementation='static' needs use_cache=True and a backbone running eager or sdpa attention "
-                    f"(this one runs {attention!r}); call model.set_attn_implementation('sdpa') or drop the setting."
+                    "cache_implementation='static' needs use_cache=True, a backbone running eager or sdpa attention "
+                    f"(this one runs {attention!r}; model.set_attn_implementation('sdpa') switches it) and no "
+                    f"context window (this SentenceVAE's context_window is {window}); drop the setting."
                 )
             return "lockstep"
         compile_config = generation_config.compile_config
@@ -412,6 +418,7 @@ class SentenceGenerationMixin(GenerationMixin):
         prompt = model.prompt_slots(input_ids, mask)
         inputs, slot_mask, is_open = prompt.inputs, prompt.slot_mask, prompt.is_open
         prefix_ids, prefix_mask = left_align(input_ids, prompt.in_prefix, self.config.pad_token_id)
+        prefix_in_text, window = prompt.in_prefix, vae.config.context_window
         cache = model.new_cache() if use_cache else None
         all_inputs = inputs
         state = model.run_backbone(inputs, slot_mask, cache).last_hidden_state[:, -1]
@@ -439,6 +446,13 @@ class SentenceGenerationMixin(GenerationMixin):
             writing = ~done
             has_prefix = prefix_ids.shape[1] > 0
             history = running_text(input_ids, written, count, pad) if need_history else None
+            context = None
+            if window:  # the text so far, the prefix (which the decoder continues) left out
+                so_far = written[:, : int(count.max())]
+                text = torch.cat([input_ids, so_far.clamp(min=0)], dim=1)
+                real = torch.cat([mask & ~(prefix_in_text & is_open[:, None]), so_far >= 0], dim=1)
+                rows = torch.arange(batch, device=device)
+                context = context_before(text, real, rows, torch.full_like(rows, text.shape[1]), window)
             out = vae.decode(
                 state,
                 prefix_ids=prefix_ids if has_prefix else None,
@@ -451,6 +465,7 @@ class SentenceGenerationMixin(GenerationMixin):
                 stopping_criteria=stopping_criteria,
                 output_scores=output_scores,
                 output_logits=output_logits,
+                context=context,
             )
             decoder_cache = out.cache
             width = out.sequences.shape[1]

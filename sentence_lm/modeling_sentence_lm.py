@@ -22,7 +22,7 @@ from .checkpointing import SafeCheckpointMixin
 from .configuration_sentence_lm import NEXT_VECTOR_TEMPERATURE, SentenceLMConfig, backbone_ffn_dim, backbone_width
 from .configuration_sentence_vae import SentenceVAEConfig
 from .causal_scores import causal_scores
-from .decoding import CONTINUE, STOP
+from .decoding import CONTINUE, STOP, context_before
 from .generation_sentence_lm import SentenceGenerationMixin
 from .modeling_sentence_vae import SentenceVAEModel
 from .quantization import Int8WeightOnlyConfig  # noqa: F401  (registers the int8 quantizer, in checkpoints too)
@@ -689,7 +689,8 @@ class SentenceLMForCausalLM(SentenceLMPreTrainedModel, SentenceGenerationMixin):
             hidden_state_loss = hidden_state_loss_of(after, targets)
             if condition_on_teacher:
                 memory = torch.where(torch.isnan(before[:, :1]), memory, before.to(memory.dtype))
-        terms = self._nll_terms(out, memory, keep_log_probs=keep is not None or teacher_top_k is not None)
+        context = self.sentence_context(input_ids, mask, out.packed)
+        terms = self._nll_terms(out, memory, keep_log_probs=keep is not None or teacher_top_k is not None, context=context)
         teacher_top_k_loss = None
         if teacher_top_k is not None:
             teacher_top_k_loss = top_k_distillation_loss(terms, teacher_top_k, mask)
@@ -719,7 +720,26 @@ class SentenceLMForCausalLM(SentenceLMPreTrainedModel, SentenceGenerationMixin):
         )
         return output if return_dict is not False else output.to_tuple()
 
-    def _nll_terms(self, out: SentenceLMModelOutput, memory: torch.Tensor, keep_log_probs: bool) -> "NLLTerms":
+    def sentence_context(
+        self, input_ids: torch.Tensor, mask: torch.Tensor, packed: PackedSentences
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The Sentence Decoder's context of each packed sentence (``SentenceVAEConfig.context_window``
+        real tokens of its text before its first token, see :func:`~sentence_lm.decoding.context_before`),
+        or ``None`` without a context window."""
+        window = self.config.sentence_vae.context_window
+        if not window:
+            return None
+        rows, columns = torch.nonzero((packed.token_sentence >= 0) & (packed.token_position == 0), as_tuple=True)
+        order = packed.token_sentence[rows, columns].argsort()
+        return context_before(input_ids, mask, rows[order], columns[order], window)
+
+    def _nll_terms(
+        self,
+        out: SentenceLMModelOutput,
+        memory: torch.Tensor,
+        keep_log_probs: bool,
+        context: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> "NLLTerms":
         """Every NLL term of the texts of ``out``: the Sentence Decoder's at each teacher-forced
         step of each sentence, written from ``memory`` (the states before the sentences), and the
         stop head's at every slot (stop at the last slot and after each sentence a turn end
@@ -727,7 +747,7 @@ class SentenceLMForCausalLM(SentenceLMPreTrainedModel, SentenceGenerationMixin):
         ``keep_log_probs`` the decoder's log-probabilities are kept for the causal scores; else the
         output layer runs on the steps that have a target only, keeping no logits."""
         vae, packed, hidden, slot_mask = self.sentence_vae, out.packed, out.last_hidden_state, out.slot_mask
-        states = vae.teacher_forced_states(packed.input_ids, packed.attention_mask, memory)
+        states = vae.teacher_forced_states(packed.input_ids, packed.attention_mask, memory, context=context)
         targets = vae.reconstruction_targets(packed.input_ids, packed.attention_mask)
         has_target = targets != -100
         token_nll = torch.zeros(targets.shape, dtype=torch.float32, device=states.device)

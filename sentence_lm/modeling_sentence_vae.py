@@ -83,7 +83,9 @@ def sinusoidal_positions(position_ids: torch.Tensor, dim: int, dtype: torch.dtyp
 
 
 class SentencePositions(nn.Module):
-    """Position embeddings of tokens within a sentence (learned table or sinusoidal)."""
+    """Position embeddings of tokens within a sentence (learned table or sinusoidal); with a
+    ``context_window``, a negative position ``-d`` is the context token ``d`` tokens before the
+    sentence (a learned table of its own)."""
 
     def __init__(self, config: SentenceVAEConfig):
         super().__init__()
@@ -93,11 +95,19 @@ class SentencePositions(nn.Module):
             if config.position_embedding == "learned"
             else None
         )
+        window = config.context_window
+        self.context = nn.Embedding(window, config.hidden_size) if window else None
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        inside = position_ids.clamp(min=0) if self.context is not None else position_ids
         if self.table is None:
-            return sinusoidal_positions(position_ids, self.dim, dtype)
-        return self.table(position_ids).to(dtype)
+            embeddings = sinusoidal_positions(inside, self.dim, dtype)
+        else:
+            embeddings = self.table(inside).to(dtype)
+        if self.context is None:
+            return embeddings
+        before = self.context((-position_ids - 1).clamp(0, self.context.num_embeddings - 1)).to(dtype)
+        return torch.where((position_ids < 0)[..., None], before, embeddings)
 
 
 class SentenceAttention(nn.Module):
@@ -761,11 +771,14 @@ class SentenceVAEModel(SentenceVAEPreTrainedModel):
         mask: torch.Tensor,
         sentence_vectors: torch.Tensor,
         word_dropout: float = 0.0,
+        context: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Decoder output states ``(n, max_len + 1, hidden)`` when it is fed ``BOS + sentence``
         (``lm_head`` turns them into logits); they mean nothing past each sentence's end step.
         With ``word_dropout``, each fed token after BOS is replaced by the padding token with that
-        probability (stage-1 training, see ``SentenceVAEConfig.word_dropout``).
+        probability (stage-1 training, see ``SentenceVAEConfig.word_dropout``). ``context``:
+        ``(ids, mask)``, both ``(n, context_window)``, the tokens before each sentence (left-padded,
+        see :func:`context_before`), which the decoder reads first (``config.context_window``).
 
         Sentences run in groups of similar length, as in :meth:`encode`. What cross-attention
         needs of the sentence vector is computed once per sentence (see
@@ -780,22 +793,29 @@ class SentenceVAEModel(SentenceVAEPreTrainedModel):
             blanked[:, 0] = False
             decoder_ids = decoder_ids.masked_fill(blanked, self.config.pad_token_id)
         key_mask = torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1)
+        window = 0
+        if context is not None:
+            context_ids, context_mask = context
+            window = context_ids.shape[1]
+            decoder_ids = torch.cat([context_ids.to(decoder_ids.dtype), decoder_ids], dim=1)
+            key_mask = torch.cat([context_mask.to(key_mask.dtype), key_mask], dim=1)
         embeds = self.decoder_token_embeddings()(decoder_ids)  # one lookup: one embedding gradient
         vectors = sentence_vectors.to(embeds.dtype)
         exact_cross = self.training and self.config.attention_dropout > 0
         conditioning = None if exact_cross else self.decoder.conditioning(vectors)
-        positions = torch.arange(width + 1, device=input_ids.device)
+        positions = torch.arange(-window, width + 1, device=input_ids.device)
+        columns = torch.arange(window + width + 1, device=input_ids.device)
 
         def run(rows: torch.Tensor | slice, group_width: int) -> torch.Tensor:
-            steps = group_width + 1
+            steps = window + group_width + 1
             group_embeds = embeds[rows, :steps]
             states = self.decoder(
                 group_embeds,
                 positions[:steps].expand(group_embeds.shape[0], steps),
-                causal_key_mask(positions[:steps], steps, key_mask[rows, :steps]),
+                causal_key_mask(columns[:steps], steps, key_mask[rows, :steps]),
                 self.decoder.conditioning(vectors[rows], precompute=False) if exact_cross else conditioning.select(rows),
             )
-            return F.pad(states, (0, 0, 0, width - group_width))
+            return F.pad(states[:, window:], (0, 0, 0, width - group_width))
 
         return run_by_length(run, lengths, min_width=0)
 
@@ -906,6 +926,7 @@ class SentenceVAEModel(SentenceVAEPreTrainedModel):
         stopping_criteria=None,
         output_scores: bool = False,
         output_logits: bool = False,
+        context: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> SentenceDecodeOutput:
         """Write one sentence per vector, all rows at once.
 
@@ -936,6 +957,9 @@ class SentenceVAEModel(SentenceVAEPreTrainedModel):
                 sentence with that token, and every row it stops is reported in ``stopped``.
             output_scores: return the processed scores of each written token (``scores``).
             output_logits: return the raw logits of each written token (``logits``).
+            context: ``(ids, mask)``, both ``(n, context_window)``: the tokens of the text before
+                each sentence (left-padded, :func:`~sentence_lm.decoding.context_before`), which
+                the decoder reads first (``config.context_window``); they are not written.
 
         Returns:
             [`SentenceDecodeOutput`].
@@ -981,6 +1005,13 @@ class SentenceVAEModel(SentenceVAEPreTrainedModel):
         tokens[rows, first - 1 - prefix_len] = self.config.bos_token_id
         key_mask[rows, first - 1 - prefix_len] = True
         positions = (key_mask.long().cumsum(dim=1) - 1).clamp(min=0, max=self.config.max_sentence_len)
+        if context is not None:  # the context's columns first, at positions -window..-1
+            context_ids, context_mask = context
+            window = context_ids.shape[1]
+            tokens = torch.cat([context_ids.to(tokens.dtype), tokens], dim=1)
+            key_mask = torch.cat([context_mask.bool(), key_mask], dim=1)
+            positions = torch.cat([torch.arange(-window, 0, device=device).expand(n, window), positions], dim=1)
+            first, total = first + window, total + window
         # Without padding (no prefix, or prefixes of one length) one-query steps need no mask.
         padded = not bool(key_mask[:, :first].all())
 

@@ -1,0 +1,116 @@
+"""The Sentence Decoder's context window (issue 30, lever 3): each sentence is written after the
+last ``context_window`` tokens of the text before it. Teacher forcing and generation read the same
+context, so generation's logits are the teacher-forced ones on the text it wrote."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import encode, tiny_sentence_opt
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from sentence_lm import SentenceVAEConfig
+from sentence_lm.decoding import context_before
+from sentence_lm.modeling_sentence_lm import states_before_sentences
+from sentence_lm.segmentation import ENDS, TRAILS
+
+WINDOW = 5
+
+
+class NoSentenceEnds(LogitsProcessor):
+    """Bans the end-of-sentence token and every token that ends or trails a sentence, so that each
+    sentence runs to ``max_sentence_len`` and the written text segments where generation cut it."""
+
+    def __init__(self, banned: torch.Tensor):
+        self.banned = banned
+
+    def __call__(self, input_ids, scores):
+        return scores.masked_fill(self.banned, float("-inf"))
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    return tiny_sentence_opt(tokenizer, sentence_vae=dict(context_window=WINDOW, num_decoder_layers=2))
+
+
+def test_context_before_takes_the_last_real_tokens():
+    ids = torch.tensor([[9, 1, 2, 9, 3, 4], [5, 6, 7, 8, 9, 9]])
+    mask = torch.tensor([[0, 1, 1, 0, 1, 1], [1, 1, 1, 1, 0, 0]])
+    got, valid = context_before(ids, mask, torch.tensor([0, 0, 1, 1]), torch.tensor([5, 1, 3, 6]), 3)
+    assert got.tolist() == [[1, 2, 3], [0, 0, 0], [5, 6, 7], [6, 7, 8]]
+    assert valid.tolist() == [[True] * 3, [False] * 3, [True] * 3, [True] * 3]
+
+
+def test_the_decoder_reads_the_context(model):
+    vae = model.sentence_vae
+    ids = torch.tensor([[20, 21, 22, 23]])
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    vector = torch.randn(1, model.config.hidden_size)
+    context = (torch.tensor([[30, 31, 32, 33, 34]]), torch.ones(1, WINDOW, dtype=torch.bool))
+    other = (torch.tensor([[30, 31, 32, 33, 35]]), torch.ones(1, WINDOW, dtype=torch.bool))
+    with torch.no_grad():
+        states = vae.teacher_forced_states(ids, mask, vector, context=context)
+        assert not torch.allclose(states, vae.teacher_forced_states(ids, mask, vector, context=other))
+        assert not torch.allclose(states, vae.teacher_forced_states(ids, mask, vector))
+        # A context slot that is masked out is not read.
+        hidden = (context[0], torch.tensor([[False, True, True, True, True]]))
+        changed = (torch.tensor([[40, 31, 32, 33, 34]]), hidden[1])
+        torch.testing.assert_close(vae.teacher_forced_states(ids, mask, vector, context=hidden),
+                                   vae.teacher_forced_states(ids, mask, vector, context=changed))  # fmt: skip
+
+
+def test_generation_writes_what_teacher_forcing_scores(model, tokenizer):
+    """Greedy generation's raw logits at every new token equal the teacher-forced decoder's on the
+    generated text (the backbone's states and each sentence's context read from that text), for
+    a closed prompt and one whose last sentence the decoder continues."""
+    table = model.sentence_vae.boundary_table
+    banned = ((table & (ENDS | TRAILS)) > 0)[None, :].clone()
+    banned[0, model.config.eos_token_id] = True
+    inputs = encode(tokenizer, ["The value is returned.", "A list of"])
+    prompt_len = inputs["input_ids"].shape[1]
+    with torch.no_grad():
+        out = model.generate(
+            inputs["input_ids"], attention_mask=inputs["attention_mask"], max_new_tokens=40, min_new_tokens=40,
+            logits_processor=LogitsProcessorList([NoSentenceEnds(banned)]), return_dict_in_generate=True,
+            output_logits=True,
+        )  # fmt: skip
+        sequences = out.sequences
+        mask = torch.cat([inputs["attention_mask"], torch.ones(2, 40, dtype=torch.long)], dim=1).bool()
+        base = model.model(sequences, mask)
+        packed = base.packed
+        memory = states_before_sentences(base.last_hidden_state, packed)
+        context = model.sentence_context(sequences, mask, packed)
+        vae = model.sentence_vae
+        forced = vae.lm_head(vae.teacher_forced_states(packed.input_ids, packed.attention_mask, memory, context=context))
+    assert len(out.logits) == 40
+    for row in range(2):
+        for k in range(40):
+            column = prompt_len + k
+            sentence, position = packed.token_sentence[row, column], packed.token_position[row, column]
+            torch.testing.assert_close(out.logits[k][row], forced[sentence, position], atol=2e-4, rtol=1e-4)
+
+
+def test_the_window_is_checked_and_saved(model, tmp_path):
+    with pytest.raises(ValueError, match="context_window"):
+        SentenceVAEConfig(context_window=-1)
+    model.save_pretrained(tmp_path)
+    loaded = type(model).from_pretrained(tmp_path)
+    assert loaded.config.sentence_vae.context_window == WINDOW
+    assert torch.equal(loaded.sentence_vae.decoder.embed_positions.context.weight,
+                       model.sentence_vae.decoder.embed_positions.context.weight)  # fmt: skip
+    with pytest.raises(ValueError, match="context_window"):
+        model.generate(torch.tensor([[2, 20, 21]]), max_new_tokens=2, cache_implementation="static")
+
+
+def test_causal_scores_read_the_same_context(model, tokenizer):
+    """The token scores of a text that ends with a closed sentence and the EOS add up to its NLL:
+    every sentence's first token is scored by the decoder's first step after the context that
+    teacher forcing gives it (a text, and the same text after a turn end)."""
+    text = "The value is returned. A list is kept here, and then. It ends."
+    ids = tokenizer(text, return_tensors="pt")["input_ids"]
+    eos = torch.tensor([[model.config.eos_token_id]])
+    for sequence in (torch.cat([ids, eos], dim=1), torch.cat([ids, eos, ids[:, 1:], eos], dim=1)):
+        with torch.no_grad():
+            out = model(sequence)
+        causal = -out.logits[0, :-1].gather(1, sequence[0, 1:, None]).sum()
+        torch.testing.assert_close(causal, out.nll[0], atol=1e-3, rtol=1e-5)
