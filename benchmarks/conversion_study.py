@@ -29,7 +29,8 @@ model), so that runs can go side by side on separate cores and a long study can 
   ``cache_seconds``, outside the budget). The three teacher levers are one trainer each.
 * ``report``: one table and one plot of every run, curves against training seconds with the token
   model's pretraining counted for the runs that start from it, and for each the minutes it needed
-  (or, from its power-law fit, would need) to reach the token model's NLL at the end of pretraining.
+  (or, from its power-law fit, would need) to reach the token model's NLL at the end of pretraining,
+  beside its greedy generation tokens/s at batch 1 (timed at the end of its run, on its core).
 
 Every curve is scored on the *selection split* (the last ``--selection_paragraphs`` paragraphs of
 the training file, never trained on), which is where levers are chosen; each run's final model is
@@ -230,14 +231,31 @@ def run(args) -> dict:
     return finish(args, args.name or kind, kind, model, record, blocks, offset)
 
 
+def generation_speed(model, blocks, new_tokens: int = 64, repeats: int = 3) -> float:
+    """Greedy tokens/s of ``generate()`` at batch 1: ``new_tokens`` after the first 64 tokens of
+    the first selection block (exactly that many: ``min_new_tokens``), median of ``repeats`` runs
+    after a warm-up. Timed where the run trained (its core, its threads)."""
+    prompt = torch.tensor([blocks["selection"][0]["input_ids"][:64]])
+    settings = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    times = []
+    with torch.no_grad():
+        for attempt in range(repeats + 1):
+            began = time.perf_counter()
+            model.generate(prompt, attention_mask=torch.ones_like(prompt), **settings)
+            if attempt:
+                times.append(time.perf_counter() - began)
+    return new_tokens / sorted(times)[len(times) // 2]
+
+
 def finish(args, name: str, kind: str, model, record: dict, blocks, offset: float) -> dict:
-    """Score the final model, shift its curve by ``offset`` seconds (the pretraining it builds on)
-    and write the run's record to the work folder."""
+    """Score the final model and time its generation, shift its curve by ``offset`` seconds (the
+    pretraining it builds on) and write the run's record to the work folder."""
     score = token_model_nll if kind == "token" else sentence_lm_nll
     model.eval()
     record.update(
         name=name, kind=kind, minutes=args.minutes, offset_seconds=offset, seconds=60 * args.minutes,
         selection_nll=score(model, blocks["curve"]), valid_nll=score(model, blocks["final"]),
+        generation_tokens_per_s=generation_speed(model, blocks),
         curve=[{**p, "seconds": p["seconds"] + offset} for p in record["curve"]],
         date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         machine=machine_info(torch.device(args.device)), threads=torch.get_num_threads(),
@@ -277,19 +295,21 @@ def report(args) -> dict:
                      "minutes": record["minutes"], "total_minutes": (record["offset_seconds"] + record["seconds"]) / 60,
                      "steps": record["steps"], "tokens": record["tokens"] + record.get("stage1_tokens", 0),
                      "selection_nll": record["selection_nll"], "valid_nll": record["valid_nll"],
+                     "generation_tokens_per_s": record.get("generation_tokens_per_s"),
                      "minutes_to_token_nll_at_P": needed, "how": how})  # fmt: skip
     lines = [
         f"Token model pretrained {pretrained['minutes']:g} minutes (P); NLL per token on the selection split at P: "
         f"{target:.4f} (valid {pretrained['valid_nll']:.4f}). Curves on the selection split; final figures also on "
         "WikiText-2 raw valid.",
         "",
-        "| run | recipe | own minutes | minutes with P | steps | tokens | NLL selection | NLL valid | minutes to the token model's NLL at P |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| run | recipe | own minutes | minutes with P | steps | tokens | NLL selection | NLL valid | minutes to the token model's NLL at P | generation tok/s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         needed = "-" if r["minutes_to_token_nll_at_P"] is None else f"{r['minutes_to_token_nll_at_P']:.3g} ({r['how']})"
+        speed = "-" if r["generation_tokens_per_s"] is None else f"{r['generation_tokens_per_s']:.0f}"
         lines.append(f"| {r['name']} | `{r['recipe']}` | {r['minutes']:g} | {r['total_minutes']:g} | {r['steps']} | "
-                     f"{r['tokens']:,} | {r['selection_nll']:.4f} | {r['valid_nll']:.4f} | {needed} |")  # fmt: skip
+                     f"{r['tokens']:,} | {r['selection_nll']:.4f} | {r['valid_nll']:.4f} | {needed} | {speed} |")  # fmt: skip
     text = "\n".join(lines)
     print(text)
     results = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "rows": rows,
