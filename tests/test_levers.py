@@ -347,6 +347,7 @@ def test_conversion_study_runs_every_step_and_reports_minutes_to_the_token_model
                          ("convert:top_k_weight=1.0,top_k=4,copy_layers=last", "topk")):  # fmt: skip
         record = script.main(["run", *common, "--recipe", recipe, "--name", name, "--minutes", "0.03"])
         assert record["steps"] >= 1 and 0 < record["valid_nll"] < 20 and record["curve"][0]["nll"] > 0
+        assert record["generation_tokens_per_s"] > 0
     hidden = json.loads((tmp_path / "study" / "runs" / "hidden.json").read_text())
     assert hidden["training"] == {"hidden_state_weight": 1.0, "teacher_condition_steps": 1, "copy_layers": True}
     assert hidden["curve"][0]["seconds"] >= pretrained["seconds"]  # the pretraining is counted
