@@ -67,7 +67,7 @@ except ImportError:  # a source checkout that is not installed
     sys.path.insert(0, str(HERE.parent))
 
 import torch
-from from_scratch import sentence_lm_config, sentence_lm_nll, token_model_nll, train_sentence_lm
+from from_scratch import add_setting_arguments, sentence_lm_config, sentence_lm_nll, token_model_nll, train_sentence_lm
 from levers import blocks_of, copied_layers, training_arguments
 from transformers import AutoModelForCausalLM, set_seed
 
@@ -334,35 +334,9 @@ def parse_args(argv=None):
     p.add_argument("--recipe", default="convert", help="run: token, scratch or convert[:key=value,...].")
     p.add_argument("--name", help="run: the record's name (default: the recipe's kind).")
     p.add_argument("--minutes", type=float, default=20.0, help="Training minutes of this step.")
-    p.add_argument("--train_file", default=str(SHARED / "wikitext-2" / "train.txt"))
-    p.add_argument("--validation_file", default=str(SHARED / "wikitext-2-raw" / "valid.txt"))
-    p.add_argument("--train_paragraphs", type=int, help="Read the first N paragraphs only (smoke runs).")
     p.add_argument("--selection_paragraphs", type=int, default=200, help="Held-out tail of the training file.")
-    p.add_argument("--stage1_share", type=float, default=0.25)
-    p.add_argument("--curve_minutes", type=float, default=3.0)
-    p.add_argument("--eval_tokens", type=int, default=20000)
-    p.add_argument("--curve_tokens", type=int, default=4000)
-    p.add_argument("--vocab_size", type=int, default=8192)
-    p.add_argument("--hidden_size", type=int, default=256)
-    p.add_argument("--num_layers", type=int, default=4)
-    p.add_argument("--num_heads", type=int, default=4)
-    p.add_argument("--ffn_dim", type=int, default=1024)
-    p.add_argument("--max_sentence_len", type=int, default=48)
-    p.add_argument("--sentence_vae_config", help="The scratch recipe's SentenceVAE overrides, key=value,...")
-    p.add_argument("--block_size", type=int, default=256)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--stage1_batch", type=int, default=64)
-    p.add_argument("--stage1_lr", type=float, default=1e-3)
-    p.add_argument("--warmup_steps", type=int, default=20)
-    p.add_argument("--threads", type=int)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--bf16", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output_dir", default="runs/conversion_study", help="The Trainer's folders (it saves nothing there).")
-    p.add_argument("--json")
-    p.add_argument("--report")
-    p.add_argument("--plot")
+    add_setting_arguments(p)  # from_scratch.py's data, shape, training and output options
     args = p.parse_args(argv)
     if args.step == "run":
         parse_recipe(args.recipe)  # refuse a bad recipe before any work

@@ -146,13 +146,12 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+def add_setting_arguments(p: argparse.ArgumentParser) -> None:
+    """The data, model shape, training and output options this script shares with
+    conversion_study.py (which adds its own steps and folders)."""
     p.add_argument("--train_file", default=str(SHARED / "wikitext-2" / "train.txt"))
     p.add_argument("--validation_file", default=str(SHARED / "wikitext-2-raw" / "valid.txt"))
     p.add_argument("--train_paragraphs", type=int, help="Train on the first N paragraphs only (smoke runs).")
-    p.add_argument("--minutes", type=float, default=30.0, help="Training minutes of each model.")
     p.add_argument("--stage1_share", type=float, default=0.25, help="Share of the SentenceLM's minutes spent in stage 1.")
     p.add_argument("--curve_minutes", type=float, default=3.0)
     p.add_argument("--eval_tokens", type=int, default=20000)
@@ -174,10 +173,17 @@ def parse_args(argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output_dir", default="runs/from_scratch", help="The Trainer's folders (it saves nothing there).")
     p.add_argument("--json")
     p.add_argument("--report")
     p.add_argument("--plot")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    add_setting_arguments(p)
+    p.add_argument("--minutes", type=float, default=30.0, help="Training minutes of each model.")
+    p.add_argument("--output_dir", default="runs/from_scratch", help="The Trainer's folders (it saves nothing there).")
     args = p.parse_args(argv)
     if not 0 < args.stage1_share < 1:
         p.error("--stage1_share must be between 0 and 1 (both stages need time)")

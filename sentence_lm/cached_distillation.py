@@ -79,8 +79,8 @@ class TopKCollator(PaddingCollator):
 class TopKDistillationTrainer(SentenceLMTrainer):
     """Stage 2 with cached teacher distributions: the SentenceLM's own loss plus
     ``distill_weight`` times its ``teacher_top_k_loss`` on the batch's :data:`TOP_K_COLUMNS` (train
-    on :func:`cache_teacher_top_k`'s dataset with a :class:`TopKCollator`, made here when no
-    collator is given). ``teacher_top_k_loss`` is logged (mean since the last log)."""
+    on :func:`cache_teacher_top_k`'s dataset with a :class:`TopKCollator`). ``teacher_top_k_loss``
+    is logged (mean since the last log, also with the closing summary)."""
 
     def __init__(self, *args, distill_weight: float = 1.0, **kwargs):
         super().__init__(*args, **kwargs)
@@ -95,7 +95,6 @@ class TopKDistillationTrainer(SentenceLMTrainer):
         if not isinstance(self.data_collator, TopKCollator):
             raise ValueError("TopKDistillationTrainer needs a TopKCollator (it pads the teacher's top-k columns).")
         self.distill_weight = distill_weight
-        self._sum, self._count = 0.0, 0
 
     def _set_signature_columns_if_needed(self) -> None:
         # The Trainer keeps the dataset columns that `forward` names; the cached ones go in as one pair.
@@ -106,13 +105,6 @@ class TopKDistillationTrainer(SentenceLMTrainer):
         inputs = dict(inputs)
         top_k = tuple(inputs.pop(column) for column in TOP_K_COLUMNS)
         outputs = model(**inputs, teacher_top_k=top_k)
-        self._sum += float(outputs.teacher_top_k_loss.detach())
-        self._count += 1
+        self.record_term("teacher_top_k_loss", outputs.teacher_top_k_loss)
         loss = outputs.loss + self.distill_weight * outputs.teacher_top_k_loss
         return (loss, outputs) if return_outputs else loss
-
-    def log(self, logs: dict, *args, **kwargs) -> None:
-        if self._count and ("loss" in logs or "train_loss" in logs):  # (the closing summary too)
-            logs["teacher_top_k_loss"] = round(self._sum / self._count, 4)
-            self._sum, self._count = 0.0, 0
-        super().log(logs, *args, **kwargs)

@@ -63,7 +63,6 @@ class DistillationTrainer(SentenceLMTrainer):
         check_teacher(teacher, self.model)
         self.teacher = teacher.to(self.args.device).eval().requires_grad_(False)
         self.distill_weight, self.temperature = distill_weight, temperature
-        self._distill_sum, self._distill_count = 0.0, 0
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         ids = inputs["input_ids"]
@@ -75,16 +74,10 @@ class DistillationTrainer(SentenceLMTrainer):
         scored = torch.zeros_like(mask)
         scored[:, :-1] = mask[:, :-1] & mask[:, 1:]  # the next token is a token of the text
         distill = token_distillation_loss(outputs.logits, teacher_logits, scored, self.temperature)
-        self._distill_sum += float(distill.detach())
-        self._distill_count += 1
+        self.record_term("distill_loss", distill)
         loss = outputs.loss + self.distill_weight * distill
         return (loss, outputs) if return_outputs else loss
 
-    def log(self, logs: dict, *args, **kwargs) -> None:
-        if self._distill_count and "loss" in logs:
-            logs["distill_loss"] = round(self._distill_sum / self._distill_count, 4)
-            self._distill_sum, self._distill_count = 0.0, 0
-        super().log(logs, *args, **kwargs)
 
 
 class FrozenBackboneWarmup(TrainerCallback):

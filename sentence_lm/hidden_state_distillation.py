@@ -73,7 +73,6 @@ class HiddenStateDistillationTrainer(SentenceLMTrainer):
         check_hidden_state_teacher(teacher, self.accelerator.unwrap_model(self.model))
         self.teacher = teacher.to(self.args.device).eval().requires_grad_(False)
         self.hidden_state_weight, self.teacher_condition_steps = hidden_state_weight, teacher_condition_steps
-        self._hidden_sum, self._hidden_count = 0.0, 0
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         ids = inputs["input_ids"]
@@ -85,13 +84,6 @@ class HiddenStateDistillationTrainer(SentenceLMTrainer):
             teacher_hidden_states=states,
             condition_on_teacher=self.state.global_step < self.teacher_condition_steps,
         )
-        self._hidden_sum += float(outputs.hidden_state_loss.detach())
-        self._hidden_count += 1
+        self.record_term("hidden_state_loss", outputs.hidden_state_loss)
         loss = outputs.loss + self.hidden_state_weight * outputs.hidden_state_loss
         return (loss, outputs) if return_outputs else loss
-
-    def log(self, logs: dict, *args, **kwargs) -> None:
-        if self._hidden_count and ("loss" in logs or "train_loss" in logs):  # (the closing summary too)
-            logs["hidden_state_loss"] = round(self._hidden_sum / self._hidden_count, 4)
-            self._hidden_sum, self._hidden_count = 0.0, 0
-        super().log(logs, *args, **kwargs)

@@ -28,7 +28,7 @@ from .modeling_sentence_vae import SentenceVAEModel
 from .quantization import Int8WeightOnlyConfig  # noqa: F401  (registers the int8 quantizer, in checkpoints too)
 from .pretrained_layers import COPIED_LAYERS, copy_token_model_layers, layer_settings
 from .segmentation import PackedSentences, pack_sentences, sentence_tokens
-from .validation import check_attention_mask, check_forward_extras, check_token_ids, logit_positions
+from .validation import check_attention_mask, check_forward_extras, check_teacher_inputs, check_token_ids, logit_positions
 
 logger = logging.get_logger(__name__)
 
@@ -652,22 +652,9 @@ class SentenceLMForCausalLM(SentenceLMPreTrainedModel, SentenceGenerationMixin):
         input_ids = input_ids.long()  # int32 (or other integer) ids work like int64 ones
         mask = check_attention_mask(attention_mask, input_ids)
         texts = _packed_texts(position_ids, mask) if position_ids is not None else None
-        if teacher_top_k is not None:
-            if texts is not None:
-                raise ValueError(
-                    "teacher_top_k with rows that pack several texts (position_ids restarting at 0) is not supported; "
-                    "train with one text per row (packing=False)."
-                )
-            check_teacher_top_k(teacher_top_k, input_ids, self.config.vocab_size)
-        if teacher_hidden_states is not None:
-            if texts is not None:
-                raise ValueError(
-                    "teacher_hidden_states with rows that pack several texts (position_ids restarting at 0) is not "
-                    "supported; train with one text per row (packing=False)."
-                )
-            check_teacher_states(teacher_hidden_states, input_ids, self.config.hidden_size)
-        elif condition_on_teacher:
-            raise ValueError("condition_on_teacher=True needs teacher_hidden_states (the token model's states).")
+        check_teacher_inputs(
+            teacher_hidden_states, condition_on_teacher, teacher_top_k, texts is not None, input_ids, self.config
+        )
         if texts is not None:
             return self._forward_packed(
                 texts, input_ids, labels, shift_labels, num_items_in_batch, logits_to_keep, return_dict,
@@ -945,39 +932,6 @@ def next_vector_loss_of(states: torch.Tensor, vectors: torch.Tensor, objective: 
     similarity = F.normalize(states, dim=-1) @ F.normalize(vectors, dim=-1).T
     targets = torch.arange(len(states), device=states.device)
     return F.cross_entropy(similarity / NEXT_VECTOR_TEMPERATURE, targets)
-
-
-def check_teacher_states(states: torch.Tensor, input_ids: torch.Tensor, hidden_size: int) -> None:
-    """Refuse teacher states that are not one ``hidden_size`` vector per token of ``input_ids``."""
-    if not isinstance(states, torch.Tensor) or states.shape[:2] != input_ids.shape or states.dim() != 3:
-        raise ValueError(
-            f"teacher_hidden_states has shape {tuple(getattr(states, 'shape', ()))} but input_ids has "
-            f"{tuple(input_ids.shape)}; pass the token model's final hidden states on the same ids, "
-            "(batch, seq_len, hidden_size)."
-        )
-    if states.shape[-1] != hidden_size:
-        raise ValueError(
-            f"teacher_hidden_states are {states.shape[-1]} wide but this SentenceLM's backbone is {hidden_size}: "
-            "distil the hidden states of a token model of the backbone's width (the one it was built from)."
-        )
-
-
-def check_teacher_top_k(teacher_top_k, input_ids: torch.Tensor, vocab_size: int) -> None:
-    """Refuse a teacher top-k that is not ``(ids, log_probs)`` of shape ``(batch, seq_len, k)`` over
-    this model's vocabulary."""
-    if not (isinstance(teacher_top_k, (tuple, list)) and len(teacher_top_k) == 2):
-        raise ValueError("teacher_top_k must be a pair (ids, log_probs), each (batch, seq_len, k).")
-    ids, log_probs = teacher_top_k
-    if ids.dim() != 3 or ids.shape[:2] != input_ids.shape or log_probs.shape != ids.shape:
-        raise ValueError(
-            f"teacher_top_k holds ids of shape {tuple(ids.shape)} and log-probabilities of shape "
-            f"{tuple(log_probs.shape)} but input_ids has {tuple(input_ids.shape)}; pass (batch, seq_len, k) each."
-        )
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
-        raise ValueError(
-            f"teacher_top_k holds token ids outside [0, {vocab_size}): distil from a token model on this model's "
-            "vocabulary (the one it was built from)."
-        )
 
 
 def top_k_distillation_loss(terms: "NLLTerms", teacher_top_k: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:

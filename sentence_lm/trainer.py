@@ -39,6 +39,18 @@ class SentenceLMTrainer(Trainer):
         self.can_return_loss = True
         if not hasattr(self.accelerator.unwrap_model(self.model), "accepts_loss_kwargs"):
             self.model_accepts_loss_kwargs = False
+        self._terms: dict[str, list[float]] = {}
+
+    def record_term(self, name: str, value: torch.Tensor) -> None:
+        """Note an auxiliary loss term of this step; :meth:`log` adds each term's mean since the
+        last log to the logs (those of the steps and the closing summary)."""
+        self._terms.setdefault(name, []).append(float(value.detach()))
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        if self._terms and ("loss" in logs or "train_loss" in logs):
+            logs.update({name: round(sum(values) / len(values), 4) for name, values in self._terms.items()})
+            self._terms = {}
+        super().log(logs, *args, **kwargs)
 
     def train(self, *args, **kwargs):
         """As the Trainer's; under a :class:`TimeBudgetCallback` the progress bar counts the

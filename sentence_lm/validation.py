@@ -141,3 +141,47 @@ def check_forward_extras(kwargs: dict, model_name: str) -> None:
             "input_ids, attention_mask, labels, shift_labels, position_ids, num_items_in_batch, logits_to_keep, "
             "output_hidden_states, output_attentions, return_dict and sentence_ids)."
         )
+
+
+def check_teacher_inputs(
+    hidden_states, condition_on_teacher: bool, top_k, packed: bool, input_ids: torch.Tensor, config
+) -> None:
+    """Refuse a token model's training signals that `SentenceLMForCausalLM.forward` cannot read:
+    with rows that pack several texts, ``teacher_hidden_states`` that are not one backbone-wide
+    vector per token, ``condition_on_teacher`` without them, a ``teacher_top_k`` that is not
+    ``(ids, log_probs)`` of shape ``(batch, seq_len, k)`` over the model's vocabulary."""
+    given = [name for name, value in (("teacher_hidden_states", hidden_states), ("teacher_top_k", top_k)) if value is not None]
+    if given and packed:
+        raise ValueError(
+            f"{given[0]} with rows that pack several texts (position_ids restarting at 0) is not supported; train "
+            "with one text per row (packing=False)."
+        )
+    if hidden_states is None and condition_on_teacher:
+        raise ValueError("condition_on_teacher=True needs teacher_hidden_states (the token model's states).")
+    if hidden_states is not None:
+        if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 3 or hidden_states.shape[:2] != input_ids.shape:
+            raise ValueError(
+                f"teacher_hidden_states has shape {tuple(getattr(hidden_states, 'shape', ()))} but input_ids has "
+                f"{tuple(input_ids.shape)}; pass the token model's final hidden states on the same ids, "
+                "(batch, seq_len, hidden_size)."
+            )
+        if hidden_states.shape[-1] != config.hidden_size:
+            raise ValueError(
+                f"teacher_hidden_states are {hidden_states.shape[-1]} wide but this SentenceLM's backbone is "
+                f"{config.hidden_size}: distil the hidden states of a token model of the backbone's width (the one it "
+                "was built from)."
+            )
+    if top_k is not None:
+        if not (isinstance(top_k, (tuple, list)) and len(top_k) == 2):
+            raise ValueError("teacher_top_k must be a pair (ids, log_probs), each (batch, seq_len, k).")
+        ids, log_probs = top_k
+        if ids.dim() != 3 or ids.shape[:2] != input_ids.shape or log_probs.shape != ids.shape:
+            raise ValueError(
+                f"teacher_top_k holds ids of shape {tuple(ids.shape)} and log-probabilities of shape "
+                f"{tuple(log_probs.shape)} but input_ids has {tuple(input_ids.shape)}; pass (batch, seq_len, k) each."
+            )
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= config.vocab_size):
+            raise ValueError(
+                f"teacher_top_k holds token ids outside [0, {config.vocab_size}): distil from a token model on this "
+                "model's vocabulary (the one it was built from)."
+            )
