@@ -18,7 +18,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from .data import PaddingCollator, pad_sequences
@@ -31,11 +30,13 @@ TOP_K_COLUMNS = ("teacher_top_k_ids", "teacher_top_k_log_probs")
 
 
 @torch.no_grad()
-def cache_teacher_top_k(teacher: PreTrainedModel, texts, k: int = 16, batch_size: int = 8, show_progress: bool = True):
+def cache_teacher_top_k(teacher: PreTrainedModel, texts, k: int = 16, batch_size: int = 8):
     """``texts`` (a `datasets.Dataset` of rows with ``input_ids``) with :data:`TOP_K_COLUMNS` added:
-    after each token, the teacher's ``k`` most likely next tokens (int32) and their
-    log-probabilities (float16: about ``6 * k`` bytes per token; sorted, most likely first; the last token's row predicts past the text and is kept
-    for shape). The teacher runs in evaluation mode on each row alone (right-padded batches)."""
+    after each token, the teacher's ``k`` most likely next tokens (int32) and their log-probabilities
+    (float16, sorted, most likely first: about ``6 * k`` bytes per token; the last token's row predicts
+    past the text and is kept for shape). The teacher runs in evaluation mode on right-padded batches
+    of ``batch_size`` rows, under `datasets`' own progress bar (``datasets.disable_progress_bars()``
+    hides it)."""
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be an integer >= 1, got {k!r}.")
     vocab = teacher.get_output_embeddings().weight.shape[0]
@@ -44,18 +45,22 @@ def cache_teacher_top_k(teacher: PreTrainedModel, texts, k: int = 16, batch_size
     was_training = teacher.training
     teacher.eval()
     device = next(teacher.parameters()).device
-    ids_column, log_probs_column = [], []
-    rows = texts["input_ids"]
-    for start in tqdm(range(0, len(rows), batch_size), desc="Caching the teacher's top k", disable=not show_progress):
-        chunk = rows[start : start + batch_size]
-        batch = pad_sequences(chunk, 0)
-        logits = teacher(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+
+    def top_k_of(batch):
+        rows = batch["input_ids"]
+        padded = pad_sequences(rows, 0)
+        logits = teacher(input_ids=padded["input_ids"].to(device), attention_mask=padded["attention_mask"].to(device)).logits
         top = F.log_softmax(logits.float(), dim=-1).topk(k, dim=-1)
-        for row, length in enumerate(len(r) for r in chunk):  # (numpy rows: Arrow buffers, no Python objects)
-            ids_column.append(list(top.indices[row, :length].cpu().numpy().astype(np.int32)))
-            log_probs_column.append(list(top.values[row, :length].cpu().numpy().astype(np.float16)))
-    teacher.train(was_training)
-    return texts.add_column(TOP_K_COLUMNS[0], ids_column).add_column(TOP_K_COLUMNS[1], log_probs_column)
+        ids, log_probs = top.indices.cpu().numpy().astype(np.int32), top.values.cpu().numpy().astype(np.float16)
+        lengths = [len(row) for row in rows]  # one (length, k) array per row: Arrow takes them without Python objects
+        return {TOP_K_COLUMNS[0]: [ids[i, :n] for i, n in enumerate(lengths)],
+                TOP_K_COLUMNS[1]: [log_probs[i, :n] for i, n in enumerate(lengths)]}  # fmt: skip
+
+    try:
+        return texts.map(top_k_of, batched=True, batch_size=batch_size, load_from_cache_file=False, keep_in_memory=True,
+                         desc="Caching the teacher's top k")  # fmt: skip
+    finally:
+        teacher.train(was_training)
 
 
 @dataclass

@@ -398,8 +398,9 @@ def test_cached_top_k_distillation_trains_and_caches_the_teachers_top_k(setup, t
     from sentence_lm.cached_distillation import TOP_K_COLUMNS, TopKCollator, TopKDistillationTrainer, cache_teacher_top_k
 
     teacher, model, texts = setup
-    cached = cache_teacher_top_k(teacher, texts.select(range(12)), k=4, batch_size=5, show_progress=False)
-    row = cached[3]
+    cached = cache_teacher_top_k(teacher, texts.select(range(12)), k=4, batch_size=5)
+    assert [len(r) for r in cached[TOP_K_COLUMNS[0]]] == [len(r) for r in cached["input_ids"]]
+    row = cached[7]  # in the second batch, padded to its longest row
     with torch.no_grad():
         logits = teacher(input_ids=torch.tensor([row["input_ids"]])).logits[0]
     top = torch.log_softmax(logits, -1).topk(4, dim=-1)
