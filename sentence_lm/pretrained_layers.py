@@ -14,9 +14,10 @@ layers are pre-norm Transformer layers; what maps onto them is copied, per famil
 Grouped key/value heads are repeated to one per query head (what the token model's attention
 computes). Encoder layer ``i`` starts from token layer ``i``, and so does decoder layer ``i``, or,
 with ``decoder_layers="last"``, decoder layer ``i`` of ``k`` from token layer ``L - k + i`` of ``L``
-(the layers nearest the token model's output, which turn states into next-token predictions); the
-decoder's cross-attention and the SentenceVAE's own position embeddings stay new (the token
-model's rotary or learned positions are not carried over), as do the fusion and final norms.
+(the layers nearest the token model's output, which turn states into next-token predictions), and
+then the decoder's final norm is the token model's too (what its output layer reads). The decoder's
+cross-attention and the SentenceVAE's own position embeddings stay new (the token model's rotary or
+learned positions are not carried over), as do the encoder's fusion and norms.
 """
 
 from __future__ import annotations
@@ -67,6 +68,20 @@ def token_model_layers(token_model: nn.Module) -> nn.ModuleList:
         "(attention projections, two norms and a feed-forward block under the names those families use). "
         "Build the SentenceVAE without copy_layers."
     )
+
+
+_FINAL_NORMS = ("norm", "final_layer_norm", "decoder.final_layer_norm", "ln_f")
+"""Where Llama-, OPT- and GPT-2-style base models keep the norm before their output layer."""
+
+
+def token_model_final_norm(token_model: nn.Module) -> nn.Module | None:
+    """The norm the token model applies before its output layer, or ``None`` (e.g. OPT-350m, whose
+    layers normalise after themselves)."""
+    base = getattr(token_model, "base_model", token_model)
+    for path in _FINAL_NORMS:
+        if _has(base, path) and getattr(base.get_submodule(path), "weight", None) is not None:
+            return base.get_submodule(path)
+    return None
 
 
 def layer_settings(token_model: nn.Module) -> dict:
@@ -159,3 +174,6 @@ def copy_token_model_layers(token_model: nn.Module, sentence_vae: nn.Module, dec
             }
             for name, (weight, bias) in parts.items():
                 _assign(destinations[name], weight, bias, f"layer {index} {name}")
+    final_norm = token_model_final_norm(token_model)
+    if decoder_layers == "last" and final_norm is not None:
+        _assign(sentence_vae.decoder.layer_norm, *_weights(final_norm), "final norm")

@@ -4,6 +4,7 @@ token model's own modules compute, on every family whose layers map, and the ref
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -128,9 +129,13 @@ def test_copy_layers_needs_a_new_sentence_vae(token_models, tokenizer, sentence_
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_the_decoder_can_start_from_the_token_models_last_layers(family, token_models, tokenizer):
-    """``copy_layers="last"``: a 1-layer decoder from the token model's last layer (of 2), the
-    encoder still from its first; ``True`` and ``"first"`` are the same."""
-    token_model = token_models[family]
+    """``copy_layers="last"``: a 1-layer decoder from the token model's last layer (of 2) and its
+    final norm, the encoder still from its first; ``True`` and ``"first"`` are the same (the decoder's
+    final norm stays new)."""
+    token_model = copy.deepcopy(token_models[family])
+    final_norm = token_model.transformer.ln_f if family == "gpt2" else token_model.model.norm
+    with torch.no_grad():
+        final_norm.weight.uniform_(0.5, 1.5)
     layers = token_layers(token_model)
     assert len(layers) == 2
     last = SentenceLMForCausalLM.from_pretrained_backbone(
@@ -143,5 +148,9 @@ def test_the_decoder_can_start_from_the_token_models_last_layers(family, token_m
         torch.testing.assert_close(last.decoder.layers[0].ffn(x), reference_mlp(family, layers[1], x))
         torch.testing.assert_close(first.decoder.layers[0].ffn(x), reference_mlp(family, layers[0], x))
         torch.testing.assert_close(last.encoder.layers[0].ffn(x), reference_mlp(family, layers[0], x))
+    assert torch.equal(last.decoder.layer_norm.weight, final_norm.weight)
+    expected_bias = final_norm.bias if family == "gpt2" else torch.zeros_like(final_norm.weight)
+    assert torch.equal(last.decoder.layer_norm.bias, expected_bias)
+    assert torch.equal(first.decoder.layer_norm.weight, torch.ones_like(final_norm.weight))
     with pytest.raises(ValueError, match="copy_layers must be True, False, 'first' or 'last'"):
         SentenceLMForCausalLM.from_pretrained_backbone(token_model, tokenizer=tokenizer, copy_layers="middle")
