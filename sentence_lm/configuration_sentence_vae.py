@@ -12,7 +12,8 @@ from transformers.utils import logging
 logger = logging.get_logger(__name__)
 
 FUSIONS = ("learnable", "sum", "mean")
-POSITION_EMBEDDINGS = ("learned", "sinusoidal")
+POSITION_EMBEDDINGS = ("learned", "sinusoidal", "rotary")
+NORMS = ("layer_norm", "rms_norm")
 ACTIVATIONS = ("relu", "gelu", "gelu_new", "silu")
 CONFIG_VERSION = 1
 
@@ -177,7 +178,16 @@ class SentenceVAEConfig(PreTrainedConfig):
             weights each token, softmax over the sentence, weighted sum; the paper's choice),
             `"sum"` or `"mean"` over the sentence's tokens. A LayerNorm follows in every case.
         position_embedding (`str`, defaults to `"learned"`):
-            Token positions within a sentence: `"learned"` table or fixed `"sinusoidal"`.
+            Token positions within a sentence: `"learned"` table or fixed `"sinusoidal"`, added to
+            the token embeddings, or `"rotary"`: queries and keys of every self-attention rotated
+            by position (RoPE with `rope_theta`, as Llama-style token models do, so that layers
+            copied from one (`from_pretrained_backbone(copy_layers=...)`) see positions as they
+            were trained to).
+        rope_theta (`float`, defaults to 10000.0):
+            Base of the rotary frequencies (with `position_embedding="rotary"`).
+        norm (`str`, defaults to `"layer_norm"`):
+            Every norm of the encoder and decoder: `"layer_norm"` (LayerNorm) or `"rms_norm"`
+            (RMSNorm, a scale and no bias, as Llama-style token models' layers have).
         share_embeddings (`bool`, defaults to `True`):
             Whether encoder and decoder use one token embedding.
         tie_word_embeddings (`bool`, defaults to `True`):
@@ -239,7 +249,7 @@ class SentenceVAEConfig(PreTrainedConfig):
             less memory; for large batches on a GPU). `None` (the default): one chunk. Applies to
             a SentenceLM's loss too.
         layer_norm_eps (`float`, defaults to 1e-5):
-            Epsilon of every LayerNorm; a finite number > 0.
+            Epsilon of every norm; a finite number > 0.
         init_std (`float`, defaults to 0.02):
             Standard deviation of the normal weight initialisation; a finite number > 0.
         pad_token_id (`int`, defaults to 1):
@@ -279,6 +289,8 @@ class SentenceVAEConfig(PreTrainedConfig):
     max_sentence_len: int = 64
     fusion: str = "learnable"
     position_embedding: str = "learned"
+    rope_theta: float = 10000.0
+    norm: str = "layer_norm"
     share_embeddings: bool = True
     tie_word_embeddings: bool = True
     focal_gamma: float = 0.0
@@ -322,11 +334,12 @@ class SentenceVAEConfig(PreTrainedConfig):
         check_probability(self, "dropout", "attention_dropout", "word_dropout")
         check_choice("fusion", self.fusion, FUSIONS)
         check_choice("position_embedding", self.position_embedding, POSITION_EMBEDDINGS)
+        check_choice("norm", self.norm, NORMS)
         check_choice("activation_function", self.activation_function, ACTIVATIONS)
         check_real(self, "focal_gamma", "bag_of_words_weight", "parallel_readout_weight")
         if self.loss_chunk_size is not None:
             check_positive(self, "loss_chunk_size")
-        check_real(self, "layer_norm_eps", "init_std", strict=True)
+        check_real(self, "layer_norm_eps", "init_std", "rope_theta", strict=True)
         check_bool(self, "share_embeddings", "tie_word_embeddings", "gated_ffn", "condition_inputs")
         for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
             value = getattr(self, name)

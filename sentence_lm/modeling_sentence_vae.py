@@ -82,25 +82,59 @@ def sinusoidal_positions(position_ids: torch.Tensor, dim: int, dtype: torch.dtyp
     return emb.to(dtype)
 
 
+def make_norm(config: SentenceVAEConfig) -> nn.Module:
+    """A norm over the hidden size of the kind ``config.norm`` names."""
+    if config.norm == "rms_norm":
+        return nn.RMSNorm(config.hidden_size, eps=config.layer_norm_eps)
+    return nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+
+
+class RotaryPositions(nn.Module):
+    """Rotary position angles (RoPE, Llama's layout: the two halves of each head rotated
+    together) for the self-attention of ``position_embedding="rotary"``."""
+
+    def __init__(self, config: SentenceVAEConfig):
+        super().__init__()
+        self.head_dim = config.hidden_size // config.num_attention_heads
+        self.theta = config.rope_theta
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(cos, sin)`` of ``position_ids`` ``(n, q)`` or ``(q,)``, shaped to broadcast over the
+        heads of ``(n, heads, q, head_dim)`` queries and keys."""
+        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=position_ids.device) / self.head_dim
+        angles = position_ids.unsqueeze(-1).float() * self.theta**-exponents
+        angles = torch.cat([angles, angles], dim=-1)
+        if angles.dim() == 3:
+            angles = angles.unsqueeze(1)
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def rotate(x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """``x`` ``(n, heads, q, head_dim)`` rotated by :class:`RotaryPositions`' angles."""
+    cos, sin = rotary
+    first, second = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-second, first], dim=-1) * sin
+
+
 class SentencePositions(nn.Module):
-    """Position embeddings of tokens within a sentence (learned table or sinusoidal); with a
+    """Position embeddings of tokens within a sentence, added to the token embeddings (learned
+    table or sinusoidal; nothing with rotary positions, which the attention applies); with a
     ``context_window``, a negative position ``-d`` is the context token ``d`` tokens before the
-    sentence (a learned table of its own)."""
+    sentence (a learned table of its own, in every case)."""
 
     def __init__(self, config: SentenceVAEConfig):
         super().__init__()
         self.dim = config.hidden_size
-        self.table = (
-            nn.Embedding(config.max_sentence_len + 1, config.hidden_size)
-            if config.position_embedding == "learned"
-            else None
-        )
+        self.kind = config.position_embedding
+        self.table = nn.Embedding(config.max_sentence_len + 1, config.hidden_size) if self.kind == "learned" else None
         window = config.context_window
         self.context = nn.Embedding(window, config.hidden_size) if window else None
 
-    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | float:
         inside = position_ids.clamp(min=0) if self.context is not None else position_ids
-        if self.table is None:
+        if self.kind == "rotary":
+            embeddings = torch.zeros((), dtype=dtype, device=position_ids.device)
+        elif self.table is None:
             embeddings = sinusoidal_positions(inside, self.dim, dtype)
         else:
             embeddings = self.table(inside).to(dtype)
@@ -134,15 +168,19 @@ class SentenceAttention(nn.Module):
         attention_mask: torch.Tensor | None = None,
         cache: DynamicCache | None = None,
         projected_keys_values: torch.Tensor | None = None,
+        rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """``projected_keys_values``: ``(n, k, 2 * hidden)`` keys and values already projected
-        (from :meth:`project_keys_values`), instead of projecting ``key_value_states``."""
+        (from :meth:`project_keys_values`), instead of projecting ``key_value_states``.
+        ``rotary``: the new inputs' rotary angles (self-attention only; cached keys keep theirs)."""
         query = self._heads(self.q_proj(hidden_states))
         if projected_keys_values is None:
             source = hidden_states if key_value_states is None else key_value_states
             key, value = self._heads(self.k_proj(source)), self._heads(self.v_proj(source))
         else:
             key, value = (self._heads(x) for x in projected_keys_values.chunk(2, dim=-1))
+        if rotary is not None:
+            query, key = rotate(query, rotary), rotate(key, rotary)
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
         out = F.scaled_dot_product_attention(
@@ -178,14 +216,16 @@ class SentenceEncoderLayer(GradientCheckpointingLayer):
     def __init__(self, config: SentenceVAEConfig):
         super().__init__()
         self.self_attn = SentenceAttention(config)
-        self.self_attn_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.self_attn_layer_norm = make_norm(config)
         self.ffn = FeedForward(config)
-        self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.final_layer_norm = make_norm(config)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor] | None
+    ) -> torch.Tensor:
         hidden_states = hidden_states + self.dropout(
-            self.self_attn(self.self_attn_layer_norm(hidden_states), attention_mask=attention_mask)
+            self.self_attn(self.self_attn_layer_norm(hidden_states), attention_mask=attention_mask, rotary=rotary)
         )
         return hidden_states + self.dropout(self.ffn(self.final_layer_norm(hidden_states)))
 
@@ -199,11 +239,11 @@ class SentenceDecoderLayer(GradientCheckpointingLayer):
     def __init__(self, config: SentenceVAEConfig, layer_idx: int):
         super().__init__()
         self.self_attn = SentenceAttention(config, layer_idx=layer_idx)
-        self.self_attn_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.self_attn_layer_norm = make_norm(config)
         self.cross_attn = SentenceAttention(config)
-        self.cross_attn_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.cross_attn_layer_norm = make_norm(config)
         self.ffn = FeedForward(config)
-        self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.final_layer_norm = make_norm(config)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(
@@ -213,13 +253,17 @@ class SentenceDecoderLayer(GradientCheckpointingLayer):
         memory: torch.Tensor,
         cross: torch.Tensor | None = None,
         cache: DynamicCache | None = None,
+        rotary: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """``memory``: ``(n, m, H)`` the sentence vector as the decoder reads it (see
         :meth:`SentenceDecoder.memory`); ``cross``: what this layer's cross-attention needs of it,
         computed once per sentence (:meth:`cross_attention_state`), or ``None`` to attend to
-        ``memory`` at every position (exact attention dropout in training)."""
+        ``memory`` at every position (exact attention dropout in training); ``rotary``: the
+        inputs' rotary angles, with ``position_embedding="rotary"``."""
         hidden_states = hidden_states + self.dropout(
-            self.self_attn(self.self_attn_layer_norm(hidden_states), attention_mask=attention_mask, cache=cache)
+            self.self_attn(
+                self.self_attn_layer_norm(hidden_states), attention_mask=attention_mask, cache=cache, rotary=rotary
+            )
         )
         if cross is None or memory.shape[1] > 1:
             cross = self.cross_attn(
@@ -291,18 +335,20 @@ class SentenceEncoder(nn.Module):
         super().__init__()
         self.fusion = config.fusion
         self.embed_positions = SentencePositions(config)
+        self.rotary = RotaryPositions(config) if config.position_embedding == "rotary" else None
         self.layers = nn.ModuleList(SentenceEncoderLayer(config) for _ in range(config.num_encoder_layers))
-        self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.layer_norm = make_norm(config)
         self.fusion_weight = nn.Linear(config.hidden_size, 1) if config.fusion == "learnable" else None
-        self.output_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.output_layer_norm = make_norm(config)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         positions = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device)
         hidden = self.dropout(inputs_embeds + self.embed_positions(positions, inputs_embeds.dtype))
+        rotary = self.rotary(positions, hidden.dtype) if self.rotary is not None else None
         key_mask = attention_mask[:, None, None, :]
         for layer in self.layers:
-            hidden = layer(hidden, key_mask)
+            hidden = layer(hidden, key_mask, rotary)
         hidden = self.layer_norm(hidden)
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         if self.fusion == "learnable":
@@ -321,6 +367,7 @@ class SentenceDecoder(nn.Module):
     def __init__(self, config: SentenceVAEConfig):
         super().__init__()
         self.embed_positions = SentencePositions(config)
+        self.rotary = RotaryPositions(config) if config.position_embedding == "rotary" else None
         self.num_memory_vectors = config.num_memory_vectors
         self.memory_proj = (
             nn.Linear(config.hidden_size, config.num_memory_vectors * config.hidden_size)
@@ -331,7 +378,7 @@ class SentenceDecoder(nn.Module):
         if self.input_proj is not None:
             self.input_proj.starts_at_zero = True  # a new decoder starts as one without it
         self.layers = nn.ModuleList(SentenceDecoderLayer(config, i) for i in range(config.num_decoder_layers))
-        self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.layer_norm = make_norm(config)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(
@@ -355,9 +402,10 @@ class SentenceDecoder(nn.Module):
         hidden = self.dropout(inputs_embeds + self.embed_positions(position_ids, inputs_embeds.dtype))
         if conditioning.inputs is not None:
             hidden = hidden + conditioning.inputs
+        rotary = self.rotary(position_ids, hidden.dtype) if self.rotary is not None else None
         for i, layer in enumerate(self.layers):
             cross = None if conditioning.cross is None else conditioning.cross[i]
-            hidden = layer(hidden, attention_mask, conditioning.memory, cross, cache=cache)
+            hidden = layer(hidden, attention_mask, conditioning.memory, cross, cache=cache, rotary=rotary)
         return self.layer_norm(hidden)
 
     def conditioning(self, sentence_vectors: torch.Tensor, precompute: bool = True) -> DecoderConditioning:
@@ -399,10 +447,10 @@ class DraftHead(nn.Module):
         super().__init__()
         self.queries = nn.Embedding(config.max_sentence_len + 1, config.hidden_size)
         self.attn = SentenceAttention(config)
-        self.attn_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.attn_layer_norm = make_norm(config)
         self.ffn = FeedForward(config)
-        self.final_layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.final_layer_norm = make_norm(config)
+        self.layer_norm = make_norm(config)
 
     def forward(self, memory: torch.Tensor, steps: int) -> torch.Tensor:
         """States ``(n, steps, H)`` of positions ``0..steps-1`` from memory ``(n, m, H)``."""

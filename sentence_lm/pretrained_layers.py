@@ -6,8 +6,8 @@ whose layers start from them has less to learn than one whose layers are new. Th
 layers are pre-norm Transformer layers; what maps onto them is copied, per family of layer:
 
 * Llama-style layers (Llama, SmolLM2, Qwen2, Mistral, ...): ``q/k/v/o_proj``, ``input_layernorm``
-  and ``post_attention_layernorm`` (RMSNorm scales, copied as LayerNorm scales with zero bias),
-  the gated ``mlp`` (``gate/up/down_proj``, which needs ``gated_ffn=True``);
+  and ``post_attention_layernorm`` (RMSNorm scales; a SentenceVAE with LayerNorms takes them as
+  scales with zero bias), the gated ``mlp`` (``gate/up/down_proj``, which needs ``gated_ffn=True``);
 * OPT layers: the same names as the SentenceVAE's (``self_attn``, ``fc1``/``fc2``, both norms);
 * GPT-2 layers: ``attn.c_attn`` (split into queries, keys, values), ``attn.c_proj``, ``mlp``, ``ln_1``, ``ln_2``.
 
@@ -15,9 +15,13 @@ Grouped key/value heads are repeated to one per query head (what the token model
 computes). Encoder layer ``i`` starts from token layer ``i``, and so does decoder layer ``i``, or,
 with ``decoder_layers="last"``, decoder layer ``i`` of ``k`` from token layer ``L - k + i`` of ``L``
 (the layers nearest the token model's output, which turn states into next-token predictions), and
-then the decoder's final norm is the token model's too (what its output layer reads). The decoder's
-cross-attention and the SentenceVAE's own position embeddings stay new (the token model's rotary or
-learned positions are not carried over), as do the encoder's fusion and norms.
+then the decoder's final norm is the token model's too (what its output layer reads) and its new
+cross-attention starts with a zero output projection, so that the decoder starts as exactly those
+layers (it learns to read the sentence vector from there). Otherwise the decoder's cross-attention
+is new, as are the encoder's fusion and norms. From a token model with rotary
+positions the SentenceVAE takes rotary positions and RMSNorm too (:func:`layer_settings`), so that a
+copied stack computes what it did in the token model; a token model's learned position table is not
+carried over (the SentenceVAE's is new).
 """
 
 from __future__ import annotations
@@ -85,7 +89,12 @@ def token_model_final_norm(token_model: nn.Module) -> nn.Module | None:
 
 
 def layer_settings(token_model: nn.Module) -> dict:
-    """The SentenceVAE config fields that copied layers need: ``gated_ffn`` and ``activation_function``."""
+    """The SentenceVAE config fields under which copied layers compute what they computed in the
+    token model: ``gated_ffn`` and ``activation_function``; for a token model with rotary positions
+    (Llama-style), also ``position_embedding="rotary"`` with its ``rope_theta`` and its norms
+    (``norm="rms_norm"`` with its epsilon). A rotary token model's scaled variants (``rope_type``
+    other than ``"default"``) are read as the default: sentences are short, the scaling is for long
+    contexts."""
     config = token_model.config
     activation = getattr(config, "hidden_act", None) or getattr(config, "activation_function", None)
     if activation not in ACTIVATIONS:
@@ -93,7 +102,16 @@ def layer_settings(token_model: nn.Module) -> dict:
             f"The token model's feed-forward activation {activation!r} is not one the SentenceVAE has "
             f"({', '.join(ACTIVATIONS)}); its layers cannot be copied. Build the SentenceVAE without copy_layers."
         )
-    return {"gated_ffn": _layout(token_model_layers(token_model)[0]) is _LLAMA, "activation_function": activation}
+    llama_style = _layout(token_model_layers(token_model)[0]) is _LLAMA
+    settings = {"gated_ffn": llama_style, "activation_function": activation}
+    rope = getattr(config, "rope_parameters", None) or {}
+    theta = rope.get("rope_theta", getattr(config, "rope_theta", None))
+    if llama_style and theta is not None:
+        settings.update(position_embedding="rotary", rope_theta=float(theta))
+        eps = getattr(config, "rms_norm_eps", None)
+        if eps is not None:
+            settings.update(norm="rms_norm", layer_norm_eps=float(eps))
+    return settings
 
 
 def _weights(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -127,7 +145,7 @@ def _assign(target: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None, 
             "size (build the SentenceVAE with from_pretrained_backbone's defaults for them)."
         )
     target.weight.copy_(weight)
-    if target.bias is not None:
+    if getattr(target, "bias", None) is not None:
         target.bias.copy_(bias if bias is not None else torch.zeros_like(target.bias))
 
 
@@ -174,6 +192,10 @@ def copy_token_model_layers(token_model: nn.Module, sentence_vae: nn.Module, dec
             }
             for name, (weight, bias) in parts.items():
                 _assign(destinations[name], weight, bias, f"layer {index} {name}")
-    final_norm = token_model_final_norm(token_model)
-    if decoder_layers == "last" and final_norm is not None:
-        _assign(sentence_vae.decoder.layer_norm, *_weights(final_norm), "final norm")
+    if decoder_layers == "last":
+        final_norm = token_model_final_norm(token_model)
+        if final_norm is not None:
+            _assign(sentence_vae.decoder.layer_norm, *_weights(final_norm), "final norm")
+        for layer in sentence_vae.decoder.layers:  # the decoder starts as the token model's last layers
+            layer.cross_attn.out_proj.weight.zero_()
+            layer.cross_attn.out_proj.bias.zero_()

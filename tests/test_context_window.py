@@ -28,9 +28,10 @@ class NoSentenceEnds(LogitsProcessor):
         return scores.masked_fill(self.banned, float("-inf"))
 
 
-@pytest.fixture(scope="module")
-def model(tokenizer):
-    return tiny_sentence_opt(tokenizer, sentence_vae=dict(context_window=WINDOW, num_decoder_layers=2))
+@pytest.fixture(scope="module", params=["learned", "rotary"])
+def model(tokenizer, request):
+    vae = dict(context_window=WINDOW, num_decoder_layers=2, position_embedding=request.param)
+    return tiny_sentence_opt(tokenizer, sentence_vae=vae)
 
 
 def test_context_before_takes_the_last_real_tokens():

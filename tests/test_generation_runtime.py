@@ -11,6 +11,7 @@ import transformers
 from helpers import encode, tiny_sentence_opt
 from transformers import CompileConfig, StoppingCriteria, StoppingCriteriaList
 
+from sentence_lm import SentenceLMForCausalLM
 from sentence_lm.generation_runtime import RowSteps, SlotCache
 
 PROMPTS = ["The king had three sons. The youngest", "Once upon a time there was a", "She said yes.", ""]
@@ -41,6 +42,23 @@ def test_rows_runtime_writes_the_reference_text_and_each_row_as_alone(family, at
             assert torch.equal(new_tokens(alone, single)[0], new_tokens(out.sequences, enc)[row])
     finally:
         model.set_attn_implementation("sdpa")
+
+
+def test_rows_runtime_with_rotary_positions_writes_the_reference_text(token_models, tokenizer):
+    """A SentenceVAE with rotary positions and RMSNorm (what layers copied from a Llama-style token
+    model take): the rows runtime and the static one write the reference loop's text."""
+    torch.manual_seed(0)
+    model = SentenceLMForCausalLM.from_pretrained_backbone(
+        token_models["llama"], tokenizer=tokenizer, copy_layers=True,
+        sentence_vae_config=dict(max_sentence_len=tokenizer.max_sentence_len, num_decoder_layers=2),
+    ).eval()  # fmt: skip
+    assert model.config.sentence_vae.position_embedding == "rotary"
+    with torch.no_grad():
+        model.stop_head.bias.copy_(torch.tensor([3.0, -3.0]))
+    enc = encode(tokenizer, PROMPTS)
+    reference = model.generate(**enc, max_new_tokens=NEW, use_cache=False)
+    assert torch.equal(model.generate(**enc, max_new_tokens=NEW), reference)
+    assert torch.equal(model.generate(**enc, max_new_tokens=NEW, cache_implementation="static"), reference)
 
 
 def test_no_row_waits_for_another(tokenizer, monkeypatch):

@@ -73,8 +73,10 @@ def test_copied_layers_compute_what_the_token_model_layers_compute(family, token
                 torch.testing.assert_close(layer.self_attn(x, attention_mask=mask), expected)
         norm = layers[0].get_submodule(FIRST_NORM.get(family, "input_layernorm"))
         torch.testing.assert_close(vae.encoder.layers[0].self_attn_layer_norm.weight, norm.weight)
-        if getattr(norm, "bias", None) is None:
-            assert not vae.encoder.layers[0].self_attn_layer_norm.bias.any()
+        copy_norm = vae.encoder.layers[0].self_attn_layer_norm
+        assert isinstance(copy_norm, torch.nn.RMSNorm) == (family in ("llama", "qwen2", "mistral"))
+        if getattr(norm, "bias", None) is None and not isinstance(copy_norm, torch.nn.RMSNorm):
+            assert not copy_norm.bias.any()
     assert vae.config.gated_ffn == (family in ("llama", "qwen2", "mistral"))
 
 
@@ -149,8 +151,32 @@ def test_the_decoder_can_start_from_the_token_models_last_layers(family, token_m
         torch.testing.assert_close(first.decoder.layers[0].ffn(x), reference_mlp(family, layers[0], x))
         torch.testing.assert_close(last.encoder.layers[0].ffn(x), reference_mlp(family, layers[0], x))
     assert torch.equal(last.decoder.layer_norm.weight, final_norm.weight)
-    expected_bias = final_norm.bias if family == "gpt2" else torch.zeros_like(final_norm.weight)
-    assert torch.equal(last.decoder.layer_norm.bias, expected_bias)
+    assert getattr(last.decoder.layer_norm, "bias", None) is getattr(final_norm, "bias", None) or torch.equal(
+        last.decoder.layer_norm.bias, final_norm.bias
+    )
     assert torch.equal(first.decoder.layer_norm.weight, torch.ones_like(final_norm.weight))
     with pytest.raises(ValueError, match="copy_layers must be True, False, 'first' or 'last'"):
         SentenceLMForCausalLM.from_pretrained_backbone(token_model, tokenizer=tokenizer, copy_layers="middle")
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+def test_a_decoder_of_all_the_token_models_layers_computes_its_logits(family, token_models, tokenizer):
+    """From a rotary token model the SentenceVAE takes rotary positions and RMSNorm: a decoder of
+    all its layers (``copy_layers="last"``, its new cross-attention starting at zero output) gives
+    the token model's own logits on the same tokens, whatever the sentence vector."""
+    token_model = token_models[family]
+    count = len(token_layers(token_model))
+    vae = SentenceLMForCausalLM.from_pretrained_backbone(
+        token_model, tokenizer=tokenizer, copy_layers="last",
+        sentence_vae_config=dict(max_sentence_len=tokenizer.max_sentence_len, num_decoder_layers=count,
+                                 tie_word_embeddings=token_model.config.tie_word_embeddings),
+    ).sentence_vae.eval()  # fmt: skip
+    assert (vae.config.position_embedding, vae.config.norm) == ("rotary", "rms_norm")
+    assert vae.config.rope_theta == token_model.config.rope_parameters["rope_theta"]
+    ids = torch.randint(3, len(tokenizer), (2, 9), generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(ids.shape[1])
+    causal = torch.ones(ids.shape[1], ids.shape[1], dtype=torch.bool).tril()[None, None]
+    with torch.no_grad():
+        conditioning = vae.decoder.conditioning(torch.randn(2, vae.config.hidden_size))
+        states = vae.decoder(vae.decoder_token_embeddings()(ids), positions[None], causal, conditioning)
+        torch.testing.assert_close(vae.lm_head(states), token_model(ids).logits, atol=1e-4, rtol=1e-4)

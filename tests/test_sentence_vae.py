@@ -93,7 +93,7 @@ SENTENCES = random_sentences([5, 16, 1, 9, 12])
         ("dropout", 1.0),
         ("attention_dropout", -0.1),
         ("fusion", "max"),
-        ("position_embedding", "rotary"),
+        ("position_embedding", "alibi"),
         ("activation_function", "tanh"),
         ("focal_gamma", -1.0),
         ("pad_token_id", VOCAB),
@@ -195,7 +195,7 @@ def test_focal_loss_differs_from_cross_entropy(model):
 
 
 @pytest.mark.parametrize("fusion", ["learnable", "sum", "mean"])
-@pytest.mark.parametrize("positions", ["learned", "sinusoidal"])
+@pytest.mark.parametrize("positions", ["learned", "sinusoidal", "rotary"])
 def test_packed_batch_gives_each_sentence_its_own_vector(fusion, positions):
     model = tiny_model(fusion=fusion, position_embedding=positions)
     ids, mask = right_pad(SENTENCES, width=MAX_LEN + 3)  # extra all-padding columns too
