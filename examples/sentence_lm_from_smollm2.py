@@ -88,7 +88,7 @@ from sentence_lm.metrics import reconstruction_metrics
 from sentence_lm.tokenization_sentence_lm import SentenceTokenizer
 from sentence_lm.trainer import LearningCurveCallback, show_time_budget
 from sentence_lm.training_sentence_opt import text_nll, train_sentence_opt
-from sentence_lm.training_sentence_vae import train_sentence_vae
+from sentence_lm.training_sentence_vae import parse_overrides, train_sentence_vae
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 DEFAULT_TRAIN = SHARED_DATA / "wikitext-2" / "train.txt"
@@ -236,8 +236,8 @@ def run_stage1(args, token_model, tokenizer, data: dict, out: Path) -> dict:
         # from_pretrained_backbone makes the SentenceVAE that fits the token model (its width, heads,
         # feed-forward size, vocabulary, special tokens) and copies its token embeddings into it.
         built = SentenceLMForCausalLM.from_pretrained_backbone(
-            token_model, tokenizer=tokenizer, sentence_vae_config=dict(max_sentence_len=args.max_sentence_len),
-            copy_layers=args.copy_layers,
+            token_model, tokenizer=tokenizer, copy_layers=args.copy_layers or False,
+            sentence_vae_config=dict(max_sentence_len=args.max_sentence_len, **parse_overrides(args.sentence_vae_config)),
         )
         built.sentence_vae.save_pretrained(init_dir)
         built.tokenizer.save_pretrained(init_dir)
@@ -427,8 +427,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stage2_lr", type=float, default=2e-4)
     p.add_argument("--baseline_lr", type=float, default=5e-5)
     p.add_argument("--warmup_steps", type=int, default=10)
-    p.add_argument("--copy_layers", action="store_true",
-                   help="Start the SentenceVAE's encoder and decoder layers from the token model's first layers.")
+    p.add_argument("--copy_layers", nargs="?", const="first", choices=("first", "last"),
+                   help="Start the SentenceVAE's encoder and decoder layers from the token model's first layers "
+                        "(bare or 'first'), or its decoder's from the last ones ('last').")
+    p.add_argument("--sentence_vae_config", default="",
+                   help="SentenceVAEConfig fields of the new SentenceVAE, 'key=value,...' (e.g. num_decoder_layers=4).")
     p.add_argument("--freeze_sentence_vae", action="store_true", help="Keep the stage-1 SentenceVAE fixed in stage 2.")
     p.add_argument("--stage1_args", default="", help="Extra arguments of train_sentence_vae (quoted).")
     p.add_argument("--stage2_args", default="", help="Extra arguments of train_sentence_opt (quoted).")

@@ -90,7 +90,8 @@ def token_model_final_norm(token_model: nn.Module) -> nn.Module | None:
 
 def layer_settings(token_model: nn.Module) -> dict:
     """The SentenceVAE config fields under which copied layers compute what they computed in the
-    token model: ``gated_ffn`` and ``activation_function``; for a token model with rotary positions
+    token model: ``gated_ffn``, ``activation_function`` and ``tie_word_embeddings`` (an untied token
+    model's decoder layers feed its own output layer, which the SentenceVAE then takes); for a token model with rotary positions
     (Llama-style), also ``position_embedding="rotary"`` with its ``rope_theta`` and its norms
     (``norm="rms_norm"`` with its epsilon). A rotary token model's scaled variants (``rope_type``
     other than ``"default"``) are read as the default: sentences are short, the scaling is for long
@@ -103,7 +104,8 @@ def layer_settings(token_model: nn.Module) -> dict:
             f"({', '.join(ACTIVATIONS)}); its layers cannot be copied. Build the SentenceVAE without copy_layers."
         )
     llama_style = _layout(token_model_layers(token_model)[0]) is _LLAMA
-    settings = {"gated_ffn": llama_style, "activation_function": activation}
+    settings = {"gated_ffn": llama_style, "activation_function": activation,
+                "tie_word_embeddings": bool(getattr(config.get_text_config(), "tie_word_embeddings", True))}  # fmt: skip
     rope = getattr(config, "rope_parameters", None) or {}
     theta = rope.get("rope_theta", getattr(config, "rope_theta", None))
     if llama_style and theta is not None:

@@ -168,11 +168,11 @@ def test_a_decoder_of_all_the_token_models_layers_computes_its_logits(family, to
     count = len(token_layers(token_model))
     vae = SentenceLMForCausalLM.from_pretrained_backbone(
         token_model, tokenizer=tokenizer, copy_layers="last",
-        sentence_vae_config=dict(max_sentence_len=tokenizer.max_sentence_len, num_decoder_layers=count,
-                                 tie_word_embeddings=token_model.config.tie_word_embeddings),
+        sentence_vae_config=dict(max_sentence_len=tokenizer.max_sentence_len, num_decoder_layers=count),
     ).sentence_vae.eval()  # fmt: skip
     assert (vae.config.position_embedding, vae.config.norm) == ("rotary", "rms_norm")
     assert vae.config.rope_theta == token_model.config.rope_parameters["rope_theta"]
+    assert vae.config.tie_word_embeddings == token_model.config.tie_word_embeddings
     ids = torch.randint(3, len(tokenizer), (2, 9), generator=torch.Generator().manual_seed(0))
     positions = torch.arange(ids.shape[1])
     causal = torch.ones(ids.shape[1], ids.shape[1], dtype=torch.bool).tril()[None, None]

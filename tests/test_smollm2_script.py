@@ -71,7 +71,7 @@ def test_script_end_to_end_on_a_tiny_llama(script, tokenizer, tmp_path):
         "--stage1_minutes", "0.02", "--stage2_minutes", "0.02", "--eval_tokens", "300", "--anchor_tokens", "300", "--curve_eval_tokens", "100",
         "--eval_window", "64", "--eval_steps", "1", "--save_steps", "2", "--block_size", "64", "--max_sentence_len", "16",
         "--batch_size", "2", "--stage1_batch_size", "8", "--reconstruction_sentences", "16", "--stage1_eval_sentences", "16",
-        "--copy_layers",
+        "--copy_layers", "last", "--sentence_vae_config", "num_decoder_layers=2,context_window=4",
     ]
     report = script.main(argv)
 
@@ -102,7 +102,9 @@ def test_script_end_to_end_on_a_tiny_llama(script, tokenizer, tmp_path):
     # A finished run keeps the trained models, not what resuming a stage needed.
     assert not list(out.glob("*/checkpoint-*")) and not (out / "stage1_init").exists()
     assert all((out / stage / "config.json").is_file() for stage in ("stage1", "stage2", "baseline"))
-    assert json.loads((out / "stage1" / "config.json").read_text())["gated_ffn"]  # --copy_layers: the token model's layers
+    vae_config = json.loads((out / "stage1" / "config.json").read_text())
+    assert vae_config["gated_ffn"] and vae_config["position_embedding"] == "rotary"  # the token model's layers
+    assert (vae_config["num_decoder_layers"], vae_config["context_window"]) == (2, 4)
     pytest.importorskip("matplotlib")
     assert (out / "nll_curve.png").stat().st_size > 0
 
