@@ -115,3 +115,46 @@ def test_causal_scores_read_the_same_context(model, tokenizer):
             out = model(sequence)
         causal = -out.logits[0, :-1].gather(1, sequence[0, 1:, None]).sum()
         torch.testing.assert_close(causal, out.nll[0], atol=1e-3, rtol=1e-5)
+
+
+def test_the_next_sentence_reads_the_prompts_unfinished_sentence(model, tokenizer):
+    """A prompt that ends inside a sentence ("A list of"), which generation closes at once ("."):
+    the next sentence's context holds the prompt's unfinished part and its ending, as teacher
+    forcing reads them from the text."""
+    table = model.sentence_vae.boundary_table
+    banned = ((table & (ENDS | TRAILS)) > 0).clone()
+    banned[model.config.eos_token_id] = True
+    dot, eos = tokenizer.convert_tokens_to_ids("."), model.config.eos_token_id
+    inputs = encode(tokenizer, ["The value is returned.", "A list of"])
+    prompt_len = inputs["input_ids"].shape[1]
+
+    class CloseAtOnce(LogitsProcessor):
+        """Row 1 writes "." and ends its sentence; afterwards no row ends one (max_sentence_len cuts)."""
+
+        def __call__(self, input_ids, scores):
+            scores = scores.masked_fill(banned, float("-inf"))
+            written = input_ids.shape[1] - prompt_len
+            if written < 2:
+                scores[1] = float("-inf")
+                scores[1, dot if written == 0 else eos] = 0.0
+            return scores
+
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=20, min_new_tokens=20, return_dict_in_generate=True,
+                             output_logits=True, logits_processor=LogitsProcessorList([CloseAtOnce()]))  # fmt: skip
+        sequences = out.sequences
+        assert sequences[1, prompt_len] == dot
+        mask = torch.cat([inputs["attention_mask"], torch.ones(2, 20, dtype=torch.long)], dim=1).bool()
+        base = model.model(sequences, mask)
+        packed = base.packed
+        context = model.sentence_context(sequences, mask, packed)
+        vae = model.sentence_vae
+        memory = states_before_sentences(base.last_hidden_state, packed)
+        forced = vae.lm_head(vae.teacher_forced_states(packed.input_ids, packed.attention_mask, memory, context=context))
+    after = packed.token_sentence[1, prompt_len + 1]
+    assert int(after) != int(packed.token_sentence[1, prompt_len])  # "." closed the prompt's sentence
+    for row in range(2):
+        for k in range(20):
+            column = prompt_len + k
+            sentence, position = packed.token_sentence[row, column], packed.token_position[row, column]
+            torch.testing.assert_close(out.logits[k][row], forced[sentence, position], atol=2e-4, rtol=1e-4)
