@@ -31,6 +31,7 @@ from .decoding import (
     ban_empty_sentence,
     blank_token_scores,
     causal_key_mask,
+    context_before,
     pick_next_token,
     running_text,
     stop_decision,
@@ -164,9 +165,11 @@ class SlotCache(Cache):
 class RowDecoderCache:
     """The Sentence Decoder's self-attention cache when every row writes at its own position:
     ``(batch, heads, width, head_dim)`` per layer, ``width`` at most ``max_sentence_len + 1``
-    (plus the drafted tokens a verification step feeds past it); ``columns`` ``(batch, q)`` points
-    a step of ``q`` tokens per row at where each row writes them; with ``columns=None`` an input
-    of ``q`` tokens fills columns ``0..q-1`` of every row.
+    (plus the drafted tokens a verification step feeds past it, and the ``context_window``
+    columns of the context before the sentence, first); ``columns`` ``(batch, q)`` points a step
+    of ``q`` tokens per row at where each row writes them (with ``rows``, only those rows take
+    the step: ``columns`` is then ``(len(rows), q)``); with ``columns=None`` an input of ``q``
+    tokens fills columns ``0..q-1`` of every row.
 
     Attributes:
         width: the columns allocated (grown as sentences need more, unless static).
@@ -179,6 +182,7 @@ class RowDecoderCache:
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.width = width
         self.columns: torch.Tensor | None = None
+        self.rows: torch.Tensor | None = None
 
     @property
     def nbytes(self) -> int:
@@ -200,6 +204,10 @@ class RowDecoderCache:
             keys[:, :, : key.shape[2]] = key
             values[:, :, : key.shape[2]] = value
             return keys[:, :, : key.shape[2]], values[:, :, : key.shape[2]]
+        if self.rows is not None:
+            keys[self.rows[:, None], :, self.columns] = key.transpose(1, 2)
+            values[self.rows[:, None], :, self.columns] = value.transpose(1, 2)
+            return keys[self.rows], values[self.rows]
         rows = torch.arange(keys.shape[0], device=keys.device)[:, None]
         keys[rows, :, self.columns] = key.transpose(1, 2)
         values[rows, :, self.columns] = value.transpose(1, 2)
@@ -219,17 +227,20 @@ class RowSteps:
         config = vae.config
         self.model, self.vae, self.batch, self.draft = model, vae, batch, draft
         self.width = config.max_sentence_len + 1  # BOS + the tokens a sentence can feed
-        self.cache_limit = self.width + draft  # drafted tokens past a full sentence are fed, never kept
+        # The context window's columns come first; drafted tokens past a full sentence are fed, never kept.
+        self.window = config.context_window
+        self.cache_limit = self.window + self.width + draft
         heads = config.num_attention_heads
         self.decoder_cache = RowDecoderCache(
             config.num_decoder_layers,
             batch,
             heads,
-            self.cache_limit if static else min(self.cache_limit, GROWTH + 1 + draft),
+            self.cache_limit if static else min(self.cache_limit, self.window + GROWTH + 1 + draft),
             config.hidden_size // heads,
             dtype,
             device,
         )
+        self.context_valid = torch.ones(batch, self.window, dtype=torch.bool, device=device)
         backbone_config = model.config.backbone.get_text_config()
         self.slots = SlotCache(backbone_config.num_hidden_layers, batch, slot_capacity, device, scratch=static)
         self.eager_mask = model.model.attention_implementation == "eager"
@@ -246,21 +257,50 @@ class RowSteps:
         ``(batch, q, vocab)`` in float32. ``conditioning``: each row's `DecoderConditioning`."""
         vae = self.vae
         at = positions[:, None] + self.columns_index[: tokens.shape[1]]
-        mask = causal_key_mask(at, self.decoder_cache.width)
-        self.decoder_cache.columns = at
+        mask = causal_key_mask(at + self.window, self.decoder_cache.width, self.key_valid())
+        self.decoder_cache.columns = at + self.window
         # Drafted tokens past a full sentence get its last position: their logits are never used.
         embeds = vae.decoder_token_embeddings()(tokens)
         hidden = vae.decoder(embeds, at.clamp(max=self.width - 1), mask, conditioning, self.decoder_cache)
         return vae.lm_head(hidden).float()
+
+    def key_valid(self, rows: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Which decoder cache columns hold a key of each row (of ``rows``, default all): without a
+        context window all (``None``); with one, the context columns the row's text filled, and
+        every column after them (the causal mask hides what the sentence has not written yet)."""
+        if not self.window:
+            return None
+        valid = self.context_valid if rows is None else self.context_valid[rows]
+        return torch.cat([valid, valid.new_ones(valid.shape[0], self.decoder_cache.width - self.window)], dim=1)
+
+    def context_prefill(self, rows: torch.Tensor, context: tuple[torch.Tensor, torch.Tensor], conditioning) -> None:
+        """Feed each of ``rows`` the context of the sentence it starts (``(ids, valid)``, both
+        ``(len(rows), context_window)``, from :func:`~sentence_lm.decoding.context_before`) at
+        positions ``-context_window..-1``, into the first columns of the decoder cache; the
+        other rows are untouched. ``conditioning``: those rows' `DecoderConditioning`."""
+        ids, valid = context
+        self.context_valid[rows] = valid
+        vae, cache = self.vae, self.decoder_cache
+        columns = self.columns_index[: self.window]
+        cache.rows, cache.columns = rows, columns.expand(len(rows), -1)
+        embeds = vae.decoder_token_embeddings()(ids)
+        mask = causal_key_mask(columns, cache.width, self.key_valid(rows))
+        vae.decoder(embeds, (columns - self.window)[None, :], mask, conditioning, cache)
+        cache.rows = None
 
     def decoder_prefill(self, tokens: torch.Tensor, lengths: torch.Tensor, conditioning) -> torch.Tensor:
         """Feed ``[BOS, prefix..]`` ``(batch, q)`` (right-padded, ``lengths`` real tokens per row)
         at positions ``0..``; the logits after each row's last real token."""
         vae = self.vae
         positions = torch.arange(tokens.shape[1], device=tokens.device)
-        self.decoder_cache.columns = None
+        if self.window:  # after the context (context_prefill): every row's columns window..
+            self.decoder_cache.columns = (positions + self.window).expand(tokens.shape[0], -1)
+            mask = causal_key_mask(positions + self.window, self.decoder_cache.width, self.key_valid())
+        else:
+            self.decoder_cache.columns = None
+            mask = causal_key_mask(positions, len(positions))
         embeds = vae.decoder_token_embeddings()(tokens)
-        hidden = vae.decoder(embeds, positions[None, :], causal_key_mask(positions, len(positions)), conditioning, self.decoder_cache)
+        hidden = vae.decoder(embeds, positions[None, :], mask, conditioning, self.decoder_cache)
         rows = torch.arange(tokens.shape[0], device=tokens.device)
         return vae.lm_head(hidden[rows, lengths - 1]).float()
 
@@ -461,7 +501,11 @@ def generate_rows(
     first[:, 0] = bos
     if first.shape[1] > 1:
         first[:, 1:] = sentence[:batch, : first.shape[1] - 1]
-    steps.decoder_cache.reserve(first.shape[1], steps.width)
+    steps.decoder_cache.reserve(steps.window + first.shape[1], steps.cache_limit)
+    if steps.window:  # the first sentence's context: the prompt before its unfinished part
+        ends = torch.full_like(rows_all, input_ids.shape[1])
+        steps.context_prefill(rows_all, context_before(input_ids, mask & ~in_prefix, rows_all, ends, steps.window),
+                              conditioning)  # fmt: skip
     logits = steps.decoder_prefill(first, prefix_len + 1, conditioning)[:, None]
     drafts = draft_probs = None
     # Kept on the host (decided from what each step reports, no further synchronisation): where
@@ -568,6 +612,12 @@ def generate_rows(
             host_done = done.cpu()
             restart[ready] = ~host_done[ready]
             waited[ready] = -1
+            if steps.window and bool(restart.any()):  # each new sentence reads the text before it
+                rows = torch.nonzero(restart).flatten().to(device)
+                text = torch.cat([input_ids, written.clamp(min=0)], dim=1)
+                real = torch.cat([mask, written >= 0], dim=1)
+                context = context_before(text, real, rows, torch.full_like(rows, text.shape[1]), steps.window)
+                steps.context_prefill(rows, context, conditioning.select(rows))
         # Rows that go on feed their last token after the tokens they wrote (a restarted row: BOS
         # at position 0; a waiting row and a finished one stay where they are).
         moved = (position + host_wrote).clamp(max=max_len)
@@ -596,7 +646,7 @@ def generate_rows(
             drafts = chunk.gather(1, index)
             draft_probs = chunk_probs[rows_all[:, None], index] if do_sample else None
             feed = torch.cat([feed, drafts], dim=1)
-        steps.decoder_cache.reserve(int(position.max()) + feed.shape[1], steps.cache_limit)
+        steps.decoder_cache.reserve(steps.window + int(position.max()) + feed.shape[1], steps.cache_limit)
         logits = steps.decoder_step(feed, at, conditioning)
     width = int(count.max()) if batch else 0
     return DecodingResult(

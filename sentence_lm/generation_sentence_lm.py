@@ -108,11 +108,11 @@ class SentenceGenerationMixin(GenerationMixin):
         every decoder step each unfinished row writes one token or ends its sentence, and the
         rows whose sentence ended take their backbone step together; no row waits for another's
         longer sentence, and each row's greedy text is the one it gets alone (in float32; in bfloat16
-        a near-tie may come out otherwise when other rows share its backbone steps). Without a cache
-        (``use_cache=False``), for a backbone attention other than ``eager`` and ``sdpa``, or for a
-        SentenceVAE with a ``context_window`` (each sentence written after the text's last tokens,
-        which the row-scheduled runtime does not carry yet), the reference loop runs instead: all
-        rows write a sentence, then take one backbone step. ``max_new_tokens`` is an
+        a near-tie may come out otherwise when other rows share its backbone steps). A SentenceVAE
+        with a ``context_window`` (each sentence written after the text's last tokens) has each new
+        sentence's context fed into the decoder cache as the sentence starts. Without a cache
+        (``use_cache=False``) or for a backbone attention other than ``eager`` and ``sdpa``, the
+        reference loop runs instead: all rows write a sentence, then take one backbone step. ``max_new_tokens`` is an
         exact budget: a sentence is cut when it runs out. The end of a sentence is not a token of
         the text (the EOS ends the text only). A prompt whose last sentence is unfinished is continued: that sentence's
         tokens are the decoder's prefix. An empty prompt (``input_ids=None`` or zero columns)
@@ -339,9 +339,9 @@ class SentenceGenerationMixin(GenerationMixin):
         return sequences
 
     def _check_drafting(self, draft_tokens, runtime: str) -> None:
-        """Refuse a ``draft_tokens`` setting that cannot run: not an integer >= 0, a model
-        without a draft head, or the reference loop (no cache, or a backbone attention other than
-        eager and sdpa)."""
+        """Refuse a ``draft_tokens`` setting that cannot run: not an integer >= 0, a SentenceVAE
+        with a context window, a model without a draft head, or the reference loop (no cache, or a
+        backbone attention other than eager and sdpa)."""
         if isinstance(draft_tokens, bool) or not isinstance(draft_tokens, int) or draft_tokens < 0:
             raise ValueError(
                 f"draft_tokens must be an integer >= 0 (the tokens the draft head proposes per decoder pass; 0 turns "
@@ -349,6 +349,11 @@ class SentenceGenerationMixin(GenerationMixin):
             )
         if not draft_tokens:
             return
+        if self.config.sentence_vae.context_window:
+            raise ValueError(
+                "draft_tokens does not run with a context window yet (this SentenceVAE's context_window is "
+                f"{self.config.sentence_vae.context_window}); generate with draft_tokens=0."
+            )
         if self.sentence_vae.parallel_readout is None:
             raise ValueError(
                 "draft_tokens needs a draft head, and this model's SentenceVAE has none (its parallel_readout_weight "
@@ -357,10 +362,9 @@ class SentenceGenerationMixin(GenerationMixin):
             )
         if runtime == "lockstep":
             raise ValueError(
-                "draft_tokens needs the cached row-scheduled runtime: use_cache=True, a backbone running eager or "
+                "draft_tokens needs the cached row-scheduled runtime: use_cache=True and a backbone running eager or "
                 f"sdpa attention (this one runs {self.model.attention_implementation!r}; "
-                "model.set_attn_implementation('sdpa') switches it) and a SentenceVAE without context_window, or "
-                "generate with draft_tokens=0."
+                "model.set_attn_implementation('sdpa') switches it), or generate with draft_tokens=0."
             )
 
     def _pick_runtime(self, use_cache: bool, static: bool, generation_config: GenerationConfig) -> str:
@@ -368,17 +372,17 @@ class SentenceGenerationMixin(GenerationMixin):
         default), ``"compiled"`` (the same with static shapes, compiled: a static cache where
         `transformers` would compile a token model's, on CUDA or with
         ``compile_config._compile_all_devices``, unless ``disable_compile``), or ``"lockstep"``
-        (the reference loop: without a cache, a backbone attention that takes no per-row mask, or a
-        SentenceVAE with a ``context_window``, which the row-scheduled runtime does not carry yet)."""
+        (the reference loop: without a cache, or a backbone attention that takes no per-row mask).
+        A SentenceVAE with a ``context_window`` runs the eager row-scheduled runtime, not the static one."""
         attention = self.model.attention_implementation
         window = self.config.sentence_vae.context_window
-        if not use_cache or attention not in ROW_ATTENTION or window:
-            if static:
-                raise ValueError(
-                    "cache_implementation='static' needs use_cache=True, a backbone running eager or sdpa attention "
-                    f"(this one runs {attention!r}; model.set_attn_implementation('sdpa') switches it) and no "
-                    f"context window (this SentenceVAE's context_window is {window}); drop the setting."
-                )
+        if static and (not use_cache or attention not in ROW_ATTENTION or window):
+            raise ValueError(
+                "cache_implementation='static' needs use_cache=True, a backbone running eager or sdpa attention "
+                f"(this one runs {attention!r}; model.set_attn_implementation('sdpa') switches it) and no "
+                f"context window (this SentenceVAE's context_window is {window}); drop the setting."
+            )
+        if not use_cache or attention not in ROW_ATTENTION:
             return "lockstep"
         compile_config = generation_config.compile_config
         can_compile = self.device.type == "cuda" or bool(

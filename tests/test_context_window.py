@@ -60,6 +60,28 @@ def test_the_decoder_reads_the_context(model):
                                    vae.teacher_forced_states(ids, mask, vector, context=changed))  # fmt: skip
 
 
+def assert_generation_is_teacher_forced(model, inputs, out, new: int) -> object:
+    """Every new token's raw generation logits (``out.logits``) equal the teacher-forced decoder's
+    on the generated text (the backbone's states and each sentence's context read from that
+    text); the text's `PackedSentences`."""
+    sequences, prompt_len = out.sequences, inputs["input_ids"].shape[1]
+    mask = torch.cat([inputs["attention_mask"], torch.ones(len(sequences), new, dtype=torch.long)], dim=1).bool()
+    with torch.no_grad():
+        base = model.model(sequences, mask)
+        packed = base.packed
+        memory = states_before_sentences(base.last_hidden_state, packed)
+        context = model.sentence_context(sequences, mask, packed)
+        vae = model.sentence_vae
+        forced = vae.lm_head(vae.teacher_forced_states(packed.input_ids, packed.attention_mask, memory, context=context))
+    assert len(out.logits) == new
+    for row in range(len(sequences)):
+        for k in range(new):
+            column = prompt_len + k
+            sentence, position = packed.token_sentence[row, column], packed.token_position[row, column]
+            torch.testing.assert_close(out.logits[k][row], forced[sentence, position], atol=2e-4, rtol=1e-4)
+    return packed
+
+
 def test_generation_writes_what_teacher_forcing_scores(model, tokenizer):
     """Greedy generation's raw logits at every new token equal the teacher-forced decoder's on the
     generated text (the backbone's states and each sentence's context read from that text), for
@@ -68,27 +90,13 @@ def test_generation_writes_what_teacher_forcing_scores(model, tokenizer):
     banned = ((table & (ENDS | TRAILS)) > 0)[None, :].clone()
     banned[0, model.config.eos_token_id] = True
     inputs = encode(tokenizer, ["The value is returned.", "A list of"])
-    prompt_len = inputs["input_ids"].shape[1]
     with torch.no_grad():
         out = model.generate(
             inputs["input_ids"], attention_mask=inputs["attention_mask"], max_new_tokens=40, min_new_tokens=40,
             logits_processor=LogitsProcessorList([NoSentenceEnds(banned)]), return_dict_in_generate=True,
             output_logits=True,
         )  # fmt: skip
-        sequences = out.sequences
-        mask = torch.cat([inputs["attention_mask"], torch.ones(2, 40, dtype=torch.long)], dim=1).bool()
-        base = model.model(sequences, mask)
-        packed = base.packed
-        memory = states_before_sentences(base.last_hidden_state, packed)
-        context = model.sentence_context(sequences, mask, packed)
-        vae = model.sentence_vae
-        forced = vae.lm_head(vae.teacher_forced_states(packed.input_ids, packed.attention_mask, memory, context=context))
-    assert len(out.logits) == 40
-    for row in range(2):
-        for k in range(40):
-            column = prompt_len + k
-            sentence, position = packed.token_sentence[row, column], packed.token_position[row, column]
-            torch.testing.assert_close(out.logits[k][row], forced[sentence, position], atol=2e-4, rtol=1e-4)
+    assert_generation_is_teacher_forced(model, inputs, out, 40)
 
 
 def test_the_window_is_checked_and_saved(model, tmp_path):
@@ -142,19 +150,26 @@ def test_the_next_sentence_reads_the_prompts_unfinished_sentence(model, tokenize
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=20, min_new_tokens=20, return_dict_in_generate=True,
                              output_logits=True, logits_processor=LogitsProcessorList([CloseAtOnce()]))  # fmt: skip
-        sequences = out.sequences
-        assert sequences[1, prompt_len] == dot
-        mask = torch.cat([inputs["attention_mask"], torch.ones(2, 20, dtype=torch.long)], dim=1).bool()
-        base = model.model(sequences, mask)
-        packed = base.packed
-        context = model.sentence_context(sequences, mask, packed)
-        vae = model.sentence_vae
-        memory = states_before_sentences(base.last_hidden_state, packed)
-        forced = vae.lm_head(vae.teacher_forced_states(packed.input_ids, packed.attention_mask, memory, context=context))
-    after = packed.token_sentence[1, prompt_len + 1]
-    assert int(after) != int(packed.token_sentence[1, prompt_len])  # "." closed the prompt's sentence
-    for row in range(2):
-        for k in range(20):
-            column = prompt_len + k
-            sentence, position = packed.token_sentence[row, column], packed.token_position[row, column]
-            torch.testing.assert_close(out.logits[k][row], forced[sentence, position], atol=2e-4, rtol=1e-4)
+    assert out.sequences[1, prompt_len] == dot
+    packed = assert_generation_is_teacher_forced(model, inputs, out, 20)
+    assert int(packed.token_sentence[1, prompt_len + 1]) != int(packed.token_sentence[1, prompt_len])  # "." closed it
+
+
+def test_the_rows_runtime_writes_the_reference_loops_text(model, tokenizer):
+    """The row-scheduled runtime feeds each new sentence's context into the decoder cache as the
+    row starts it: the text is the reference loop's (``use_cache=False``), row by row as alone,
+    with sentences of different lengths ending at different steps."""
+    prompts = ["The value is returned.", "A list of", "Each argument of the call is evaluated. It"]
+    inputs = encode(tokenizer, prompts)
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=30, return_dict_in_generate=True)
+        reference = model.generate(**inputs, max_new_tokens=30, use_cache=False)
+        assert torch.equal(out.sequences, reference)
+        assert len(set(out.num_sentences.tolist())) > 1 or int(out.num_sentences.max()) > 1
+        for row, prompt in enumerate(prompts):
+            single = encode(tokenizer, [prompt])
+            alone = model.generate(**single, max_new_tokens=30)[0, single["input_ids"].shape[1] :]
+            in_batch = out.sequences[row, inputs["input_ids"].shape[1] :]
+            assert torch.equal(in_batch[: len(alone)], alone)
+    with pytest.raises(ValueError, match="context window"):
+        model.generate(**inputs, max_new_tokens=4, draft_tokens=2)
