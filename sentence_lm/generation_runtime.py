@@ -168,8 +168,7 @@ class RowDecoderCache:
     (plus the drafted tokens a verification step feeds past it, and the ``context_window``
     columns of the context before the sentence, first); ``columns`` ``(batch, q)`` points a step
     of ``q`` tokens per row at where each row writes them (with ``rows``, only those rows take
-    the step: ``columns`` is then ``(len(rows), q)``); with ``columns=None`` an input of ``q``
-    tokens fills columns ``0..q-1`` of every row.
+    the step: ``columns`` is then ``(len(rows), q)``).
 
     Attributes:
         width: the columns allocated (grown as sentences need more, unless static).
@@ -200,18 +199,10 @@ class RowDecoderCache:
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         keys, values = self.keys[layer_idx], self.values[layer_idx]
-        if self.columns is None:
-            keys[:, :, : key.shape[2]] = key
-            values[:, :, : key.shape[2]] = value
-            return keys[:, :, : key.shape[2]], values[:, :, : key.shape[2]]
-        if self.rows is not None:
-            keys[self.rows[:, None], :, self.columns] = key.transpose(1, 2)
-            values[self.rows[:, None], :, self.columns] = value.transpose(1, 2)
-            return keys[self.rows], values[self.rows]
-        rows = torch.arange(keys.shape[0], device=keys.device)[:, None]
-        keys[rows, :, self.columns] = key.transpose(1, 2)
-        values[rows, :, self.columns] = value.transpose(1, 2)
-        return keys, values
+        rows = torch.arange(keys.shape[0], device=keys.device) if self.rows is None else self.rows
+        keys[rows[:, None], :, self.columns] = key.transpose(1, 2)
+        values[rows[:, None], :, self.columns] = value.transpose(1, 2)
+        return (keys, values) if self.rows is None else (keys[rows], values[rows])
 
 
 class RowSteps:
@@ -293,12 +284,9 @@ class RowSteps:
         at positions ``0..``; the logits after each row's last real token."""
         vae = self.vae
         positions = torch.arange(tokens.shape[1], device=tokens.device)
-        if self.window:  # after the context (context_prefill): every row's columns window..
-            self.decoder_cache.columns = (positions + self.window).expand(tokens.shape[0], -1)
-            mask = causal_key_mask(positions + self.window, self.decoder_cache.width, self.key_valid())
-        else:
-            self.decoder_cache.columns = None
-            mask = causal_key_mask(positions, len(positions))
+        columns = positions + self.window  # after the context (context_prefill), if any
+        self.decoder_cache.columns = columns.expand(tokens.shape[0], -1)
+        mask = causal_key_mask(columns, self.decoder_cache.width, self.key_valid())
         embeds = vae.decoder_token_embeddings()(tokens)
         hidden = vae.decoder(embeds, positions[None, :], mask, conditioning, self.decoder_cache)
         rows = torch.arange(tokens.shape[0], device=tokens.device)

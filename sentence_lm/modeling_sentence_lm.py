@@ -836,9 +836,8 @@ class SentenceLMForCausalLM(SentenceLMPreTrainedModel, SentenceGenerationMixin):
                 see :mod:`sentence_lm.pretrained_layers`), with the token model's activation and,
                 for gated feed-forward blocks, ``gated_ffn=True``: ``True`` or ``"first"``, encoder
                 and decoder layer ``i`` from token layer ``i``; ``"last"``, the decoder's ``k``
-                layers from the token model's last ``k`` and its final norm from the token model's
-                (the encoder's layers still from its first). Only
-                with a new SentenceVAE.
+                layers and its final norm from the token model's last ``k`` and final norm (the
+                encoder's layers still from its first). Only with a new SentenceVAE.
             config_overrides: `SentenceLMConfig` fields (e.g. ``stop_loss_weight=0.5``) and
                 backbone config fields (e.g. ``max_position_embeddings=256`` sentence slots,
                 ``dropout=0.0``).

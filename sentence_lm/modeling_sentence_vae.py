@@ -12,6 +12,7 @@ from torch import nn
 from transformers import DynamicCache, LogitsProcessorList, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from transformers.utils import ModelOutput
 
 from .checkpointing import SafeCheckpointMixin
@@ -90,8 +91,8 @@ def make_norm(config: SentenceVAEConfig) -> nn.Module:
 
 
 class RotaryPositions(nn.Module):
-    """Rotary position angles (RoPE, Llama's layout: the two halves of each head rotated
-    together) for the self-attention of ``position_embedding="rotary"``."""
+    """Rotary position angles (RoPE, Llama's layout) for the self-attention of
+    ``position_embedding="rotary"``, applied by `transformers`' ``apply_rotary_pos_emb``."""
 
     def __init__(self, config: SentenceVAEConfig):
         super().__init__()
@@ -99,21 +100,11 @@ class RotaryPositions(nn.Module):
         self.theta = config.rope_theta
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(cos, sin)`` of ``position_ids`` ``(n, q)`` or ``(q,)``, shaped to broadcast over the
-        heads of ``(n, heads, q, head_dim)`` queries and keys."""
+        """``(cos, sin)``, both ``(n, q, head_dim)``, of ``position_ids`` ``(n, q)`` (``n`` may be 1)."""
         exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=position_ids.device) / self.head_dim
         angles = position_ids.unsqueeze(-1).float() * self.theta**-exponents
         angles = torch.cat([angles, angles], dim=-1)
-        if angles.dim() == 3:
-            angles = angles.unsqueeze(1)
         return angles.cos().to(dtype), angles.sin().to(dtype)
-
-
-def rotate(x: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """``x`` ``(n, heads, q, head_dim)`` rotated by :class:`RotaryPositions`' angles."""
-    cos, sin = rotary
-    first, second = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-second, first], dim=-1) * sin
 
 
 class SentencePositions(nn.Module):
@@ -130,11 +121,11 @@ class SentencePositions(nn.Module):
         window = config.context_window
         self.context = nn.Embedding(window, config.hidden_size) if window else None
 
-    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | float:
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         inside = position_ids.clamp(min=0) if self.context is not None else position_ids
-        if self.kind == "rotary":
+        if self.kind == "rotary":  # (a 0-dim zero: it broadcasts)
             embeddings = torch.zeros((), dtype=dtype, device=position_ids.device)
-        elif self.table is None:
+        elif self.kind == "sinusoidal":
             embeddings = sinusoidal_positions(inside, self.dim, dtype)
         else:
             embeddings = self.table(inside).to(dtype)
@@ -180,7 +171,7 @@ class SentenceAttention(nn.Module):
         else:
             key, value = (self._heads(x) for x in projected_keys_values.chunk(2, dim=-1))
         if rotary is not None:
-            query, key = rotate(query, rotary), rotate(key, rotary)
+            query, key = apply_rotary_pos_emb(query, key, *rotary)
         if cache is not None:
             key, value = cache.update(key, value, self.layer_idx)
         out = F.scaled_dot_product_attention(
@@ -345,7 +336,7 @@ class SentenceEncoder(nn.Module):
     def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         positions = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device)
         hidden = self.dropout(inputs_embeds + self.embed_positions(positions, inputs_embeds.dtype))
-        rotary = self.rotary(positions, hidden.dtype) if self.rotary is not None else None
+        rotary = self.rotary(positions[None], hidden.dtype) if self.rotary is not None else None
         key_mask = attention_mask[:, None, None, :]
         for layer in self.layers:
             hidden = layer(hidden, key_mask, rotary)
@@ -392,7 +383,7 @@ class SentenceDecoder(nn.Module):
         """
         Args:
             inputs_embeds: ``(n, q, H)`` token embeddings of the new decoder inputs.
-            position_ids: ``(n, q)`` (or broadcastable) positions of the new inputs within their sentence.
+            position_ids: ``(n, q)`` (``n`` may be 1) positions of the new inputs within their sentence.
             attention_mask: ``(n, 1, q, k)`` boolean mask over every key, cached ones first
                 (:func:`~sentence_lm.decoding.causal_key_mask`); ``None`` when every query sees
                 every key.

@@ -18,10 +18,10 @@ with ``decoder_layers="last"``, decoder layer ``i`` of ``k`` from token layer ``
 then the decoder's final norm is the token model's too (what its output layer reads) and its new
 cross-attention starts with a zero output projection, so that the decoder starts as exactly those
 layers (it learns to read the sentence vector from there). Otherwise the decoder's cross-attention
-is new, as are the encoder's fusion and norms. From a token model with rotary
-positions the SentenceVAE takes rotary positions and RMSNorm too (:func:`layer_settings`), so that a
-copied stack computes what it did in the token model; a token model's learned position table is not
-carried over (the SentenceVAE's is new).
+is new, as are the encoder's fusion and norms. From a token model with rotary positions the
+SentenceVAE takes rotary positions and RMSNorm too (:func:`layer_settings`), so that a copied stack
+computes what it did in the token model; a token model's learned position table is not carried
+over (the SentenceVAE's is new).
 """
 
 from __future__ import annotations
@@ -91,11 +91,11 @@ def token_model_final_norm(token_model: nn.Module) -> nn.Module | None:
 def layer_settings(token_model: nn.Module) -> dict:
     """The SentenceVAE config fields under which copied layers compute what they computed in the
     token model: ``gated_ffn``, ``activation_function`` and ``tie_word_embeddings`` (an untied token
-    model's decoder layers feed its own output layer, which the SentenceVAE then takes); for a token model with rotary positions
-    (Llama-style), also ``position_embedding="rotary"`` with its ``rope_theta`` and its norms
-    (``norm="rms_norm"`` with its epsilon). A rotary token model's scaled variants (``rope_type``
-    other than ``"default"``) are read as the default: sentences are short, the scaling is for long
-    contexts."""
+    model's last layers feed its own output layer, which the SentenceVAE then takes); for a token
+    model with rotary positions (Llama-style), also ``position_embedding="rotary"`` with its
+    ``rope_theta`` and its norms (``norm="rms_norm"`` with its epsilon). A rotary token model's
+    scaled variants (``rope_type`` other than ``"default"``) are read as the default: sentences are
+    short, the scaling is for long contexts."""
     config = token_model.config
     activation = getattr(config, "hidden_act", None) or getattr(config, "activation_function", None)
     if activation not in ACTIVATIONS:

@@ -138,6 +138,8 @@ def test_the_decoder_can_start_from_the_token_models_last_layers(family, token_m
     final_norm = token_model.transformer.ln_f if family == "gpt2" else token_model.model.norm
     with torch.no_grad():
         final_norm.weight.uniform_(0.5, 1.5)
+        if getattr(final_norm, "bias", None) is not None:
+            final_norm.bias.uniform_(-0.5, 0.5)
     layers = token_layers(token_model)
     assert len(layers) == 2
     last = SentenceLMForCausalLM.from_pretrained_backbone(
@@ -151,9 +153,10 @@ def test_the_decoder_can_start_from_the_token_models_last_layers(family, token_m
         torch.testing.assert_close(first.decoder.layers[0].ffn(x), reference_mlp(family, layers[0], x))
         torch.testing.assert_close(last.encoder.layers[0].ffn(x), reference_mlp(family, layers[0], x))
     assert torch.equal(last.decoder.layer_norm.weight, final_norm.weight)
-    assert getattr(last.decoder.layer_norm, "bias", None) is getattr(final_norm, "bias", None) or torch.equal(
-        last.decoder.layer_norm.bias, final_norm.bias
-    )
+    if family == "gpt2":
+        assert torch.equal(last.decoder.layer_norm.bias, final_norm.bias)
+    else:  # RMSNorm on both sides: no bias
+        assert getattr(last.decoder.layer_norm, "bias", None) is None
     assert torch.equal(first.decoder.layer_norm.weight, torch.ones_like(final_norm.weight))
     with pytest.raises(ValueError, match="copy_layers must be True, False, 'first' or 'last'"):
         SentenceLMForCausalLM.from_pretrained_backbone(token_model, tokenizer=tokenizer, copy_layers="middle")
