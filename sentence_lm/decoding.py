@@ -104,6 +104,23 @@ def context_before(
     return torch.where(valid, input_ids[rows[:, None], taken], 0), valid
 
 
+
+def context_start(
+    context: tuple[torch.Tensor, torch.Tensor], bos_token_id: int
+) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Where a context (from :func:`context_before`) goes in the Sentence Decoder: its last token
+    is the decoder's first input, in place of BOS (which stays where the text before holds no
+    token), and the tokens before it fill the context columns. The sentence thus continues the
+    text as a token model reads it (a BOS between the two tells a copied token model that a new
+    text starts). Returns ``((ids, valid), start)``: the columns, both ``(n, window)``, shifted
+    right by one, and the first inputs ``(n,)``."""
+    ids, valid = context
+    start = torch.where(valid[:, -1], ids[:, -1], bos_token_id)
+    columns = torch.cat([torch.zeros_like(ids[:, :1]), ids[:, :-1]], dim=1)
+    valid = torch.cat([torch.zeros_like(valid[:, :1]), valid[:, :-1]], dim=1)
+    return (columns, valid.bool()), start
+
+
 @dataclass
 class DecodingResult:
     """What a next-sentence loop returns to `generate()`.

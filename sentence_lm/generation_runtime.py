@@ -32,6 +32,7 @@ from .decoding import (
     blank_token_scores,
     causal_key_mask,
     context_before,
+    context_start,
     pick_next_token,
     running_text,
     stop_decision,
@@ -264,12 +265,16 @@ class RowSteps:
         valid = self.context_valid if rows is None else self.context_valid[rows]
         return torch.cat([valid, valid.new_ones(valid.shape[0], self.decoder_cache.width - self.window)], dim=1)
 
-    def context_prefill(self, rows: torch.Tensor, context: tuple[torch.Tensor, torch.Tensor], conditioning) -> None:
+    def context_prefill(
+        self, rows: torch.Tensor, context: tuple[torch.Tensor, torch.Tensor], conditioning
+    ) -> torch.Tensor:
         """Feed each of ``rows`` the context of the sentence it starts (``(ids, valid)``, both
         ``(len(rows), context_window)``, from :func:`~sentence_lm.decoding.context_before`) at
         positions ``-context_window..-1``, into the first columns of the decoder cache; the
-        other rows are untouched. ``conditioning``: those rows' `DecoderConditioning`."""
-        ids, valid = context
+        other rows are untouched. ``conditioning``: those rows' `DecoderConditioning`. Returns
+        the rows' first decoder inputs, the context's last tokens (BOS where there is none; see
+        :func:`~sentence_lm.decoding.context_start`), which take the cache's following column."""
+        (ids, valid), start = context_start(context, self.vae.config.bos_token_id)
         self.context_valid[rows] = valid
         vae, cache = self.vae, self.decoder_cache
         columns = self.columns_index[: self.window]
@@ -278,6 +283,7 @@ class RowSteps:
         mask = causal_key_mask(columns, cache.width, self.key_valid(rows))
         vae.decoder(embeds, (columns - self.window)[None, :], mask, conditioning, cache)
         cache.rows = None
+        return start
 
     def decoder_prefill(self, tokens: torch.Tensor, lengths: torch.Tensor, conditioning) -> torch.Tensor:
         """Feed ``[BOS, prefix..]`` ``(batch, q)`` (right-padded, ``lengths`` real tokens per row)
@@ -490,10 +496,11 @@ def generate_rows(
     if first.shape[1] > 1:
         first[:, 1:] = sentence[:batch, : first.shape[1] - 1]
     steps.decoder_cache.reserve(steps.window + first.shape[1], steps.cache_limit)
+    starts = torch.full_like(rows_all, bos)  # each row's first decoder input of its next sentence
     if steps.window:  # the first sentence's context: the prompt before its unfinished part
         ends = torch.full_like(rows_all, input_ids.shape[1])
-        steps.context_prefill(rows_all, context_before(input_ids, mask & ~in_prefix, rows_all, ends, steps.window),
-                              conditioning)  # fmt: skip
+        context = context_before(input_ids, mask & ~in_prefix, rows_all, ends, steps.window)
+        first[:, 0] = starts[:] = steps.context_prefill(rows_all, context, conditioning)
     logits = steps.decoder_prefill(first, prefix_len + 1, conditioning)[:, None]
     drafts = draft_probs = None
     # Kept on the host (decided from what each step reports, no further synchronisation): where
@@ -605,15 +612,15 @@ def generate_rows(
                 text = torch.cat([input_ids, written.clamp(min=0)], dim=1)
                 real = torch.cat([mask, written >= 0], dim=1)
                 context = context_before(text, real, rows, torch.full_like(rows, text.shape[1]), steps.window)
-                steps.context_prefill(rows, context, conditioning.select(rows))
-        # Rows that go on feed their last token after the tokens they wrote (a restarted row: BOS
-        # at position 0; a waiting row and a finished one stay where they are).
+                starts[rows] = steps.context_prefill(rows, context, conditioning.select(rows))
+        # Rows that go on feed their last token after the tokens they wrote (a restarted row: BOS,
+        # or its context's last token, at position 0; a waiting row and a finished one stay where they are).
         moved = (position + host_wrote).clamp(max=max_len)
         position = torch.where(restart, 0, torch.where(is_waiting | host_done, position, moved))
         if bool(host_done.all()):
             break
         at = position.to(device)
-        feed = torch.where(restart.to(device), bos, token)[:, None]
+        feed = torch.where(restart.to(device), starts, token)[:, None]
         if draft_tokens:
             # Rows whose drafted chunk does not reach `draft_tokens` past their position draft a new one.
             redraft = torch.nonzero(~host_done & (restart | ((position + draft_tokens).clamp(max=steps.width) > drafted_to)))

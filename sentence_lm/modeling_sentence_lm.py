@@ -10,6 +10,7 @@ import functools
 import inspect
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -809,7 +810,7 @@ class SentenceLMForCausalLM(SentenceLMPreTrainedModel, SentenceGenerationMixin):
         tokenizer=None,
         sentence_vae_config: SentenceVAEConfig | dict | None = None,
         gguf_file: str | None = None,
-        copy_layers: bool | str = False,
+        copy_layers: bool | str | Sequence[int] = False,
         **config_overrides,
     ) -> "SentenceLMForCausalLM":
         """Build a SentenceLM whose backbone (layers, norms, positions) comes from a pretrained
@@ -837,7 +838,9 @@ class SentenceLMForCausalLM(SentenceLMPreTrainedModel, SentenceGenerationMixin):
                 for gated feed-forward blocks, ``gated_ffn=True``: ``True`` or ``"first"``, encoder
                 and decoder layer ``i`` from token layer ``i``; ``"last"``, the decoder's ``k``
                 layers and its final norm from the token model's last ``k`` and final norm (the
-                encoder's layers still from its first). Only with a new SentenceVAE.
+                encoder's layers still from its first); a list of token layer indices, one per
+                decoder layer, like ``"last"`` but from those layers (e.g. ``[0, 1, 26, 27, 28, 29]``).
+                Only with a new SentenceVAE.
             config_overrides: `SentenceLMConfig` fields (e.g. ``stop_loss_weight=0.5``) and
                 backbone config fields (e.g. ``max_position_embeddings=256`` sentence slots,
                 ``dropout=0.0``).
@@ -863,8 +866,10 @@ class SentenceLMForCausalLM(SentenceLMPreTrainedModel, SentenceGenerationMixin):
         if isinstance(sentence_vae, (str, os.PathLike)):
             sentence_vae = SentenceVAEModel.from_pretrained(sentence_vae)
         new_vae = sentence_vae is None
-        if copy_layers not in (False, True, *COPIED_LAYERS):
-            raise ValueError(f"copy_layers must be True, False, 'first' or 'last', got {copy_layers!r}.")
+        if not isinstance(copy_layers, (list, tuple)) and copy_layers not in (False, True, *COPIED_LAYERS):
+            raise ValueError(
+                f"copy_layers must be True, False, 'first', 'last' or a list of token layer indices, got {copy_layers!r}."
+            )
         if copy_layers and not new_vae:
             raise ValueError(
                 "copy_layers=True starts a new SentenceVAE's layers from the token model's, but a SentenceVAE was "

@@ -18,7 +18,7 @@ from transformers.utils import ModelOutput
 from .checkpointing import SafeCheckpointMixin
 from .configuration_sentence_vae import SentenceVAEConfig
 from .cross_entropy import output_layer_nll
-from .decoding import ban_empty_sentence, blank_token_scores, causal_key_mask, pick_next_token
+from .decoding import ban_empty_sentence, blank_token_scores, causal_key_mask, context_start, pick_next_token
 from .segmentation import build_boundary_table, segment_sentences
 from .validation import check_attention_mask, check_budget, check_token_ids, logit_positions
 
@@ -111,7 +111,8 @@ class SentencePositions(nn.Module):
     """Position embeddings of tokens within a sentence, added to the token embeddings (learned
     table or sinusoidal; nothing with rotary positions, which the attention applies); with a
     ``context_window``, a negative position ``-d`` is the context token ``d`` tokens before the
-    sentence (a learned table of its own, in every case)."""
+    sentence's first input (a learned table of its own, except with rotary positions: they tell
+    the context's tokens apart as a token model's tell the tokens of its text apart)."""
 
     def __init__(self, config: SentenceVAEConfig):
         super().__init__()
@@ -119,7 +120,7 @@ class SentencePositions(nn.Module):
         self.kind = config.position_embedding
         self.table = nn.Embedding(config.max_sentence_len + 1, config.hidden_size) if self.kind == "learned" else None
         window = config.context_window
-        self.context = nn.Embedding(window, config.hidden_size) if window else None
+        self.context = nn.Embedding(window, config.hidden_size) if window and self.kind != "rotary" else None
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         inside = position_ids.clamp(min=0) if self.context is not None else position_ids
@@ -817,7 +818,8 @@ class SentenceVAEModel(SentenceVAEPreTrainedModel):
         With ``word_dropout``, each fed token after BOS is replaced by the padding token with that
         probability (stage-1 training, see ``SentenceVAEConfig.word_dropout``). ``context``:
         ``(ids, mask)``, both ``(n, context_window)``, the tokens before each sentence (left-padded,
-        see :func:`context_before`), which the decoder reads first (``config.context_window``).
+        see :func:`context_before`), which the decoder reads first (``config.context_window``), the
+        last of them in BOS's place (:func:`~sentence_lm.decoding.context_start`).
 
         Sentences run in groups of similar length, as in :meth:`encode`. What cross-attention
         needs of the sentence vector is computed once per sentence (see
@@ -834,7 +836,7 @@ class SentenceVAEModel(SentenceVAEPreTrainedModel):
         key_mask = torch.cat([torch.ones_like(mask[:, :1]), mask], dim=1)
         window = 0
         if context is not None:
-            context_ids, context_mask = context
+            (context_ids, context_mask), decoder_ids[:, 0] = context_start(context, self.config.bos_token_id)
             window = context_ids.shape[1]
             decoder_ids = torch.cat([context_ids.to(decoder_ids.dtype), decoder_ids], dim=1)
             key_mask = torch.cat([context_mask.to(key_mask.dtype), key_mask], dim=1)
@@ -998,7 +1000,8 @@ class SentenceVAEModel(SentenceVAEPreTrainedModel):
             output_logits: return the raw logits of each written token (``logits``).
             context: ``(ids, mask)``, both ``(n, context_window)``: the tokens of the text before
                 each sentence (left-padded, :func:`~sentence_lm.decoding.context_before`), which
-                the decoder reads first (``config.context_window``); they are not written.
+                the decoder reads first (``config.context_window``), the last of them in BOS's
+                place (:func:`~sentence_lm.decoding.context_start`); they are not written.
 
         Returns:
             [`SentenceDecodeOutput`].
@@ -1045,7 +1048,9 @@ class SentenceVAEModel(SentenceVAEPreTrainedModel):
         key_mask[rows, first - 1 - prefix_len] = True
         positions = (key_mask.long().cumsum(dim=1) - 1).clamp(min=0, max=self.config.max_sentence_len)
         if context is not None:  # the context's columns first, at positions -window..-1
-            context_ids, context_mask = context
+            (context_ids, context_mask), tokens[rows, first - 1 - prefix_len] = context_start(
+                context, self.config.bos_token_id
+            )
             window = context_ids.shape[1]
             tokens = torch.cat([context_ids.to(tokens.dtype), tokens], dim=1)
             key_mask = torch.cat([context_mask.bool(), key_mask], dim=1)

@@ -14,10 +14,11 @@ layers are pre-norm Transformer layers; what maps onto them is copied, per famil
 Grouped key/value heads are repeated to one per query head (what the token model's attention
 computes). Encoder layer ``i`` starts from token layer ``i``, and so does decoder layer ``i``, or,
 with ``decoder_layers="last"``, decoder layer ``i`` of ``k`` from token layer ``L - k + i`` of ``L``
-(the layers nearest the token model's output, which turn states into next-token predictions), and
-then the decoder's final norm is the token model's too (what its output layer reads) and its new
-cross-attention starts with a zero output projection, so that the decoder starts as exactly those
-layers (it learns to read the sentence vector from there). Otherwise the decoder's cross-attention
+(the layers nearest the token model's output, which turn states into next-token predictions), or
+with a list of ``k`` token layer indices, from those (e.g. the first two and the last six: the
+token model with its middle left out); then the decoder's final norm is the token model's too
+(what its output layer reads) and its new cross-attention starts with a zero output projection,
+so that the decoder starts as exactly those layers (it learns to read the sentence vector from there). Otherwise the decoder's cross-attention
 is new, as are the encoder's fusion and norms. From a token model with rotary positions the
 SentenceVAE takes rotary positions and RMSNorm too (:func:`layer_settings`), so that a copied stack
 computes what it did in the token model; a token model's learned position table is not carried
@@ -25,6 +26,8 @@ over (the SentenceVAE's is new).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -152,15 +155,37 @@ def _assign(target: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None, 
 
 
 COPIED_LAYERS = ("first", "last")
-"""Which token layers a SentenceVAE's decoder starts from (its encoder: always the first)."""
+"""Which token layers a SentenceVAE's decoder starts from, by name (or a list of indices; its
+encoder: always the first)."""
+
+
+def decoder_layer_indices(decoder_layers: str | Sequence[int], num_decoder_layers: int, num_token_layers: int) -> list[int]:
+    """The token layers a decoder of ``num_decoder_layers`` layers starts from: ``"first"``,
+    ``"last"``, or a list of that many distinct indices in ``[0, num_token_layers)``."""
+    if decoder_layers == "first":
+        return list(range(num_decoder_layers))
+    if decoder_layers == "last":
+        return list(range(num_token_layers - num_decoder_layers, num_token_layers))
+    if isinstance(decoder_layers, str) or not all(isinstance(i, int) for i in decoder_layers):
+        raise ValueError(f"decoder_layers must be one of {COPIED_LAYERS} or a list of layer indices, got {decoder_layers!r}.")
+    indices = list(decoder_layers)
+    if len(indices) != num_decoder_layers or len(set(indices)) != len(indices):
+        raise ValueError(
+            f"The decoder has {num_decoder_layers} layers but {len(indices)} token layers were named ({indices}"
+            f"{', some twice' if len(set(indices)) != len(indices) else ''}); name each of its layers' source once "
+            "(or set num_decoder_layers to match)."
+        )
+    if not all(0 <= i < num_token_layers for i in indices):
+        raise ValueError(f"Token layer indices {indices} are out of range: the token model has {num_token_layers} layers (0..{num_token_layers - 1}).")
+    return indices
 
 
 @torch.no_grad()
-def copy_token_model_layers(token_model: nn.Module, sentence_vae: nn.Module, decoder_layers: str = "first") -> None:
-    """Copy the token model's first layers into ``sentence_vae``'s encoder layers and its first or
-    last layers (``decoder_layers``) into the decoder's (see the module's docstring)."""
-    if decoder_layers not in COPIED_LAYERS:
-        raise ValueError(f"decoder_layers must be one of {COPIED_LAYERS}, got {decoder_layers!r}.")
+def copy_token_model_layers(
+    token_model: nn.Module, sentence_vae: nn.Module, decoder_layers: str | Sequence[int] = "first"
+) -> None:
+    """Copy the token model's first layers into ``sentence_vae``'s encoder layers and its first,
+    last or listed layers (``decoder_layers``) into the decoder's (see the module's docstring)."""
     layers = token_model_layers(token_model)
     config, vae_config = token_model.config, sentence_vae.config
     needed = max(vae_config.num_encoder_layers, vae_config.num_decoder_layers)
@@ -169,6 +194,7 @@ def copy_token_model_layers(token_model: nn.Module, sentence_vae: nn.Module, dec
             f"The SentenceVAE has {needed} encoder or decoder layers but the token model only {len(layers)} to copy "
             "from; use at most that many layers."
         )
+    decoder_sources = decoder_layer_indices(decoder_layers, vae_config.num_decoder_layers, len(layers))
     num_heads = config.num_attention_heads
     if num_heads != vae_config.num_attention_heads:
         raise ValueError(
@@ -176,10 +202,9 @@ def copy_token_model_layers(token_model: nn.Module, sentence_vae: nn.Module, dec
             "copied layers need the same number of heads."
         )
     num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
-    decoder_start = len(layers) - len(sentence_vae.decoder.layers) if decoder_layers == "last" else 0
-    for stack, start in ((sentence_vae.encoder.layers, 0), (sentence_vae.decoder.layers, decoder_start)):
-        for offset, target in enumerate(stack):
-            index = start + offset
+    encoder_sources = range(len(sentence_vae.encoder.layers))
+    for stack, sources in ((sentence_vae.encoder.layers, encoder_sources), (sentence_vae.decoder.layers, decoder_sources)):
+        for index, target in zip(sources, stack):
             parts = _parts(layers[index], num_heads, num_kv_heads)
             if ("gate" in parts) != (target.ffn.gate_proj is not None):
                 raise ValueError(
@@ -194,7 +219,7 @@ def copy_token_model_layers(token_model: nn.Module, sentence_vae: nn.Module, dec
             }
             for name, (weight, bias) in parts.items():
                 _assign(destinations[name], weight, bias, f"layer {index} {name}")
-    if decoder_layers == "last":
+    if decoder_layers != "first":
         final_norm = token_model_final_norm(token_model)
         if final_norm is not None:
             _assign(sentence_vae.decoder.layer_norm, *_weights(final_norm), "final norm")

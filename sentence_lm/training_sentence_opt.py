@@ -199,8 +199,14 @@ def conditioning_nll(model, dataset, batch_size: int = 16, seed: int = 0, show_p
     ``"mean"`` minus ``"predicted"`` is what the context (the prompt) is worth to the decoder in
     nats per target; near 0, the model writes the same sentences whatever came before.
 
+    With a ``context_window`` every condition reads its sentence's window too (what the model
+    reads), so ``context_gain`` is what the backbone's state adds to the window; one more,
+    ``"mean_no_window"``, writes each sentence from the mean state without its window (nothing of
+    the text before), and ``"text_gain"`` (``"mean_no_window"`` minus ``"predicted"``) is what
+    the text before is worth through both.
+
     Returns ``{"predicted", "mean", "shuffled", "own_vector", "previous_vector", "context_gain",
-    "num_targets", "num_sentences"}``.
+    "num_targets", "num_sentences"}``, and ``"mean_no_window"`` and ``"text_gain"`` with a window.
     """
     from .modeling_sentence_lm import states_before_sentences
 
@@ -212,17 +218,21 @@ def conditioning_nll(model, dataset, batch_size: int = 16, seed: int = 0, show_p
     batches = []
     for start in tqdm(range(0, len(dataset), batch_size), desc="Backbone states", disable=not show_progress):
         batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
-        out = model.model(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        out = model.model(ids, mask)
         memory = states_before_sentences(out.last_hidden_state, out.packed)
-        batches.append((out.packed, memory, out.sentence_vectors))
+        batches.append((out.packed, memory, out.sentence_vectors, model.sentence_context(ids, mask, out.packed)))
     predicted = torch.cat([b[1] for b in batches])
     mean = predicted.mean(dim=0, keepdim=True)
     mean_vector = torch.cat([b[2] for b in batches]).mean(dim=0, keepdim=True)
     generator = torch.Generator().manual_seed(seed)
     shuffled = predicted[torch.randperm(len(predicted), generator=generator).to(device)]
-    totals = dict.fromkeys(("predicted", "mean", "shuffled", "own_vector", "previous_vector"), 0.0)
+    names = ["predicted", "mean", "shuffled", "own_vector", "previous_vector"]
+    if vae.config.context_window:
+        names.append("mean_no_window")
+    totals = dict.fromkeys(names, 0.0)
     targets_seen = 0
-    for packed, memory, vectors in tqdm(batches, desc="Conditioning NLL", disable=not show_progress):
+    for packed, memory, vectors, context in tqdm(batches, desc="Conditioning NLL", disable=not show_progress):
         ids, mask = packed.input_ids, packed.attention_mask
         # Packed sentences are in text order, so a text's previous sentence is the row before.
         previous = vectors.roll(1, dims=0)
@@ -235,15 +245,19 @@ def conditioning_nll(model, dataset, batch_size: int = 16, seed: int = 0, show_p
             "shuffled": shuffled[:len(memory)],
             "own_vector": vectors,
             "previous_vector": previous,
+            "mean_no_window": mean.expand_as(memory),
         }
         shuffled = shuffled[len(memory):]
-        for name, states_from in given.items():
-            states = vae.teacher_forced_states(ids, mask, states_from.to(memory.dtype))
+        for name in names:
+            window = None if name == "mean_no_window" else context
+            states = vae.teacher_forced_states(ids, mask, given[name].to(memory.dtype), context=window)
             totals[name] += float(vae.output_nll(states[has_target], targets[has_target]).double().sum())
         targets_seen += int(has_target.sum())
     model.train(was_training)
     result = {name: total / max(targets_seen, 1) for name, total in totals.items()}
     result["context_gain"] = result["mean"] - result["predicted"]
+    if "mean_no_window" in result:
+        result["text_gain"] = result["mean_no_window"] - result["predicted"]
     return {**result, "num_targets": targets_seen, "num_sentences": len(predicted)}
 
 

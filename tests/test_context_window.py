@@ -10,7 +10,7 @@ from helpers import encode, tiny_sentence_opt
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from sentence_lm import SentenceVAEConfig
-from sentence_lm.decoding import context_before
+from sentence_lm.decoding import context_before, context_start
 from sentence_lm.modeling_sentence_lm import states_before_sentences
 from sentence_lm.segmentation import ENDS, TRAILS
 
@@ -40,6 +40,15 @@ def test_context_before_takes_the_last_real_tokens():
     got, valid = context_before(ids, mask, torch.tensor([0, 0, 1, 1]), torch.tensor([5, 1, 3, 6]), 3)
     assert got.tolist() == [[1, 2, 3], [0, 0, 0], [5, 6, 7], [6, 7, 8]]
     assert valid.tolist() == [[True] * 3, [False] * 3, [True] * 3, [True] * 3]
+
+
+def test_the_contexts_last_token_is_the_first_input():
+    ids = torch.tensor([[0, 1, 2], [0, 0, 7], [0, 0, 0]])
+    valid = torch.tensor([[False, True, True], [False, False, True], [False, False, False]])
+    (columns, kept), start = context_start((ids, valid), bos_token_id=99)
+    assert start.tolist() == [2, 7, 99]
+    assert columns.tolist() == [[0, 0, 1], [0, 0, 0], [0, 0, 0]]
+    assert kept.tolist() == [[False, False, True], [False, False, False], [False, False, False]]
 
 
 def test_the_decoder_reads_the_context(model):
@@ -105,8 +114,10 @@ def test_the_window_is_checked_and_saved(model, tmp_path):
     model.save_pretrained(tmp_path)
     loaded = type(model).from_pretrained(tmp_path)
     assert loaded.config.sentence_vae.context_window == WINDOW
-    assert torch.equal(loaded.sentence_vae.decoder.embed_positions.context.weight,
-                       model.sentence_vae.decoder.embed_positions.context.weight)  # fmt: skip
+    saved = model.sentence_vae.state_dict()
+    assert all(torch.equal(v, saved[k]) for k, v in loaded.sentence_vae.state_dict().items())
+    context_table = model.sentence_vae.decoder.embed_positions.context  # rotary positions need none
+    assert (context_table is None) == (model.config.sentence_vae.position_embedding == "rotary")
     with pytest.raises(ValueError, match="context_window"):
         model.generate(torch.tensor([[2, 20, 21]]), max_new_tokens=2, cache_implementation="static")
 

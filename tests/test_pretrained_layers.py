@@ -158,8 +158,26 @@ def test_the_decoder_can_start_from_the_token_models_last_layers(family, token_m
     else:  # RMSNorm on both sides: no bias
         assert getattr(last.decoder.layer_norm, "bias", None) is None
     assert torch.equal(first.decoder.layer_norm.weight, torch.ones_like(final_norm.weight))
-    with pytest.raises(ValueError, match="copy_layers must be True, False, 'first' or 'last'"):
+    with pytest.raises(ValueError, match="copy_layers must be True, False, 'first', 'last' or a list"):
         SentenceLMForCausalLM.from_pretrained_backbone(token_model, tokenizer=tokenizer, copy_layers="middle")
+    # Listed token layers: [1] is "last" here; [0] takes the first layer but, unlike "first", the final norm too.
+    listed = {}
+    for indices in ([1], [0]):
+        listed[indices[0]] = SentenceLMForCausalLM.from_pretrained_backbone(
+            token_model, tokenizer=tokenizer, copy_layers=indices,
+            sentence_vae_config=dict(max_sentence_len=tokenizer.max_sentence_len, num_decoder_layers=1),
+        ).sentence_vae  # fmt: skip
+    with torch.no_grad():
+        torch.testing.assert_close(listed[1].decoder.layers[0].ffn(x), reference_mlp(family, layers[1], x))
+        torch.testing.assert_close(listed[0].decoder.layers[0].ffn(x), reference_mlp(family, layers[0], x))
+    assert torch.equal(listed[0].decoder.layer_norm.weight, final_norm.weight)
+    assert not listed[0].decoder.layers[0].cross_attn.out_proj.weight.any()
+    for indices, message in (([0, 1], "decoder has 1 layers but 2"), ([2], "out of range"), (["a"], "list of layer indices")):
+        with pytest.raises(ValueError, match=message):
+            SentenceLMForCausalLM.from_pretrained_backbone(
+                token_model, tokenizer=tokenizer, copy_layers=indices,
+                sentence_vae_config=dict(max_sentence_len=tokenizer.max_sentence_len, num_decoder_layers=1),
+            )  # fmt: skip
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
@@ -183,3 +201,29 @@ def test_a_decoder_of_all_the_token_models_layers_computes_its_logits(family, to
         conditioning = vae.decoder.conditioning(torch.randn(2, vae.config.hidden_size))
         states = vae.decoder(vae.decoder_token_embeddings()(ids), positions[None], causal, conditioning)
         torch.testing.assert_close(vae.lm_head(states), token_model(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_with_a_context_window_the_copied_decoder_continues_the_text(family, token_models, tokenizer):
+    """With a ``context_window`` the decoder's first input is the context's last token (not BOS),
+    so a decoder of all the token model's layers scores a sentence as the token model scores it
+    after the text's last ``context_window`` tokens; where the text before holds none, after BOS."""
+    token_model = token_models[family]
+    count, window = len(token_layers(token_model)), 4
+    vae = SentenceLMForCausalLM.from_pretrained_backbone(
+        token_model, tokenizer=tokenizer, copy_layers="last",
+        sentence_vae_config=dict(max_sentence_len=tokenizer.max_sentence_len, num_decoder_layers=count,
+                                 context_window=window),
+    ).sentence_vae.eval()  # fmt: skip
+    generator = torch.Generator().manual_seed(0)
+    sentences = torch.randint(3, len(tokenizer), (2, 6), generator=generator)
+    before = torch.randint(3, len(tokenizer), (2, window), generator=generator)
+    valid = torch.tensor([[True] * window, [False] * window])  # the second sentence opens its text
+    mask = torch.ones_like(sentences, dtype=torch.bool)
+    with torch.no_grad():
+        logits = vae.lm_head(vae.teacher_forced_states(sentences, mask, torch.randn(2, vae.config.hidden_size),
+                                                       context=(before, valid)))  # fmt: skip
+        after_context = token_model(torch.cat([before[:1], sentences[:1]], dim=1)).logits[:, window - 1 :]
+        after_bos = token_model(torch.cat([torch.tensor([[tokenizer.bos_token_id]]), sentences[1:]], dim=1)).logits
+    torch.testing.assert_close(logits[:1], after_context, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(logits[1:], after_bos, atol=1e-4, rtol=1e-4)

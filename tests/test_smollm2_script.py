@@ -12,7 +12,7 @@ import torch
 from helpers import load_script
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from sentence_lm import baseline, corpus
+from sentence_lm import SentenceVAEModel, baseline, corpus
 from sentence_lm.corpus import default_corpus
 
 
@@ -128,9 +128,27 @@ def test_bad_input_messages(script, tmp_path, monkeypatch):
     monkeypatch.setattr(baseline.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(SystemExit, match="needs the gguf package: pip install gguf"):
         baseline.load_token_model(str(tmp_path), "model.gguf")
-    for budget in ("--stage2_minutes", "--stage1_minutes"):
+    for budget, value in (("--stage2_minutes", "0"), ("--baseline_minutes", "0"), ("--stage1_minutes", "-1")):
         with pytest.raises(SystemExit):
-            script.parse_args(["--output_dir", str(tmp_path), budget, "0"])
+            script.parse_args(["--output_dir", str(tmp_path), budget, value])
+    assert script.parse_args(["--output_dir", str(tmp_path), "--stage1_minutes", "0"]).stage1_minutes == 0
+
+
+def test_no_stage_1_saves_the_sentence_vae_as_built(script, tokenizer, tmp_path):
+    """``--stage1_minutes 0``: stage 2 starts from the SentenceVAE from_pretrained_backbone builds
+    (here the token model's last layer as its decoder), saved untrained where stage 1's would be."""
+    tiny_llama(tmp_path / "tiny", tokenizer)
+    token_model = AutoModelForCausalLM.from_pretrained(tmp_path / "tiny")
+    args = script.parse_args(["--output_dir", str(tmp_path / "run"), "--stage1_minutes", "0", "--copy_layers", "last",
+                              "--sentence_vae_config", "num_decoder_layers=1", "--max_sentence_len", "16"])  # fmt: skip
+    record = script.run_stage1(args, token_model, tokenizer, data={}, out=tmp_path / "run")
+    assert record["global_step"] == 0 and "skipped" in record
+    saved = SentenceVAEModel.from_pretrained(tmp_path / "run" / "stage1")
+    assert saved.config.num_decoder_layers == 1 and saved.config.max_sentence_len == 16
+    last = token_model.model.layers[-1]
+    assert torch.equal(saved.decoder.layers[0].ffn.fc1.weight, last.mlp.up_proj.weight)
+    assert torch.equal(saved.decoder.layer_norm.weight, token_model.model.norm.weight)
+    assert not (tmp_path / "run" / "stage1_init").exists()
 
 
 def test_a_training_text_shorter_than_one_batch_is_refused(script, tokenizer, tmp_path):

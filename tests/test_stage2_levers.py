@@ -157,6 +157,16 @@ def test_conditioning_nll_splits_what_the_decoder_draws_from_the_context(tokeniz
     deaf = conditioning_nll(model, dataset, batch_size=1, show_progress=False)
     for key in ("mean", "shuffled", "own_vector", "previous_vector"):
         assert deaf[key] == pytest.approx(deaf["predicted"], rel=1e-5)
+    assert "mean_no_window" not in deaf
+
+    # With a context window every condition reads the window (what the model reads), but one.
+    windowed = tiny_sentence_opt(tokenizer, sentence_vae=dict(context_window=4))
+    result = conditioning_nll(windowed, dataset, batch_size=2, show_progress=False)
+    with torch.no_grad():
+        out = windowed(batch["input_ids"], attention_mask=batch["attention_mask"])
+    assert result["predicted"] == pytest.approx(float(out.sentence_loss), rel=1e-5)
+    assert result["text_gain"] == pytest.approx(result["mean_no_window"] - result["predicted"])
+    assert result["mean_no_window"] != pytest.approx(result["mean"], rel=1e-4)
 
 
 def test_conditioning_script_scores_each_checkpoint(tokenizer, tmp_path):
