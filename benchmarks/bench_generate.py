@@ -33,7 +33,9 @@ weights: a ``--backbone`` family config of the ``--shape`` preset and a Sentence
 width (clearly labelled in the output). A random Sentence Decoder would write every sentence up
 to ``max_sentence_len`` tokens, so the length of each generated sentence is then forced to follow
 the corpus's sentence-length distribution (a logits processor forces the end-of-sentence token;
-the SLLM pays for it). Without ``--token_checkpoint`` the token model has random weights; with a
+the SLLM pays for it). A trained checkpoint writes sentences of its own lengths, unless
+``--sentence_len`` forces them too (to time checkpoints trained for a few steps, whose own
+sentences are not yet the text's). Without ``--token_checkpoint`` the token model has random weights; with a
 fixed generation length its speed does not depend on its weights.
 
 ``--llama_bench`` (by default ``auto``: a ``llama-bench`` on the ``PATH``, when the SLLM has
@@ -188,9 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--sentence_len",
-        default="corpus",
-        help="Random weights only: lengths of generated sentences, 'corpus' (drawn from the corpus's "
-        "distribution) or a fixed number of tokens (a diagnostic: no spread between the rows of a batch).",
+        default=None,
+        help="Lengths of generated sentences, 'corpus' (drawn from the corpus's distribution; the default "
+        "with random weights) or a fixed number of tokens (a diagnostic: no spread between the rows of a "
+        "batch); a trained checkpoint's own lengths when not given.",
     )
     parser.add_argument(
         "--corpus",
@@ -225,6 +228,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ---------------------------------------------------------------------------------- text
+def forced_sentence_len(args, trained: bool) -> str | None:
+    """What generated sentences' lengths are forced to: ``--sentence_len``, or ``"corpus"`` for
+    random weights (whose decoder would write every sentence to its limit); ``None``: a trained
+    checkpoint's own."""
+    return args.sentence_len or (None if trained else "corpus")
+
+
 def load_corpus(path: str | None) -> tuple[list[str], str]:
     """Paragraphs of real text (hard-wrapped lines unwrapped) and where they came from."""
     if path == "builtin":
@@ -386,7 +396,7 @@ def build_models(args, paragraphs: list[str], token_model: bool = True) -> dict:
             f"{vocab_size}, SentenceVAE-H{vae_layers}; "
             + (
                 "sentence lengths forced to the corpus distribution"
-                if args.sentence_len == "corpus"
+                if forced_sentence_len(args, False) == "corpus"
                 else f"every sentence forced to {args.sentence_len} tokens"
             )
         )
@@ -800,10 +810,11 @@ def run_benchmark(argv: list[str] | None = None) -> dict:
         memory=[],
     )
     processors, sentence_length_table = None, None
-    if not built["trained"]:
+    forced = forced_sentence_len(args, built["trained"])
+    if forced:
         sentence_length_table = [min(n, sllm.config.sentence_vae.max_sentence_len) for n in lengths]
-        if args.sentence_len != "corpus":
-            sentence_length_table = [int(args.sentence_len)]
+        if forced != "corpus":
+            sentence_length_table = [int(forced)]
         processors = [CorpusSentenceLengths(sentence_length_table, sllm.config.pad_token_id, sllm.config.sentence_vae.eos_token_id, device)]
 
     # ----- throughput (and KV bytes at the end of each timed generation)

@@ -4,15 +4,16 @@
 Runs, in this order (the SmolLM2 run first: it is what a CPU cannot answer):
 
 1. ``examples/sentence_lm_from_smollm2.py`` with ``--device cuda --bf16``: the SentenceLM on
-   SmolLM2-135M against SmolLM2 fine-tuned for the same minutes, with the levers RESULTS section 9
-   chose (stage 1 with frozen token embeddings, stage 2 end to end), GPU-sized batches;
+   SmolLM2-135M against SmolLM2 fine-tuned for the same minutes, with the conversion recipe of
+   RESULTS section 12c (:data:`RECIPE`: no stage 1, a Sentence Decoder of SmolLM2's own layers
+   reading the text's last 32 tokens), GPU-sized batches;
 2. ``benchmarks/side_by_side.py``: both models' text on the same five prompts;
 3. ``benchmarks/from_scratch.py`` with ``--device cuda --bf16``: the small SentenceLM against its
    same-shape token model at equal wall time.
 
 ``--budget_minutes`` is the training time of all of it (evaluations, loading and saving come on
-top, a few minutes on a GPU): 30% for stage 1, 15% each for stage 2 and SmolLM2's fine-tuning, 20%
-each for the two models trained from scratch. Checkpoints go to ``--work_dir``; the reports, JSON,
+top, a few minutes on a GPU): 30% each for stage 2 and SmolLM2's fine-tuning, 20% each for the two
+models trained from scratch. Checkpoints go to ``--work_dir``; the reports, JSON,
 curve plots and the text side by side to ``--results_dir``. A step that fails is reported and the
 next one still runs; the exit status is that of the first failure. ``--dry_run`` prints the
 commands and runs nothing. Example (on the device machine, results under ``$OUT``)::
@@ -31,8 +32,15 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
-SHARES = {"stage1": 0.30, "stage2": 0.15, "from_scratch": 0.20}
+SHARES = {"stage2": 0.30, "from_scratch": 0.20}
 """Each run's share of ``--budget_minutes`` (the baseline gets stage 2's; from scratch is per model)."""
+RECIPE = [
+    "--stage1_minutes", "0", "--copy_layers", "0,1,24,25,26,27,28,29",
+    "--sentence_vae_config", "num_decoder_layers=8,context_window=32",
+]  # fmt: skip
+"""The SmolLM2 conversion (RESULTS 12c): no stage 1; the Sentence Decoder starts as SmolLM2's
+first two and last six layers with its final norm and output layer, and reads the text's last 32
+tokens before its sentence."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -60,9 +68,8 @@ def commands(args: argparse.Namespace) -> list[tuple[str, list[str]]]:
         ("examples/sentence_lm_from_smollm2.py", [
             "--output_dir", str(smollm2), "--device", args.device, "--bf16",
             "--validation_file", args.validation_file,
-            "--stage1_minutes", str(minutes["stage1"]), "--stage2_minutes", str(minutes["stage2"]),
-            "--stage1_batch_size", "256", "--batch_size", "16", "--eval_batch_size", "32", "--eval_steps", "10",
-            "--stage1_args", "--freeze_token_embeddings True",
+            "--stage2_minutes", str(minutes["stage2"]), *RECIPE,
+            "--batch_size", "16", "--eval_batch_size", "32", "--eval_steps", "10",
         ]),
         ("benchmarks/side_by_side.py", [
             "--checkpoint", str(smollm2 / "stage2"), "--label", "SentenceLM (c, stage 2)",

@@ -209,6 +209,9 @@ def test_a_saved_sentence_lm_of_another_family_loads_as_checkpoint(bench, tmp_pa
     meta = bench.run_benchmark(argv)["meta"]
     assert meta["sllm"]["trained"] is True and meta["sllm"]["model_class"] == "SentenceLMForCausalLM"
     assert meta["token"]["model_class"] == "LlamaForCausalLM"
+    # A checkpoint writes sentences of its own lengths unless --sentence_len forces them.
+    forced = bench.run_benchmark([*argv, "--new_tokens", "6", "--sentence_len", "2"])
+    assert [row["tokens_per_sentence"] for row in forced["throughput"]] == [2.0]
 
 
 def test_drafting_and_int8_are_timed_on_a_checkpoint_with_a_draft_head(bench, tmp_path):
