@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from pathlib import Path
 
@@ -47,9 +48,10 @@ def layer_indices(spec: str, count: int) -> list[int]:
     """``all``, ``firstK``, ``lastK`` or ``0,1,24-29`` as token layer indices of ``count`` layers."""
     if spec == "all":
         return list(range(count))
-    if spec.startswith(("first", "last")) and spec.lstrip("firstla").isdigit():
-        k = int(spec.lstrip("firstla"))
-        return list(range(k)) if spec.startswith("first") else list(range(count - k, count))
+    named = re.fullmatch(r"(first|last)(\d+)", spec)
+    if named:
+        k = int(named[2])
+        return list(range(k)) if named[1] == "first" else list(range(count - k, count))
     indices = []
     for part in spec.split(","):
         low, _, high = part.partition("-")

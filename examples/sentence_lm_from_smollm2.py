@@ -573,7 +573,8 @@ def main(argv: list[str] | None = None) -> dict:
         report["stages"]["stage1"] = run_stage1(args, token_model, raw_tokenizer, data, out)
         _finish_stage(out / "stage1", report["stages"]["stage1"], out / "stage1_init")
         save()
-    if "b_reconstruction" not in report["quality"]:
+    # Without stage 1 the SentenceVAE never learned to rebuild a sentence from its vector: nothing to score.
+    if "b_reconstruction" not in report["quality"] and args.stage1_minutes > 0:
         t = time.perf_counter()
         vae = SentenceVAEModel.from_pretrained(out / "stage1").to(args.device)
         sentences = split_into_sentences(eval_blocks, tokenizer, args.max_sentence_len)
