@@ -78,7 +78,7 @@ from sentence_lm.data import PaddingCollator, first_tokens, split_into_sentences
 from sentence_lm.cached_distillation import TopKCollator, TopKDistillationTrainer, cache_teacher_top_k
 from sentence_lm.distillation import DistillationTrainer, FrozenBackboneWarmup
 from sentence_lm.hidden_state_distillation import HiddenStateDistillationTrainer
-from sentence_lm.learning_curves import fit_text, plot_curves, power_law
+from sentence_lm.learning_curves import plot_curves, power_law
 from sentence_lm.machine import machine_info
 from sentence_lm.tokenization_sentence_lm import SentenceTokenizer, train_sentence_tokenizer
 from sentence_lm.trainer import LearningCurveCallback, SentenceLMTrainer, TimeBudgetCallback, show_time_budget
@@ -138,7 +138,7 @@ def train_token(args, model, tokenizer, blocks, minutes: float):
                                      training_arguments(args, "token", args.lr, args.batch, weight_decay=0.01),
                                      model=model)  # fmt: skip
     curve = LearningCurveCallback(60 * minutes, lambda m: {"nll": token_model_nll(m, blocks["curve"])},
-                                  every_seconds=60 * args.curve_minutes)  # fmt: skip
+                                  every_seconds=60 * args.curve_minutes, clock=args.clock)  # fmt: skip
     trainer.add_callback(curve)
     show_time_budget(trainer)
     trainer.train()
@@ -164,13 +164,13 @@ def convert(args, training: dict, vae_fields: dict, tokenizer, blocks, minutes: 
         model=model.sentence_vae, args=training_arguments(args, "stage1", training.get("stage1_lr", args.stage1_lr),
                                                           args.stage1_batch, weight_decay=0.01),
         train_dataset=sentences, data_collator=PaddingCollator(tokenizer.pad_token_id),
-        callbacks=[TimeBudgetCallback(stage1_seconds)],
+        callbacks=[TimeBudgetCallback(stage1_seconds, args.clock)],
     )  # fmt: skip
     stage1.train()
     stage1_tokens = int(stage1.state.num_input_tokens_seen)
     model.train()
     curve = LearningCurveCallback(60 * minutes - stage1_seconds, lambda m: {"nll": sentence_lm_nll(m, blocks["curve"])},
-                                  every_seconds=60 * args.curve_minutes)  # fmt: skip
+                                  every_seconds=60 * args.curve_minutes, clock=args.clock)  # fmt: skip
     callbacks = [curve]
     if training.get("freeze_backbone_steps"):
         callbacks.append(FrozenBackboneWarmup(training["freeze_backbone_steps"]))
@@ -231,11 +231,16 @@ def run(args) -> dict:
     return finish(args, args.name or kind, kind, model, record, blocks, offset)
 
 
-def generation_speed(model, blocks, new_tokens: int = 64, repeats: int = 3) -> float:
-    """Greedy tokens/s of ``generate()`` at batch 1: ``new_tokens`` after the first 64 tokens of
-    the first selection block (exactly that many: ``min_new_tokens``), median of ``repeats`` runs
-    after a warm-up. Timed where the run trained (its core, its threads)."""
-    prompt = torch.tensor([blocks["selection"][0]["input_ids"][:64]])
+def generation_speed(model, blocks, batch_size: int = 1, new_tokens: int = 64, repeats: int = 3) -> float:
+    """Greedy tokens/s of ``generate()`` at ``batch_size``: ``new_tokens`` per row (exactly that
+    many: ``min_new_tokens``) after the first 64 tokens of the first ``batch_size`` selection
+    blocks that hold 64, median of ``repeats`` runs after a warm-up. Timed where the run trained
+    (its core, its threads)."""
+    prompts = [block["input_ids"][:64] for block in blocks["selection"] if len(block["input_ids"]) >= 64]
+    if len(prompts) < batch_size:
+        raise ValueError(f"generation_speed: {len(prompts)} selection blocks hold 64 tokens; batch {batch_size} needs "
+                         f"that many (use a longer --selection_paragraphs or a smaller batch).")  # fmt: skip
+    prompt = torch.tensor(prompts[:batch_size])
     settings = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
     times = []
     with torch.no_grad():
@@ -244,7 +249,7 @@ def generation_speed(model, blocks, new_tokens: int = 64, repeats: int = 3) -> f
             model.generate(prompt, attention_mask=torch.ones_like(prompt), **settings)
             if attempt:
                 times.append(time.perf_counter() - began)
-    return new_tokens / sorted(times)[len(times) // 2]
+    return batch_size * new_tokens / sorted(times)[len(times) // 2]
 
 
 def finish(args, name: str, kind: str, model, record: dict, blocks, offset: float) -> dict:

@@ -75,7 +75,7 @@ def train_token_model(args, config, tokenizer, blocks, curve_blocks):
     trainer = token_baseline_trainer(token_config_like(config, args.block_size + 8), tokenizer, blocks["train"],
                                      training_arguments(args, "token_model", args.lr, args.batch, weight_decay=0.01))
     curve = LearningCurveCallback(60 * args.minutes, lambda m: {"nll": token_model_nll(m, curve_blocks)},
-                                  every_seconds=60 * args.curve_minutes)
+                                  every_seconds=60 * args.curve_minutes, clock=args.clock)
     trainer.add_callback(curve)
     show_time_budget(trainer)
     trainer.train()
@@ -93,7 +93,7 @@ def train_sentence_lm(args, config, tokenizer, blocks, curve_blocks):
     stage1_args = training_arguments(args, "stage1", args.stage1_lr, args.stage1_batch, weight_decay=0.01)
     stage1 = SentenceLMTrainer(model=vae, args=stage1_args, train_dataset=sentences,
                                 data_collator=PaddingCollator(tokenizer.pad_token_id),
-                                callbacks=[TimeBudgetCallback(stage1_seconds)])
+                                callbacks=[TimeBudgetCallback(stage1_seconds, args.clock)])
     stage1.train()
     stage1_tokens = int(stage1.state.num_input_tokens_seen)
 
@@ -101,7 +101,7 @@ def train_sentence_lm(args, config, tokenizer, blocks, curve_blocks):
     model = SentenceLMForCausalLM(config)
     model.model.sentence_vae.load_state_dict(stage1.accelerator.unwrap_model(stage1.model).state_dict())
     curve = LearningCurveCallback(60 * args.minutes - stage1_seconds, lambda m: {"nll": sentence_lm_nll(m, curve_blocks)},
-                                  every_seconds=60 * args.curve_minutes)
+                                  every_seconds=60 * args.curve_minutes, clock=args.clock)
     stage2 = SentenceLMTrainer(model=model, args=training_arguments(args, "stage2", args.lr, args.batch, weight_decay=0.01),
                                 train_dataset=blocks["train"], data_collator=PaddingCollator(tokenizer.pad_token_id),
                                 callbacks=[curve])
@@ -170,6 +170,9 @@ def add_setting_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stage1_lr", type=float, default=1e-3)
     p.add_argument("--warmup_steps", type=int, default=20)
     p.add_argument("--threads", type=int)
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="What the time budgets count: wall-clock seconds, or this process's CPU seconds (CPU runs "
+                        "sharing a machine with other work).")  # fmt: skip
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--seed", type=int, default=0)

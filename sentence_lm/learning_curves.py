@@ -73,16 +73,18 @@ def plot_curves(curves: dict[str, list[dict]], fits: dict[str, dict], path, ylab
     except ImportError:
         return None
     figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+    palette = plt.get_cmap("tab10" if len(curves) <= 10 else "tab20")
     for ax, (key, label) in zip(axes, AXES):
-        for name, curve in curves.items():
+        for number, (name, curve) in enumerate(curves.items()):
             points = [p for p in curve if p.get(key, 0) > 0]
             if not points:
                 continue
-            ax.loglog([p[key] for p in points], [p["nll"] for p in points], "o-", label=name)
+            colour = palette(number % palette.N)  # a curve and its fit share one colour
+            ax.loglog([p[key] for p in points], [p["nll"] for p in points], "o-", label=name, color=colour)
             fit = fits.get(name, {}).get(key)
             if fit:
                 xs = [points[0][key] * (10 * points[-1][key] / points[0][key]) ** (i / 50) for i in range(51)]
-                ax.loglog(xs, [fit["a"] * x ** -fit["b"] for x in xs], "--", alpha=0.6)
+                ax.loglog(xs, [fit["a"] * x ** -fit["b"] for x in xs], "--", alpha=0.6, color=colour)
         ax.set_xlabel(label)
         ax.set_ylabel(ylabel)
         if ax.get_legend_handles_labels()[0]:

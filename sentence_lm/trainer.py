@@ -1,5 +1,5 @@
 """The `transformers` Trainer as both stages use it: :class:`SentenceLMTrainer` (for models that
-compute their own loss), :class:`TimeBudgetCallback` (stop after a wall-clock budget),
+compute their own loss), :class:`TimeBudgetCallback` (stop after a budget of wall-clock or CPU seconds),
 :class:`LearningCurveCallback` (the same, scoring the model as it trains), :func:`start_run`
 (logging, seed, checkpoint to resume) and the loss curve of a run."""
 
@@ -66,21 +66,33 @@ class SentenceLMTrainer(Trainer):
         return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
 
 
-class TimeBudgetCallback(TrainerCallback):
-    """Stop training once ``max_seconds`` of wall-clock time have passed since training began
-    (checked after every optimizer step; the Trainer then saves, unless its ``save_strategy`` is
-    ``"no"``, and returns as at ``max_steps``)."""
+CLOCKS = {"wall": time.monotonic, "cpu": time.process_time}
 
-    def __init__(self, max_seconds: float):
+
+class TimeBudgetCallback(TrainerCallback):
+    """Stop training once ``max_seconds`` have passed since training began (checked after every
+    optimizer step; the Trainer then saves, unless its ``save_strategy`` is ``"no"``, and returns
+    as at ``max_steps``).
+
+    ``clock="wall"`` counts wall-clock seconds; ``clock="cpu"`` counts the CPU seconds of this
+    process (all its threads), so that runs sharing a machine with other work get the same
+    compute whatever else runs beside them (on CPU only: time spent waiting for a GPU is not
+    CPU time)."""
+
+    def __init__(self, max_seconds: float, clock: str = "wall"):
+        if clock not in CLOCKS:
+            raise ValueError(f"clock must be one of {sorted(CLOCKS)}, got {clock!r}.")
         self.max_seconds = max_seconds
+        self.clock = clock
+        self.now = CLOCKS[clock]
         self.start = None
         self.stopped_at_step = None
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.start = time.monotonic()
+        self.start = self.now()
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.start is not None and time.monotonic() - self.start > self.max_seconds:
+        if self.start is not None and self.now() - self.start > self.max_seconds:
             if self.stopped_at_step is None:
                 logger.warning("Time budget of %.0f s reached: stopping at step %d.", self.max_seconds, state.global_step)
             self.stopped_at_step = state.global_step
@@ -97,16 +109,17 @@ class LearningCurveCallback(TimeBudgetCallback):
 
     Each point is ``{"step", "tokens", "seconds", "eval_seconds", **scores}``: the optimizer step,
     the Trainer's ``num_input_tokens_seen`` (the text's tokens, not its padding: the callback sets
-    ``include_num_input_tokens_seen="non_padding"``), the training seconds so far (evaluations not
-    counted) and the seconds this evaluation took. The points are appended to the Trainer's
-    ``state.log_history`` too, so they are saved with its checkpoints; after a resume
-    :attr:`points` holds the earlier ones as well, and a step already scored is not scored again.
-    The model is put back in the training mode it had before each evaluation."""
+    ``include_num_input_tokens_seen="non_padding"``), the training seconds so far (on the
+    budget's clock, evaluations not counted) and the seconds this evaluation took. The points are
+    appended to the Trainer's ``state.log_history`` too, so they are saved with its checkpoints;
+    after a resume :attr:`points` holds the earlier ones as well, and a step already scored is not
+    scored again. The model is put back in the training mode it had before each evaluation."""
 
-    def __init__(self, max_seconds: float, evaluate, every_steps: int | None = None, every_seconds: float | None = None):
+    def __init__(self, max_seconds: float, evaluate, every_steps: int | None = None, every_seconds: float | None = None,
+                 clock: str = "wall"):  # fmt: skip
         if (every_steps is None) == (every_seconds is None):
             raise ValueError("LearningCurveCallback: give every_steps or every_seconds (one of them).")
-        super().__init__(max_seconds)
+        super().__init__(max_seconds, clock)
         self.evaluate, self.every_steps, self.every_seconds = evaluate, every_steps, every_seconds
         self.points: list[dict] = []
         self.next_mark = 0.0
@@ -114,12 +127,12 @@ class LearningCurveCallback(TimeBudgetCallback):
     def _score(self, state, model) -> None:
         if any(point["step"] == state.global_step for point in self.points):
             return
-        began = time.monotonic()
+        began = self.now()
         trained = 0.0 if self.start is None else began - self.start
         was_training = model.training
         scores = self.evaluate(model)
         model.train(was_training)
-        spent = time.monotonic() - began
+        spent = self.now() - began
         point = {"step": state.global_step, "tokens": int(state.num_input_tokens_seen), "seconds": round(trained, 1),
                  "eval_seconds": round(spent, 1), **scores}  # fmt: skip
         self.points.append(point)
@@ -141,7 +154,7 @@ class LearningCurveCallback(TimeBudgetCallback):
         if self.every_steps is not None:
             due = state.global_step % self.every_steps == 0
         else:
-            due = time.monotonic() - self.start >= self.next_mark
+            due = self.now() - self.start >= self.next_mark
         if due:
             self._score(state, model)
         return super().on_step_end(args, state, control, **kwargs)
@@ -170,7 +183,7 @@ class BudgetProgressCallback(ProgressCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.training_bar is not None and self.budget.start is not None:
-            elapsed = min(round(time.monotonic() - self.budget.start), self.training_bar.total)
+            elapsed = min(round(self.budget.now() - self.budget.start), self.training_bar.total)
             self.training_bar.set_postfix(step=state.global_step, refresh=False)
             self.training_bar.update(elapsed - self.training_bar.n)
 

@@ -326,6 +326,22 @@ def test_from_scratch_comparison_runs_and_fits_its_curves(tmp_path):
         script.parse_args(["--stage1_share", "1"])
 
 
+def test_each_plotted_curve_and_its_fit_share_a_colour_of_their_own(tmp_path, monkeypatch):
+    plt = pytest.importorskip("matplotlib.pyplot")
+    figures = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    curves = {f"run {i}": [{"tokens": 10, "seconds": 1, "nll": 5.0 + i}, {"tokens": 100, "seconds": 9, "nll": 4.0 + i}]
+              for i in range(12)}  # fmt: skip
+    fits = {name: {"tokens": learning_curves.power_law(c, "tokens"), "seconds": learning_curves.power_law(c, "seconds")}
+            for name, c in curves.items()}  # fmt: skip
+    assert learning_curves.plot_curves(curves, fits, tmp_path / "c.png") and (tmp_path / "c.png").is_file()
+    for ax in figures[0].axes:
+        lines = ax.get_lines()
+        assert len(lines) == 24  # a curve, then its fit
+        colours = [lines[i].get_color() for i in range(0, 24, 2)]
+        assert colours == [lines[i + 1].get_color() for i in range(0, 24, 2)] and len(set(map(str, colours))) == 12
+
+
 def test_conversion_study_runs_every_step_and_reports_minutes_to_the_token_model(tmp_path):
     from test_smollm2_script import _wikitext_like
 

@@ -46,6 +46,25 @@ def test_time_budget_callback_stops_training(save_strategy, tmp_path):
     assert control.should_save == (save_strategy != "no")
 
 
+def test_a_cpu_clock_budget_does_not_count_time_the_process_spends_waiting(tmp_path):
+    """With ``clock="cpu"`` the budget counts this process's CPU seconds: a sleep (the machine busy
+    with other work) spends wall time but no budget; the wall clock counts it."""
+    import time
+
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    args = TrainingArguments(output_dir=str(tmp_path), save_strategy="no", report_to=[])
+    state = TrainerState()
+    budgets = {clock: TimeBudgetCallback(max_seconds=0.2, clock=clock) for clock in ("wall", "cpu")}
+    for budget in budgets.values():
+        budget.on_train_begin(args, state, TrainerControl())
+    time.sleep(0.3)
+    assert budgets["wall"].on_step_end(args, state, TrainerControl()).should_training_stop
+    assert not budgets["cpu"].on_step_end(args, state, TrainerControl()).should_training_stop
+    with pytest.raises(ValueError, match="clock must be one of"):
+        TimeBudgetCallback(1, clock="gpu")
+
+
 def test_learning_curve_callback_scores_on_its_schedule_once_per_step(tmp_path):
     """At the start, every ``every_steps`` steps and at the end, once per step (a resumed run's
     points come back from the log history); the points also go to the log history, the model's
