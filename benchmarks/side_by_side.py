@@ -29,20 +29,17 @@ except ImportError:  # a source checkout that is not installed: use the package 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from sentence_lm import group_paragraphs, read_text_lines
 from sentence_lm.baseline import smollm2_gguf
+from sentence_lm.corpus import text_paragraphs
 
 SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'(])")
 
 
 def prompts_from(path: str, count: int, min_words: int) -> list[str]:
     """The opening sentences (at least ``min_words`` words) of ``count`` paragraphs spread evenly
-    over the file; headings (``= Title =``) and short paragraphs are skipped."""
-    paragraphs = [
-        " ".join(line.strip() for line in p.split("\n"))
-        for p in group_paragraphs(read_text_lines(Path(path)))
-        if not p.lstrip().startswith("=")
-    ]
+    over the file (detokenised as the training text is when it holds WikiText markup); headings
+    (``= Title =``) and short paragraphs are skipped."""
+    paragraphs = [" ".join(p.split()) for p in text_paragraphs(path) if not p.startswith("=")]
     paragraphs = [p for p in paragraphs if len(p.split()) >= 3 * min_words]
     if len(paragraphs) < count:
         raise SystemExit(f"{path} has {len(paragraphs)} paragraphs of {3 * min_words}+ words; {count} are needed.")
@@ -56,6 +53,25 @@ def prompts_from(path: str, count: int, min_words: int) -> list[str]:
                 break
         out.append(prompt)
     return out
+
+
+def word_ngrams(text: str, n: int) -> list[tuple[str, ...]]:
+    words = text.lower().split()
+    return [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+
+
+def distinct_n(texts: list[str], n: int = 2) -> float:
+    """Distinct-n over ``texts``: different word n-grams over all word n-grams (1.0: none twice;
+    0.0 when the texts hold no n-gram)."""
+    grams = [gram for text in texts for gram in word_ngrams(text, n)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def repetition(text: str, n: int = 4) -> float:
+    """Share of a text's word n-grams that repeat one earlier in the same text (0.0: no loop;
+    near 1.0: one phrase over and over)."""
+    grams = word_ngrams(text, n)
+    return 1 - len(set(grams)) / len(grams) if grams else 0.0
 
 
 def load_token_model(spec: str):
@@ -104,8 +120,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> str:
     args = parse_args(argv)
     prompts = prompts_from(args.text, args.num_prompts, args.min_words)
-    sentence_lm = AutoModelForCausalLM.from_pretrained(args.checkpoint).eval()
-    models = [(args.label, sentence_lm, AutoTokenizer.from_pretrained(args.checkpoint))]
+    sentence_model = AutoModelForCausalLM.from_pretrained(args.checkpoint).eval()
+    models = [(args.label, sentence_model, AutoTokenizer.from_pretrained(args.checkpoint))]
     models += [load_token_model(spec) for spec in args.token_model]
     lines = [
         f"# Continuations side by side ({args.new_tokens} new tokens; greedy, and sampled with top-p 0.9, seed {args.seed})",
@@ -116,14 +132,27 @@ def main(argv: list[str] | None = None) -> str:
         "python benchmarks/side_by_side.py " + shlex.join(argv if argv is not None else sys.argv[1:]),
         "```",
     ]
+    written = {(label, mode): [] for label, _, _ in models for mode in ("greedy", "sampled")}
+    tables = []
     with torch.no_grad():
         for number, prompt in enumerate(prompts, 1):
-            lines += ["", f"## Prompt {number}", "", f"> {prompt}", "", "| model | greedy | sampled |", "|---|---|---|"]
+            tables += ["", f"## Prompt {number}", "", f"> {prompt}", "", "| model | greedy | sampled |", "|---|---|---|"]
             for label, model, tokenizer in models:
                 greedy = continue_text(model, tokenizer, prompt, args.new_tokens, False, args.seed)
                 sampled = continue_text(model, tokenizer, prompt, args.new_tokens, True, args.seed)
-                lines.append(f"| {label} | {cell(greedy)} | {cell(sampled)} |")
+                written[label, "greedy"].append(greedy)
+                written[label, "sampled"].append(sampled)
+                tables.append(f"| {label} | {cell(greedy)} | {cell(sampled)} |")
                 print(f"[{number}] {label}: {greedy[:100]!r}")
+    lines += ["", "Distinct-2: different word bigrams over all, across the prompts' continuations; repetition: the "
+              "share of a continuation's word 4-grams that repeat an earlier one in it, mean over the prompts.", "",
+              "| model | greedy distinct-2 | greedy repetition | sampled distinct-2 | sampled repetition |",
+              "|---|---|---|---|---|"]  # fmt: skip
+    for label, _, _ in models:
+        figures = [f"{distinct_n(written[label, mode]):.3f} | "
+                   f"{sum(map(repetition, written[label, mode])) / len(prompts):.3f}" for mode in ("greedy", "sampled")]
+        lines.append(f"| {label} | {' | '.join(figures)} |")
+    lines += tables
     text = "\n".join(lines) + "\n"
     Path(args.out).write_text(text)
     return text

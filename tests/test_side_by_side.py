@@ -41,7 +41,21 @@ def test_tables_hold_every_models_continuations(side_by_side, tokenizer, tmp_pat
         for row in rows:
             greedy, sampled = row.split(" | ")[1:3]
             assert greedy.strip() and sampled.strip()
+    summary = markdown.split("## Prompt ")[0]
+    rows = {line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in summary.splitlines() if line.startswith("| ")}
+    for label in ("SentenceLM", "token model"):  # distinct-2 and repetition, greedy and sampled
+        assert len(rows[label]) == 4 and all(0.0 <= float(value.strip(" |")) <= 1.0 for value in rows[label])
     # Prompts that a text cannot give are refused.
     with pytest.raises(SystemExit, match="paragraphs"):
         side_by_side.main(["--checkpoint", str(tmp_path / "slm"), "--text", str(text), "--num_prompts", "1000",
                            "--out", str(tmp_path / "x.md")])  # fmt: skip
+
+
+def test_distinct_n_and_repetition_measure_loops(side_by_side):
+    assert side_by_side.distinct_n(["a b c d", "e f"], 2) == 1.0
+    assert side_by_side.distinct_n(["a b a b a b"], 2) == pytest.approx(2 / 5)
+    assert side_by_side.distinct_n(["one"], 2) == 0.0
+    assert side_by_side.repetition("the cat sat on the mat today", 4) == 0.0
+    loop = "== = == = == = == = == ="
+    assert side_by_side.repetition(loop, 4) == pytest.approx(1 - 2 / 7)  # ten words, seven 4-grams, two of them different
+    assert side_by_side.repetition("The Cat sat the cat SAT", 3) == pytest.approx(1 / 4)
