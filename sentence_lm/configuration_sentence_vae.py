@@ -220,7 +220,7 @@ class SentenceVAEConfig(PreTrainedConfig):
             without a window (so that the sentence continues the text, as a token model's layers
             read text: a BOS between them would tell such layers that a new text starts), the others
             come before it, with position embeddings of their own (a learned table of
-            `context_window` rows, by distance; none with rotary positions, whose negative
+            `context_window - 1` rows, by distance; none with rotary positions, whose negative
             positions tell them apart); in generation they are part of the decoder's cache.
             0 (the default) writes each sentence from the backbone state alone.
             A SentenceVAE trained alone (stage 1) has no text around its sentences and reads none.

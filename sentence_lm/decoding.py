@@ -112,13 +112,11 @@ def context_start(
     is the decoder's first input, in place of BOS (which stays where the text before holds no
     token), and the tokens before it fill the context columns. The sentence thus continues the
     text as a token model reads it (a BOS between the two tells a copied token model that a new
-    text starts). Returns ``((ids, valid), start)``: the columns, both ``(n, window)``, shifted
-    right by one, and the first inputs ``(n,)``."""
+    text starts). Returns ``((ids, valid), start)``: the columns, both ``(n, window - 1)``, and
+    the first inputs ``(n,)``."""
     ids, valid = context
     start = torch.where(valid[:, -1], ids[:, -1], bos_token_id)
-    columns = torch.cat([torch.zeros_like(ids[:, :1]), ids[:, :-1]], dim=1)
-    valid = torch.cat([torch.zeros_like(valid[:, :1]), valid[:, :-1]], dim=1)
-    return (columns, valid.bool()), start
+    return (ids[:, :-1], valid[:, :-1].bool()), start
 
 
 @dataclass

@@ -166,7 +166,7 @@ class SlotCache(Cache):
 class RowDecoderCache:
     """The Sentence Decoder's self-attention cache when every row writes at its own position:
     ``(batch, heads, width, head_dim)`` per layer, ``width`` at most ``max_sentence_len + 1``
-    (plus the drafted tokens a verification step feeds past it, and the ``context_window``
+    (plus the drafted tokens a verification step feeds past it, and the ``context_window - 1``
     columns of the context before the sentence, first); ``columns`` ``(batch, q)`` points a step
     of ``q`` tokens per row at where each row writes them (with ``rows``, only those rows take
     the step: ``columns`` is then ``(len(rows), q)``).
@@ -219,8 +219,10 @@ class RowSteps:
         config = vae.config
         self.model, self.vae, self.batch, self.draft = model, vae, batch, draft
         self.width = config.max_sentence_len + 1  # BOS + the tokens a sentence can feed
-        # The context window's columns come first; drafted tokens past a full sentence are fed, never kept.
-        self.window = config.context_window
+        # The context's columns come first (its last token is a sentence's first input: context_start);
+        # drafted tokens past a full sentence are fed, never kept.
+        self.context_tokens = config.context_window
+        self.window = max(config.context_window - 1, 0)
         self.cache_limit = self.window + self.width + draft
         heads = config.num_attention_heads
         self.decoder_cache = RowDecoderCache(
@@ -257,9 +259,9 @@ class RowSteps:
         return vae.lm_head(hidden).float()
 
     def key_valid(self, rows: torch.Tensor | None = None) -> torch.Tensor | None:
-        """Which decoder cache columns hold a key of each row (of ``rows``, default all): without a
-        context window all (``None``); with one, the context columns the row's text filled, and
-        every column after them (the causal mask hides what the sentence has not written yet)."""
+        """Which decoder cache columns hold a key of each row (of ``rows``, default all): without
+        context columns all (``None``); with them, those the row's text filled, and every column
+        after them (the causal mask hides what the sentence has not written yet)."""
         if not self.window:
             return None
         valid = self.context_valid if rows is None else self.context_valid[rows]
@@ -269,12 +271,15 @@ class RowSteps:
         self, rows: torch.Tensor, context: tuple[torch.Tensor, torch.Tensor], conditioning
     ) -> torch.Tensor:
         """Feed each of ``rows`` the context of the sentence it starts (``(ids, valid)``, both
-        ``(len(rows), context_window)``, from :func:`~sentence_lm.decoding.context_before`) at
-        positions ``-context_window..-1``, into the first columns of the decoder cache; the
-        other rows are untouched. ``conditioning``: those rows' `DecoderConditioning`. Returns
-        the rows' first decoder inputs, the context's last tokens (BOS where there is none; see
-        :func:`~sentence_lm.decoding.context_start`), which take the cache's following column."""
+        ``(len(rows), context_window)``, from :func:`~sentence_lm.decoding.context_before`): all
+        but its last token at positions ``-(context_window - 1)..-1``, into the first columns of
+        the decoder cache; the other rows are untouched. ``conditioning``: those rows'
+        `DecoderConditioning`. Returns the rows' first decoder inputs, the context's last tokens
+        (BOS where there is none; see :func:`~sentence_lm.decoding.context_start`), which take
+        the cache's following column."""
         (ids, valid), start = context_start(context, self.vae.config.bos_token_id)
+        if not self.window:  # a one-token context: its token is the first input, nothing more
+            return start
         self.context_valid[rows] = valid
         vae, cache = self.vae, self.decoder_cache
         columns = self.columns_index[: self.window]
@@ -497,9 +502,9 @@ def generate_rows(
         first[:, 1:] = sentence[:batch, : first.shape[1] - 1]
     steps.decoder_cache.reserve(steps.window + first.shape[1], steps.cache_limit)
     starts = torch.full_like(rows_all, bos)  # each row's first decoder input of its next sentence
-    if steps.window:  # the first sentence's context: the prompt before its unfinished part
+    if steps.context_tokens:  # the first sentence's context: the prompt before its unfinished part
         ends = torch.full_like(rows_all, input_ids.shape[1])
-        context = context_before(input_ids, mask & ~in_prefix, rows_all, ends, steps.window)
+        context = context_before(input_ids, mask & ~in_prefix, rows_all, ends, steps.context_tokens)
         first[:, 0] = starts[:] = steps.context_prefill(rows_all, context, conditioning)
     logits = steps.decoder_prefill(first, prefix_len + 1, conditioning)[:, None]
     drafts = draft_probs = None
@@ -607,11 +612,11 @@ def generate_rows(
             host_done = done.cpu()
             restart[ready] = ~host_done[ready]
             waited[ready] = -1
-            if steps.window and bool(restart.any()):  # each new sentence reads the text before it
+            if steps.context_tokens and bool(restart.any()):  # each new sentence reads the text before it
                 rows = torch.nonzero(restart).flatten().to(device)
                 text = torch.cat([input_ids, written.clamp(min=0)], dim=1)
                 real = torch.cat([mask, written >= 0], dim=1)
-                context = context_before(text, real, rows, torch.full_like(rows, text.shape[1]), steps.window)
+                context = context_before(text, real, rows, torch.full_like(rows, text.shape[1]), steps.context_tokens)
                 starts[rows] = steps.context_prefill(rows, context, conditioning.select(rows))
         # Rows that go on feed their last token after the tokens they wrote (a restarted row: BOS,
         # or its context's last token, at position 0; a waiting row and a finished one stay where they are).

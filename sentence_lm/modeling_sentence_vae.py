@@ -111,16 +111,17 @@ class SentencePositions(nn.Module):
     """Position embeddings of tokens within a sentence, added to the token embeddings (learned
     table or sinusoidal; nothing with rotary positions, which the attention applies); with a
     ``context_window``, a negative position ``-d`` is the context token ``d`` tokens before the
-    sentence's first input (a learned table of its own, except with rotary positions: they tell
-    the context's tokens apart as a token model's tell the tokens of its text apart)."""
+    sentence's first input (a learned table of its own, ``context_window - 1`` rows, except with
+    rotary positions: they tell the context's tokens apart as a token model's tell the tokens of
+    its text apart)."""
 
     def __init__(self, config: SentenceVAEConfig):
         super().__init__()
         self.dim = config.hidden_size
         self.kind = config.position_embedding
         self.table = nn.Embedding(config.max_sentence_len + 1, config.hidden_size) if self.kind == "learned" else None
-        window = config.context_window
-        self.context = nn.Embedding(window, config.hidden_size) if window and self.kind != "rotary" else None
+        columns = config.context_window - 1  # the context's last token is the first input (context_start)
+        self.context = nn.Embedding(columns, config.hidden_size) if columns > 0 and self.kind != "rotary" else None
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         inside = position_ids.clamp(min=0) if self.context is not None else position_ids
@@ -819,7 +820,8 @@ class SentenceVAEModel(SentenceVAEPreTrainedModel):
         probability (stage-1 training, see ``SentenceVAEConfig.word_dropout``). ``context``:
         ``(ids, mask)``, both ``(n, context_window)``, the tokens before each sentence (left-padded,
         see :func:`context_before`), which the decoder reads first (``config.context_window``), the
-        last of them in BOS's place (:func:`~sentence_lm.decoding.context_start`).
+        last of them in BOS's place (:func:`~sentence_lm.decoding.context_start`), the others in
+        ``context_window - 1`` columns before it.
 
         Sentences run in groups of similar length, as in :meth:`encode`. What cross-attention
         needs of the sentence vector is computed once per sentence (see
@@ -1047,7 +1049,7 @@ class SentenceVAEModel(SentenceVAEPreTrainedModel):
         tokens[rows, first - 1 - prefix_len] = self.config.bos_token_id
         key_mask[rows, first - 1 - prefix_len] = True
         positions = (key_mask.long().cumsum(dim=1) - 1).clamp(min=0, max=self.config.max_sentence_len)
-        if context is not None:  # the context's columns first, at positions -window..-1
+        if context is not None:  # the context's columns first, at positions -window..-1 (window: context_window - 1)
             (context_ids, context_mask), tokens[rows, first - 1 - prefix_len] = context_start(
                 context, self.config.bos_token_id
             )

@@ -14,7 +14,6 @@ from sentence_lm.decoding import context_before, context_start
 from sentence_lm.modeling_sentence_lm import states_before_sentences
 from sentence_lm.segmentation import ENDS, TRAILS
 
-WINDOW = 5
 
 
 class NoSentenceEnds(LogitsProcessor):
@@ -28,9 +27,11 @@ class NoSentenceEnds(LogitsProcessor):
         return scores.masked_fill(self.banned, float("-inf"))
 
 
-@pytest.fixture(scope="module", params=["learned", "rotary"])
+@pytest.fixture(scope="module", params=[("learned", 5), ("rotary", 5), ("learned", 1)], ids=lambda p: f"{p[0]}-{p[1]}")
 def model(tokenizer, request):
-    vae = dict(context_window=WINDOW, num_decoder_layers=2, position_embedding=request.param)
+    """Windows of 5 tokens (4 context columns and the first input) and of 1 (the first input only)."""
+    positions, window = request.param
+    vae = dict(context_window=window, num_decoder_layers=2, position_embedding=positions)
     return tiny_sentence_opt(tokenizer, sentence_vae=vae)
 
 
@@ -47,8 +48,8 @@ def test_the_contexts_last_token_is_the_first_input():
     valid = torch.tensor([[False, True, True], [False, False, True], [False, False, False]])
     (columns, kept), start = context_start((ids, valid), bos_token_id=99)
     assert start.tolist() == [2, 7, 99]
-    assert columns.tolist() == [[0, 0, 1], [0, 0, 0], [0, 0, 0]]
-    assert kept.tolist() == [[False, False, True], [False, False, False], [False, False, False]]
+    assert columns.tolist() == [[0, 1], [0, 0], [0, 0]]  # the tokens before the first input, no dead column
+    assert kept.tolist() == [[False, True], [False, False], [False, False]]
 
 
 def test_the_decoder_reads_the_context(model):
@@ -56,15 +57,18 @@ def test_the_decoder_reads_the_context(model):
     ids = torch.tensor([[20, 21, 22, 23]])
     mask = torch.ones_like(ids, dtype=torch.bool)
     vector = torch.randn(1, model.config.hidden_size)
-    context = (torch.tensor([[30, 31, 32, 33, 34]]), torch.ones(1, WINDOW, dtype=torch.bool))
-    other = (torch.tensor([[30, 31, 32, 33, 35]]), torch.ones(1, WINDOW, dtype=torch.bool))
+    window = vae.config.context_window
+    context = (30 + torch.arange(window)[None, :], torch.ones(1, window, dtype=torch.bool))
+    other = (torch.cat([context[0][:, :-1], torch.tensor([[40]])], dim=1), context[1])
     with torch.no_grad():
         states = vae.teacher_forced_states(ids, mask, vector, context=context)
         assert not torch.allclose(states, vae.teacher_forced_states(ids, mask, vector, context=other))
         assert not torch.allclose(states, vae.teacher_forced_states(ids, mask, vector))
+        if window == 1:
+            return
         # A context slot that is masked out is not read.
-        hidden = (context[0], torch.tensor([[False, True, True, True, True]]))
-        changed = (torch.tensor([[40, 31, 32, 33, 34]]), hidden[1])
+        hidden = (context[0], torch.arange(window)[None, :] > 0)
+        changed = (torch.cat([torch.tensor([[40]]), context[0][:, 1:]], dim=1), hidden[1])
         torch.testing.assert_close(vae.teacher_forced_states(ids, mask, vector, context=hidden),
                                    vae.teacher_forced_states(ids, mask, vector, context=changed))  # fmt: skip
 
@@ -113,11 +117,16 @@ def test_the_window_is_checked_and_saved(model, tmp_path):
         SentenceVAEConfig(context_window=-1)
     model.save_pretrained(tmp_path)
     loaded = type(model).from_pretrained(tmp_path)
-    assert loaded.config.sentence_vae.context_window == WINDOW
+    window = model.config.sentence_vae.context_window
+    assert loaded.config.sentence_vae.context_window == window
     saved = model.sentence_vae.state_dict()
     assert all(torch.equal(v, saved[k]) for k, v in loaded.sentence_vae.state_dict().items())
-    context_table = model.sentence_vae.decoder.embed_positions.context  # rotary positions need none
-    assert (context_table is None) == (model.config.sentence_vae.position_embedding == "rotary")
+    # One learned row per context column (the last token is the first input); rotary positions need none.
+    context_table = model.sentence_vae.decoder.embed_positions.context
+    if model.config.sentence_vae.position_embedding == "rotary" or window == 1:
+        assert context_table is None
+    else:
+        assert context_table.num_embeddings == window - 1
     with pytest.raises(ValueError, match="context_window"):
         model.generate(torch.tensor([[2, 20, 21]]), max_new_tokens=2, cache_implementation="static")
 
