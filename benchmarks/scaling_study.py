@@ -64,7 +64,7 @@ from from_scratch import add_setting_arguments, sentence_lm_config, sentence_lm_
 from from_scratch import train_token_model
 
 from sentence_lm.corpus import text_paragraphs
-from sentence_lm.learning_curves import fit_text, meeting, outlook_lines, plot_curves, power_law
+from sentence_lm.learning_curves import fit_text, meeting, outlook_lines, plot_curves, power_law, pyplot, save_figure
 from sentence_lm.machine import machine_info
 from sentence_lm.tokenization_sentence_lm import train_sentence_tokenizer
 
@@ -301,12 +301,8 @@ def markdown(found: dict) -> str:
 def plot_frontier(pairs: list[dict], path) -> str | None:
     """NLL on valid against greedy generation tokens/s, one panel per batch size timed, a point
     per model and size; ``None`` (nothing written) without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     batches = timed_batches(pairs)
     figure, axes = plt.subplots(1, len(batches), figsize=(5.5 * len(batches), 4), squeeze=False)
@@ -321,12 +317,7 @@ def plot_frontier(pairs: list[dict], path) -> str | None:
                 ax.annotate(size, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
         ax.set_xlabel(f"greedy generation tokens/s, batch {batch}")
         ax.set_ylabel("valid NLL per token")
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return str(path)
+    return save_figure(figure, path)
 
 
 def report(args) -> dict:

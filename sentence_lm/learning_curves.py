@@ -61,16 +61,36 @@ def outlook_lines(outlook: dict, first: str, second: str) -> list[str]:
     return lines
 
 
-def plot_curves(curves: dict[str, list[dict]], fits: dict[str, dict], path, ylabel: str = "validation NLL per token"):
-    """Log-log plot of each labelled curve against training tokens and seconds (one panel each),
-    with its power-law fit (``fits[label][axis]``) drawn to ten times its last point; ``None``
-    (nothing written) without matplotlib."""
+def pyplot():
+    """matplotlib's ``pyplot`` on the file-only Agg backend; ``None`` without matplotlib."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def save_figure(figure, path) -> str:
+    """A legend on every panel that has labels, the layout tightened, the PNG written, the
+    figure closed; the path written."""
+    for ax in figure.axes:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    pyplot().close(figure)
+    return str(path)
+
+
+def plot_curves(curves: dict[str, list[dict]], fits: dict[str, dict], path, ylabel: str = "validation NLL per token"):
+    """Log-log plot of each labelled curve against training tokens and seconds (one panel each),
+    with its power-law fit (``fits[label][axis]``) drawn to ten times its last point; ``None``
+    (nothing written) without matplotlib."""
+    plt = pyplot()
+    if plt is None:
         return None
     figure, axes = plt.subplots(1, 2, figsize=(11, 4))
     palette = plt.get_cmap("tab10" if len(curves) <= 10 else "tab20")
@@ -87,9 +107,4 @@ def plot_curves(curves: dict[str, list[dict]], fits: dict[str, dict], path, ylab
                 ax.loglog(xs, [fit["a"] * x ** -fit["b"] for x in xs], "--", alpha=0.6, color=colour)
         ax.set_xlabel(label)
         ax.set_ylabel(ylabel)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return str(path)
+    return save_figure(figure, path)
