@@ -19,7 +19,8 @@ Steps:
 * ``sweep --plan P``: the runs of a plan that have no record yet, side by side, one process per
   core of ``--cores`` (pinned, one thread each, budgets in CPU seconds so that work beside them
   does not shorten them); logs in ``--workdir``. Plans: ``tune`` (every size, both models, every
-  learning rate of ``--lrs``, ``--tune_minutes`` each), ``final`` (every size, both models, at the
+  learning rate of ``--lrs``, ``--tune_minutes`` each; where the best is at an edge of the rates
+  tried, one twice past it, up to ``--lr_extensions`` times), ``final`` (every size, both models, at the
   learning rate ``tune`` chose on the selection split, ``--minutes`` each, speed timed),
   ``seeds`` (the middle size's final pair again with seed 1), ``levers`` (the middle size's
   SentenceLM with one setting changed: ``max_sentence_len`` 16 / 32, ``stage1_share`` 0.1 / 0.4,
@@ -139,15 +140,35 @@ def tuned_lr(records: dict, size: str, model: str) -> float:
     return min(tried, key=lambda r: r["selection_nll"])["lr"]
 
 
+def lr_text(lr: float) -> str:
+    """A learning rate as a run names it: ``5e-4``, ``2.5e-4``."""
+    mantissa, exponent = f"{lr:e}".split("e")
+    return f"{float(mantissa):g}e{int(exponent)}"
+
+
 def plan_jobs(args) -> list[dict]:
     """The runs of ``args.plan``, each as the ``run`` settings it changes (``name`` first)."""
     sizes = args.sizes.split(",")
     middle = sizes[len(sizes) // 2]
-    if args.plan == "tune":
-        return [{"name": f"tune-{size}-{model}-lr{lr}", "size": size, "model": model, "lr": float(lr),
-                 "minutes": args.tune_minutes}
-                for size in sizes for model in MODELS for lr in args.lrs.split(",")]  # fmt: skip
     records = read_records(args.records)
+    if args.plan == "tune":
+        grid = sorted(float(lr) for lr in args.lrs.split(","))
+        jobs = []
+        for size in sizes:
+            for model in MODELS:
+                tried = {r["lr"]: r["selection_nll"] for r in records.values()
+                         if r["name"].startswith("tune-") and r["size"] == size and r["model"] == model}  # fmt: skip
+                lrs = list(grid)
+                if set(grid) <= set(tried):  # bracket the best: one more rate past an edge that won
+                    best, low, high = min(tried, key=tried.get), min(tried), max(tried)
+                    reach = 2.0**args.lr_extensions
+                    if best == high and high * 2 <= grid[-1] * reach:
+                        lrs.append(high * 2)
+                    elif best == low and low / 2 >= grid[0] / reach:
+                        lrs.append(low / 2)
+                jobs += [{"name": f"tune-{size}-{model}-lr{lr_text(lr)}", "size": size, "model": model, "lr": lr,
+                          "minutes": args.tune_minutes} for lr in sorted(set(lrs) | set(tried))]  # fmt: skip
+        return jobs
     final = lambda size, model, **extra: {"size": size, "model": model, "lr": tuned_lr(records, size, model),  # noqa: E731
                                           "minutes": args.minutes, "speed": True, **extra}  # fmt: skip
     if args.plan == "final":
@@ -159,8 +180,19 @@ def plan_jobs(args) -> list[dict]:
 
 
 def sweep(args) -> list[str]:
-    """Run the plan's missing runs, one per core at a time; the names of those that failed."""
-    jobs = [job for job in plan_jobs(args) if not (Path(args.records) / f"{job['name']}.json").exists()]
+    """Run the plan's missing runs, one per core at a time, until it has none (``tune`` adds a run
+    past an edge of the grid that won); the names of those that failed."""
+    failed = []
+    while True:
+        jobs = [job for job in plan_jobs(args)
+                if not (Path(args.records) / f"{job['name']}.json").exists() and job["name"] not in failed]  # fmt: skip
+        if not jobs:
+            return failed
+        failed += run_jobs(args, jobs)
+
+
+def run_jobs(args, jobs: list[dict]) -> list[str]:
+    """Run ``jobs`` side by side, one per core of ``--cores``; the names of those that failed."""
     cores = [int(c) for c in args.cores.split(",")]
     logs = Path(args.workdir) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -209,10 +241,11 @@ def job_argv(job: dict) -> list[str]:
 def summary(records: dict) -> dict:
     """The report's rows: tuning grid, final pairs (fits, outlook, time to the token model's NLL),
     seeds and levers."""
-    tuning = {}
+    tuning, tune_minutes = {}, set()
     for r in records.values():
         if r["name"].startswith("tune-"):
             tuning.setdefault((r["size"], r["model"]), {})[r["lr"]] = r["selection_nll"]
+            tune_minutes.add(r["minutes"])
     finals = {(r["size"], r["model"]): r for r in records.values() if r["name"].startswith("final-")}
     pairs = []
     for size in sorted({size for size, _ in finals}, key=lambda s: parse_size(s)["hidden_size"] * parse_size(s)["num_layers"]):
@@ -229,7 +262,8 @@ def summary(records: dict) -> dict:
         })  # fmt: skip
     seeds = [(r, finals.get((r["size"], r["model"]))) for r in records.values() if r["name"].startswith("seed1-")]
     levers = [r for r in records.values() if r["name"].startswith("lever-")]
-    return {"tuning": tuning, "pairs": pairs, "seeds": seeds, "levers": levers, "finals": finals}
+    return {"tuning": tuning, "tune_minutes": sorted(tune_minutes), "pairs": pairs, "seeds": seeds, "levers": levers,
+            "finals": finals}  # fmt: skip
 
 
 def timed_batches(pairs: list[dict]) -> list[str]:
@@ -246,11 +280,13 @@ def markdown(found: dict) -> str:
     lines = []
     if found["tuning"]:
         lrs = sorted({lr for grid in found["tuning"].values() for lr in grid})
-        lines += ["Learning rates tried (short runs; NLL per token on the selection split, best in bold):", "",
+        minutes = " / ".join(f"{m:g}" for m in found["tune_minutes"])
+        lines += [f"Learning rates tried ({minutes}-minute runs; NLL per token on the selection split, best in bold):", "",
                   "| size | model | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |", "|---|---|" + "---|" * len(lrs)]
-        for (size, model), grid in sorted(found["tuning"].items()):
+        order = lambda item: (parse_size(item[0][0])["hidden_size"], item[0][1] != "token")  # noqa: E731
+        for (size, model), grid in sorted(found["tuning"].items(), key=order):
             best = min(grid.values())
-            cells = ["-" if lr not in grid else (f"**{grid[lr]:.3f}**" if grid[lr] == best else f"{grid[lr]:.3f}")
+            cells = ["-" if lr not in grid else (f"**{grid[lr]:.4f}**" if grid[lr] == best else f"{grid[lr]:.4f}")
                      for lr in lrs]  # fmt: skip
             lines.append(f"| {size} | {MODELS[model]} | " + " | ".join(cells) + " |")
         lines.append("")
@@ -366,6 +402,8 @@ def parse_args(argv=None):
     sweep_options.add_argument("--sizes", default="2x128,4x256,8x384", help="The sizes, smallest first.")
     sweep_options.add_argument("--lrs", default="5e-4,1e-3,2e-3", help="The learning rates tune tries.")
     sweep_options.add_argument("--tune_minutes", type=float, default=5.0)
+    sweep_options.add_argument("--lr_extensions", type=int, default=2,
+                               help="tune: rates tried past an edge of --lrs that wins, at most (each 2x further).")
     sweep_options.add_argument("--cores", default="0", help="Cores to run on, one run each at a time (e.g. 0,1).")
     sweep_options.add_argument("--workdir", default="runs/scaling_study", help="Logs (and checkpoints) of a sweep.")
     sweep_options.add_argument("--save_final", action="store_true", help="Keep the final runs' models in WORKDIR.")

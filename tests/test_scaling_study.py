@@ -24,7 +24,7 @@ def study(tmp_path_factory):
         "--eval_tokens", "300", "--curve_tokens", "100", "--vocab_size", "512", "--block_size", "64",
         "--max_sentence_len", "16", "--batch", "4", "--stage1_batch", "16", "--device", "cpu",
         "--output_dir", str(folder / "runs"), "--sizes", "1x32", "--lrs", "1e-3,3e-3", "--tune_minutes", "0.02",
-        "--minutes", "0.03", "--cores", "0", "--poll_seconds", "0.2", "--speed_batches", "1,4",
+        "--minutes", "0.03", "--cores", "0", "--poll_seconds", "0.2", "--speed_batches", "1,4", "--lr_extensions", "0",
     ]  # fmt: skip
     return load_script("benchmarks/scaling_study.py"), folder, common
 
@@ -77,6 +77,36 @@ def test_seed_and_lever_plans_change_one_setting_of_the_final_run(study):
     args.sizes = "7x64"
     with pytest.raises(SystemExit, match="run the tune plan first"):
         script.plan_jobs(args)
+
+
+def test_tune_brackets_a_best_rate_at_an_edge_of_the_grid(study, tmp_path):
+    script, _, common = study
+    args = script.parse_args(["sweep", *common, "--records", str(tmp_path), "--sizes", "9x64", "--lrs", "1e-3,2e-3",
+                              "--lr_extensions", "2"])  # fmt: skip
+
+    def record(model, lr, nll):
+        name = f"tune-9x64-{model}-lr{script.lr_text(lr)}"
+        (tmp_path / f"{name}.json").write_text(json.dumps(
+            {"name": name, "size": "9x64", "model": model, "lr": lr, "selection_nll": nll}))  # fmt: skip
+
+    def rates(model):
+        return sorted(j["lr"] for j in script.plan_jobs(args) if j["model"] == model)
+
+    assert rates("token") == [1e-3, 2e-3]  # nothing known yet: the grid
+    record("token", 1e-3, 5.0)
+    assert rates("token") == [1e-3, 2e-3]  # the grid first
+    record("token", 2e-3, 4.0)
+    assert rates("token") == [1e-3, 2e-3, 4e-3]  # the highest rate won: one twice past it
+    record("token", 4e-3, 3.0)
+    assert rates("token") == [1e-3, 2e-3, 4e-3, 8e-3]
+    record("token", 8e-3, 2.0)
+    assert rates("token") == [1e-3, 2e-3, 4e-3, 8e-3]  # two extensions at most
+    record("sentence", 1e-3, 4.0)
+    record("sentence", 2e-3, 4.5)
+    assert rates("sentence") == [5e-4, 1e-3, 2e-3]  # the lowest won: half of it
+    record("sentence", 5e-4, 4.2)
+    assert rates("sentence") == [5e-4, 1e-3, 2e-3]  # bracketed
+    assert script.lr_text(2.5e-4) == "2.5e-4" and script.tuned_lr(script.read_records(tmp_path), "9x64", "token") == 8e-3
 
 
 def test_sizes_are_checked():
